@@ -144,3 +144,134 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, impl: str =
     use_ext = impl == "ext" or (impl == "auto" and _logprob_ext() is not None)
     fn = _SelectiveLogSoftmaxExt if use_ext else _SelectiveLogSoftmaxTorch
     return fn.apply(logits, index)
+
+
+# ===================================================================================================
+# 2. The GRPO objective (DeepSeekMath, Shao et al. 2024; the clip-higher of DAPO; Dr.GRPO aggregation)
+#
+# For one prompt, G completions are sampled from pi_old and scored r_1..r_G. GRPO needs no value
+# network: the baseline is the group mean, so the advantage of completion i (shared by all its tokens) is
+# how much better it did than its siblings. The per-token loss is PPO's clipped surrogate plus a KL
+# penalty to the reference policy; the last choice is how token losses are averaged (see grpo_loss).
+# ===================================================================================================
+ADV_EPS = 1e-4  # epsilon in the std normalisation (TRL's value; verl uses 1e-6)
+LOG_RATIO_CLAMP = 20.0  # |log ratio| clamp before exp(): keeps one wild token from overflowing (verl, TRL)
+
+
+def group_advantages(rewards: torch.Tensor, G: int, scale: str = "std", return_stats: bool = False):
+    """Group-normalised advantages, one per completion.
+
+        scale="std":   A_i = (r_i - mean_g r) / (std_g r + eps),   std with ddof = 1 (Bessel), eps = 1e-4
+        scale="none":  A_i =  r_i - mean_g r                        (Dr.GRPO: no std division)
+
+    rewards: [B*G] laid out prompt-major (completions of prompt b at b*G .. b*G+G-1). Returns [B*G]
+    float32 (plus a stats dict when return_stats). ddof = 1 follows TRL / verl / EasyR1; at G = 4 it is
+    sqrt(4/3) smaller than numpy's ddof = 0, so advantages are a bit smaller in magnitude.
+
+    A group whose G rewards are all equal carries no learning signal (every completion is "average"):
+    its advantages are set to exactly 0 and it is counted in stats["zero_std_groups"]. Watch that number:
+    if most groups are flat the batch teaches nothing (too easy or too hard prompts, G too small).
+    """
+    if scale not in ("std", "none"):
+        raise ValueError(f"group_advantages: scale must be 'std' or 'none', got {scale!r}")
+    if rewards.dim() != 1 or G < 1 or rewards.numel() % G != 0:
+        raise ValueError(f"group_advantages: need rewards [B*G] with G={G} dividing {tuple(rewards.shape)}")
+    if scale == "std" and G < 2:
+        raise ValueError("group_advantages: scale='std' needs G >= 2 (a group of one has no spread)")
+    r = rewards.detach().double().view(-1, G)  # [B, G], float64 so tiny spreads are not rounded away
+    centred = r - r.mean(dim=1, keepdim=True)  # [B, G]
+    if scale == "std":
+        adv = centred / (r.std(dim=1, unbiased=True, keepdim=True) + ADV_EPS)  # [B, G]
+    else:
+        adv = centred
+    flat = (r.max(dim=1).values - r.min(dim=1).values) <= 1e-12  # [B] groups with equal rewards
+    adv = torch.where(flat[:, None], torch.zeros_like(adv), adv)  # exactly 0, not 1e-17 noise
+    adv = adv.reshape(-1).to(torch.float32)  # [B*G]
+    if return_stats:
+        return adv, {"groups": int(r.shape[0]), "zero_std_groups": int(flat.sum())}
+    return adv
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low: float = 0.2, eps_high: float = 0.28,
+              beta: float = 0.01, agg: str = "token-mean", num_tokens=None, num_seqs=None, max_len=None):
+    """The GRPO loss of a (micro-)batch of completions, and the numbers worth logging.
+
+    Inputs ([N, T] = completions x completion positions, float32): logp = log pi_theta(o_t) (with grad),
+    old_logp = log pi_old(o_t) from the sampler, ref_logp = log pi_ref(o_t) (or None when beta = 0),
+    adv [N] from group_advantages, mask [N, T] = 1 on real completion tokens (incl. the stop token).
+
+    Per token (i, t):
+        rho     = exp(logp - old_logp)                                    importance ratio (log space,
+                                                                          log-ratio clamped to +-20)
+        S       = min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i)   clipped surrogate
+        D       = exp(ref - logp) - (ref - logp) - 1                      k3 KL estimate, >= 0, unbiased
+                                                                          for KL(pi_theta || pi_ref)
+        l       = -S + beta * D
+    Aggregation over tokens (m = mask):
+        "token-mean" (DAPO, default): sum_{i,t} m l / num_tokens, num_tokens = sum m by default. Under
+                     gradient accumulation pass the GLOBAL token count of the whole batch so every token
+                     weighs the same whatever micro-batch it fell in.
+        "seq-mean"   (original GRPO): sum_i [sum_t m l / sum_t m] / num_seqs (num_seqs = N by default);
+                     short completions get larger per-token weight (length bias).
+        "dr-grpo"    (Dr.GRPO):       sum_{i,t} m l / (num_seqs * max_len), max_len = T by default: a
+                     constant normaliser, no length bias.
+    eps_high > eps_low is DAPO's "clip-higher": lets unlikely good tokens grow a bit more before the clip.
+
+    Returns (loss scalar, stats) with stats floats: clip_low / clip_high / clip_region (fraction of tokens
+    whose gradient the clip switched off, below / above / either), kl (mean D), ratio_mean/min/max,
+    pg_loss, kl_loss.
+
+    Why the loss is ~0 at mu = 1: on-policy, logp == old_logp numerically, so rho = 1 and the clip is
+    inactive, and sum A_i over a group is 0 - the logged value is ~beta*KL. The GRADIENT is not zero:
+    d(rho A)/d theta = A * grad log pi_theta. Judge training by the reward curve, not the loss.
+    """
+    if agg not in ("token-mean", "seq-mean", "dr-grpo"):
+        raise ValueError(f"grpo_loss: agg must be 'token-mean', 'seq-mean' or 'dr-grpo', got {agg!r}")
+    if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape or adv.shape != logp.shape[:1]:
+        raise ValueError(f"grpo_loss: need logp/old_logp/mask [N, T] and adv [N]; got {tuple(logp.shape)}, "
+                         f"{tuple(old_logp.shape)}, {tuple(mask.shape)}, {tuple(adv.shape)}")
+    if beta != 0 and (ref_logp is None or ref_logp.shape != logp.shape):
+        raise ValueError("grpo_loss: beta != 0 needs ref_logp of the same shape as logp")
+    m = mask.to(logp.dtype)  # [N, T]
+    A = adv.to(logp.dtype)[:, None]  # [N, 1] one advantage for all tokens of a completion
+    old = old_logp.detach()
+    ratio = torch.exp((logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [N, T]
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # [N, T]
+    surrogate = torch.minimum(ratio * A, clipped * A)  # [N, T]
+    per_token = -surrogate  # [N, T]
+    if ref_logp is not None:
+        d = (ref_logp.detach() - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [N, T] log(pi_ref/pi)
+        kl = torch.exp(d) - d - 1.0  # [N, T] k3 >= 0
+    else:
+        kl = torch.zeros_like(logp)
+    if beta != 0:
+        per_token = per_token + beta * kl
+
+    def aggregate(x):  # x [N, T] -> scalar, the chosen normalisation
+        if agg == "token-mean":
+            denom = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=x.dtype)
+            return (x * m).sum() / denom.clamp(min=1)
+        n_seq = x.shape[0] if num_seqs is None else num_seqs
+        if agg == "seq-mean":
+            return ((x * m).sum(1) / m.sum(1).clamp(min=1)).sum() / max(n_seq, 1)
+        L = x.shape[1] if max_len is None else max_len
+        return (x * m).sum() / (max(n_seq, 1) * max(L, 1))
+
+    loss = aggregate(per_token)
+    with torch.no_grad():  # diagnostics only
+        n_tok = m.sum().clamp(min=1)
+        low = ((ratio < 1.0 - eps_low) & (A < 0)).to(m.dtype) * m  # clip zeroed the gradient (A < 0)
+        high = ((ratio > 1.0 + eps_high) & (A > 0)).to(m.dtype) * m  # clip zeroed the gradient (A > 0)
+        on = m > 0
+        stats = {
+            "clip_low": float(low.sum() / n_tok),
+            "clip_high": float(high.sum() / n_tok),
+            "clip_region": float((low + high).sum() / n_tok),
+            "kl": float((kl * m).sum() / n_tok),
+            "ratio_mean": float((ratio * m).sum() / n_tok),
+            "ratio_min": float(ratio[on].min()) if on.any() else 1.0,
+            "ratio_max": float(ratio[on].max()) if on.any() else 1.0,
+            "pg_loss": float(aggregate(-surrogate)),
+            "kl_loss": float(beta * aggregate(kl)),
+        }
+    return loss, stats

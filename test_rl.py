@@ -125,3 +125,145 @@ def test_rl_selective_log_softmax_errors(monkeypatch):
     torch.testing.assert_close(rl.selective_log_softmax(x, idx), rl.selective_log_softmax_naive(x, idx))
     with pytest.raises(RuntimeError, match="SKINFLOW_NO_EXT"):
         rl.selective_log_softmax(x, idx, impl="ext")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. GRPO math
+# ---------------------------------------------------------------------------------------------------
+def _rl_adv_reference(rewards, G, scale):
+    """Plain-Python float64 advantages, ddof = 1, flat groups -> 0."""
+    out = []
+    r = [float(v) for v in rewards]
+    for b in range(0, len(r), G):
+        grp = r[b:b + G]
+        mean = sum(grp) / G
+        if max(grp) - min(grp) == 0:
+            out += [0.0] * G
+            continue
+        std = math.sqrt(sum((v - mean) ** 2 for v in grp) / (G - 1))
+        out += [(v - mean) / (std + rl.ADV_EPS) if scale == "std" else v - mean for v in grp]
+    return out
+
+
+def _rl_loss_reference(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, num_tokens=None):
+    """Element-by-element float64 GRPO loss written from the equations (no tensor ops)."""
+    N, T = len(logp), len(logp[0])
+    tok = [[0.0] * T for _ in range(N)]
+    for i in range(N):
+        for t in range(T):
+            rho = math.exp(logp[i][t] - old[i][t])
+            s = min(rho * adv[i], min(max(rho, 1 - eps_low), 1 + eps_high) * adv[i])
+            d = ref[i][t] - logp[i][t]
+            tok[i][t] = -s + beta * (math.exp(d) - d - 1)
+    if agg == "token-mean":
+        tot = sum(tok[i][t] * mask[i][t] for i in range(N) for t in range(T))
+        return tot / (num_tokens if num_tokens is not None else sum(map(sum, mask)))
+    if agg == "seq-mean":
+        return sum(sum(tok[i][t] * mask[i][t] for t in range(T)) / sum(mask[i]) for i in range(N)) / N
+    return sum(tok[i][t] * mask[i][t] for i in range(N) for t in range(T)) / (N * T)
+
+
+def _rl_random_batch(seed, N=6, T=7):
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(N, T, generator=gen, dtype=torch.float64) * 3
+    old = logp + torch.randn(N, T, generator=gen, dtype=torch.float64) * 0.4  # ratios on both clip sides
+    ref = logp + torch.randn(N, T, generator=gen, dtype=torch.float64) * 0.5
+    adv = torch.randn(N, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (N,), generator=gen)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    return logp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("scale", ["std", "none"])
+def test_rl_group_advantages_matches_reference(scale):
+    gen = torch.Generator().manual_seed(1)
+    G = 4
+    rewards = torch.rand(5 * G, generator=gen)
+    rewards[8:12] = 0.37  # one flat group
+    adv, st = rl.group_advantages(rewards, G, scale=scale, return_stats=True)
+    torch.testing.assert_close(adv.double(), torch.tensor(_rl_adv_reference(rewards, G, scale), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+    assert st == {"groups": 5, "zero_std_groups": 1}
+    assert torch.all(adv[8:12] == 0)
+    assert abs(float(adv.view(-1, G).sum(1).abs().max())) < 1e-5  # advantages sum to 0 in every group
+    with pytest.raises(ValueError):
+        rl.group_advantages(rewards, 3)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "dr-grpo"])
+def test_rl_grpo_loss_matches_float64_reference(agg):
+    for seed in range(3):
+        logp, old, ref, adv, mask = _rl_random_batch(seed)
+        loss, st = rl.grpo_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.04, agg=agg)
+        want = _rl_loss_reference(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(),
+                                  0.2, 0.28, 0.04, agg)
+        assert abs(float(loss) - want) < 1e-10
+        assert st["clip_low"] + st["clip_high"] > 0  # the random ratios do reach the clip
+    # token-mean with a global normaliser (gradient accumulation): halves -> same total as one batch
+    logp, old, ref, adv, mask = _rl_random_batch(7, N=8)
+    full, _ = rl.grpo_loss(logp, old, ref, adv, mask, beta=0.04)
+    n = mask.sum()
+    parts = sum(rl.grpo_loss(logp[s], old[s], ref[s], adv[s], mask[s], beta=0.04, num_tokens=n)[0]
+                for s in (slice(0, 3), slice(3, 8)))
+    assert abs(float(full) - float(parts)) < 1e-12
+    want = _rl_loss_reference(logp[:3].tolist(), old[:3].tolist(), ref[:3].tolist(), adv[:3].tolist(),
+                              mask[:3].tolist(), 0.2, 0.28, 0.04, "token-mean", num_tokens=float(n))
+    assert abs(float(rl.grpo_loss(logp[:3], old[:3], ref[:3], adv[:3], mask[:3], beta=0.04, num_tokens=n)[0]) - want) < 1e-12
+
+
+def test_rl_kl_zero_at_reference_and_nonnegative():
+    logp, old, ref, adv, mask = _rl_random_batch(3)
+    _, st = rl.grpo_loss(logp, old, logp.clone(), adv, mask, beta=0.1)
+    assert st["kl"] == 0.0 and st["kl_loss"] == 0.0
+    for seed in range(5):
+        logp, old, ref, adv, mask = _rl_random_batch(10 + seed)
+        _, st = rl.grpo_loss(logp, old, ref, adv, mask, beta=0.1)
+        assert st["kl"] > 0
+        d = ref - logp
+        assert torch.all(torch.exp(d) - d - 1 >= 0)
+
+
+def test_rl_on_policy_gradient_identity():
+    """mu = 1: old = current policy, so grad(loss) = -(1/num_tokens) sum m A grad log pi (beta = 0)."""
+    gen = torch.Generator().manual_seed(4)
+    N, T, V, D = 6, 5, 11, 7
+    W = torch.randn(V, D, generator=gen, dtype=torch.float64, requires_grad=True)  # toy policy
+    h = torch.randn(N, T, D, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, V, (N, T), generator=gen)
+    adv = torch.randn(N, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(N, T, generator=gen) > 0.2).double()
+    logp = torch.log_softmax(h @ W.T, -1).gather(-1, tokens[..., None]).squeeze(-1)  # [N, T]
+    loss, st = rl.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
+    (g_loss,) = torch.autograd.grad(loss, W, retain_graph=True)
+    (g_pg,) = torch.autograd.grad(-(adv[:, None] * logp * mask).sum() / mask.sum(), W)
+    torch.testing.assert_close(g_loss, g_pg, rtol=1e-12, atol=1e-14)
+    assert g_loss.abs().max() > 1e-3  # a real gradient ...
+    assert abs(st["ratio_mean"] - 1) < 1e-12 and st["clip_region"] == 0  # ... with ratio 1, no clip
+
+
+def test_rl_one_step_raises_positive_advantage_logprob():
+    gen = torch.Generator().manual_seed(9)
+    G, T, V = 8, 6, 13
+    policy = torch.nn.Linear(T, V)  # logits for position t from a one-hot position code
+    torch.nn.init.normal_(policy.weight, std=0.5, generator=gen)
+    pos = torch.eye(T)  # [T, T]
+
+    def logprobs(tokens):  # [G, T] -> [G, T]
+        logits = policy(pos).expand(tokens.shape[0], T, V)  # [G, T, V]
+        return rl.selective_log_softmax(logits.reshape(-1, V), tokens.reshape(-1), impl="torch").view(-1, T)
+
+    with torch.no_grad():
+        probs = torch.softmax(policy(pos), -1)  # [T, V]
+        tokens = torch.stack([torch.multinomial(probs, 1, generator=gen).squeeze(-1) for _ in range(G)])
+        old = logprobs(tokens)
+    rewards = (tokens == 3).float().sum(1) + 0.1 * torch.arange(G).float()  # arbitrary but spread out
+    adv = rl.group_advantages(rewards, G)
+    mask = torch.ones(G, T)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.05)
+    loss, _ = rl.grpo_loss(logprobs(tokens), old, None, adv, mask, beta=0.0)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        new = logprobs(tokens)
+    seq_gain = (new - old).sum(1)  # [G] change of log pi(completion)
+    assert seq_gain[adv > 0].sum() > 0 and seq_gain[adv < 0].sum() < 0
