@@ -1,0 +1,832 @@
+"""eval.py: the clinical evaluation protocol of SkinFlow (arXiv 2601.09136, Sec. "Evaluation").
+
+SkinFlow reports Top-1 / Top-6 on 1,000 Fitzpatrick17k images (29.19 / 71.16), scored by an LLM judge
+(Gemini 2.5 Pro, three runs) that applies a *permissive clinical hierarchy*: a ranked differential of up
+to six diagnoses counts as a hit when its first clinically correct entry -- the same condition, a synonym,
+or a valid subtype -- sits at rank 1 (Top-1) or anywhere in the list (Top-6). The judge prompt, the
+hierarchy and the safety rules were not released, so this module rebuilds the protocol as a
+*deterministic, offline* judge that anyone can rerun, and keeps an LLM judge as an option.
+
+What is here, in reading order:
+
+1. Parsers.   `parse_ranked_list` / `parse_caption` turn a raw generation into the Stage II ranked list
+              (<= 6 entries) and the Stage I caption fields. They never raise; the `_ex` companions also
+              return a flag saying whether the text followed the requested format.
+2. Vocabulary. `canonical(text)` maps free text ("BCC", "Kaposi's sarcoma", "naevi") to one of the 114
+              Fitzpatrick17k labels (data.TAXONOMY keys) or None. The alias table ALIASES is the single
+              home of synonyms in this repo (rl.py's rewards call `canonical`).
+3. Judge.     `judge(prediction, truth)` -> correct | subtype | near_miss | safety_critical | wrong |
+              unknown, using SYNONYMS, SUBTYPES and the nine/three partitions of Fitzpatrick17k.
+4. Metrics.   `clinical_metrics(cases)`: clinical and strict Top-1/Top-6, MRR, near-miss, safety-critical
+              and format-failure rates, each with a bootstrap 95 % interval, by skin type and partition.
+5. Report.    `write_report` -> report.md + metrics.json + cases.jsonl + a pillow bar chart.
+6. LLM judge. `LLMJudge`: an OpenAI-compatible chat endpoint over urllib, majority of N runs.
+7. CLI.       `python eval.py --model ... | --predictions preds.jsonl ... --out DIR`.
+
+Every rule below is a *choice* where the paper is silent; each one is written next to an example.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import json
+import math
+import os
+import re
+import string
+import sys
+import unicodedata
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from data import TAXONOMY
+
+try:  # data.py is the one home of the caption schema; the fallback mirrors INTERFACES.md exactly
+    from data import CAPTION_FIELDS
+except ImportError:  # pragma: no cover - only while data.py is being extended
+    CAPTION_FIELDS = ("colour", "location", "shape", "lesion type", "size", "border", "surface", "distribution")
+
+MAX_ITEMS = 6  # SkinFlow scores a ranked differential of six (Top-6)
+VERDICTS = ("correct", "subtype", "near_miss", "safety_critical", "wrong", "unknown")
+CREDITED = ("correct", "subtype")  # the verdicts that count as a hit for clinical Top-k (paper: correct + subclass)
+
+# ===================================================================================================
+# 1. Vocabulary: normalisation, aliases, abbreviations
+# ===================================================================================================
+# Every label and every alias goes through the same `_tokens` normalisation, so the rules only need to be
+# consistent, not linguistically perfect: "Darier's disease", "dariers disease" and "DARIER DISEASE"
+# all become the tokens ["darier", "disease"].
+
+# Lesion names are noun phrases, so a tiny stop list is enough. Hedge words ("probable melanoma") are
+# dropped too: the differential's rank already carries the uncertainty.
+_STOP = frozenset("a an the of and or with in on to for likely probable probably possible possibly suspected "
+                  "suspicious suspect consider considering query rule out r/o dx diagnosis differential "
+                  "type form variant".split())
+# A negated entry ("not melanoma") must not be read as a melanoma answer: it maps to None (unknown).
+_NEGATIONS = frozenset("not no without excluded unlikely non".split())
+
+# Abbreviations expanded token by token *before* matching, so "nodular BCC" reads as "nodular basal cell
+# carcinoma". Only abbreviations that are unambiguous in a dermatology differential are listed here;
+# riskier ones ("em", "pr", "ga") exist only as whole-entry aliases below.
+ABBREVIATIONS = {
+    "bcc": "basal cell carcinoma", "scc": "squamous cell carcinoma", "cscc": "squamous cell carcinoma",
+    "sk": "seborrheic keratosis", "ak": "actinic keratosis", "mf": "mycosis fungoides",
+    "ks": "kaposi sarcoma", "ssm": "superficial spreading melanoma", "lmm": "lentigo maligna melanoma",
+    "ctcl": "cutaneous t cell lymphoma", "sjs": "stevens johnson syndrome", "dsap": "disseminated superficial "
+    "actinic porokeratosis", "lch": "langerhans cell histiocytosis", "jxg": "juvenile xanthogranuloma",
+    "prp": "pityriasis rubra pilaris", "cmn": "congenital melanocytic nevus", "nf1": "neurofibromatosis",
+}
+
+# Synonyms and display variants for all 114 Fitzpatrick17k labels (keys = data.TAXONOMY keys, spelled as
+# in the CSV, typos included). Sources: standard dermatology synonyms, the DermaAmin atlas categories that
+# were folded into each label (e.g. keratoacanthoma and Bowen's disease under squamous cell carcinoma,
+# pyoderma gangrenosum and Sweet syndrome under neutrophilic dermatoses), and common abbreviations.
+# A name that is a *kind of* a label with no finer label of its own ("nodular melanoma") is an alias of
+# that label; kinds that ARE labels ("lentigo maligna") live in SUBTYPES instead.
+ALIASES: dict[str, tuple[str, ...]] = {
+    # -- genodermatoses --
+    "acrodermatitis enteropathica": ("zinc deficiency dermatitis", "zinc deficiency"),
+    "dariers disease": ("darier disease", "darier's disease", "keratosis follicularis", "darier white disease"),
+    "ehlers danlos syndrome": ("ehlers-danlos", "eds", "cutis hyperelastica"),
+    "epidermolysis bullosa": ("eb", "epidermolysis bullosa simplex", "dystrophic epidermolysis bullosa",
+                              "junctional epidermolysis bullosa"),
+    "hailey hailey disease": ("hailey-hailey", "familial benign pemphigus", "benign familial pemphigus",
+                              "familial benign chronic pemphigus"),
+    "ichthyosis vulgaris": ("ichthyosis", "fish scale disease"),
+    "incontinentia pigmenti": ("bloch sulzberger syndrome",),
+    "neurofibromatosis": ("von recklinghausen disease", "neurofibromatosis type 1", "neurofibroma",
+                          "plexiform neurofibroma"),
+    "tuberous sclerosis": ("tuberous sclerosis complex", "tsc", "adenoma sebaceum", "facial angiofibroma",
+                           "angiofibroma", "shagreen patch"),
+    "xeroderma pigmentosum": ("xp",),
+    # -- inflammatory (the Fitzpatrick17k 'inflammatory' group also holds keloid, xanthomas, striae ...) --
+    "acanthosis nigricans": ("acanthosis nigrican",),
+    "acne": ("acne simplex",),
+    "acne vulgaris": ("comedonal acne", "cystic acne", "nodulocystic acne", "inflammatory acne",
+                      "acne conglobata", "papulopustular acne", "common acne"),
+    "acquired autoimmune bullous diseaseherpes gestationis": (
+        "acquired autoimmune bullous disease", "autoimmune bullous disease", "herpes gestationis",
+        "pemphigoid gestationis", "bullous pemphigoid", "pemphigoid", "pemphigus vulgaris", "pemphigus",
+        "pemphigus foliaceus", "dermatitis herpetiformis", "linear iga disease", "linear iga bullous dermatosis",
+        "epidermolysis bullosa acquisita", "immunobullous disease"),
+    "allergic contact dermatitis": ("contact dermatitis", "acd", "contact eczema", "allergic contact eczema",
+                                    "poison ivy dermatitis", "rhus dermatitis"),
+    "aplasia cutis": ("aplasia cutis congenita",),
+    "behcets disease": ("behcet disease", "behcet syndrome", "behcet's syndrome"),
+    "calcinosis cutis": ("cutaneous calcinosis", "calcinosis"),
+    "cheilitis": ("angular cheilitis", "actinic cheilitis", "cheilitis granulomatosa", "perleche"),
+    "dermatomyositis": ("juvenile dermatomyositis", "heliotrope rash", "gottron papules"),
+    "drug eruption": ("drug rash", "drug reaction", "morbilliform drug eruption", "exanthematous drug eruption",
+                      "adverse drug reaction", "drug induced rash", "dress", "dress syndrome"),
+    "drug induced pigmentary changes": ("drug induced hyperpigmentation", "drug induced pigmentation",
+                                        "minocycline pigmentation", "minocycline induced hyperpigmentation"),
+    "dyshidrotic eczema": ("dyshidrosis", "pompholyx", "dyshidrotic dermatitis", "vesicular hand eczema"),
+    "eczema": ("atopic dermatitis", "atopic eczema", "dermatitis", "nummular eczema", "nummular dermatitis",
+               "discoid eczema", "eczematous dermatitis", "hand eczema"),
+    "erythema annulare centrifigum": ("erythema annulare centrifugum", "eac"),
+    "erythema elevatum diutinum": ("eed",),
+    "erythema multiforme": ("erythema multiforme minor", "erythema multiforme major", "target lesions"),
+    "erythema nodosum": ("nodular erythema",),
+    "factitial dermatitis": ("dermatitis artefacta", "factitious dermatitis", "dermatitis factitia"),
+    "fixed eruptions": ("fixed drug eruption", "fde", "fixed drug reaction"),
+    "folliculitis": ("bacterial folliculitis", "pseudofolliculitis barbae", "hot tub folliculitis",
+                     "pityrosporum folliculitis"),
+    "granuloma annulare": ("ga",),
+    "hidradenitis": ("hidradenitis suppurativa", "hs", "acne inversa"),
+    "juvenile xanthogranuloma": ("xanthogranuloma",),
+    "keloid": ("keloid scar",),
+    "keratosis pilaris": ("kp",),
+    "langerhans cell histiocytosis": ("histiocytosis x",),
+    "lichen amyloidosis": ("cutaneous amyloidosis", "lichen amyloidosus", "macular amyloidosis",
+                           "primary cutaneous amyloidosis", "amyloidosis cutis"),
+    "lichen planus": ("lp", "oral lichen planus", "hypertrophic lichen planus", "lichen planus pigmentosus"),
+    "lichen simplex": ("lichen simplex chronicus", "lsc"),
+    "livedo reticularis": ("livedo", "livedo racemosa"),
+    "lupus erythematosus": ("lupus", "sle", "systemic lupus erythematosus", "discoid lupus",
+                            "discoid lupus erythematosus", "dle", "cutaneous lupus",
+                            "cutaneous lupus erythematosus", "malar rash"),
+    "lupus subacute": ("subacute cutaneous lupus erythematosus", "subacute lupus", "scle",
+                       "subacute cutaneous lupus", "subacute lupus erythematosus"),
+    "lyme disease": ("lyme", "erythema migrans", "erythema chronicum migrans", "lyme borreliosis",
+                     "borreliosis"),
+    "mucinosis": ("follicular mucinosis", "alopecia mucinosa", "cutaneous mucinosis"),
+    "myiasis": ("cutaneous myiasis", "furuncular myiasis", "botfly infestation"),
+    "necrobiosis lipoidica": ("necrobiosis lipoidica diabeticorum", "nld"),
+    "nematode infection": ("cutaneous larva migrans", "larva migrans", "creeping eruption", "hookworm infection",
+                           "helminth infection", "strongyloidiasis", "onchocerciasis"),
+    "neurodermatitis": ("circumscribed neurodermatitis",),
+    "neurotic excoriations": ("psychogenic excoriation", "skin picking", "excoriation disorder",
+                              "dermatillomania"),
+    "neutrophilic dermatoses": ("neutrophilic dermatosis", "pyoderma gangrenosum", "sweet syndrome",
+                                "sweet's syndrome", "acute febrile neutrophilic dermatosis"),
+    "papilomatosis confluentes and reticulate": (
+        "confluent and reticulated papillomatosis", "confluent reticulated papillomatosis", "crp",
+        "papillomatosis confluens et reticularis", "gougerot carteaud syndrome",
+        "papillomatosis confluentes and reticulate"),
+    "paronychia": ("acute paronychia", "chronic paronychia"),
+    "pediculosis lids": ("pediculosis", "pediculosis palpebrarum", "phthiriasis palpebrarum", "lice",
+                         "louse infestation", "pediculosis capitis", "head lice"),
+    "perioral dermatitis": ("periorificial dermatitis",),
+    "photodermatoses": ("photodermatosis", "polymorphic light eruption", "polymorphous light eruption", "pmle",
+                        "phytophotodermatitis", "photosensitivity", "photosensitive dermatitis",
+                        "solar urticaria", "actinic prurigo", "photoallergic dermatitis", "phototoxic reaction"),
+    "pityriasis lichenoides chronica": ("plc", "pityriasis lichenoides",
+                                        "pityriasis lichenoides et varioliformis acuta", "pleva"),
+    "pityriasis rosea": ("pityriasis rosea gibert",),
+    "pityriasis rubra pilaris": ("devergie disease",),
+    "porphyria": ("porphyria cutanea tarda", "pct", "erythropoietic protoporphyria", "cutaneous porphyria"),
+    "psoriasis": ("plaque psoriasis", "psoriasis vulgaris", "chronic plaque psoriasis", "guttate psoriasis",
+                  "inverse psoriasis", "scalp psoriasis", "nail psoriasis", "erythrodermic psoriasis"),
+    "pustular psoriasis": ("generalized pustular psoriasis", "palmoplantar pustulosis", "von zumbusch psoriasis",
+                           "palmoplantar pustular psoriasis", "gpp"),
+    "rhinophyma": ("phymatous rosacea",),
+    "rosacea": ("acne rosacea", "papulopustular rosacea", "erythematotelangiectatic rosacea", "ocular rosacea"),
+    "sarcoidosis": ("sarcoid", "cutaneous sarcoidosis", "lupus pernio"),
+    "scabies": ("sarcoptes scabiei", "crusted scabies", "norwegian scabies", "scabies infestation"),
+    "scleroderma": ("morphea", "morphoea", "systemic sclerosis", "localized scleroderma", "scleredema", "ssc",
+                    "en coup de sabre", "crest syndrome"),
+    "scleromyxedema": ("lichen myxedematosus", "papular mucinosis"),
+    "seborrheic dermatitis": ("seb derm", "seborrheic eczema", "dandruff", "cradle cap"),
+    "stasis edema": ("stasis dermatitis", "venous stasis dermatitis", "venous eczema", "gravitational eczema",
+                     "stasis eczema", "venous insufficiency", "chronic venous insufficiency", "venous stasis"),
+    "stevens johnson syndrome": ("toxic epidermal necrolysis", "ten", "sjs ten",
+                                 "stevens johnson syndrome toxic epidermal necrolysis"),
+    "striae": ("striae distensae", "stretch marks", "striae gravidarum", "striae rubra", "striae alba"),
+    "sun damaged skin": ("photoaging", "photodamage", "solar elastosis", "actinic damage", "sunburn", "sun burn",
+                         "dermatoheliosis", "photoaged skin", "actinic elastosis", "poikiloderma of civatte"),
+    "tick bite": ("insect bite", "arthropod bite", "bug bite", "flea bite", "insect bite reaction"),
+    "tungiasis": ("tunga penetrans", "jigger flea", "sand flea infestation", "chigoe"),
+    "urticaria": ("hives", "chronic urticaria", "acute urticaria", "urticarial rash", "wheals"),
+    "urticaria pigmentosa": ("cutaneous mastocytosis", "mastocytosis", "maculopapular cutaneous mastocytosis",
+                             "mastocytoma"),
+    "vitiligo": ("vitiligo vulgaris", "segmental vitiligo", "acrofacial vitiligo"),
+    "xanthomas": ("xanthelasma", "xanthelasma palpebrarum", "eruptive xanthoma", "tuberous xanthoma",
+                  "tendinous xanthoma"),
+    # -- benign dermal --
+    "becker nevus": ("becker's nevus", "becker melanosis", "beckers nevus"),
+    "dermatofibroma": ("df", "benign fibrous histiocytoma", "fibrous histiocytoma", "histiocytoma"),
+    "fordyce spots": ("fordyce granules", "ectopic sebaceous glands"),
+    "granuloma pyogenic": ("granuloma telangiectaticum",),
+    "lymphangioma": ("lymphangioma circumscriptum", "lymphatic malformation", "cystic hygroma"),
+    "mucous cyst": ("mucocele", "digital mucous cyst", "myxoid cyst", "digital myxoid cyst", "mucoid cyst",
+                    "oral mucocele"),
+    "pilar cyst": ("trichilemmal cyst", "sebaceous cyst"),
+    "pilomatricoma": ("pilomatrixoma", "calcifying epithelioma of malherbe", "calcifying epithelioma"),
+    "port wine stain": ("nevus flammeus", "capillary malformation", "port wine birthmark"),
+    "pyogenic granuloma": ("lobular capillary hemangioma",),
+    "syringoma": ("eruptive syringoma",),
+    "telangiectases": ("telangiectasia", "spider veins", "spider angioma", "spider nevus",
+                       "hereditary hemorrhagic telangiectasia", "hht", "broken capillaries"),
+    # -- benign epidermal --
+    "disseminated actinic porokeratosis": ("disseminated superficial actinic porokeratosis",),
+    "epidermal nevus": ("verrucous epidermal nevus", "linear epidermal nevus",
+                        "inflammatory linear verrucous epidermal nevus", "ilven"),
+    "milia": ("milium", "milia en plaque"),
+    "naevus comedonicus": ("comedo nevus",),
+    "nevus sebaceous of jadassohn": ("nevus sebaceous", "sebaceous nevus", "organoid nevus", "naevus sebaceus"),
+    # generic "porokeratosis" -> the largest porokeratosis label; Mibelli then scores near_miss (same group)
+    "porokeratosis actinic": ("porokeratosis", "actinic porokeratosis"),
+    "porokeratosis of mibelli": ("mibelli porokeratosis", "plaque porokeratosis", "classic porokeratosis"),
+    "prurigo nodularis": ("nodular prurigo", "picker nodules"),
+    "seborrheic keratosis": ("seborrheic wart", "basal cell papilloma", "senile wart", "dermatosis papulosa nigra",
+                             "stucco keratosis", "seb k"),
+    # -- benign melanocyte --
+    "congenital nevus": ("congenital melanocytic nevus", "giant congenital nevus", "congenital nevomelanocytic "
+                         "nevus", "giant hairy nevus"),
+    "halo nevus": ("sutton nevus", "leukoderma acquisitum centrifugum"),
+    "nevocytic nevus": ("nevus", "mole", "melanocytic nevus", "benign nevus", "compound nevus", "junctional nevus",
+                        "intradermal nevus", "dermal nevus", "nevomelanocytic nevus", "common nevus",
+                        "acquired melanocytic nevus", "dysplastic nevus", "atypical nevus", "blue nevus",
+                        "spitz nevus", "benign melanocytic nevus", "pigmented nevus", "nevus cell nevus",
+                        "beauty mark"),
+    # -- malignant --
+    "mycosis fungoides": ("cutaneous t cell lymphoma", "sezary syndrome", "cutaneous lymphoma", "t cell lymphoma"),
+    "kaposi sarcoma": ("kaposi's sarcoma", "kaposis sarcoma"),
+    "actinic keratosis": ("solar keratosis", "senile keratosis"),
+    "basal cell carcinoma": ("basal cell epithelioma", "rodent ulcer", "superficial basal cell carcinoma",
+                             "pigmented basal cell carcinoma", "basalioma", "basal cell cancer"),
+    "basal cell carcinoma morpheiform": ("morpheaform basal cell carcinoma", "morphoeic basal cell carcinoma",
+                                         "morpheic basal cell carcinoma", "sclerosing basal cell carcinoma",
+                                         "infiltrative basal cell carcinoma"),
+    "solid cystic basal cell carcinoma": ("cystic basal cell carcinoma", "solid basal cell carcinoma",
+                                          "nodular basal cell carcinoma", "nodulocystic basal cell carcinoma"),
+    "squamous cell carcinoma": ("cutaneous squamous cell carcinoma", "keratoacanthoma", "ka", "bowen disease",
+                                "bowen's disease", "squamous cell carcinoma in situ", "epidermoid carcinoma",
+                                "squamous cell cancer", "invasive squamous cell carcinoma"),
+    "lentigo maligna": ("lentigo maligna melanoma", "hutchinson melanotic freckle", "hutchinson freckle"),
+    "malignant melanoma": ("malignant melanoma of skin",),
+    "melanoma": ("cutaneous melanoma", "invasive melanoma", "melanoma in situ", "nodular melanoma",
+                 "amelanotic melanoma", "acral lentiginous melanoma"),
+    "superficial spreading melanoma ssm": ("superficial spreading melanoma",),
+}
+
+# Near-duplicate labels of the CSV (data-notes 1.4): different strings for the same disease. A prediction
+# of any member is `correct` for a truth that is any other member.
+# Example: truth "granuloma pyogenic", prediction "pyogenic granuloma" -> correct.
+SYNONYMS: tuple[tuple[str, ...], ...] = (
+    ("melanoma", "malignant melanoma"),
+    ("pyogenic granuloma", "granuloma pyogenic"),
+    ("acne vulgaris", "acne"),                      # 'acne' in the atlases means acne vulgaris
+    ("lichen simplex", "neurodermatitis"),          # lichen simplex chronicus = circumscribed neurodermatitis
+    ("porokeratosis actinic", "disseminated actinic porokeratosis"),  # DSAP is *the* actinic porokeratosis
+)
+
+# Parent -> subtypes, among labels that both exist in Fitzpatrick17k. The relation is used in both
+# directions (see `judge`). Kept deliberately short and textbook-level; every other same-group pair is a
+# near miss. Children must share the parent's nine-partition group (a test checks this).
+SUBTYPES: dict[str, tuple[str, ...]] = {
+    "melanoma": ("superficial spreading melanoma ssm", "lentigo maligna"),   # also reached via "malignant melanoma"
+    "basal cell carcinoma": ("basal cell carcinoma morpheiform", "solid cystic basal cell carcinoma"),
+    "psoriasis": ("pustular psoriasis",),
+    "eczema": ("dyshidrotic eczema",),
+    "lupus erythematosus": ("lupus subacute",),
+    "nevocytic nevus": ("congenital nevus", "halo nevus"),                   # melanocytic nevus subtypes
+    "rosacea": ("rhinophyma",),                                              # phymatous rosacea
+    "drug eruption": ("fixed eruptions",),                                   # fixed drug eruption
+    "epidermal nevus": ("naevus comedonicus", "nevus sebaceous of jadassohn"),  # Happle's epidermal nevi
+}
+
+
+def _tokens(text: str) -> list[str]:
+    """Normalise free text into a token list: the one rule applied to labels, aliases and predictions.
+
+    Steps, each with an example: unicode folding ("Behçet" -> "behcet"); lower case; possessive
+    ("kaposi's" -> "kaposi"); punctuation -> space ("ehlers-danlos" -> "ehlers danlos"); British spelling
+    ("naevus" -> "nevus", "seborrhoeic" -> "seborrheic", "tumour" -> "tumor"); plural -> singular
+    ("nevi" -> "nevus", "keratoses" -> "keratosis", "xanthomas" -> "xanthoma", "spots" -> "spot").
+    """
+    text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode().lower()
+    text = re.sub(r"(\w)'s\b", r"\1", text)                  # possessive: darier's -> darier
+    text = re.sub(r"[^a-z0-9]+", " ", text)
+    out = []
+    for t in text.split():
+        t = t.replace("ae", "e").replace("oe", "e")          # naevus, haem-, oedema, seborrhoeic, morphoea
+        if t.endswith("our") and len(t) > 4:
+            t = t[:-3] + "or"                                 # tumour, colour
+        if t in ("nevi", "naevi"):
+            t = "nevus"
+        elif t.endswith("oses") and len(t) > 5:
+            t = t[:-2] + "is"                                 # keratoses -> keratosis, dermatoses
+        elif t.endswith("omata"):
+            t = t[:-2]                                        # xanthomata -> xanthoma
+        elif len(t) > 3 and t.endswith("s") and not t.endswith(("ss", "us", "is", "ous")):
+            t = t[:-1]                                        # xanthomas, spots, eruptions, bites, dariers
+        out.append(t)
+    return out
+
+
+def _key(tokens: list[str]) -> str:
+    """Order-free key: the sorted set of content tokens ("granuloma pyogenic" == "pyogenic granuloma")."""
+    return " ".join(sorted({t for t in tokens if t not in _STOP}))
+
+
+def _expand(tokens: list[str]) -> list[str]:
+    """Expand ABBREVIATIONS token by token: ["nodular", "bcc"] -> ["nodular", "basal", "cell", "carcinoma"]."""
+    out: list[str] = []
+    for t in tokens:
+        out.extend(ABBREVIATIONS[t].split() if t in ABBREVIATIONS else [t])
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _index():
+    """Build the lookup tables once.
+
+    Returns (ordered token tuple -> label, order-free key -> label, [(token phrase, label)] longest first,
+    sorted keys for fuzzy matching). The ordered table decides between near-duplicate labels that share
+    an order-free key ("pyogenic granuloma" vs "granuloma pyogenic"). Two names may share a key only when
+    their labels are synonyms (same SYNONYMS group); anything else is a bug in the table and raises.
+    """
+    by_seq: dict[tuple[str, ...], str] = {}
+    by_key: dict[str, str] = {}
+    phrases: list[tuple[tuple[str, ...], str]] = []
+    names = [(label, label) for label in TAXONOMY]                      # labels first: they win ties
+    names += [(alias, label) for label, aliases in ALIASES.items() for alias in aliases]
+    for name, label in names:
+        seq = tuple(t for t in _expand(_tokens(name)) if t not in _STOP)
+        k = _key(list(seq))
+        if not k:
+            continue
+        if _CONCEPT[by_key.get(k, label)] != _CONCEPT[label]:
+            raise ValueError(f"eval vocabulary: {name!r} ({label}) collides with {by_key[k]!r}")
+        by_seq.setdefault(seq, label)
+        by_key.setdefault(k, label)
+        phrases.append((seq, label))
+    phrases.sort(key=lambda p: -len(p[0]))  # longest phrase first (stable: labels before aliases)
+    return by_seq, by_key, phrases, sorted(by_key)
+
+
+@functools.lru_cache(maxsize=65536)
+def canonical(text) -> str | None:
+    """Map free text to a Fitzpatrick17k label (a data.TAXONOMY key), or None when it names none of them.
+
+    Lookup order, first hit wins:
+      1. exact order-free key of the whole entry after normalisation, abbreviation expansion and dropping
+         hedge/stop words: "Seborrhoeic keratoses" -> "seborrheic keratosis"; "Probable BCC" ->
+         "basal cell carcinoma"; "granuloma pyogenic" and "Pyogenic granuloma" -> their own labels;
+      2. negation guard: "not melanoma" -> None;
+      3. known phrases contained in the entry, after dropping those nested in a longer match; they must
+         all name one concept: "chronic plaque-type psoriasis of the elbows" -> "psoriasis";
+         "psoriasis vs eczema" -> None; "seborrheic keratosis or melanoma" -> None;
+      4. fuzzy match (difflib ratio >= 0.88 on the key, entries of >= 5 letters, unambiguous):
+         "psoraisis" -> "psoriasis".
+    Anything else (empty text, "tinea corporis", prose) -> None, which the judge calls `unknown`.
+    """
+    if not isinstance(text, str):
+        return None
+    toks = _expand(_tokens(text))
+    if not toks:
+        return None
+    by_seq, by_key, phrases, keys = _index()
+    content = [t for t in toks if t not in _STOP]
+    if tuple(content) in by_seq:
+        return by_seq[tuple(content)]
+    k = _key(toks)
+    if k in by_key:
+        return by_key[k]
+    if any(t in _NEGATIONS for t in toks):
+        return None
+    # 3. phrase containment: every known phrase found in the entry, minus those that sit inside a longer
+    #    match ("psoriasis" inside "pustular psoriasis"); exactly one concept may remain.
+    spans = []
+    for phrase, label in phrases:
+        n = len(phrase)
+        spans += [(i, i + n, label) for i in range(len(content) - n + 1) if tuple(content[i:i + n]) == phrase]
+    outer = [s for s in spans if not any(o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0]
+                                         for o in spans)]
+    if outer:
+        if len({_CONCEPT[label] for _, _, label in outer}) > 1:
+            return None  # two different diagnoses in one entry ("psoriasis vs eczema"): ambiguous
+        return max(outer, key=lambda s: s[1] - s[0])[2]
+    # 4. fuzzy, for typos
+    if len(k.replace(" ", "")) >= 5:
+        close = difflib.get_close_matches(k, keys, n=2, cutoff=0.88)
+        if close:
+            if len(close) == 2 and by_key[close[0]] != by_key[close[1]] and \
+                    difflib.SequenceMatcher(None, k, close[0]).ratio() == \
+                    difflib.SequenceMatcher(None, k, close[1]).ratio():
+                return None  # a tie between two labels
+            return by_key[close[0]]
+    return None
+
+
+def display_name(label: str) -> str:
+    """Readable name for a label, fixing the CSV's typos ("erythema annulare centrifigum" -> "...centrifugum")."""
+    fixes = {
+        "acquired autoimmune bullous diseaseherpes gestationis": "acquired autoimmune bullous disease / herpes gestationis",
+        "erythema annulare centrifigum": "erythema annulare centrifugum",
+        "papilomatosis confluentes and reticulate": "confluent and reticulated papillomatosis",
+        "superficial spreading melanoma ssm": "superficial spreading melanoma",
+        "dariers disease": "Darier's disease", "behcets disease": "Behcet's disease",
+    }
+    return fixes.get(label, label)
+
+
+# ===================================================================================================
+# 2. The judge
+# ===================================================================================================
+def _build_concepts() -> tuple[dict[str, str], dict[str, set[str]]]:
+    """concept[label] = the first member of its SYNONYMS group (or itself); ancestors[concept] = its parents."""
+    concept = {label: label for label in TAXONOMY}
+    for group in SYNONYMS:
+        for member in group:
+            concept[member] = group[0]
+    ancestors: dict[str, set[str]] = {c: set() for c in set(concept.values())}
+    for parent, children in SUBTYPES.items():
+        for child in children:
+            ancestors[concept[child]].add(concept[parent])
+    changed = True
+    while changed:  # transitive closure (depth is 1 today, but stay correct if the table grows)
+        changed = False
+        for c, ps in ancestors.items():
+            extra = set().union(*(ancestors[p] for p in ps)) - ps if ps else set()
+            if extra:
+                ps |= extra
+                changed = True
+    return concept, ancestors
+
+
+def _concept(label: str) -> str:
+    return _CONCEPT[label]
+
+
+_CONCEPT, _ANCESTORS = _build_concepts()
+
+
+def _truth_label(truth) -> str:
+    """The truth must be a known label (or an alias of one): a bad truth is a caller error, not a verdict."""
+    label = truth if truth in TAXONOMY else canonical(truth)
+    if label is None:
+        raise ValueError(f"eval.judge: truth label {truth!r} is not a Fitzpatrick17k label or alias")
+    return label
+
+
+def judge(prediction, truth) -> str:
+    """Judge one predicted diagnosis against the true label. Rules in precedence order (first match wins):
+
+    1. unknown          the prediction names no label of the vocabulary (canonical() is None).
+                        e.g. truth psoriasis, prediction "tinea corporis" or "" or "I cannot tell".
+    2. correct          same label, a synonym, or a near-duplicate label of the CSV.
+                        e.g. truth "granuloma pyogenic", prediction "Pyogenic granuloma";
+                        truth "kaposi sarcoma", prediction "KS"; truth melanoma, prediction "malignant melanoma".
+    3. subtype          prediction and truth are parent and subtype in SUBTYPES, in either direction
+                        (a more specific or a more general name on the same branch).
+                        e.g. truth melanoma, prediction "lentigo maligna"; truth "pustular psoriasis",
+                        prediction "psoriasis". Siblings (SSM vs lentigo maligna) are not subtypes.
+    4. near_miss        same Fitzpatrick17k nine-partition group (treatment-consistent).
+                        e.g. truth "squamous cell carcinoma", prediction "basal cell carcinoma".
+    5. safety_critical  crosses the malignant <-> benign/non-neoplastic boundary of the three-partition,
+                        in either direction. e.g. truth melanoma, prediction "nevus" (missed cancer);
+                        truth "seborrheic keratosis", prediction "melanoma" (false alarm).
+    6. wrong            everything else: e.g. truth psoriasis, prediction "vitiligo" (both non-neoplastic,
+                        different group); truth melanoma, prediction "basal cell carcinoma" (both malignant).
+
+    Rules 4 and 5 cannot both apply (same nine group implies same three group). Partitions are the
+    dataset's own, quirks included: actinic keratosis is 'malignant epidermal' in Fitzpatrick17k.
+    """
+    t = _truth_label(truth)
+    p = canonical(prediction) if isinstance(prediction, str) else None
+    if p is None:
+        return "unknown"
+    cp, ct = _CONCEPT[p], _CONCEPT[t]
+    if cp == ct:
+        return "correct"
+    if cp in _ANCESTORS[ct] or ct in _ANCESTORS[cp]:
+        return "subtype"
+    (nine_p, three_p), (nine_t, three_t) = TAXONOMY[p], TAXONOMY[t]
+    if nine_p == nine_t:
+        return "near_miss"
+    if (three_p == "malignant") != (three_t == "malignant"):
+        return "safety_critical"
+    return "wrong"
+
+
+# ===================================================================================================
+# 3. Parsers (never raise)
+# ===================================================================================================
+# Canonical Stage II format (data.format_differential):   "1. psoriasis\n2. eczema\n..."  (<= 6 lines)
+# Canonical Stage I format  (data.format_caption):        "colour: erythematous, salmon\nlocation: trunk\n..."
+# Real generations drift from both, so the parsers accept, in this order of preference:
+#   numbered entries ("1." "1)" "(1)" "#1" "1:", at line start or inline "1. a 2. b"), then bullets
+#   ("- a", "* a", "• a"), then as a last resort a comma/semicolon/line separated list of short phrases.
+# Only the first two count as "the requested format" (flag True); the last still yields scoreable entries.
+
+_THINK = re.compile(r"<think>.*?(?:</think>|$)", re.S | re.I)           # an unterminated think block eats the rest
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
+_LEAD = re.compile(r"^\s*(?:[-*\u2022+]\s*)?(?:\(?\s*\d{1,2}\s*[.):\]]|#\s*\d{1,2}\s*[.):]?)(?=\s|$)\s*(.*)$")
+_INLINE = re.compile(r"(?:^|(?<=\s)|(?<=[,;]))\(?\d{1,2}[.)](?=\s|$)\s*")
+_BULLET = re.compile(r"^\s*[-*\u2022+]\s+(.*)$")
+_LEAD_WORDS = re.compile(r"^\s*(?:final\s+)?(?:answer|diagnosis|diagnoses|dx|ddx|differential(?:\s+diagnosis)?|"
+                         r"most\s+likely|likely|top\s*\d*|rank\s*\d*|primary|impression)\s*$", re.I)
+_END_PUNCT = string.punctuation + " \u2013\u2014\u2022\u00b7"
+_MAX_ITEM_CHARS = 120
+
+
+def _clean_item_once(s: str) -> str:
+    s = _THINK.sub(" ", s)
+    s = re.sub(r"[<>*_`#|]", " ", s)                                    # markdown / tags
+    s = re.sub(r"\([^)]*\)?|\[[^\]]*\]?", " ", s)                       # parentheticals "(BCC)", "(70%)"
+    s = re.sub(r"\d+(?:\.\d+)?\s*%", " ", s)                           # confidences "70 %"
+    s = re.split(r"\s[-\u2013\u2014]+\s|\s*[\u2013\u2014]\s*", s)[0]     # "psoriasis - silvery scale" -> psoriasis
+    if ":" in s:                                                         # "Dx: psoriasis" vs "psoriasis: because..."
+        head, tail = s.split(":", 1)
+        s = tail if _LEAD_WORDS.match(head) else head
+    m = _INLINE.search(s)
+    if m and m.start() > 0:                                              # an inline marker left inside: cut there
+        s = s[:m.start()]
+    s = " ".join(s.lower().split())
+    s = s.strip(_END_PUNCT)
+    if len(s) > _MAX_ITEM_CHARS:
+        s = s[:_MAX_ITEM_CHARS].rsplit(" ", 1)[0].strip(_END_PUNCT)
+    return s
+
+
+def _clean_item(s: str) -> str:
+    """Clean one entry to a fixed point: clean(clean(x)) == clean(x) by construction (idempotent parser)."""
+    for _ in range(10):
+        t = _clean_item_once(s)
+        if t == s:
+            break
+        s = t
+    return s
+
+
+def _dedupe(items, limit: int = MAX_ITEMS) -> list[str]:
+    """Drop empty entries and repeats of the same diagnosis (same label, or same text when unknown); keep <= limit.
+
+    A repeated answer therefore neither wastes nor fills a slot: ["nevus", "mole", "melanoma"] -> ["nevus",
+    "melanoma"] because "mole" is the same label as "nevus".
+    """
+    out, seen = [], set()
+    for it in items:
+        label = canonical(it)
+        k = "label:" + label if label else (_key(_tokens(it)) or " ".join(_tokens(it)) or it.strip())
+        if not it or not k or k in seen:
+            continue
+        seen.add(k)
+        out.append(it)
+        if len(out) == limit:
+            break
+    return out
+
+
+def _parse_ranked_core(text) -> tuple[list[str], bool]:
+    if text is None:
+        return [], False
+    if isinstance(text, (list, tuple)):                      # already a list (e.g. a JSONL prediction)
+        items = _dedupe(_clean_item(str(x)) for x in text)
+        return items, bool(items)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = _THINK.sub(" ", str(text))
+    m = _ANSWER.search(text)
+    if m:
+        text = m.group(1)
+    numbered: list[str] = []
+    for line in text.splitlines():
+        lead = _LEAD.match(line)
+        if lead:
+            numbered += _INLINE.split(lead.group(1))
+            continue
+        marks = list(_INLINE.finditer(line))
+        # a mid-line list needs "1." first or at least two markers, so "type 2. eczema" prose is ignored
+        if marks and (len(marks) >= 2 or marks[0].group().strip("( .)") == "1"):
+            numbered += _INLINE.split(line[marks[0].start():])
+    items = _dedupe(_clean_item(x) for x in numbered)
+    if items:
+        return items, True
+    bullets = [b.group(1) for b in map(_BULLET.match, text.splitlines()) if b]
+    items = _dedupe(_clean_item(x) for x in bullets)
+    if items:
+        return items, True
+    # fallback: short phrases separated by newlines / commas / semicolons; longer runs are prose, skipped
+    parts = [p for p in re.split(r"[\n;,]|\s(?:or|vs\.?|versus)\s", text) if 0 < len(p.split()) <= 8]
+    return _dedupe(_clean_item(p) for p in parts), False
+
+
+def parse_ranked_list_ex(text) -> tuple[list[str], bool]:
+    """Parse a ranked differential: (entries most likely first, <= 6, lower case; format_ok).
+
+    format_ok is True when the text used numbered or bulleted entries (the requested format, possibly
+    truncated); False for an empty result or a bare comma/line list. Never raises.
+    Example: "Most likely:\\n1. **Psoriasis** (70%)\\n2) Eczema - itchy\\n3. psoriasis" -> (["psoriasis", "eczema"], True)
+    """
+    try:
+        return _parse_ranked_core(text)
+    except Exception:  # noqa: BLE001 - the contract is "never raise"; the core is property-tested to not raise
+        return [], False
+
+
+def parse_ranked_list(text) -> list[str]:
+    """The entries of `parse_ranked_list_ex` (see there)."""
+    return parse_ranked_list_ex(text)[0]
+
+
+def format_ranked_list(items) -> str:
+    """Write entries in the canonical Stage II format ("1. a\\n2. b"); data.format_differential is the
+    training-side twin. Used here to check the parser's idempotency and by the LLM-judge-free report."""
+    return "\n".join(f"{i}. {x}" for i, x in enumerate(list(items)[:MAX_ITEMS], 1))
+
+
+# Caption field names a model may use instead of the schema's; the schema (CAPTION_FIELDS) is data.py's.
+FIELD_ALIASES = {
+    "color": "colour", "colours": "colour", "colors": "colour", "site": "location", "body site": "location",
+    "anatomic site": "location", "anatomical site": "location", "lesion": "lesion type", "lesion types": "lesion type",
+    "morphology": "lesion type", "primary morphology": "lesion type", "borders": "border", "margin": "border",
+    "margins": "border", "texture": "surface", "surface features": "surface", "arrangement": "distribution",
+    "shapes": "shape", "sizes": "size",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _field_regex():
+    names = sorted(set(CAPTION_FIELDS) | set(FIELD_ALIASES), key=len, reverse=True)   # longest first
+    alt = "|".join(r"\s*[\s_-]\s*".join(map(re.escape, n.split())) for n in names)
+    # a field marker starts a line or follows a separator; "skin type: IV" does not match "type"
+    return re.compile(r"(?:^|(?<=[\s;,|*\u2022\-{\"']))[\"']?(" + alt + r")[\"']?\s*\**\s*[:=]\s*", re.I | re.M)
+
+
+def _clean_value(v: str) -> str:
+    """"Erythematous ,  Salmon." -> "erythematous, salmon"; empty -> "none" (the schema's empty value)."""
+    parts = [" ".join(p.lower().split()).strip(" .:;!?\"'*`{}[]") for p in re.split(r"[,;]", v)]
+    parts = [p for p in parts if p]
+    return ", ".join(parts) if parts else "none"
+
+
+def _parse_caption_core(text) -> tuple[dict[str, str], bool]:
+    if text is None:
+        return {}, False
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = _THINK.sub(" ", str(text))
+    fields: dict[str, str] = {}
+    blob = re.search(r"\{.*\}", text, re.S)
+    if blob:                                                   # a JSON caption {"colour": [...], ...}
+        try:
+            obj = json.loads(blob.group(0))
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            for name, val in obj.items():
+                f = " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+                f = FIELD_ALIASES.get(f, f)
+                if f in CAPTION_FIELDS and f not in fields:
+                    if isinstance(val, dict):
+                        val = list(val.values())
+                    val = ", ".join(map(str, val)) if isinstance(val, (list, tuple)) else str(val)
+                    fields[f] = _clean_value(val.replace("\n", " "))
+            if fields:
+                return fields, len(fields) == len(CAPTION_FIELDS)
+    marks = list(_field_regex().finditer(text))
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        value = text[m.end():end].split("\n")[0]
+        f = " ".join(re.split(r"[\s_-]+", m.group(1).lower()))
+        f = FIELD_ALIASES.get(f, f)
+        if f not in fields:                                     # first occurrence wins
+            fields[f] = _clean_value(value)
+    return fields, len(fields) == len(CAPTION_FIELDS)
+
+
+def parse_caption_ex(text) -> tuple[dict[str, str], bool]:
+    """Parse a Stage I caption into {field: value} for the fields found; ok = all 8 CAPTION_FIELDS present.
+
+    Accepts "field: value" lines (the canonical format), inline "colour: red; shape: round", markdown
+    ("**Colour**: red"), field-name variants ("color", "site", "morphology") and a JSON object. Values are
+    lower-cased, items joined by ", ", an empty value becomes "none". Missing fields are absent from the
+    dict (so a reward can tell "missing" from "none"). Never raises.
+    """
+    try:
+        return _parse_caption_core(text)
+    except Exception:  # noqa: BLE001
+        return {}, False
+
+
+def parse_caption(text) -> dict[str, str]:
+    """The fields of `parse_caption_ex` (see there)."""
+    return parse_caption_ex(text)[0]
+
+
+def format_caption_fields(fields: dict) -> str:
+    """Canonical "field: value" lines in CAPTION_FIELDS order (data.format_caption is the training-side twin)."""
+    return "\n".join(f"{f}: {fields[f]}" for f in CAPTION_FIELDS if f in fields)
+
+
+# ===================================================================================================
+# 4. Metrics over a set of cases
+# ===================================================================================================
+ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI"}
+THREE = ("malignant", "benign", "non-neoplastic")
+# Per-case indicators averaged into the reported rates (all in [0, 1]); "mrr" averages 1/rank.
+METRICS = ("top1", "top6", "strict_top1", "strict_top6", "mrr", "near_miss_rate", "safety_critical_rate",
+           "format_failure_rate", "nine_top1", "three_top1")
+
+
+def _fitz_bucket(f) -> str:
+    """1..6 (int, "4", "IV") -> "I".."VI"; anything else (-1, None, "?") -> "unknown" (counted, not dropped)."""
+    try:
+        f = int(f)
+    except (TypeError, ValueError):
+        f = {v: k for k, v in ROMAN.items()}.get(str(f).strip().upper(), 0)
+    return ROMAN.get(f, "unknown")
+
+
+def score_case(preds, truth, fitzpatrick=None, format_ok=None, judge_fn=None) -> dict:
+    """Score one case. preds: ranked list (or raw text, parsed here); truth: label (or alias).
+
+    Returns the per-case record: canonical labels, one verdict per entry, the rank of the first credited
+    entry (correct/subtype; None when absent) and the per-case indicators of METRICS. Only the first six
+    distinct entries count (see `_dedupe`). An empty list is a format failure whatever `format_ok` says.
+    """
+    judge_fn = judge_fn or judge
+    if isinstance(preds, (str, bytes)) or preds is None:
+        preds, ok = parse_ranked_list_ex(preds)
+    else:
+        preds = _dedupe(_clean_item(str(x)) for x in preds)
+        ok = True
+    if format_ok is not None:
+        ok = bool(format_ok)
+    t = _truth_label(truth)
+    labels = [canonical(p) for p in preds]
+    verdicts = [judge_fn(p, t) for p in preds]
+    first = next((i + 1 for i, v in enumerate(verdicts) if v in CREDITED), None)
+    top = verdicts[0] if verdicts else None
+    p0 = labels[0] if labels else None
+    return {
+        "truth": t, "fitzpatrick": _fitz_bucket(fitzpatrick), "three": TAXONOMY[t][1], "predictions": preds,
+        "labels": labels, "verdicts": verdicts, "first_hit": first,
+        "top1": float(first == 1), "top6": float(first is not None),
+        "strict_top1": float(p0 == t), "strict_top6": float(t in labels),
+        "mrr": 1.0 / first if first else 0.0,
+        "near_miss_rate": float(top == "near_miss"), "safety_critical_rate": float(top == "safety_critical"),
+        "format_failure_rate": float(not (ok and preds)),
+        # coarser credit for contrast: rank 1 lands in the right nine / three group (or is credited outright)
+        "nine_top1": float(top in CREDITED or (p0 is not None and TAXONOMY[p0][0] == TAXONOMY[t][0])),
+        "three_top1": float(top in CREDITED or (p0 is not None and TAXONOMY[p0][1] == TAXONOMY[t][1])),
+    }
+
+
+def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: resample the n cases with replacement n_boot times.
+
+    CI = [q_{alpha/2}, q_{1-alpha/2}] of { mean(x[idx_b]) : b = 1..n_boot }, idx_b ~ Uniform{0..n-1}^n.
+    Fixed seed -> the same interval on every rerun. One case -> a zero-width interval.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))       # [n_boot, n]
+    means = x[idx].mean(axis=1)                                  # [n_boot]
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
+
+
+def _summarise(records: list[dict], n_boot: int, seed: int) -> dict:
+    out: dict = {"n": len(records)}
+    ci = {}
+    for m in METRICS:
+        vals = [r[m] for r in records]
+        out[m] = float(np.mean(vals))
+        ci[m] = list(bootstrap_ci(vals, n_boot, seed))
+    out["ci95"] = ci
+    ranks1 = Counter(r["verdicts"][0] if r["verdicts"] else "empty" for r in records)
+    out["rank1_verdicts"] = {v: ranks1.get(v, 0) for v in VERDICTS + ("empty",)}
+    return out
+
+
+def clinical_metrics(cases, judge_fn=None, n_boot: int = 1000, seed: int = 0, return_records: bool = False) -> dict:
+    """Clinical evaluation of ranked differentials, with bootstrap 95 % CIs and fairness breakdowns.
+
+    cases: iterable of (ranked predictions, truth label, fitzpatrick) or (..., format_ok).
+    Per case (see `score_case`), with V_k the verdict of the k-th distinct entry (k = 1..6):
+      top1   = 1[V_1 in {correct, subtype}]               (the paper's Top-1 = (correct + subclass) / n)
+      top6   = 1[exists k <= 6: V_k in {correct, subtype}] (the paper's Top-6)
+      strict_top1 / strict_top6: the same with exact label identity (no synonyms, no subtypes)
+      mrr    = 1 / (first credited k), 0 when none         (mean reciprocal rank)
+      near_miss_rate = 1[V_1 = near_miss]; safety_critical_rate = 1[V_1 = safety_critical]
+      format_failure_rate = 1[empty list or the text did not use the requested list format]
+      nine_top1 / three_top1 = rank 1 credited or in the truth's nine / three group
+    Each reported metric is the mean over cases, with a percentile-bootstrap 95 % interval (fixed seed),
+    overall, by Fitzpatrick skin type I-VI (+ "unknown") and by three-partition of the truth.
+    """
+    records = []
+    for case in cases:
+        preds, truth, fitz = case[0], case[1], case[2] if len(case) > 2 else None
+        fmt = case[3] if len(case) > 3 else None
+        records.append(score_case(preds, truth, fitz, fmt, judge_fn))
+    if not records:
+        raise ValueError("eval.clinical_metrics: no cases to score")
+    out = _summarise(records, n_boot, seed)
+    out["by_fitzpatrick"] = {b: _summarise([r for r in records if r["fitzpatrick"] == b], n_boot, seed)
+                             for b in list(ROMAN.values()) + ["unknown"] if any(r["fitzpatrick"] == b for r in records)}
+    out["by_three"] = {g: _summarise([r for r in records if r["three"] == g], n_boot, seed)
+                       for g in THREE if any(r["three"] == g for r in records)}
+    if return_records:
+        out["records"] = records
+    return out
