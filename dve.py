@@ -1,0 +1,451 @@
+"""dve.py: the Virtual-Width Dynamic Vision Encoder (DVE) of SkinFlow (arXiv 2601.09136, Sec. "DVE").
+
+SkinFlow replaces the static linear layers in the MLPs of four vision blocks of Qwen2.5-VL (layers
+8/16/24/32, i.e. the full-attention blocks 7, 15, 23, 31) by FDLinear, the linear-layer version of
+Frequency Dynamic Convolution (FDConv, Chen et al., CVPR 2025). FDLinear gives every IMAGE its own
+weight matrix, assembled from K fixed pieces of the pretrained weight:
+
+  1. Fourier Disjoint Weight (FDW). The pretrained W (d_out x d_in) is stored as its 2-D real FFT
+         F = rfft2(W)                                  F in C^{d_out x (d_in//2 + 1)}
+     The spectral coordinates are sorted by radial frequency and cut into K disjoint bands S_1..S_K of
+     (near-)equal size. Band k alone gives the "band weight"
+         W_k = irfft2(F * 1[S_k])                      sum_k W_k = W,  <W_j, W_k>_F = 0 for j != k
+     (Parseval: disjoint spectra are orthogonal). No parameter is added: F holds W's numbers.
+  2. Kernel Spectral Modulation, global (KSM). Per image b, the descriptor is the mean of the layer's
+     input over that image's own tokens, and a small MLP turns it into three sets of gates:
+         d_b = mean_{t in image b} x_t                 [d_in]
+         h_b = ReLU(RMSNorm(U d_b))                    [A],  A = max(d_in // 16, 16)
+         a_b = 2 sigmoid(H_a h_b + e_a)                [K]     band gains
+         c_b = 2 sigmoid(H_c h_b + e_c)                [d_in]  input-channel gates
+         f_b = 2 sigmoid(H_f h_b + e_f)                [d_out] output-channel gates
+     The heads H_a, H_c, H_f (and biases) start at ZERO, so every gate starts at 2 sigmoid(0) = 1.
+  3. The image's weight and output:
+         W_b = sum_k a_bk W_k
+         y_t = ((x_t * c_b) W_b^T) * f_b + bias        for every token t of image b
+     At step 0 (all gates 1) this is exactly the pretrained layer: W_b = sum_k W_k = W.
+
+"Virtual width": y_t = sum_k a_bk (W_k (x_t * c_b)) * f_b is a K*d_out-wide layer [W_1; ...; W_K] whose
+K copies are gated per image and summed, but it costs one d_out-wide product after assembly.
+
+This file holds: the band split (`band_ids`), the layer (`FDLinear`) with a readable reference path
+and the fast paths, the custom op wrapper for csrc/fdlinear.cpp (+ csrc/fdlinear_cuda.cu), the model
+conversion `apply_dve`, the GRPO reference-policy switch `dve_static`, and the overhead report.
+Choices where the paper is silent are listed in the README (section DVE) and next to the code.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# The paper's DVE blocks: vision layers 8, 16, 24, 32 counted from 1 = Qwen2.5-VL's full-attention blocks.
+DEFAULT_BLOCKS = (7, 15, 23, 31)
+DEFAULT_LINEARS = ("gate_proj", "up_proj", "down_proj")
+# K = 4 by default: it is FDLinear's own default, it gives each band a quarter of W's energy (a coarse,
+# well-conditioned split), the fast "mix cached band weights" path stays cheap (4 reads of W per image),
+# and it is one of the few powers of two that even the reference code accepts for 1280 -> 3420.
+# K = 64 and K = d/2 (the paper's two other numbers) work too: see `band_ids`.
+DEFAULT_K = 4
+# Up to this many bands we cache the K band weights and mix them (cost K*|W| per image, memory K*|W|).
+# Above it we rebuild each image's weight with one batched inverse FFT (cost ~ |W| log|W|, any K).
+BASIS_MAX_K = 8
+# The custom op keeps the K gains of one image in GPU shared memory: at most this many bands.
+KERNEL_MAX_K = 16
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Fourier Disjoint Weight: the band split
+# ---------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _radial_order(d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the rfft2 coordinates of a d_out x d_in matrix by radial frequency (cached per shape).
+
+    Radius of coordinate (u, v), with u the signed row frequency index and v the column index:
+        r^2 = (u / d_out)^2 + (v / d_in)^2        (each axis normalised by its own length)
+    We sort the EXACT integer key  u^2 d_in^2 + v^2 d_out^2  (= r^2 d_out^2 d_in^2) with a STABLE sort,
+    so ties are broken by position and the split is bit-identical on every machine; that is why the
+    band map need not be saved in checkpoints.
+
+    Hermitian pairs: in the columns v = 0 and v = d_in/2 (d_in even) the rfft2 of a real matrix holds
+    both F[u, v] and its conjugate F[-u, v]. If the two fell in different bands, each band would be
+    cut in half and the bands would stop being orthogonal. So only one "canonical" member of each such
+    pair (row index i <= d_out // 2) is sorted; its partner joins the same band later.
+
+    Returns (order, partner_src, partner_dst): flat indices of the canonical coordinates sorted by
+    radius, and for every non-canonical coordinate its flat index and its canonical partner's index.
+    """
+    cols = d_in // 2 + 1
+    i = torch.arange(d_out, dtype=torch.int64)[:, None]                    # [d_out, 1] row index
+    v = torch.arange(cols, dtype=torch.int64)[None, :]                     # [1, cols] column index
+    u = torch.where(i < (d_out + 1) // 2, i, i - d_out)                    # [d_out, 1] signed frequency
+    key = (u * u * d_in * d_in + v * v * d_out * d_out).expand(d_out, cols)  # [d_out, cols] exact int64
+    self_conj_col = (v == 0) | ((d_in % 2 == 0) & (v == d_in // 2))        # [1, cols]
+    non_canonical = (self_conj_col & (i > d_out // 2)).expand(d_out, cols)  # [d_out, cols]
+    flat_key = key.reshape(-1)
+    canon = torch.nonzero(~non_canonical.reshape(-1)).squeeze(1)           # [C] flat indices
+    order = canon[torch.sort(flat_key[canon], stable=True).indices]        # [C] sorted by radius
+    rows, colz = torch.nonzero(non_canonical, as_tuple=True)
+    partner_src = rows * cols + colz                                       # [P] non-canonical coordinate
+    partner_dst = ((d_out - rows) % d_out) * cols + colz                   # [P] its conjugate partner
+    return order, partner_src, partner_dst
+
+
+def band_ids(d_out: int, d_in: int, K: int) -> torch.Tensor:
+    """Band index of every rfft2 coordinate: int64 [d_out, d_in//2 + 1] with values 0..K-1 (0 = lowest).
+
+    The C canonical coordinates, sorted by radius (see `_radial_order`), are cut into K contiguous runs;
+    run k holds sorted positions floor(k C / K) .. floor((k+1) C / K) - 1, so band sizes differ by at most
+    one (plus the Hermitian partners), and ANY 1 <= K <= C works: K need not divide the coefficient
+    count (the reference code requires that and fails for 1280 -> 3420 with K = 64).
+    """
+    cols = d_in // 2 + 1
+    order, partner_src, partner_dst = _radial_order(d_out, d_in)
+    C = order.numel()
+    if not 1 <= K <= C:
+        raise ValueError(f"K must be in 1..{C} for a {d_out}x{d_in} weight, got K={K}")
+    ids = torch.empty(d_out * cols, dtype=torch.int64)
+    ids[order] = torch.arange(C, dtype=torch.int64) * K // C                # rank -> band, near-equal runs
+    ids[partner_src] = ids[partner_dst]                                    # conjugates share a band
+    return ids.view(d_out, cols)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Kernel Spectral Modulation (KSM-global): descriptor -> gates
+# ---------------------------------------------------------------------------------------------------
+class KSM(nn.Module):
+    """Per-image gates from the per-image descriptor d_b (see the module docstring, step 2):
+
+        h = ReLU(RMSNorm(U d)),  a = 2 sigmoid(H_a h + e_a),  c = 2 sigmoid(H_c h + e_c),  f = 2 sigmoid(H_f h + e_f)
+
+    Names in checkpoints: ksm.squeeze (U), ksm.norm (RMSNorm gain), ksm.band_head, ksm.in_head, ksm.out_head.
+    """
+
+    def __init__(self, d_in: int, d_out: int, K: int, dtype=torch.float32, device=None):
+        super().__init__()
+        hidden = max(d_in // 16, 16)                                       # A: squeeze width
+        kw = dict(dtype=dtype, device=device)
+        self.squeeze = nn.Linear(d_in, hidden, bias=False, **kw)           # U, Kaiming-uniform (torch default)
+        self.norm_weight = nn.Parameter(torch.ones(hidden, **kw))          # RMSNorm gain
+        self.band_head = nn.Linear(hidden, K, **kw)                        # H_a, e_a
+        self.in_head = nn.Linear(hidden, d_in, **kw)                       # H_c, e_c
+        self.out_head = nn.Linear(hidden, d_out, **kw)                     # H_f, e_f
+        self.eps = 1e-6
+        for head in (self.band_head, self.in_head, self.out_head):
+            # Zero heads => every gate is exactly 2 sigmoid(0) = 1 => the layer starts as the pretrained one.
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, d: torch.Tensor):
+        """d [n_img, d_in] -> (a [n_img, K], c [n_img, d_in], f [n_img, d_out])."""
+        z = self.squeeze(d)                                                # [n, A]
+        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight  # RMSNorm
+        h = torch.relu(z)                                                  # [n, A]
+        a = 2 * torch.sigmoid(self.band_head(h))                           # [n, K]
+        c = 2 * torch.sigmoid(self.in_head(h))                             # [n, d_in]
+        f = 2 * torch.sigmoid(self.out_head(h))                            # [n, d_out]
+        return a, c, f
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Packed images: cu_seqlens -> segment ids, per-image means, padded batches
+# ---------------------------------------------------------------------------------------------------
+class _Segments:
+    """Token -> image bookkeeping for a packed sequence (x [T, d] with images back to back).
+
+    cu_seqlens = per-IMAGE cumulative token counts [n_img + 1] (0, N_1, N_1 + N_2, ..., T). Qwen2.5-VL also
+    has per-WINDOW seqlens; those would give each window its own weight, which is not the paper's
+    per-image descriptor, so the backbone passes the per-image ones.
+    """
+
+    def __init__(self, cu_seqlens, T: int, device):
+        if cu_seqlens is None:                                             # a lone image
+            cu = [0, T]
+        else:
+            if not torch.is_tensor(cu_seqlens):
+                cu_seqlens = torch.as_tensor(cu_seqlens)
+            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+                raise ValueError(f"cu_seqlens must be a 1-D integer tensor [n_img + 1], got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+            cu = cu_seqlens.tolist()                                       # one host copy: checks + padding size
+        lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
+        if cu[0] != 0 or cu[-1] != T or min(lengths) <= 0:
+            raise ValueError(f"cu_seqlens must rise strictly from 0 to the token count {T} (every image needs "
+                             f"at least one token), got {cu[:8]}{'...' if len(cu) > 8 else ''}")
+        self.n = len(lengths)                                              # images
+        self.max_len = max(lengths)
+        self.cu = torch.tensor(cu, dtype=torch.int64, device=device)       # [n + 1]
+        self.lengths = torch.tensor(lengths, dtype=torch.int64, device=device)  # [n]
+        self.seg = torch.repeat_interleave(torch.arange(self.n, device=device), self.lengths, output_size=T)  # [T]
+        self.pos = torch.arange(T, device=device) - self.cu[self.seg]      # [T] position inside its image
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """d_b = (1/N_b) sum_{t in b} x_t  -> [n, d]; x should already be in the accumulation dtype."""
+        total = x.new_zeros(self.n, x.shape[1]).index_add_(0, self.seg, x)  # [n, d]
+        return total / self.lengths[:, None].to(x.dtype)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, d] -> [n, max_len, d] (zeros after each image's last token) so one bmm serves all images."""
+        out = x.new_zeros(self.n, self.max_len, x.shape[1])
+        out[self.seg, self.pos] = x
+        return out
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        """[n, max_len, d] -> [T, d]."""
+        return y[self.seg, self.pos]
+
+
+def _segments_apply(x: torch.Tensor, W: torch.Tensor, seg: _Segments) -> torch.Tensor:
+    """y_t = W_b x_t for the image b of token t, all images in ONE batched matmul (no Python loop).
+
+    x [T, d_in], W [n, d_out, d_in] -> [T, d_out]. Images are zero-padded to the longest one; with equal
+    image sizes (the usual case: one resolution) nothing is wasted.
+    """
+    return seg.unpad(torch.bmm(seg.pad(x), W.transpose(1, 2)))           # [n, L, d_in] @ [n, d_in, d_out]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. The custom op (csrc/fdlinear.cpp + csrc/fdlinear_cuda.cu): mix the band tiles while loading them
+# ---------------------------------------------------------------------------------------------------
+_EXT = "unset"
+
+
+def _extension():
+    """The compiled op, or None (build failed, or SKINFLOW_NO_EXT=1). Built once per process."""
+    global _EXT
+    if os.environ.get("SKINFLOW_NO_EXT", "") not in ("", "0"):
+        return None
+    if _EXT == "unset":
+        import skinflow  # local import: skinflow imports dve for from_pretrained
+
+        _EXT = skinflow.build_extension("fdlinear")
+    return _EXT
+
+
+class _MixApply(torch.autograd.Function):
+    """y_t = (sum_k a_bk W_k) x_t with the custom op; W_b only ever exists as a tile in fast memory.
+
+    Backward (recomputing the tiles, so training memory never holds a per-image weight):
+        dx_t   = W_b^T dy_t
+        da_bk  = <W_k, P_b>_F            with P_b = sum_{t in b} dy_t x_t^T   [d_out, d_in], per tile
+        dW_k   = sum_b a_bk P_b          (only when the bands train)
+    """
+
+    @staticmethod
+    def forward(ctx, x, cu, a, bases):
+        ext = _extension()
+        ctx.save_for_backward(x, cu, a, bases)
+        return ext.mix_apply_forward(x, cu, a, bases)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, cu, a, bases = ctx.saved_tensors
+        dx, da, dbases = _extension().mix_apply_backward(dy.contiguous(), x, cu, a, bases, ctx.needs_input_grad[3])
+        return (dx if ctx.needs_input_grad[0] else None, None,
+                da if ctx.needs_input_grad[2] else None,
+                dbases if ctx.needs_input_grad[3] else None)
+
+
+def mix_apply(x: torch.Tensor, cu_seqlens: torch.Tensor, a: torch.Tensor, bases: torch.Tensor, impl: str = "auto"):
+    """y_t = (sum_k a_bk W_k) x_t for a packed sequence: x [T, d_in], a [n, K], bases [K, d_out, d_in].
+
+    impl: "kernel" (the csrc op; error if it cannot run), "torch" (batched einsum + bmm under activation
+    checkpointing), "auto" (kernel when it builds and the dtype/device/K fit, else torch).
+    """
+    if impl not in ("auto", "kernel", "torch"):
+        raise ValueError(f"impl must be auto|kernel|torch, got {impl!r}")
+    seg = _Segments(cu_seqlens, x.shape[0], x.device)
+    if impl != "torch":
+        ok_dtype = x.dtype in ((torch.float32, torch.float64) if x.device.type == "cpu"
+                               else (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        ext = _extension() if ok_dtype and a.shape[1] <= KERNEL_MAX_K else None
+        if ext is not None and (x.device.type == "cpu" or hasattr(ext, "has_cuda") and ext.has_cuda()):
+            bases = bases.to(x.dtype).contiguous()
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            return _MixApply.apply(x.contiguous(), seg.cu, a.to(acc).contiguous(), bases)
+        if impl == "kernel":
+            import skinflow
+
+            raise RuntimeError("fdlinear kernel unavailable for this input: "
+                               + skinflow.EXTENSION_ERRORS.get("fdlinear", f"dtype {x.dtype}, device {x.device}, K {a.shape[1]}"))
+    return _maybe_checkpoint(_mix_torch, x, a, bases, seg=seg)
+
+
+def _mix_torch(x, a, bases, seg):
+    """PyTorch path: W_b = sum_k a_bk W_k for all images in one einsum, then one batched matmul."""
+    W = torch.einsum("nk,koi->noi", a.to(bases.dtype), bases).to(x.dtype)  # [n, d_out, d_in]
+    return _segments_apply(x, W, seg)
+
+
+def _maybe_checkpoint(fn, *args, seg):
+    """Run fn under activation checkpointing when autograd records: the per-image weights built inside
+    are then recomputed in backward instead of being stored (n * d_out * d_in floats per layer)."""
+    if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in args):
+        return checkpoint(fn, *args, seg=seg, use_reentrant=False)
+    return fn(*args, seg=seg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. FDLinear
+# ---------------------------------------------------------------------------------------------------
+class FDLinear(nn.Module):
+    """Frequency Dynamic Linear: a drop-in for a vision-MLP nn.Linear with a per-image weight.
+
+    Built from a pretrained `linear` (its weight becomes the spectrum, its bias is kept). Parameters:
+      spectrum [d_out, d_in//2+1, 2]  real/imag parts of F = rfft2(W, norm="ortho")  (frozen by default)
+      bias     [d_out]                the pretrained bias (frozen by default, or None)
+      ksm.*                           the KSM gates (trainable)
+    Forward: y = FDLinear(x [T, d_in], cu_seqlens [n_img+1]) -> [T, d_out] (module docstring, step 3).
+
+    Why the spectrum and bias are frozen by default: GRPO's reference policy is "the same weights with
+    dynamic=False", and that is the pretrained layer only while the spectrum and bias stay put. Pass
+    train_spectrum=True to let them train (the reference policy then drifts with them).
+    Why "ortho" FFT normalisation: it keeps the stored numbers on the scale of W's entries (Parseval:
+    |F| ~ |W|), so a learning rate means the same thing for them as for an ordinary weight.
+    """
+
+    takes_cu_seqlens = True  # the backbone passes per-image cu_seqlens to layers that set this
+
+    def __init__(self, linear: nn.Linear, K: int = DEFAULT_K, train_spectrum: bool = False, impl: str = "auto"):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"FDLinear is built from an nn.Linear, got {type(linear).__name__}")
+        if isinstance(K, bool) or not isinstance(K, int):
+            raise TypeError(f"K must be an int, got {K!r}")
+        W = linear.weight.detach()                                         # [d_out, d_in]
+        self.d_out, self.d_in = W.shape
+        self.K = K
+        self.dynamic = True          # False => all gates 1 => exactly the static layer built from `spectrum`
+        self.impl = impl             # auto | reference | kernel | bases | spectral (see _weights_and_apply)
+        dtype = W.dtype if W.dtype in (torch.float32, torch.float64) else torch.float32  # FFT needs fp32+
+        cols = self.d_in // 2 + 1
+        if W.is_meta:                                                      # shape-only model (overhead report)
+            spec = torch.empty(self.d_out, cols, 2, dtype=dtype, device="meta")
+            ids = torch.empty(self.d_out, cols, dtype=torch.int64, device="meta")
+            if not 1 <= K <= self.d_out * cols:
+                raise ValueError(f"K must be in 1..{self.d_out * cols}, got {K}")
+        else:
+            spec = torch.view_as_real(torch.fft.rfft2(W.double(), norm="ortho")).to(dtype)  # [d_out, cols, 2]
+            ids = band_ids(self.d_out, self.d_in, K).to(W.device)
+        self.spectrum = nn.Parameter(spec.contiguous(), requires_grad=train_spectrum)
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=train_spectrum)
+        # Not saved: `band_ids` is exact and deterministic, so it is rebuilt identically on load.
+        self.register_buffer("band_id", ids, persistent=False)              # [d_out, cols] int64
+        self.ksm = KSM(self.d_in, self.d_out, K, dtype=dtype, device=W.device)
+        self._cache: dict = {}                                             # frozen-spectrum weights, see _frozen
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, K={self.K}, bias={self.bias is not None}, dynamic={self.dynamic}"
+
+    # ----- weights built from the spectrum ---------------------------------------------------------
+    def _complex_spectrum(self) -> torch.Tensor:
+        return torch.view_as_complex(self.spectrum)                        # [d_out, cols] complex
+
+    def _irfft2(self, S: torch.Tensor) -> torch.Tensor:
+        """Spatial weight(s) from spectrum/spectra S [..., d_out, cols]: irfft2 with s = (d_out, d_in)."""
+        return torch.fft.irfft2(S, s=(self.d_out, self.d_in), norm="ortho")
+
+    def static_weight(self) -> torch.Tensor:
+        """W = irfft2(F) = sum_k W_k: the pretrained weight (up to fp32 round-off) [d_out, d_in]."""
+        return self._frozen("static", lambda: self._irfft2(self._complex_spectrum()))
+
+    def band_weights(self) -> torch.Tensor:
+        """All K band weights W_k = irfft2(F * 1[S_k]) stacked: [K, d_out, d_in] (K full-size matrices)."""
+        def build():
+            masks = self.band_id[None] == torch.arange(self.K, device=self.band_id.device)[:, None, None]  # [K, d_out, cols]
+            return self._irfft2(self._complex_spectrum()[None] * masks)
+        return self._frozen("bands", build)
+
+    def _frozen(self, name, build):
+        """Cache a weight derived from the spectrum while the spectrum cannot change under us.
+
+        A trainable spectrum (with autograd on) is never cached: the weight must stay in the graph.
+        The key holds the tensor version, so optimizer steps or load_state_dict invalidate the cache.
+        """
+        if self.spectrum.requires_grad and torch.is_grad_enabled():
+            return build()
+        key = (name, self.spectrum.device, self.spectrum._version, self.spectrum.data_ptr())
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != name}  # one entry per name
+            with torch.no_grad():
+                self._cache[key] = build()
+        return self._cache[key]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = {}                                                   # .to()/.cuda()/.double(): drop caches
+        return super()._apply(fn, *args, **kwargs)
+
+    # ----- forward ------------------------------------------------------------------------------
+    def gates(self, x: torch.Tensor, seg: _Segments):
+        """Descriptor (per-image mean, in fp32 or better) -> KSM gates a [n, K], c [n, d_in], f [n, d_out]."""
+        acc = self.spectrum.dtype
+        d = seg.mean(x.to(acc))                                            # [n, d_in]
+        return self.ksm(d)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """y_t = ((x_t * c_b) W_b^T) * f_b + bias, W_b = sum_k a_bk W_k  (b = image of token t).
+
+        x [T, d_in] (tokens of all images back to back), cu_seqlens [n_img + 1] per-image cumulative
+        token counts (None = all tokens are one image). dynamic=False gives x W^T + bias.
+        """
+        if x.dim() != 2 or x.shape[-1] != self.d_in:
+            raise ValueError(f"FDLinear expects packed tokens [T, {self.d_in}], got {tuple(x.shape)}")
+        if not self.dynamic:                                               # reference policy / static view
+            return F.linear(x, self.static_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        seg = _Segments(cu_seqlens, x.shape[0], x.device)
+        a, c, f = self.gates(x, seg)                                       # [n,K] [n,d_in] [n,d_out]
+        if self.impl == "reference":
+            return fdlinear_reference(x, seg.cu, self._complex_spectrum(), self.band_id, a, c, f, self.bias)
+        xc = x * c.to(x.dtype)[seg.seg]                                    # [T, d_in]  input gates on activations
+        y = self._weights_and_apply(xc, a, seg)                            # [T, d_out]
+        y = y * f.to(y.dtype)[seg.seg]                                     # output gates on activations
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _weights_and_apply(self, xc: torch.Tensor, a: torch.Tensor, seg: _Segments) -> torch.Tensor:
+        """sum_k a_bk W_k xc_t, choosing how to build the per-image weights:
+
+        * bases  (K <= BASIS_MAX_K): mix the K cached band weights. Cost K*|W| per image, memory K*|W| per
+          layer. With the csrc op ("kernel") the mix happens tile by tile while the tiles are loaded for the
+          product, so W_b is never written to memory, forward or backward.
+        * spectral (larger K, e.g. 64 or d/2): W_b = irfft2(F * a_b[band_id]) for all images in ONE batched
+          inverse FFT. Cost ~|W| log|W| per image whatever K is, and no K-fold cache.
+        Both run under checkpointing (or inside the op), so training never stores per-image weights.
+        """
+        impl = self.impl
+        if impl == "auto":
+            impl = "bases" if self.K <= BASIS_MAX_K else "spectral"
+        if impl in ("bases", "kernel"):
+            return mix_apply(xc, seg.cu, a, self.band_weights(), impl="kernel" if impl == "kernel" else "auto")
+        if impl == "spectral":
+            return _maybe_checkpoint(self._spectral_apply, xc, a, self.spectrum, seg=seg)
+        raise ValueError(f"unknown FDLinear impl {self.impl!r} (auto|reference|kernel|bases|spectral)")
+
+    def _spectral_apply(self, xc, a, spectrum, seg):
+        """W_b = irfft2(F * g_b), g_b = a_b[band_id] (a gather: each coordinate takes its band's gain)."""
+        gains = a.to(spectrum.dtype)[:, self.band_id]                      # [n, d_out, cols]
+        W = self._irfft2(torch.view_as_complex(spectrum)[None] * gains)    # [n, d_out, d_in]
+        return _segments_apply(xc, W.to(xc.dtype), seg)
+
+
+def fdlinear_reference(x, cu_seqlens, spectrum, band_id, a, c, f, bias=None):
+    """The operator written as plainly as possible, one image at a time (the test oracle; slow).
+
+    For image b:  W_b = irfft2(F * a_b[band_id]),  Y_b = ((X_b * c_b) W_b^T) * f_b + bias.
+    spectrum: complex [d_out, d_in//2+1]; a [n, K], c [n, d_in], f [n, d_out]. Computed in a's dtype.
+    """
+    cu = [int(v) for v in cu_seqlens]
+    d_in = c.shape[1]
+    d_out = spectrum.shape[0]
+    outs = []
+    for b in range(len(cu) - 1):
+        X = x[cu[b]:cu[b + 1]].to(a.dtype)                                  # [N_b, d_in]
+        W = torch.fft.irfft2(spectrum * a[b][band_id], s=(d_out, d_in), norm="ortho")  # [d_out, d_in]
+        Y = ((X * c[b]) @ W.T.to(a.dtype)) * f[b]                           # [N_b, d_out]
+        outs.append(Y if bias is None else Y + bias.to(a.dtype))
+    return torch.cat(outs).to(x.dtype)
