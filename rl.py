@@ -275,3 +275,174 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low: float = 0.2, eps_hig
             "kl_loss": float(beta * aggregate(kl)),
         }
     return loss, stats
+
+
+# ===================================================================================================
+# 3. REWARDS (all of them live here)
+#
+# The paper says only: Stage I scores the caption "field by field" against the reference; Stage II's
+# reward "depends on the first position at which an evaluator accepts a diagnosis". The weights, the
+# matching rules and the decay below are OUR choices (documented, unit-tested). Both functions are pure
+# string -> (float, info) maps and never raise on model output: malformed text gets reward 0 and
+# info["malformed"] = True, which the trainer counts and logs.
+# Parsing and the clinical judge come from eval.py, so training and evaluation read answers identically.
+# ===================================================================================================
+CAPTION_W_FIELDS = 0.9  # weight of the mean field agreement
+CAPTION_W_FORMAT = 0.1  # weight of the format term (all 8 fields present, nothing else)
+
+# Small synonym table for caption VALUES (diagnosis synonyms are eval.canonical's job). Keys are mapped
+# to the value on the right, for whole phrases and for single words alike.
+CAPTION_SYNONYMS = {
+    "red": "erythematous", "erythema": "erythematous", "purple": "violaceous", "purplish": "violaceous",
+    "grey": "gray", "blue-grey": "blue-gray", "skin-coloured": "skin-colored", "flesh-colored": "skin-colored",
+    "flesh-coloured": "skin-colored", "skin colored": "skin-colored", "well-defined": "well-demarcated",
+    "sharp": "well-demarcated", "sharply demarcated": "well-demarcated", "well defined": "well-demarcated",
+    "well demarcated": "well-demarcated", "ill-defined": "poorly-demarcated", "poorly defined": "poorly-demarcated",
+    "poorly-defined": "poorly-demarcated", "ill defined": "poorly-demarcated", "oval-shaped": "oval",
+    "circular": "round", "single": "solitary", "widespread": "generalized", "generalised": "generalized",
+    "ulcer": "central ulcer", "ulceration": "central ulcer", "none": "none", "absent": "none", "-": "none",
+}
+
+
+def _caption_value_tokens(value: str) -> tuple[frozenset, list]:
+    """'Erythematous, Salmon' -> ({'erythematous', 'salmon'}, ['erythematous', 'salmon']).
+
+    Returns (set of synonym-normalised phrases, bag of synonym-normalised words); "none" is the empty set.
+    """
+    phrases = []
+    for p in str(value).lower().replace(";", ",").replace(" and ", ",").split(","):
+        p = " ".join(p.strip(" .").split())
+        if p:
+            phrases.append(CAPTION_SYNONYMS.get(p, p))
+    phrases = [p for p in phrases if p != "none"]
+    words = [CAPTION_SYNONYMS.get(w, w) for p in phrases for w in p.split()]
+    return frozenset(phrases), words
+
+
+def caption_field_score(pred: str, ref: str) -> float:
+    """Agreement of one caption field, in [0, 1].
+
+        s = 1                        if the sets of (synonym-normalised) values are equal, order-free
+                                     ("none" == "none"; categorical exact / synonym match);
+        s = F1(words(pred), words(ref))   otherwise: token F1 = 2 P R / (P + R) over word multisets,
+                                     partial credit for free text and multi-value fields
+                                     ("well-demarcated, irregular" vs "well-demarcated, regular" = 0.5).
+    One side "none" and the other not -> 0.
+    """
+    ps, pw = _caption_value_tokens(pred)
+    rs, rw = _caption_value_tokens(ref)
+    if ps == rs:
+        return 1.0
+    if not pw or not rw:
+        return 0.0
+    common = 0
+    pool = list(rw)
+    for w in pw:  # multiset intersection
+        if w in pool:
+            pool.remove(w)
+            common += 1
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pw), common / len(rw)
+    return 2 * precision * recall / (precision + recall)
+
+
+def reward_caption(text: str, fields: dict) -> tuple[float, dict]:
+    """Stage I reward: field-by-field agreement of a generated caption with the reference fields.
+
+        r = 0.9 * (1/8) sum_f s_f(pred_f, ref_f) + 0.1 * format
+        format = (#fields parsed / 8) * (1 if every non-empty line is a parsed field line, else 0.5)
+
+    s_f is caption_field_score (exact/synonym set match, else token F1); a field the caption omits
+    scores 0. Why mostly content: the format is learned in a few steps, after that it only adds noise to
+    the group comparison; 0.1 keeps a gradient towards parseable output when nothing else differs.
+    Malformed (no field parsed, empty, not a string) -> r = 0, info["malformed"] = True.
+    Returns (r, info) with info: per-field scores ("field/<name>"), "format", "malformed".
+    """
+    import data
+    import eval as skin_eval  # the project's evaluation module (shadows the builtin only here)
+
+    names = data.CAPTION_FIELDS
+    info = {"malformed": True, "format": 0.0}
+    try:
+        parsed = skin_eval.parse_caption(text) if isinstance(text, str) else {}
+    except Exception:  # a parser bug must not kill a training run: count it as malformed
+        parsed = {}
+    parsed = {k: v for k, v in (parsed or {}).items() if k in names}
+    if not parsed:
+        info.update({f"field/{f}": 0.0 for f in names})
+        return 0.0, info
+    scores = {f: caption_field_score(parsed[f], fields.get(f, "none")) if f in parsed else 0.0 for f in names}
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    tidy = 1.0 if len(lines) == len(parsed) else 0.5
+    fmt = len(parsed) / len(names) * tidy
+    r = CAPTION_W_FIELDS * sum(scores.values()) / len(names) + CAPTION_W_FORMAT * fmt
+    info.update({f"field/{f}": s for f, s in scores.items()})
+    info.update({"malformed": False, "format": fmt})
+    return float(r), info
+
+
+DIFF_DECAY = 0.7  # position credit c_k = 0.7**(k-1): 1, .70, .49, .34, .24, .17 for ranks 1..6
+DIFF_NEAR_MISS = 0.25  # a same-group (near-miss) diagnosis earns 0.25 * c_k when nothing is accepted
+DIFF_SAFETY_PENALTY = 0.3  # top-1 crosses the malignant <-> benign boundary
+DIFF_W_CONTENT = 0.9
+DIFF_W_FORMAT = 0.1
+
+
+def reward_differential(text: str, truth: str) -> tuple[float, dict]:
+    """Stage II reward: position-dependent credit for a ranked differential (up to 6 lines "k. label").
+
+        k*    = first rank whose diagnosis eval.judge accepts ("correct" or "subtype")
+        c_k   = 0.7 ** (k - 1)                          (1 at rank 1, 0.17 at rank 6)
+        hit   = c_{k*}                                  if some rank is accepted
+              = 0.25 * c_{k'}                           else, k' = first "near_miss" rank (same nine group)
+              = 0                                       else
+        r     = 0.9 * hit + 0.1 * format - 0.3 * [judge(rank 1) == "safety_critical"]
+        format = 1 for 1..6 numbered lines "1. ..", "2. .." and nothing else; 0.5 for a looser list
+                 (bullets, extra text, repeats); 0 for bare names in prose that the parser still found.
+
+    Why this shape: the paper's reward depends on the first accepted rank; a geometric decay makes rank 1
+    clearly best (Top-1 is the headline metric) while a correct answer anywhere in the top 6 still beats
+    a plain miss (Top-6 is the second metric). One deliberate exception: a near miss at rank 1 (0.25)
+    outranks a hit at rank 6 (0.17), since a treatment-consistent first guess is clinically more useful
+    than the right name buried last. The safety penalty discourages a top-1 that
+    misses a cancer (or calls a benign lesion malignant); it can push r below 0, below the malformed 0,
+    so the format weight stays small and malformed output gets no format credit.
+    Malformed (nothing parsed, empty, not a string, or prose naming no known diagnosis) -> r = 0,
+    info["malformed"] = True.
+    Returns (r, info): "rank" (first accepted rank or 0), "verdicts" (per item), "format", "malformed",
+    "safety_top1".
+    """
+    import re
+
+    import eval as skin_eval
+
+    info = {"malformed": True, "format": 0.0, "rank": 0, "verdicts": [], "safety_top1": False}
+    try:
+        ranked, listed = skin_eval.parse_ranked_list_ex(text) if isinstance(text, str) else ([], False)
+    except Exception:
+        ranked, listed = [], False
+    ranked = list(ranked or [])[:6]
+    verdicts = []
+    for label in ranked:
+        try:
+            verdicts.append(skin_eval.judge(label, truth))
+        except Exception:
+            verdicts.append("unknown")
+    if not ranked or (not listed and all(v == "unknown" for v in verdicts)):
+        return 0.0, info  # nothing parsed, or prose that names no diagnosis at all
+    hit = 0.0
+    accepted = [k for k, v in enumerate(verdicts, 1) if v in ("correct", "subtype")]
+    near = [k for k, v in enumerate(verdicts, 1) if v == "near_miss"]
+    if accepted:
+        hit = DIFF_DECAY ** (accepted[0] - 1)
+        info["rank"] = accepted[0]
+    elif near:
+        hit = DIFF_NEAR_MISS * DIFF_DECAY ** (near[0] - 1)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    numbered = all(re.match(rf"{k}\.\s+\S", ln) for k, ln in enumerate(lines, 1)) and 1 <= len(lines) <= 6
+    fmt = 1.0 if numbered and len(lines) == len(ranked) else (0.5 if listed else 0.0)
+    safety = verdicts[0] == "safety_critical"
+    r = DIFF_W_CONTENT * hit + DIFF_W_FORMAT * fmt - DIFF_SAFETY_PENALTY * float(safety)
+    info.update({"malformed": False, "format": fmt, "verdicts": verdicts, "safety_top1": safety})
+    return float(r), info

@@ -267,3 +267,77 @@ def test_rl_one_step_raises_positive_advantage_logprob():
         new = logprobs(tokens)
     seq_gain = (new - old).sum(1)  # [G] change of log pi(completion)
     assert seq_gain[adv > 0].sum() > 0 and seq_gain[adv < 0].sum() < 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Rewards, on hand-made generations
+# ---------------------------------------------------------------------------------------------------
+_rl_fields = {"colour": "erythematous, salmon", "location": "trunk", "shape": "round", "lesion type": "plaque",
+              "size": "large", "border": "well-demarcated, regular", "surface": "coarse silvery scale",
+              "distribution": "scattered"}
+
+
+def _rl_need_eval():
+    ev = pytest.importorskip("eval")
+    if not all(hasattr(ev, n) for n in ("parse_caption", "parse_ranked_list", "judge")):
+        pytest.skip("eval.py parsers / judge not written yet")
+    return ev
+
+
+def _rl_caption(fields):
+    order = ("colour", "location", "shape", "lesion type", "size", "border", "surface", "distribution")
+    return "\n".join(f"{k}: {fields[k]}" for k in order if k in fields)
+
+
+def test_rl_caption_field_score_cases():
+    s = rl.caption_field_score
+    assert s("salmon, erythematous", "erythematous, salmon") == 1.0  # order-free set match
+    assert s("red", "erythematous") == 1.0  # synonym
+    assert s("None", "none") == 1.0
+    assert s("oval", "round") == 0.0
+    assert s("scale", "none") == 0.0 and s("none", "scale") == 0.0
+    assert abs(s("well-demarcated, irregular", "well-demarcated, regular") - 0.5) < 1e-12
+    # token F1 by hand: pred {silvery, scale} vs ref {coarse, silvery, scale}: P = 1, R = 2/3, F1 = 0.8
+    assert abs(s("silvery scale", "coarse silvery scale") - 0.8) < 1e-12
+
+
+def test_rl_reward_caption_cases():
+    _rl_need_eval()
+    perfect, info = rl.reward_caption(_rl_caption(_rl_fields), _rl_fields)
+    assert abs(perfect - 1.0) < 1e-9 and not info["malformed"] and info["format"] == 1.0
+    partial_fields = dict(_rl_fields, shape="oval", surface="silvery scale", colour="red, salmon")
+    partial, info = rl.reward_caption(_rl_caption(partial_fields), _rl_fields)
+    want = 0.9 * (1 + 1 + 0 + 1 + 1 + 1 + 0.8 + 1) / 8 + 0.1  # by hand: shape 0, surface F1 0.8, red = erythematous
+    assert abs(partial - want) < 1e-9 and info["field/shape"] == 0.0
+    missing = {k: v for k, v in _rl_fields.items() if k not in ("size", "border")}
+    r_missing, info = rl.reward_caption(_rl_caption(missing), _rl_fields)
+    assert abs(r_missing - (0.9 * 6 / 8 + 0.1 * 6 / 8)) < 1e-9 and info["field/size"] == 0.0
+    wrong_fields = {k: "none" if v != "none" else "x" for k, v in _rl_fields.items()}
+    wrong, _ = rl.reward_caption(_rl_caption(wrong_fields), _rl_fields)
+    assert abs(wrong - 0.1) < 1e-9  # format only
+    for bad in ("", "the lesion looks red and angry", "!!!!!!!!", None):
+        r, info = rl.reward_caption(bad, _rl_fields)
+        assert r == 0.0 and info["malformed"]
+    assert perfect > partial > r_missing > wrong > 0.0
+
+
+def test_rl_reward_differential_cases():
+    _rl_need_eval()
+    truth = "psoriasis"
+    perfect, info = rl.reward_differential("1. psoriasis\n2. eczema\n3. lichen planus", truth)
+    assert abs(perfect - 1.0) < 1e-9 and info["rank"] == 1 and info["format"] == 1.0
+    third, info = rl.reward_differential("1. vitiligo\n2. acne\n3. psoriasis\n4. eczema", truth)
+    assert info["rank"] == 3 and abs(third - (0.9 * 0.7 ** 2 + 0.1)) < 1e-9
+    sixth, _ = rl.reward_differential("1. vitiligo\n2. acne\n3. milia\n4. tuberous sclerosis\n5. scabies\n6. psoriasis",
+                                      truth)
+    assert abs(sixth - (0.9 * 0.7 ** 5 + 0.1)) < 1e-9
+    near, info = rl.reward_differential("1. eczema", truth)  # same nine group (inflammatory), not psoriasis
+    assert info["verdicts"] == ["near_miss"] and abs(near - (0.9 * 0.25 + 0.1)) < 1e-9
+    danger, info = rl.reward_differential("1. melanoma\n2. eczema", truth)  # malignant top-1 for a benign truth
+    assert info["safety_top1"] and abs(danger - (0.9 * 0.25 * 0.7 + 0.1 - 0.3)) < 1e-9
+    for bad in ("", "I am not sure.", "@@@@ ####", None):
+        r, info = rl.reward_differential(bad, truth)
+        assert info["malformed"] and r == 0.0
+    bare, info = rl.reward_differential("it looks like psoriasis to me", truth)  # found, but not a list
+    assert info["rank"] == 1 and info["format"] == 0.0 and abs(bare - 0.9) < 1e-9
+    assert perfect > third > near > sixth > danger
