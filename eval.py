@@ -830,3 +830,355 @@ def clinical_metrics(cases, judge_fn=None, n_boot: int = 1000, seed: int = 0, re
     if return_records:
         out["records"] = records
     return out
+
+
+# ===================================================================================================
+# 5. Report: markdown + JSON + per-case JSONL + PNG chart (pillow only)
+# ===================================================================================================
+_SHOWN = (("top1", "Top-1 (clinical)"), ("top6", "Top-6 (clinical)"), ("strict_top1", "Top-1 (strict label)"),
+          ("strict_top6", "Top-6 (strict label)"), ("mrr", "MRR"), ("near_miss_rate", "near miss @1"),
+          ("safety_critical_rate", "safety-critical @1"), ("format_failure_rate", "format failure"),
+          ("nine_top1", "Top-1 nine-group"), ("three_top1", "Top-1 three-group"))
+
+
+def _pct(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _group_table(groups: dict, title: str) -> list[str]:
+    cols = ("top1", "top6", "strict_top1", "mrr", "near_miss_rate", "safety_critical_rate", "format_failure_rate")
+    lines = [f"### {title}", "", "| group | n | " + " | ".join(dict(_SHOWN)[c] for c in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    for name, g in groups.items():
+        cells = [f"{_pct(g[c])} [{_pct(g['ci95'][c][0])}, {_pct(g['ci95'][c][1])}]" for c in cols]
+        lines.append(f"| {name} | {g['n']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render_markdown(metrics: dict, title: str = "SkinFlow clinical evaluation") -> str:
+    """A readable report: overall table with 95 % CIs, then by skin type and by three-partition (in %)."""
+    lines = [f"# {title}", ""]
+    meta = metrics.get("meta", {})
+    if meta:
+        lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    lines += ["| metric | value (%) | 95 % CI |", "|---|---:|---|"]
+    for key, name in _SHOWN:
+        lo, hi = metrics["ci95"][key]
+        lines.append(f"| {name} | {_pct(metrics[key])} | [{_pct(lo)}, {_pct(hi)}] |")
+    lines += ["", f"n = {metrics['n']} cases. Rank-1 verdicts: " +
+              ", ".join(f"{k} {v}" for k, v in metrics["rank1_verdicts"].items()), ""]
+    lines += _group_table(metrics["by_fitzpatrick"], "By Fitzpatrick skin type")
+    lines += _group_table(metrics["by_three"], "By three-partition of the true label")
+    lines += ["Clinical Top-k credits `correct` and `subtype` verdicts (the paper's correct + valid subclass);",
+              "strict Top-k needs the exact Fitzpatrick17k label. Intervals: percentile bootstrap, 1,000",
+              "resamples, seed 0. See README (Evaluation) for every rule.", ""]
+    return "\n".join(lines)
+
+
+def draw_chart(metrics: dict, path, title: str = "Top-1 / Top-6 by Fitzpatrick skin type"):
+    """Grouped bars (Top-1 dark, Top-6 light) with 95 % CI whiskers for skin types I-VI and all cases."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    W, H, L, R, T, B = 760, 420, 60, 20, 50, 70          # canvas and margins (px)
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    d.text((L, 15), title, fill="black", font=font)
+    groups = [(ROMAN[i], metrics["by_fitzpatrick"].get(ROMAN[i])) for i in range(1, 7)] + [("all", metrics)]
+    y0, y1 = H - B, T                                        # pixel rows of 0 % and 100 %
+    to_y = lambda v: y0 - (y0 - y1) * max(0.0, min(1.0, v))  # noqa: E731
+    for tick in range(0, 101, 20):                           # horizontal grid every 20 %
+        y = to_y(tick / 100)
+        d.line([(L, y), (W - R, y)], fill=(225, 225, 225))
+        d.text((L - 35, y - 6), f"{tick}%", fill="black", font=font)
+    slot = (W - L - R) / len(groups)
+    colours = {"top1": (40, 80, 160), "top6": (150, 180, 230)}
+    for gi, (name, g) in enumerate(groups):
+        x = L + gi * slot
+        for bi, key in enumerate(("top1", "top6")):
+            bx0 = x + slot * (0.15 + 0.35 * bi)
+            bx1 = bx0 + slot * 0.3
+            if g is None:
+                continue
+            d.rectangle([bx0, to_y(g[key]), bx1, y0], fill=colours[key])
+            lo, hi = g["ci95"][key]
+            cx = (bx0 + bx1) / 2
+            d.line([(cx, to_y(lo)), (cx, to_y(hi))], fill="black", width=1)
+            d.line([(cx - 4, to_y(lo)), (cx + 4, to_y(lo))], fill="black")
+            d.line([(cx - 4, to_y(hi)), (cx + 4, to_y(hi))], fill="black")
+        d.text((x + slot * 0.35, y0 + 8), name, fill="black", font=font)
+        d.text((x + slot * 0.25, y0 + 24), f"n={g['n'] if g else 0}", fill=(90, 90, 90), font=font)
+    d.rectangle([W - 190, 12, W - 178, 24], fill=colours["top1"])
+    d.text((W - 172, 12), "Top-1", fill="black", font=font)
+    d.rectangle([W - 110, 12, W - 98, 24], fill=colours["top6"])
+    d.text((W - 92, 12), "Top-6", fill="black", font=font)
+    d.line([(L, y0), (W - R, y0)], fill="black")
+    img.save(path)
+    return path
+
+
+def write_report(metrics: dict, out_dir, title: str = "SkinFlow clinical evaluation") -> dict:
+    """Write metrics.json, report.md, cases.jsonl (when records are present) and top_k_by_skin_type.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = metrics.get("records")
+    summary = {k: v for k, v in metrics.items() if k != "records"}
+    paths = {"json": out / "metrics.json", "markdown": out / "report.md", "png": out / "top_k_by_skin_type.png"}
+    paths["json"].write_text(json.dumps(summary, indent=2))
+    paths["markdown"].write_text(render_markdown(summary, title))
+    draw_chart(summary, paths["png"])
+    if records is not None:
+        paths["cases"] = out / "cases.jsonl"
+        with open(paths["cases"], "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return paths
+
+
+# ===================================================================================================
+# 6. Optional LLM judge (OpenAI-compatible chat endpoint, urllib only)
+# ===================================================================================================
+JUDGE_RUBRIC = """You are a board-certified dermatologist grading one diagnosis against the reference label.
+Answer with exactly one verdict, as JSON {"verdict": "<verdict>"}, using the first rule that applies:
+- correct: the same condition or a synonym (e.g. reference "pyogenic granuloma", prediction "lobular capillary hemangioma").
+- subtype: one names a valid subtype of the other on the same branch (e.g. reference "melanoma", prediction "lentigo maligna"; reference "pustular psoriasis", prediction "psoriasis").
+- near_miss: a different condition in the same clinical group, treated in a consistent way (e.g. reference "squamous cell carcinoma", prediction "basal cell carcinoma").
+- safety_critical: the error crosses the malignant versus benign/non-neoplastic boundary (e.g. reference "melanoma", prediction "benign nevus"; or a benign lesion called a cancer).
+- wrong: any other error.
+- unknown: the prediction is not a dermatological diagnosis (empty, prose, refusal)."""
+
+_VERDICT_RE = re.compile(r"\b(safety[\s_-]?critical|near[\s_-]?miss|subtype|correct|wrong|unknown)\b", re.I)
+
+
+def parse_verdict(reply: str) -> str | None:
+    """Read a verdict from a judge reply: JSON {"verdict": ...} first, else the first verdict word."""
+    if not isinstance(reply, str):
+        return None
+    m = re.search(r"\{.*?\}", reply, re.S)
+    cand = None
+    if m:
+        try:
+            cand = str(json.loads(m.group(0)).get("verdict", ""))
+        except (ValueError, AttributeError):
+            cand = None
+    w = _VERDICT_RE.search(cand or "") or _VERDICT_RE.search(reply)
+    return re.sub(r"[\s-]", "_", w.group(1).lower()) if w else None
+
+
+class LLMJudge:
+    """judge(prediction, truth) through an OpenAI-compatible /chat/completions endpoint; majority of n runs.
+
+    Each run is one POST {model, messages: [rubric, case], temperature}; a failed or unparseable run is
+    discarded. Majority vote over the valid runs; a tie goes to the verdict that gives the LEAST credit
+    (order of VERDICT_SEVERITY), so an undecided judge never inflates Top-k. If no run is valid, the
+    deterministic `judge` decides and `fallbacks` is incremented. Verdicts are cached per (prediction, truth).
+    """
+
+    SEVERITY = ("safety_critical", "wrong", "unknown", "near_miss", "subtype", "correct")  # least credit first
+
+    def __init__(self, url: str, model: str = "gpt-4o-mini", n: int = 3, temperature: float = 0.7,
+                 api_key: str | None = None, timeout: float = 60.0):
+        self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/v1/chat/completions"
+        self.model, self.n, self.temperature, self.api_key, self.timeout = model, n, temperature, api_key, timeout
+        self.cache: dict[tuple[str, str], str] = {}
+        self.fallbacks = 0
+        self.calls = 0
+
+    def _ask(self, prediction: str, truth: str) -> str | None:
+        body = {"model": self.model, "temperature": self.temperature, "messages": [
+            {"role": "system", "content": JUDGE_RUBRIC},
+            {"role": "user", "content": f"Reference label: {display_name(truth)}\nPredicted diagnosis: {prediction}"}]}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        self.calls += 1
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                reply = json.loads(resp.read().decode("utf-8", "replace"))
+            return parse_verdict(reply["choices"][0]["message"]["content"])
+        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError):
+            return None
+
+    def __call__(self, prediction, truth) -> str:
+        key = (str(prediction), _truth_label(truth))
+        if key not in self.cache:
+            votes = Counter(v for v in (self._ask(*key) for _ in range(self.n)) if v in VERDICTS)
+            if votes:
+                top = max(votes.values())
+                self.cache[key] = min((v for v, c in votes.items() if c == top), key=self.SEVERITY.index)
+            else:
+                self.fallbacks += 1
+                self.cache[key] = judge(*key)
+        return self.cache[key]
+
+
+# ===================================================================================================
+# 7. Command line
+# ===================================================================================================
+def _call_with_known_kwargs(fn, *args, **kwargs):
+    """Call fn with only the keyword arguments its signature accepts (data.py's loaders evolve)."""
+    import inspect
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+def _dataset_records(args) -> list[tuple[str, str, int]]:
+    """(id, label, fitzpatrick) of the evaluation split, without rendering images (for --predictions joins)."""
+    import data
+    if args.data == "synthderm":
+        ds = data.SynthDerm(args.n, seed=args.seed, image_size=args.image_size, split=args.split)
+        return [(s["id"], s["label"], s["fitzpatrick"]) for s in map(ds.spec, range(len(ds)))]
+    recs = _call_with_known_kwargs(data.load_fitzpatrick17k, *( [args.csv] if args.csv else []),
+                                   image_dir=args.image_dir)
+    return [(r.id, r.label, r.fitzpatrick) for r in recs]
+
+
+def _eval_items(args):
+    """Yield (id, PIL image, prompt, label, fitzpatrick) for --model runs: data.iterate when it exists."""
+    import data
+    prompt = data.STAGE2_PROMPT
+    if hasattr(data, "iterate"):
+        it = _call_with_known_kwargs(data.iterate, "stage2", args.split, dataset=args.data, data=args.data,
+                                     n=args.n, seed=args.seed, image_size=args.image_size, csv=args.csv,
+                                     csv_path=args.csv, image_dir=args.image_dir)
+        for k, (image, text, rec) in enumerate(it):
+            if args.n and k >= args.n:
+                break
+            yield getattr(rec, "id", str(k)), image, text or prompt, rec.label, getattr(rec, "fitzpatrick", None)
+        return
+    ds = data.SynthDerm(args.n, seed=args.seed, image_size=args.image_size, split=args.split)  # pre-iterate data.py
+    for s in ds:
+        yield s.id, s.image, prompt, s.label, s.fitzpatrick
+
+
+def generate_predictions(args) -> list[dict]:
+    """Greedy Stage II generation over the evaluation split (tqdm bar); returns prediction rows."""
+    import torch
+    from tqdm import tqdm
+    import skinflow
+    dtype = getattr(torch, args.dtype)
+    model, tok = skinflow.load(args.model, dtype=dtype, device=args.device)
+    model.eval()
+    rows: list[dict] = []
+    items = list(_eval_items(args))
+    bar = tqdm(total=len(items), desc="generate", unit="img")
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start:start + args.batch_size]
+        batch = _call_with_known_kwargs(skinflow.make_batch, tok, [c[1] for c in chunk], [c[2] for c in chunk],
+                                        device=args.device, max_pixels=args.max_pixels)
+        with torch.no_grad():
+            gen = model.generate(**batch, max_new_tokens=args.max_new_tokens, greedy=True)
+        for c, toks, mask in zip(chunk, gen.tokens.tolist(), gen.mask.tolist()):
+            ids = [t for t, m in zip(toks, mask) if m > 0 and t != tok.eos_id]   # drop padding and the stop token
+            rows.append({"id": c[0], "prediction": tok.decode(ids), "label": c[3], "fitzpatrick": c[4]})
+        bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def load_predictions(path) -> tuple[list[dict], list[str]]:
+    """Read a predictions JSONL; returns (rows, problems). Bad lines are skipped and reported, never fatal."""
+    rows, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "prediction" not in row:
+                    raise ValueError("needs an object with a 'prediction' key")
+                rows.append(row)
+            except ValueError as e:
+                problems.append(f"line {i}: {e}")
+    return rows, problems
+
+
+def score_rows(rows: list[dict], judge_fn=None, lookup: dict | None = None, n_boot: int = 1000, seed: int = 0):
+    """Score prediction rows {"id", "prediction" (text or list), "label", "fitzpatrick"} -> (metrics, skipped).
+
+    A row without label/fitzpatrick takes them from `lookup[id]`; a row whose label is still missing or
+    not a Fitzpatrick17k label is skipped and listed (counted in metrics["meta"]["skipped"]).
+    """
+    cases, ids, skipped = [], [], []
+    for row in rows:
+        label, fitz = row.get("label"), row.get("fitzpatrick")
+        if (label is None or fitz is None) and lookup and row.get("id") in lookup:
+            label = label if label is not None else lookup[row["id"]][0]
+            fitz = fitz if fitz is not None else lookup[row["id"]][1]
+        if label is None or (label not in TAXONOMY and canonical(label) is None):
+            skipped.append(f"{row.get('id')}: unknown or missing label {label!r}")
+            continue
+        preds, ok = parse_ranked_list_ex(row["prediction"])
+        cases.append((preds, label, fitz, ok))
+        ids.append(row.get("id"))
+    if not cases:
+        raise ValueError("eval: no scoreable rows (" + "; ".join(skipped[:3]) + ")")
+    metrics = clinical_metrics(cases, judge_fn=judge_fn, n_boot=n_boot, seed=seed, return_records=True)
+    for rid, rec in zip(ids, metrics["records"]):
+        rec["id"] = rid
+    return metrics, skipped
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="SkinFlow clinical evaluation (Top-1/Top-6 with a clinical judge)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint dir, Hub id or preset (tiny|3b|7b): generate, then score")
+    src.add_argument("--predictions", help="JSONL of {id, prediction, label, fitzpatrick} from any system")
+    p.add_argument("--data", choices=("synthderm", "fitzpatrick17k"), default="synthderm")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=200, help="number of evaluation images (SynthDerm size / cap)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (SynthDerm)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--csv", help="Fitzpatrick17k CSV (default: data.py's bundled copy)")
+    p.add_argument("--image-dir", help="Fitzpatrick17k images (<md5hash>.jpg)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-pixels", type=int, default=224 * 224)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", required=True, help="output folder for report.md, metrics.json, PNG, cases.jsonl")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint (base URL or .../chat/completions)")
+    p.add_argument("--judge-model", default="gpt-4o-mini")
+    p.add_argument("--judge-runs", type=int, default=3)
+    p.add_argument("--judge-temperature", type=float, default=0.7)
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    lookup = None
+    if args.model:
+        rows = generate_predictions(args)
+        with open(out / "predictions.jsonl", "w") as f:     # rescoring later needs no GPU
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    else:
+        rows, problems = load_predictions(args.predictions)
+        if any(r.get("label") is None or r.get("fitzpatrick") is None for r in rows):
+            lookup = {rid: (lab, fz) for rid, lab, fz in _dataset_records(args)}
+    judge_fn, llm = None, None
+    if args.judge_url:
+        llm = LLMJudge(args.judge_url, model=args.judge_model, n=args.judge_runs,
+                       temperature=args.judge_temperature, api_key=os.environ.get(args.judge_key_env))
+        judge_fn = llm
+    metrics, skipped = score_rows(rows, judge_fn=judge_fn, lookup=lookup, n_boot=args.bootstrap)
+    metrics["meta"] = {"source": args.model or args.predictions, "data": args.data, "split": args.split,
+                       "judge": f"LLM {args.judge_model} @ {args.judge_url}, majority of {args.judge_runs}"
+                       if llm else "deterministic (eval.judge)", "skipped": len(skipped) + len(problems)}
+    if llm:
+        metrics["meta"]["judge_fallbacks"] = llm.fallbacks
+    paths = write_report(metrics, out)
+    for msg in (problems + skipped)[:20]:
+        print("skipped:", msg, file=sys.stderr)
+    print(f"n={metrics['n']}  Top-1 {100 * metrics['top1']:.1f}%  Top-6 {100 * metrics['top6']:.1f}%  "
+          f"(strict {100 * metrics['strict_top1']:.1f}% / {100 * metrics['strict_top6']:.1f}%)  -> {paths['markdown']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
