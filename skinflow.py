@@ -1,13 +1,39 @@
 """skinflow.py: the Qwen2.5-VL backbone of SkinFlow (arXiv 2601.09136), written from scratch.
 
-Under construction: the backbone (config, image processor, vision tower, decoder, tokenizer, loader,
-generation) lands here next. What is final already is `build_extension`, the one place that compiles
-the custom kernels in csrc/ for dve.py and rl.py.
+SkinFlow (paper Sec. 3) starts from Qwen2.5-VL-3B/7B-Instruct, swaps some vision MLP layers for the
+dynamic vision encoder (dve.py, Sec. 3.2) and trains with two-stage GRPO (rl.py, Sec. 3.3). This file is
+the foundation everything else stands on, in raw PyTorch (no `transformers` at run time):
+
+  1. `Config` / `VisionConfig`   the Hub config.json (flat Hub file or nested transformers-5.x file), presets
+  2. `preprocess_image`          smart_resize + bicubic + CLIP normalisation + 2x2-block-major patches
+  3. `VisionTower`               Conv3d patch embed (as a matmul), 2-D RoPE, window attention, PatchMerger
+  4. `TextModel`                 Qwen2 decoder: GQA with q/k/v bias, M-RoPE (3-D positions), RMSNorm, SwiGLU
+  5. `VLM`                       the two glued together: forward, KV-cache generation, Hub loading/saving
+  6. `Tokenizer`                 byte-level BPE from tokenizer.json (pure Python) + the Qwen chat template
+  7. `load` + CLI                `python skinflow.py --preset tiny --image x.jpg --prompt "..."`
+
+Every part is checked against an independent oracle in test_skinflow.py (transformers' Qwen2.5-VL for
+logits and pixels, HF `tokenizers` for token ids). Shapes use: B batch, T tokens, D width, H heads,
+Hk key/value heads, d head width, N vision patches, M merged vision tokens (= N / 4).
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import math
 import os
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,3 +89,1429 @@ def build_extension(name: str, verbose: bool = False):
             module = None
     _EXTENSIONS[name] = module
     return module
+
+# ===================================================================================================
+# 1. Configuration
+#
+# A Hub config.json comes in two shapes. The official Qwen2.5-VL files are FLAT: the text fields sit at
+# the top level next to "vision_config", and M-RoPE is described by rope_scaling={"type":"mrope",...}.
+# transformers 5.x writes a NESTED file: the text fields move into "text_config" and rope_scaling becomes
+# rope_parameters={"rope_theta":..., "mrope_section":[...]}. We read both, and always write the flat shape
+# (it is what the Hub repos contain, and transformers reads it too).
+# ===================================================================================================
+@dataclass
+class VisionConfig:
+    """The ViT (vision tower) hyper-parameters. Defaults are Qwen2.5-VL-3B/7B's (only out_hidden_size differs)."""
+
+    depth: int = 32                      # number of ViT blocks
+    hidden_size: int = 1280              # ViT width
+    num_heads: int = 16                  # ViT head width = 1280 / 16 = 80
+    intermediate_size: int = 3420        # SwiGLU hidden width
+    patch_size: int = 14                 # a patch is 14 x 14 pixels
+    temporal_patch_size: int = 2         # a still image is repeated to 2 frames
+    spatial_merge_size: int = 2          # 2 x 2 patches -> one LLM token
+    window_size: int = 112               # window edge in PIXELS (112 px = 8 patches = 4 merged tokens)
+    fullatt_block_indexes: tuple = (7, 15, 23, 31)   # blocks with whole-image attention
+    in_channels: int = 3
+    out_hidden_size: int = 2048          # = the LLM width (3B: 2048, 7B: 3584)
+    rope_theta: float = 10000.0          # not in the Hub file; hard-coded in the reference
+    tokens_per_second: int = 2           # video only; kept so configs round-trip
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# Qwen2/2.5 special tokens in their canonical order; in the real vocab they have ids 151643.. 151664.
+# The tiny tokenizer appends them in the same order after its own BPE vocab.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+QWEN_ADDED_TOKENS = (  # "added" but not "special" in Qwen's tokenizer.json (still split out before BPE)
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+)
+TINY_BPE_SIZE = 744          # byte-level BPE entries of the tiny tokenizer: 256 bytes + 488 merges
+TINY_VOCAB_SIZE = 768        # embedding rows: 744 BPE + 22 Qwen specials + 2 alignment rows (like Qwen's padding)
+
+
+def _special_id(first_id: int, token: str) -> int:
+    """Id of a Qwen special token when the specials start at `first_id` (151643 in the real vocab)."""
+    return first_id + (QWEN_SPECIAL_TOKENS + QWEN_ADDED_TOKENS).index(token)
+
+
+@dataclass
+class Config:
+    """Text-decoder hyper-parameters + special token ids + the nested `vision` config.
+
+    Defaults are Qwen2.5-VL-3B-Instruct's. `dve` is SkinFlow's own section (dve.apply_dve records it), so a
+    checkpoint with FDLinear layers rebuilds them before its weights are loaded.
+    """
+
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple = (16, 24, 24)   # frequency pairs driven by the (t, h, w) axes; sums to head_dim / 2
+    max_position_embeddings: int = 128000
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645            # <|im_end|>: generation stops here
+    pad_token_id: int = 151643            # <|endoftext|>
+    image_token_id: int = 151655          # <|image_pad|>
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    dve: dict | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    # ----------------------------------------------------------------------------------- parsing
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Build from a Hub config dict, flat (Hub repos) or nested (transformers 5.x `text_config`)."""
+        text = dict(d.get("text_config") or {})
+        # nested files keep the token ids partly at top level, partly in text_config: merge, nested wins
+        top = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
+        t = {**top, **text}
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        section = rope.get("mrope_section")
+        if section is None:
+            raise ValueError("config.json has no mrope_section (in rope_scaling or rope_parameters): "
+                             "this does not look like a Qwen2.5-VL config")
+        theta = t.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
+        eos = t.get("eos_token_id", 151645)
+        if isinstance(eos, list):  # generation configs list several stop ids; the chat stop is <|im_end|>
+            eos = eos[0]
+        v = dict(d.get("vision_config") or {})
+        vrope = v.get("rope_parameters") or {}
+        vis = VisionConfig(
+            depth=v.get("depth", 32), hidden_size=v.get("hidden_size", 1280), num_heads=v.get("num_heads", 16),
+            intermediate_size=v.get("intermediate_size", 3420), patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
+            temporal_patch_size=v.get("temporal_patch_size", 2), spatial_merge_size=v.get("spatial_merge_size", 2),
+            window_size=v.get("window_size", 112), fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            in_channels=v.get("in_channels", v.get("in_chans", 3)), out_hidden_size=v.get("out_hidden_size", t["hidden_size"]),
+            rope_theta=float(vrope.get("rope_theta", 10000.0)), tokens_per_second=v.get("tokens_per_second", 2),
+        )
+        # tie_word_embeddings: top level in 5.x, inside text_config in some older saves
+        tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        return cls(
+            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+            num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+            num_key_value_heads=t.get("num_key_value_heads", t["num_attention_heads"]),
+            rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), mrope_section=tuple(section),
+            max_position_embeddings=t.get("max_position_embeddings", 128000), tie_word_embeddings=bool(tie),
+            bos_token_id=t.get("bos_token_id", 151643), eos_token_id=eos, pad_token_id=t.get("pad_token_id") if t.get("pad_token_id") is not None else t.get("bos_token_id", 151643),
+            image_token_id=t.get("image_token_id", 151655), video_token_id=t.get("video_token_id", 151656),
+            vision_start_token_id=t.get("vision_start_token_id", 151652), vision_end_token_id=t.get("vision_end_token_id", 151653),
+            vision=vis, dve=d.get("dve"),
+        )
+
+    @classmethod
+    def from_file(cls, path) -> "Config":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        """The flat Hub layout (what Qwen/Qwen2.5-VL-*-Instruct/config.json looks like)."""
+        v = self.vision
+        d = {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": {"type": "mrope", "mrope_section": list(self.mrope_section)},
+            "max_position_embeddings": self.max_position_embeddings, "tie_word_embeddings": self.tie_word_embeddings,
+            "use_sliding_window": False, "attention_dropout": 0.0,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
+            "vision_config": {
+                "depth": v.depth, "hidden_size": v.hidden_size, "num_heads": v.num_heads, "hidden_act": "silu",
+                "intermediate_size": v.intermediate_size, "patch_size": v.patch_size, "in_chans": v.in_channels,
+                "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+                "window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "out_hidden_size": v.out_hidden_size, "tokens_per_second": v.tokens_per_second,
+            },
+        }
+        if self.dve is not None:
+            d["dve"] = self.dve
+        return d
+
+    # ----------------------------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str) -> "Config":
+        """"tiny" (random init, CPU in seconds), "3b" / "7b" (the Qwen2.5-VL-*-Instruct shapes).
+
+        tiny: ViT depth 4, width 64, 2 heads, window 56 px (2x2 merged tokens), full attention in blocks 1, 3;
+        decoder 4 layers, width 128, 4 heads / 2 kv heads (head_dim 32, mrope_section 4+6+6 = 16), SwiGLU 256;
+        vocab 768 from the project's own tiny tokenizer (`Tokenizer.tiny()`), head tied like the 3B.
+        A 112 x 112 image is 8 x 8 patches -> 16 merged tokens -> 4 windows.
+        """
+        name = name.lower()
+        if name in ("3b", "qwen/qwen2.5-vl-3b-instruct"):
+            return cls()  # the defaults are the 3B's
+        if name in ("7b", "qwen/qwen2.5-vl-7b-instruct"):
+            return cls(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+                       vision=VisionConfig(out_hidden_size=3584))
+        if name == "tiny":
+            s = lambda tok: _special_id(TINY_BPE_SIZE, tok)  # noqa: E731 - ids follow the tiny BPE vocab
+            return cls(vocab_size=TINY_VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6),
+                       max_position_embeddings=4096, tie_word_embeddings=True,
+                       bos_token_id=s("<|endoftext|>"), eos_token_id=s("<|im_end|>"), pad_token_id=s("<|endoftext|>"),
+                       image_token_id=s("<|image_pad|>"), video_token_id=s("<|video_pad|>"),
+                       vision_start_token_id=s("<|vision_start|>"), vision_end_token_id=s("<|vision_end|>"),
+                       vision=VisionConfig(depth=4, hidden_size=64, num_heads=2, intermediate_size=128,
+                                           window_size=56, fullatt_block_indexes=(1, 3), out_hidden_size=128))
+        raise ValueError(f"unknown preset {name!r}: use 'tiny', '3b' or '7b'")
+
+
+HUB_IDS = {"3b": "Qwen/Qwen2.5-VL-3B-Instruct", "7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
+
+
+# ===================================================================================================
+# 2. Image preprocessing (the Qwen2-VL image processor, PIL backend)
+# ===================================================================================================
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_PIXELS = 4 * 28 * 28        # 3136: at least 4 LLM tokens (the Hub preprocessor_config value)
+MAX_PIXELS = 1280 * 28 * 28     # 1,003,520: at most 1280 LLM tokens. The Hub file says 16384*28*28 (12.8 Mpx),
+                                # which lets one photo cost 16k tokens; we pick the processor-class default.
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """Pick (h', w'), both multiples of `factor` (= patch 14 x merge 2), close to (h, w) in aspect ratio:
+
+        h' = round(h / F) F,  w' = round(w / F) F                              (Python round: ties to even)
+        if h' w' > max:  b = sqrt(h w / max);  h' = max(F, floor(h / b / F) F);  w' likewise
+        if h' w' < min:  b = sqrt(min / (h w)); h' = ceil(h b / F) F;            w' likewise
+    """
+    if min(height, width) < 1:
+        raise ValueError(f"image has an empty side: {height} x {width}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} is above 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def preprocess_image(image, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                     patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2):
+    """PIL image -> (pixel_values float32 [N, 3*2*14*14 = 1176], grid_thw (1, gh, gw)), N = gh*gw patches.
+
+    x = (bicubic_resize(img) / 255 - mean_c) / std_c  (CLIP mean/std), then cut into 14x14 patches listed in
+    2x2-block-major order (merge blocks in raster order, the 4 patches of a block in raster order) so that
+    4 consecutive rows form one LLM token. Each row is flattened in (C, T, ph, pw) order with the still image
+    repeated over T = 2 frames (what the video-capable Conv3d expects). Bit-exact with transformers'
+    Qwen2VLImageProcessorPil (same float64 rescale then float32 normalisation).
+    """
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"preprocess_image wants a PIL.Image.Image, got {type(image).__name__}")
+    image = image.convert("RGB")  # drops alpha like the reference (no compositing onto white)
+    factor = patch_size * merge_size
+    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    if (w, h) != image.size:
+        image = image.resize((w, h), resample=Image.BICUBIC)
+    arr = np.asarray(image).transpose(2, 0, 1)                        # [3, h, w] uint8
+    arr = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)     # rescale in float64, store float32
+    mean = np.array(CLIP_MEAN, dtype=np.float32)[:, None, None]
+    std = np.array(CLIP_STD, dtype=np.float32)[:, None, None]
+    arr = (arr - mean) / std                                          # [3, h, w] float32
+    gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
+    x = arr.reshape(3, gh // m, m, p, gw // m, m, p)                  # [C, bh, mh, ph, bw, mw, pw]
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)                              # [bh, bw, mh, mw, C, ph, pw]
+    x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (temporal_patch_size,) + x.shape[5:])
+    x = np.ascontiguousarray(x).reshape(gh * gw, 3 * temporal_patch_size * p * p)  # [N, 1176]
+    return torch.from_numpy(x), (1, gh, gw)
+
+
+# ===================================================================================================
+# 3. Shared building blocks
+# ===================================================================================================
+class RMSNorm(nn.Module):
+    """RMSNorm(x) = w * x / sqrt(mean(x^2) + eps).
+
+    The statistics are taken in float32 and the normalised x is cast back to the input dtype BEFORE the
+    multiplication by w (the reference's order; it matters for bf16 parity).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """rotate_half([a, b]) = [-b, a] over the last dim: pairs dim j with dim j + d/2 (the "NeoX" RoPE layout)."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: x' = x * cos(theta) + rotate_half(x) * sin(theta), i.e. each pair (x_j, x_{j+d/2}) is rotated by
+    the angle theta_j = position * inv_freq_j (inv_freq_j = base^(-2j/d))."""
+    return x * cos + rotate_half(x) * sin
+
+
+class SwiGLU(nn.Module):
+    """MLP(x) = down( silu(gate(x)) * up(x) ),  silu(z) = z * sigmoid(z).
+
+    `cu_seqlens` is forwarded to linears that ask for it (`takes_cu_seqlens`): this is the hook where
+    dve.FDLinear (paper Sec. 3.2) computes per-image frequency gates.
+    """
+
+    def __init__(self, dim: int, hidden: int, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    @staticmethod
+    def _call(layer, x, cu_seqlens):
+        if cu_seqlens is not None and getattr(layer, "takes_cu_seqlens", False):
+            return layer(x, cu_seqlens)
+        return layer(x)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        g = self._call(self.gate_proj, x, cu_seqlens)
+        u = self._call(self.up_proj, x, cu_seqlens)
+        return self._call(self.down_proj, F.silu(g) * u, cu_seqlens)
+
+
+def _sdpa_gqa(q, k, v, mask):
+    """softmax(q k^T / sqrt(d) + mask) v with Hk < H key/value heads shared by H/Hk query heads (GQA).
+
+    q [B, H, Tq, d]; k, v [B, Hk, Tk, d]; mask bool [B, 1, Tq, Tk] (True = may attend) or None.
+    """
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        try:  # torch >= 2.5 broadcasts the kv heads inside the kernel (no copy of the cache)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        except TypeError:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# ===================================================================================================
+# 4. Vision tower (Qwen2.5-VL ViT, paper Sec. 3.1's frozen encoder before DVE)
+# ===================================================================================================
+class VisionPlan:
+    """Everything about the image GEOMETRY that the 32 ViT blocks share, computed once per batch of images.
+
+    * window_index [M]: a permutation of the merged tokens that lists them window by window. Windows tile
+      each image's merged grid (lh x lw, lh = gh/2) in raster order with edge ws = window_size/patch/merge
+      (4 for Qwen2.5-VL); edge windows are simply smaller; inside a window tokens stay in raster order.
+    * segments for attention: in window blocks one segment per window, in full blocks one per image
+      (attention NEVER crosses images). Both are stored as a padded gather plan (see `_SegmentBatch`).
+    * cu_seqlens [n_img + 1] int32: per-image cumulative patch counts (the DVE hook's argument). Valid in the
+      window order too, because the permutation never moves a patch out of its image's contiguous range.
+    * rotary cos/sin [N, d] in float32, permuted like the patches.
+    """
+
+    def __init__(self, grid_thw: torch.Tensor, vcfg: VisionConfig, device):
+        m = vcfg.spatial_merge_size
+        ws = vcfg.window_size // m // vcfg.patch_size          # window edge in merged tokens
+        unit = m * m                                            # patches per merged token
+        win_index, win_sizes, img_sizes, rows, cols = [], [], [], [], []
+        offset = 0
+        for t, gh, gw in grid_thw.tolist():
+            lh, lw = gh // m, gw // m
+            r = torch.arange(lh).view(-1, 1).expand(lh, lw)               # [lh, lw] merged row
+            c = torch.arange(lw).view(1, -1).expand(lh, lw)               # [lh, lw] merged col
+            nwc = -(-lw // ws)                                            # windows per row (ceil)
+            wid = (r // ws) * nwc + (c // ws)                             # [lh, lw] window id of each token
+            # stable order by (window id, raster position) == window by window, raster inside
+            order = torch.argsort((wid * (lh * lw) + r * lw + c).flatten())          # [lh*lw]
+            counts = torch.bincount(wid.flatten(), minlength=int(wid.max()) + 1)     # tokens per window
+            for f in range(t):  # every frame of a video is windowed the same way (t = 1 for stills)
+                win_index.append(order + offset + f * lh * lw)
+                win_sizes.append(counts * unit)
+            offset += t * lh * lw
+            img_sizes.append(t * gh * gw)
+            # (row, col) of each PATCH in 2x2-block-major order, the order preprocess_image emits
+            rr = torch.arange(gh).view(lh, 1, m, 1).expand(lh, lw, m, m).flatten()    # [gh*gw]
+            cc = torch.arange(gw).view(1, lw, 1, m).expand(lh, lw, m, m).flatten()    # [gh*gw]
+            rows.append(rr.repeat(t))
+            cols.append(cc.repeat(t))
+        self.window_index = torch.cat(win_index).to(device)                    # [M]
+        self.reverse_index = torch.argsort(self.window_index)                  # [M] undoes the permutation
+        # per-patch permutation: the 4 patches of a merged token move together and keep their order
+        patch_perm = (self.window_index.view(-1, 1) * unit + torch.arange(unit, device=device)).flatten()  # [N]
+        self.patch_perm = patch_perm
+        img_sizes_t = torch.tensor(img_sizes)
+        self.cu_seqlens = F.pad(img_sizes_t.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)  # [n_img+1]
+        frame_sizes = torch.cat([torch.full((t,), gh * gw) for t, gh, gw in grid_thw.tolist()])
+        self.full = _SegmentBatch(frame_sizes, device)                          # one segment per frame
+        self.window = _SegmentBatch(torch.cat(win_sizes), device)               # one segment per window
+        # 2-D RoPE angles: head dim d = 80 -> d/4 = 20 frequencies per axis, theta = base^(-2j/(d/2))
+        d = vcfg.head_dim
+        inv = 1.0 / (vcfg.rope_theta ** (torch.arange(0, d // 2, 2, dtype=torch.float32) / (d // 2)))  # [d/4]
+        pos_r = torch.cat(rows).float()[patch_perm.cpu()]
+        pos_c = torch.cat(cols).float()[patch_perm.cpu()]
+        ang = torch.cat([pos_r[:, None] * inv, pos_c[:, None] * inv], dim=-1)  # [N, d/2]: rows then cols
+        ang = torch.cat([ang, ang], dim=-1).to(device)                        # [N, d]
+        self.cos, self.sin = ang.cos(), ang.sin()                              # float32 [N, d]
+
+
+class _SegmentBatch:
+    """Variable-length, bidirectional attention over contiguous segments WITHOUT a Python loop per segment.
+
+    Choice (issue 2 asks to explain it): the segments are gathered into a padded batch [S, Lmax] and run
+    through ONE scaled_dot_product_attention call with a key-padding mask. At the 3B scale almost every window
+    is full (64 patches), so padding costs little, and memory is S * Lmax^2 (not N^2 as a block-diagonal
+    [N, N] mask would be: 65k patches for a 12-Mpx photo would need a 4-billion-entry mask). Padded query
+    rows still see their segment's real keys, so no row is fully masked (no NaNs); they are dropped after.
+    When all segments have the same length (one image in a full-attention block) no mask is needed at all.
+    """
+
+    def __init__(self, lengths: torch.Tensor, device):
+        lengths = lengths.long()
+        self.n, self.lmax = len(lengths), int(lengths.max())
+        starts = F.pad(lengths.cumsum(0), (1, 0))[:-1]                                    # [S]
+        slot = torch.arange(self.lmax).view(1, -1)                                        # [1, Lmax]
+        valid = slot < lengths.view(-1, 1)                                                # [S, Lmax]
+        gather = torch.where(valid, starts.view(-1, 1) + slot, torch.zeros_like(slot))    # [S, Lmax] (pad -> row 0)
+        self.uniform = bool(valid.all())
+        self.gather = gather.flatten().to(device)                                          # [S*Lmax]
+        self.valid = valid.flatten().to(device)                                            # [S*Lmax]
+        self.mask = None if self.uniform else valid.view(self.n, 1, 1, self.lmax).to(device)  # [S, 1, 1, Lmax]
+
+    def attend(self, q, k, v):
+        """q, k, v [N, H, d] (segments contiguous along N) -> [N, H, d]; softmax(q k^T/sqrt(d)) v per segment."""
+        H, d = q.shape[1], q.shape[2]
+        def pack(x):  # [N, H, d] -> [S, H, Lmax, d]
+            return x[self.gather].view(self.n, self.lmax, H, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(pack(q), pack(k), pack(v), attn_mask=self.mask)  # [S, H, Lmax, d]
+        o = o.transpose(1, 2).reshape(self.n * self.lmax, H, d)                            # [S*Lmax, H, d]
+        return o if self.uniform else o[self.valid]                                         # [N, H, d]
+
+
+class VisionAttention(nn.Module):
+    """Multi-head self-attention of a ViT block: fused qkv (with bias), 2-D RoPE on q and k in float32."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)    # rows: [q | k | v], head h owns rows h*d..h*d+d-1
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x, plan: VisionPlan, segments: _SegmentBatch):
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.heads, -1).unbind(1)                 # 3 x [N, H, d]
+        cos, sin = plan.cos[:, None], plan.sin[:, None]                            # [N, 1, d] float32
+        q = apply_rope(q.float(), cos, sin).to(x.dtype)                            # RoPE in fp32, like the reference
+        k = apply_rope(k.float(), cos, sin).to(x.dtype)
+        o = segments.attend(q, k, v)                                               # [N, H, d]
+        return self.proj(o.reshape(N, D))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm ViT block: x += Attn(RMSNorm1(x)); x += SwiGLU(RMSNorm2(x)) (all vision linears have bias)."""
+
+    def __init__(self, vcfg: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(vcfg.hidden_size, 1e-6)
+        self.norm2 = RMSNorm(vcfg.hidden_size, 1e-6)
+        self.attn = VisionAttention(vcfg.hidden_size, vcfg.num_heads)
+        self.mlp = SwiGLU(vcfg.hidden_size, vcfg.intermediate_size, bias=True)
+
+    def forward(self, x, plan: VisionPlan, segments: _SegmentBatch):
+        x = x + self.attn(self.norm1(x), plan, segments)
+        return x + self.mlp(self.norm2(x), plan.cu_seqlens)
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = (2, 14, 14) and no bias. Each input row is already one (C, T, ph, pw)
+    patch, so the convolution is a plain matmul: y = x [N, 1176] @ W.reshape(D, 1176)^T."""
+
+    def __init__(self, vcfg: VisionConfig):
+        super().__init__()
+        p, t = vcfg.patch_size, vcfg.temporal_patch_size
+        self.proj = nn.Conv3d(vcfg.in_channels, vcfg.hidden_size, (t, p, p), stride=(t, p, p), bias=False)
+
+    def forward(self, x):
+        w = self.proj.weight                                      # [D, C, T, p, p]
+        return F.linear(x.to(w.dtype), w.reshape(w.shape[0], -1))  # [N, D]
+
+
+class PatchMerger(nn.Module):
+    """y = Linear2( GELU( Linear1( concat of 4 RMSNorm'd patch rows ) ) ): [N, Dv] -> [N/4, D_llm].
+    GELU is the exact erf form: gelu(z) = z * Phi(z)."""
+
+    def __init__(self, vcfg: VisionConfig):
+        super().__init__()
+        unit = vcfg.spatial_merge_size ** 2
+        self.ln_q = RMSNorm(vcfg.hidden_size, 1e-6)
+        self.mlp = nn.Sequential(nn.Linear(vcfg.hidden_size * unit, vcfg.hidden_size * unit), nn.GELU(),
+                                 nn.Linear(vcfg.hidden_size * unit, vcfg.out_hidden_size))
+        self.unit = unit
+
+    def forward(self, x):
+        x = self.ln_q(x)                                     # [N, Dv]
+        return self.mlp(x.reshape(-1, x.shape[-1] * self.unit))  # [M, D_llm]
+
+
+class VisionTower(nn.Module):
+    """pixel rows [N, 1176] -> merged image tokens [M, D_llm] in the `<|image_pad|>` order (block raster).
+
+    Steps: patch embed -> permute patches window by window -> depth x VisionBlock (window attention, except
+    whole-image attention in fullatt_block_indexes) -> PatchMerger -> undo the window permutation.
+    """
+
+    def __init__(self, vcfg: VisionConfig):
+        super().__init__()
+        self.cfg = vcfg
+        self.patch_embed = PatchEmbed(vcfg)
+        self.blocks = nn.ModuleList([VisionBlock(vcfg) for _ in range(vcfg.depth)])
+        self.merger = PatchMerger(vcfg)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        grid_thw = torch.as_tensor(grid_thw).view(-1, 3)
+        n_expected = int((grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).sum())
+        if pixel_values.dim() != 2 or pixel_values.shape[0] != n_expected:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_thw "
+                             f"{grid_thw.tolist()} needs [{n_expected}, 1176]")
+        m = self.cfg.spatial_merge_size
+        if bool(((grid_thw[:, 1:] % m) != 0).any()):
+            raise ValueError(f"image_grid_thw {grid_thw.tolist()}: h and w must be multiples of {m}")
+        plan = VisionPlan(grid_thw, self.cfg, pixel_values.device)
+        x = self.patch_embed(pixel_values)                     # [N, Dv]
+        x = x[plan.patch_perm]                                 # [N, Dv] window order
+        full = set(self.cfg.fullatt_block_indexes)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, plan, plan.full if i in full else plan.window)
+        y = self.merger(x)                                     # [M, D_llm] window order
+        return y[plan.reverse_index]                           # [M, D_llm] block-raster order
+
+
+# ===================================================================================================
+# 5. Text decoder (Qwen2 with M-RoPE)
+# ===================================================================================================
+def mrope_cos_sin(pos3: torch.Tensor, cfg: Config, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE angles. pos3 [3, B, T] holds the (t, h, w) position of every token.
+
+        inv_freq_j = rope_theta^(-2j/d),  j = 0 .. d/2-1
+        theta_j    = pos_axis(j) * inv_freq_j,  axis(j) = t for the first mrope_section[0] frequencies,
+                     h for the next mrope_section[1], w for the last mrope_section[2]   (non-interleaved)
+    Returns cos, sin [B, T, d] (angles duplicated to d for rotate_half), computed in float32 and then cast
+    to the activation dtype like the reference. For text all three axes are equal: plain 1-D RoPE.
+    """
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=pos3.device) / d))  # [d/2]
+    ang = pos3.float()[..., None] * inv                                       # [3, B, T, d/2]
+    axis = torch.repeat_interleave(torch.arange(3, device=pos3.device),
+                                   torch.tensor(cfg.mrope_section, device=pos3.device))  # [d/2] in {0,1,2}
+    ang = ang.gather(0, axis.view(1, 1, 1, -1).expand(1, *ang.shape[1:]))[0]  # [B, T, d/2]
+    ang = torch.cat([ang, ang], dim=-1)                                       # [B, T, d]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention with q/k/v bias and no o bias:
+    o = softmax(q k^T / sqrt(d) + causal/pad mask) v, each kv head shared by H / Hk query heads."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        D, H, Hk, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.H, self.Hk, self.d = H, Hk, d
+        self.q_proj = nn.Linear(D, H * d, bias=True)
+        self.k_proj = nn.Linear(D, Hk * d, bias=True)
+        self.v_proj = nn.Linear(D, Hk * d, bias=True)
+        self.o_proj = nn.Linear(H * d, D, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, write_at=None):
+        """x [B, T, D]; cos/sin [B, T, d]; mask bool [B, 1, T, S].
+
+        cache = (K, V) preallocated [B, Hk, T_max, d]: new keys/values are written at positions `write_at`
+        (LongTensor [T]) and attention runs over the whole cache (invalid slots are masked), so the decode step
+        has fixed shapes (CUDA-graph friendly). Without a cache, attention runs over the T new tokens only.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.d).transpose(1, 2)     # [B, H, T, d]
+        k = self.k_proj(x).view(B, T, self.Hk, self.d).transpose(1, 2)    # [B, Hk, T, d]
+        v = self.v_proj(x).view(B, T, self.Hk, self.d).transpose(1, 2)    # [B, Hk, T, d]
+        c, s = cos[:, None], sin[:, None]                                 # [B, 1, T, d]
+        q, k = apply_rope(q, c, s), apply_rope(k, c, s)
+        if cache is not None:
+            K, V = cache
+            K.index_copy_(2, write_at, k)                                 # in place, no reallocation
+            V.index_copy_(2, write_at, v)
+            if T > 1:  # prefill: the new tokens only see each other (the cache holds nothing else yet)
+                k, v = K[:, :, : T], V[:, :, : T]
+            else:
+                k, v = K, V                                               # [B, Hk, T_max, d]
+        o = _sdpa_gqa(q, k, v, mask)                                      # [B, H, T, d]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))           # [B, T, D]
+
+
+class DecoderLayer(nn.Module):
+    """x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)) (decoder linears in the MLP have no bias)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, write_at=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, write_at)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """embed_tokens -> layers -> final RMSNorm (named like the Hub's `model.*` keys)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def rope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_grid_thw, cfg: Config):
+    """3-D M-RoPE positions pos3 [3, B, T] and the per-sample rope delta [B] (the get_rope_index rules).
+
+    Walk the REAL (unpadded) tokens of each row with a counter p = 0:
+      text token (incl. <|vision_start|>/<|vision_end|>): (t, h, w) = (p, p, p); p += 1
+      image block of lh*lw <|image_pad|> tokens (lh = gh/2, lw = gw/2), merged token (r, c):
+                                                 (t, h, w) = (p, p + r, p + c); then p += max(lh, lw)
+    delta = max(pos) + 1 - n_real, so generated token k (0-based) sits at position n_real + k + delta
+    = max(pos) + 1 + k on all three axes. Images are matched to image blocks in batch-then-sequence order.
+    Pad positions get 0 (they are masked anyway).
+    """
+    B, T = input_ids.shape
+    dev = input_ids.device
+    m = cfg.vision.spatial_merge_size
+    grids = [] if image_grid_thw is None else torch.as_tensor(image_grid_thw).view(-1, 3).tolist()
+    gi = 0
+    pos3 = torch.zeros(3, B, T, dtype=torch.long)
+    deltas = torch.zeros(B, dtype=torch.long)
+    ids_cpu = input_ids.cpu()
+    mask_cpu = None if attention_mask is None else attention_mask.cpu().bool()
+    for b in range(B):
+        real = torch.arange(T) if mask_cpu is None else mask_cpu[b].nonzero().flatten()   # [n_real]
+        ids = ids_cpu[b, real]
+        is_img = (ids == cfg.image_token_id).tolist()
+        chunks, p, i, n = [], 0, 0, len(is_img)
+        while i < n:
+            j = i
+            while j < n and is_img[j] == is_img[i]:
+                j += 1
+            if not is_img[i]:                                              # a text run of j - i tokens
+                chunks.append(torch.arange(p, p + j - i).expand(3, -1))
+                p += j - i
+            else:                                                          # an image block
+                if gi >= len(grids):
+                    raise ValueError("more <|image_pad|> blocks in input_ids than images in image_grid_thw")
+                t, gh, gw = grids[gi]
+                gi += 1
+                lh, lw = gh // m, gw // m
+                if t * lh * lw != j - i:
+                    raise ValueError(f"image {gi - 1} has grid {[t, gh, gw]} -> {t * lh * lw} tokens but the prompt "
+                                     f"holds a block of {j - i} <|image_pad|> tokens")
+                tt = torch.arange(t).view(-1, 1, 1).expand(t, lh, lw).flatten()
+                hh = torch.arange(lh).view(1, -1, 1).expand(t, lh, lw).flatten()
+                ww = torch.arange(lw).view(1, 1, -1).expand(t, lh, lw).flatten()
+                chunks.append(torch.stack([tt, hh, ww]) + p)
+                p += max(lh, lw)
+            i = j
+        if chunks:
+            pos = torch.cat(chunks, dim=1)                                  # [3, n_real]
+            pos3[:, b, real] = pos
+            deltas[b] = int(pos.max()) + 1 - n
+    if gi != len(grids):
+        raise ValueError(f"image_grid_thw lists {len(grids)} images but input_ids hold {gi} image blocks")
+    return pos3.to(dev), deltas.to(dev)
+
+
+# ===================================================================================================
+# 6. The VLM: vision tower + decoder, generation, Hub loading and saving
+# ===================================================================================================
+@dataclass
+class Generation:
+    """What `VLM.generate` returns (GRPO, rl.py, consumes exactly these three).
+
+    tokens   LongTensor [B, L]  completion ids; pad_token_id after the stop token
+    mask     float [B, L]       1 on real completion tokens INCLUDING the stop token, else 0
+    logprobs float32 [B, L]     log softmax(logits / temperature)[chosen token] (0 where mask is 0)
+    logits   float32 [B, L, V]  the raw next-token logits of every step (only if output_logits=True)
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+def causal_mask(attention_mask: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """Bool [B, 1, T, T]: query i may see key j iff j <= i and j is a real token. The diagonal is always
+    allowed so that left-pad query rows are never fully masked (their outputs are garbage but finite)."""
+    idx = torch.arange(T, device=device)
+    m = (idx.view(1, -1) <= idx.view(-1, 1)).expand(B, T, T)             # [B, T, T] causal
+    if attention_mask is not None:
+        m = m & attention_mask.bool().view(B, 1, T)                       # drop pad keys
+        m = m | torch.eye(T, dtype=torch.bool, device=device)             # keep the diagonal
+    return m.view(B, 1, T, T)
+
+
+def _resolve_checkpoint(name_or_path: str) -> Path:
+    """A local directory, or a Hub repo id fetched (json + safetensors only) through the HF cache."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    name = HUB_IDS.get(str(name_or_path).lower(), str(name_or_path))
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as exc:  # offline, unknown repo, no network...: one readable line, no traceback soup
+        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a local directory nor a repo in the Hugging Face cache "
+            f"({type(exc).__name__}: {msg}); download it first with: "
+            f"hf download {name} --include '*.json' '*.safetensors'") from None
+
+
+def _hub_key(key: str) -> str:
+    """Map the newer key layout (transformers >= 4.52 in memory) to the Hub layout that our modules use:
+    model.visual.* -> visual.*, model.language_model.* -> model.*"""
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    return key
+
+
+class VLM(nn.Module):
+    """Qwen2.5-VL: `visual` (VisionTower) + `model` (TextModel) + `lm_head` (None when tied)."""
+
+    def __init__(self, cfg: Config, init: bool = True, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision)
+        self.model = TextModel(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if init and self.model.embed_tokens.weight.device.type != "meta":
+            self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0):
+        """Random init (std 0.02 normal weights, zero biases, unit norms), reproducible from `seed`."""
+        g = torch.Generator().manual_seed(seed)
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding, nn.Conv3d)):
+                w = torch.randn(mod.weight.shape, generator=g) * 0.02
+                mod.weight.copy_(w)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, D]: the output projection (the input embedding when tie_word_embeddings)."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    # ------------------------------------------------------------------------------ forward
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw) -> torch.Tensor:
+        """[N, 1176] patch rows of all images + grid [n, 3] -> [M, D] merged tokens, images concatenated."""
+        return self.visual(pixel_values.to(self.device), torch.as_tensor(image_grid_thw).view(-1, 3))
+
+    def _embed(self, input_ids, pixel_values, image_grid_thw, image_embeds):
+        """Token embeddings with the image features scattered into the <|image_pad|> slots, in order."""
+        x = self.model.embed_tokens(input_ids)                                 # [B, T, D]
+        slots = input_ids == self.cfg.image_token_id                           # [B, T]
+        n_slots = int(slots.sum())
+        if image_embeds is None and pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            image_embeds = self.encode_images(pixel_values, image_grid_thw)   # [M, D]
+        if image_embeds is None:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} <|image_pad|> tokens but no pixel_values were given")
+            return x
+        if image_embeds.shape[0] != n_slots:
+            raise ValueError(f"the images give {image_embeds.shape[0]} tokens but input_ids hold {n_slots} "
+                             "<|image_pad|> tokens (expand each pad to (h'/28)*(w'/28) copies)")
+        return x.masked_scatter(slots.unsqueeze(-1), image_embeds.to(x.dtype))
+
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                      image_embeds=None) -> torch.Tensor:
+        """[B, T] ids -> [B, T, D] final hidden states (after the last RMSNorm), no cache."""
+        input_ids = input_ids.to(self.device)
+        B, T = input_ids.shape
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        x = self._embed(input_ids, pixel_values, image_grid_thw, image_embeds)   # [B, T, D]
+        pos3, _ = rope_positions(input_ids, attention_mask, image_grid_thw, self.cfg)  # [3, B, T]
+        cos, sin = mrope_cos_sin(pos3, self.cfg, x.dtype)                       # [B, T, d]
+        mask = causal_mask(attention_mask, B, T, x.device)                      # [B, 1, T, T]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                image_embeds=None) -> torch.Tensor:
+        """logits [B, T, V] = hidden_states @ lm_head_weight^T."""
+        h = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, image_embeds)
+        return F.linear(h, self.lm_head_weight)
+
+    # ------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                 generator: torch.Generator | None = None, image_embeds=None, output_logits: bool = False,
+                 stop_ids=None) -> Generation:
+        """Batched sampling with a static KV cache.
+
+        The cache is PREALLOCATED once per call: per layer K, V [B, Hk, T0 + max_new_tokens, d]. The prompt
+        (left-padded, T0 columns) is prefilled in one pass; every decode step then writes one column in place
+        and attends over the whole cache under a key-validity mask, so each step has identical shapes and
+        allocates no cache memory (ready for CUDA-graph capture). Positions continue per sample:
+        token k gets max(prompt pos) + 1 + k on all three M-RoPE axes (the per-sample rope delta).
+
+        Sampling: p = softmax(logits / temperature), restricted to the smallest top-p nucleus, drawn with
+        `generator`; greedy takes argmax and reports log-probs at temperature 1. Rows stop at eos
+        (<|im_end|>) or any of `stop_ids`; the loop ends when all rows stopped or after max_new_tokens.
+        """
+        cfg = self.cfg
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if not greedy and not temperature > 0:
+            raise ValueError("temperature must be > 0 (use greedy=True for argmax decoding)")
+        dev = self.device
+        input_ids = input_ids.to(dev)
+        B, T0 = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(dev)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate() needs LEFT padding: the last column must be a real token in every row")
+        stops = torch.tensor(sorted({cfg.eos_token_id, *(stop_ids or ())}), device=dev)
+        T_max = T0 + max_new_tokens
+        # ---- static cache + key validity, allocated once
+        Hk, d = cfg.num_key_value_heads, cfg.head_dim
+        cache = [(torch.zeros(B, Hk, T_max, d, dtype=self.dtype, device=dev),
+                  torch.zeros(B, Hk, T_max, d, dtype=self.dtype, device=dev)) for _ in self.model.layers]
+        key_valid = torch.zeros(B, T_max, dtype=torch.bool, device=dev)        # [B, T_max]
+        key_valid[:, :T0] = attention_mask.bool()
+        # ---- prefill
+        x = self._embed(input_ids, pixel_values, image_grid_thw, image_embeds)  # [B, T0, D]
+        pos3, _ = rope_positions(input_ids, attention_mask, image_grid_thw, cfg)  # [3, B, T0]
+        cos, sin = mrope_cos_sin(pos3, cfg, x.dtype)
+        mask = causal_mask(attention_mask, B, T0, dev)
+        write_at = torch.arange(T0, device=dev)
+        for layer, kv in zip(self.model.layers, cache):
+            x = layer(x, cos, sin, mask, kv, write_at)
+        logits = F.linear(self.model.norm(x[:, -1:]), self.lm_head_weight)[:, 0].float()  # [B, V]
+        next_pos = pos3.amax(dim=(0, 2)) + 1                                   # [B] (pads hold 0)
+        # ---- decode loop
+        tokens = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
+        mask_out = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
+        logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
+        all_logits = [] if output_logits else None
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        step_at = torch.tensor([T0], device=dev)                               # cache column of this step
+        L = 0
+        for k in range(max_new_tokens):
+            if output_logits:
+                all_logits.append(logits)
+            tok, lp = self._choose(logits, temperature, top_p, greedy, generator)   # [B], [B]
+            live = ~done
+            tokens[:, k] = torch.where(live, tok, torch.full_like(tok, cfg.pad_token_id))
+            mask_out[:, k] = live.float()
+            logps[:, k] = torch.where(live, lp, torch.zeros_like(lp))
+            done = done | (live & torch.isin(tok, stops))
+            L = k + 1
+            if bool(done.all()) or k == max_new_tokens - 1:
+                break
+            # one decode step: fixed shapes [B, 1, D] against the full [B, Hk, T_max, d] cache
+            x = self.model.embed_tokens(tokens[:, k:k + 1])                     # [B, 1, D]
+            p = (next_pos + k).view(1, B, 1).expand(3, B, 1)                    # [3, B, 1]
+            cos, sin = mrope_cos_sin(p, cfg, x.dtype)
+            key_valid.index_fill_(1, step_at, True)
+            mask = key_valid.view(B, 1, 1, T_max)
+            for layer, kv in zip(self.model.layers, cache):
+                x = layer(x, cos, sin, mask, kv, step_at)
+            logits = F.linear(self.model.norm(x), self.lm_head_weight)[:, 0].float()  # [B, V]
+            step_at += 1
+        return Generation(tokens[:, :L], mask_out[:, :L], logps[:, :L],
+                          torch.stack(all_logits, 1) if output_logits else None)
+
+    @staticmethod
+    def _choose(logits, temperature, top_p, greedy, generator):
+        """Pick the next token from float32 logits [B, V] -> (token [B], log p(token) [B]).
+
+        log p = log_softmax(logits / T) of the full (unfiltered) distribution; the top-p nucleus only
+        restricts WHICH tokens may be drawn: keep the most likely tokens until their mass reaches top_p.
+        """
+        if greedy:
+            tok = logits.argmax(-1)
+            return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+        logp = torch.log_softmax(logits / temperature, -1)                       # [B, V]
+        probs = logp.exp()
+        if top_p < 1.0:
+            sp, si = probs.sort(-1, descending=True)                             # [B, V]
+            keep = (sp.cumsum(-1) - sp) < top_p                                  # mass BEFORE this token < p
+            sp = sp * keep
+            tok = si.gather(1, torch.multinomial(sp, 1, generator=generator))[:, 0]
+        else:
+            tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return tok, logp.gather(1, tok[:, None])[:, 0]
+
+    # ------------------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu") -> "VLM":
+        """Load a Qwen2.5-VL checkpoint: a local dir or a Hub repo id (via the HF cache / snapshot_download).
+
+        The model is built on the META device (no memory), then every tensor is read from the safetensors
+        file(s) one at a time, converted to `dtype` on `device` and ASSIGNED in place: weights are allocated
+        once. Both key layouts are accepted (Hub `visual.*`/`model.*` and `model.visual.*`/
+        `model.language_model.*`); a tied checkpoint may lack lm_head.weight. Any missing or unexpected key
+        is an error that lists them.
+        """
+        from safetensors import safe_open
+
+        path = _resolve_checkpoint(str(name_or_path))
+        cfg = Config.from_file(path / "config.json")
+        with torch.device("meta"):
+            model = cls(cfg, init=False)
+            if cfg.dve:  # SkinFlow checkpoints with FDLinear layers: rebuild them before loading
+                import dve
+                spec = dict(cfg.dve)
+                dve.apply_dve(model, blocks=tuple(spec.get("blocks", (7, 15, 23, 31))), K=spec.get("K", 4),
+                              linears=tuple(spec.get("linears", ("gate_proj", "up_proj", "down_proj"))))
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (path / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        # ---- strict key check before touching any data
+        expected = set(model.state_dict().keys())
+        found = {}
+        for fname in files:
+            with safe_open(str(path / fname), framework="pt") as f:
+                for key in f.keys():
+                    found[_hub_key(key)] = (fname, key)
+        if cfg.tie_word_embeddings:
+            found.pop("lm_head.weight", None)  # tied: the head IS embed_tokens; ignore a stored copy
+        missing = sorted(expected - found.keys())
+        unexpected = sorted(found.keys() - expected)
+        if missing or unexpected:
+            def show(keys):
+                return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+            raise KeyError(f"checkpoint {path} does not match the model: missing {len(missing)} keys"
+                           f"{' [' + show(missing) + ']' if missing else ''}; unexpected {len(unexpected)} keys"
+                           f"{' [' + show(unexpected) + ']' if unexpected else ''}")
+        # ---- load shard by shard, tensor by tensor, straight into the target dtype/device
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        for fname in files:
+            with safe_open(str(path / fname), framework="pt") as f:
+                for key in f.keys():
+                    name = _hub_key(key)
+                    if name not in expected:
+                        continue
+                    t = f.get_tensor(key)
+                    t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    mod_name, _, attr = name.rpartition(".")
+                    mod = model.get_submodule(mod_name)
+                    if name in params:
+                        if tuple(t.shape) != tuple(params[name].shape):
+                            raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(params[name].shape)}")
+                        setattr(mod, attr, nn.Parameter(t, requires_grad=params[name].requires_grad))
+                    else:
+                        mod._buffers[attr] = t
+        # non-persistent buffers (none in the plain model; DVE may add some) are materialised empty -> refuse
+        for name, b in list(model.named_buffers()) + list(model.named_parameters()):
+            if b.device.type == "meta":
+                raise RuntimeError(f"{name} was not loaded from the checkpoint (still on the meta device)")
+        return model.eval()
+
+    def save_pretrained(self, directory) -> Path:
+        """Write config.json (flat Hub layout) + model.safetensors (Hub key names; no lm_head when tied)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        conf = self.cfg.to_dict()
+        conf["torch_dtype"] = str(self.dtype).replace("torch.", "")
+        (d / "config.json").write_text(json.dumps(conf, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        return d
+
+
+# ===================================================================================================
+# 7. Tokenizer: Qwen2 byte-level BPE, pure Python
+# ===================================================================================================
+# The Qwen2 pre-tokenizer pattern (Oniguruma syntax, as stored in tokenizer.json):
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Unicode White_Space: what \s means for the reference engine. (Python's \s also matches U+001C..U+001F.)
+_WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+@lru_cache(maxsize=1)
+def _unicode_classes() -> tuple[str, str]:
+    """Character-class bodies for \\p{L} (letters, categories L*) and \\p{N} (numbers, N*), built once from
+    unicodedata as code-point ranges. Why not `[^\\W\\d_]`: Python's \\w/\\d are not L/N (\\w includes `_` and
+    marks, \\d misses ² ½ Ⅷ ①), and the shortcut silently changes how `snake_case` or `x²` split."""
+    def ranges(pred):
+        out, start, prev = [], None, None
+        for cp in range(0x110000):
+            if pred(unicodedata.category(chr(cp))):
+                if start is None:
+                    start = cp
+                prev = cp
+            elif start is not None:
+                out.append((start, prev))
+                start = None
+        if start is not None:
+            out.append((start, prev))
+        esc = lambda cp: f"\\U{cp:08x}"  # noqa: E731 - escapes are safe inside a [...] class
+        return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in out)
+    return ranges(lambda c: c[0] == "L"), ranges(lambda c: c[0] == "N")
+
+
+@lru_cache(maxsize=1)
+def _qwen2_regex() -> re.Pattern:
+    """QWEN2_PATTERN translated to stdlib `re`: \\p{L}, \\p{N}, \\s, \\S become explicit classes."""
+    L, N = _unicode_classes()
+    S = _WHITE_SPACE
+    pat = (rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]| ?[^{S}{L}{N}]+[\r\n]*|"
+           rf"[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+    return re.compile(pat)
+
+
+@lru_cache(maxsize=1)
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable char table: the 188 printable bytes (! .. ~, ¡ .. ¬, ® .. ÿ) map to
+    themselves, the other 68 to U+0100, U+0101, ... in byte order. So BPE never sees a space or control char."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(0x100 + extra)
+            extra += 1
+    return table
+
+
+class Tokenizer:
+    """Byte-level BPE (the Qwen2 tokenizer) read from / written to a HF tokenizer.json.
+
+    encode(text):  1. split out added/special tokens (longest first, literal match, before anything else)
+                   2. NFC-normalise each remaining chunk, 3. regex pre-tokenise (QWEN2_PATTERN),
+                   4. UTF-8 bytes -> printable chars, 5. BPE: repeatedly merge the adjacent pair with the
+                   lowest merge rank until none is in the table, 6. look the pieces up in the vocab.
+    decode(ids):   pieces -> bytes (inverse char table; added tokens as their text) -> UTF-8 ("replace").
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], added: list[dict],
+                 pattern: str = QWEN2_PATTERN):
+        if pattern != QWEN2_PATTERN:
+            raise ValueError("only the Qwen2 pre-tokenizer pattern is supported")
+        self.vocab = vocab
+        self.merges = merges
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.added = added                                                  # [{"id", "content", "special"}]
+        self.added_ids = {a["content"]: a["id"] for a in added}
+        self.id_to_piece = {i: s for s, i in vocab.items()}
+        self.id_to_piece.update({a["id"]: a["content"] for a in added})
+        self.added_id_set = {a["id"] for a in added}
+        self.char_to_byte = {c: b for b, c in _byte_to_char().items()}
+        contents = sorted(self.added_ids, key=len, reverse=True)           # longest match first
+        self._split = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if contents else None
+        self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
+        for name in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|im_start|>"):
+            if name not in self.added_ids:
+                raise ValueError(f"tokenizer has no {name} token: not a Qwen2-style tokenizer")
+        self.pad_id = self.added_ids["<|endoftext|>"]
+        self.eos_id = self.added_ids["<|im_end|>"]
+        self.image_pad_id = self.added_ids["<|image_pad|>"]
+        self.vision_start_id = self.added_ids["<|vision_start|>"]
+        self.vision_end_id = self.added_ids["<|vision_end|>"]
+        self.im_start_id = self.added_ids["<|im_start|>"]
+
+    def __len__(self) -> int:
+        return max(self.id_to_piece) + 1
+
+    # -------------------------------------------------------------------------- loading
+    @classmethod
+    def from_file(cls, path) -> "Tokenizer":
+        j = json.loads(Path(path).read_text(encoding="utf-8"))
+        model = j["model"]
+        if model.get("type", "BPE") != "BPE":
+            raise ValueError(f"{path}: model type {model.get('type')} is not BPE")
+        # two merge formats: "a b" strings (old files) or ["a", "b"] pairs (tokenizers >= 0.20). Byte-level
+        # symbols never contain a real space (it is mapped to Ġ), so splitting on " " is unambiguous.
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        pattern = QWEN2_PATTERN
+        pre = j.get("pre_tokenizer") or {}
+        for p in pre.get("pretokenizers", [pre]):
+            if p.get("type") == "Split":
+                pattern = p["pattern"].get("Regex", pattern)
+        added = [{"id": a["id"], "content": a["content"], "special": a.get("special", False)}
+                 for a in j.get("added_tokens", [])]
+        return cls(model["vocab"], merges, added, pattern)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path) -> "Tokenizer":
+        """A tokenizer.json file, a directory holding one, "tiny", or a Hub repo id (via the HF cache)."""
+        if str(name_or_path).lower() == "tiny":
+            return cls.tiny()
+        p = Path(str(name_or_path)).expanduser()
+        if p.is_file():
+            return cls.from_file(p)
+        if not p.is_dir():
+            p = _resolve_checkpoint(str(name_or_path))
+        if not (p / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{p} has no tokenizer.json")
+        return cls.from_file(p / "tokenizer.json")
+
+    def to_json(self) -> dict:
+        """The HF tokenizers JSON (normaliser NFC, Split + ByteLevel pre-tokeniser, BPE, ByteLevel decoder)."""
+        bl = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": a["id"], "content": a["content"], "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": a["special"]} for a in self.added],
+            "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+                dict(bl)]},
+            "post_processor": dict(bl), "decoder": dict(bl),
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                      "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": self.vocab, "merges": [list(m) for m in self.merges]},
+        }
+
+    def save(self, directory) -> Path:
+        """Write DIR/tokenizer.json (loadable by HF `tokenizers` too)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.json").write_text(json.dumps(self.to_json(), ensure_ascii=False), encoding="utf-8")
+        return d / "tokenizer.json"
+
+    # -------------------------------------------------------------------------- encode / decode
+    def _bpe_uncached(self, piece: str) -> tuple[int, ...]:
+        """BPE on one pre-token (already byte-mapped): merge the lowest-rank adjacent pair, repeat."""
+        syms = list(piece)
+        while len(syms) > 1:
+            best, best_rank = None, None
+            for i in range(len(syms) - 1):
+                r = self.ranks.get((syms[i], syms[i + 1]))
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best is None:
+                break
+            a, b = syms[best], syms[best + 1]
+            out, i = [], 0
+            while i < len(syms):  # merge every occurrence of the winning pair, left to right
+                if i < len(syms) - 1 and syms[i] == a and syms[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            syms = out
+        try:
+            return tuple(self.vocab[s] for s in syms)
+        except KeyError as exc:
+            raise ValueError(f"symbol {exc} is not in the vocabulary (no byte fallback)") from None
+
+    def encode(self, text: str) -> list[int]:
+        """str -> token ids (added/special tokens written literally in `text` become their ids)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode wants a str, got {type(text).__name__}")
+        table = _byte_to_char()
+        rx = _qwen2_regex()
+        ids: list[int] = []
+        chunks = self._split.split(text) if self._split else [text]
+        for n, chunk in enumerate(chunks):
+            if not chunk:
+                continue
+            if n % 2 == 1:                          # odd entries are the captured added tokens
+                ids.append(self.added_ids[chunk])
+                continue
+            for piece in rx.findall(unicodedata.normalize("NFC", chunk)):
+                ids.extend(self._bpe("".join(table[b] for b in piece.encode("utf-8"))))
+        return ids
+
+    def decode(self, ids) -> str:
+        """token ids -> str (invalid UTF-8, e.g. a cut multi-byte char, becomes U+FFFD)."""
+        out = bytearray()
+        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
+            piece = self.id_to_piece.get(int(i))
+            if piece is None:
+                continue  # ids past the tokenizer (embedding padding rows) decode to nothing
+            if int(i) in self.added_id_set:
+                out += piece.encode("utf-8")
+            else:
+                out += bytes(self.char_to_byte[c] for c in piece)
+        return out.decode("utf-8", errors="replace")
+
+    # -------------------------------------------------------------------------- training (tiny preset)
+    @classmethod
+    def train(cls, texts, vocab_size: int = TINY_BPE_SIZE) -> "Tokenizer":
+        """Learn a byte-level BPE with `vocab_size` entries (256 bytes + vocab_size - 256 merges) and append
+        the 22 Qwen special/added tokens after it, in Qwen's order.
+
+        Classic BPE training: pre-tokenise exactly like encode, count words, then repeatedly add the most
+        frequent adjacent symbol pair as a merge (ties broken by the pair's text, so it is deterministic).
+        """
+        if vocab_size < 256:
+            raise ValueError("vocab_size must be >= 256 (the byte alphabet)")
+        table = _byte_to_char()
+        rx = _qwen2_regex()
+        words: dict[tuple[str, ...], int] = {}
+        for text in texts:
+            for piece in rx.findall(unicodedata.normalize("NFC", text)):
+                w = tuple(table[b] for b in piece.encode("utf-8"))
+                words[w] = words.get(w, 0) + 1
+        vocab = {table[b]: b for b in range(256)}                          # ids 0..255 = the bytes
+        merges: list[tuple[str, str]] = []
+        word_list = [list(w) for w in words]
+        counts = list(words.values())
+        while len(vocab) < vocab_size:
+            pairs: dict[tuple[str, str], int] = {}
+            for w, c in zip(word_list, counts):
+                for i in range(len(w) - 1):
+                    pairs[(w[i], w[i + 1])] = pairs.get((w[i], w[i + 1]), 0) + c
+            if not pairs:
+                raise ValueError(f"corpus too small: only {len(vocab)} BPE entries could be learned")
+            best = min(pairs, key=lambda p: (-pairs[p], p))
+            merged = best[0] + best[1]
+            merges.append(best)
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+            for w in word_list:  # apply the merge in place, left to right
+                i = 0
+                while i < len(w) - 1:
+                    if w[i] == best[0] and w[i + 1] == best[1]:
+                        w[i:i + 2] = [merged]
+                    i += 1
+        base = len(vocab)
+        added = [{"id": base + i, "content": s, "special": s in QWEN_SPECIAL_TOKENS}
+                 for i, s in enumerate(QWEN_SPECIAL_TOKENS + QWEN_ADDED_TOKENS)]
+        return cls(vocab, merges, added)
+
+    @classmethod
+    @lru_cache(maxsize=1)
+    def tiny(cls) -> "Tokenizer":
+        """The tiny preset's tokenizer: 744 BPE entries learned from `tiny_corpus()` + the 22 Qwen specials
+        (ids 744..765; Config.preset("tiny") has vocab 768). Trained in ~1 s and cached per process."""
+        tok = cls.train(tiny_corpus(), TINY_BPE_SIZE)
+        cfg = Config.preset("tiny")
+        assert tok.eos_id == cfg.eos_token_id and tok.image_pad_id == cfg.image_token_id, "tiny ids drifted"
+        return tok
+
+
+def tiny_corpus() -> list[str]:
+    """Deterministic text the tiny tokenizer is trained on: chat-template words, the 8 caption fields and
+    their usual values, and the Fitzpatrick17k label names from data.TAXONOMY (when data.py is importable)."""
+    lines = [
+        "system\nYou are a helpful assistant.", "user\n", "assistant\n",
+        "Describe the skin lesion in this image.", "What is the most likely diagnosis? List up to six.",
+        "colour: location: shape: lesion type: size: border: surface: distribution: none",
+        "erythematous, salmon, pink, red, brown, dark brown, black, blue, white, yellow, violaceous, "
+        "hyperpigmented, hypopigmented, skin-coloured, purple, grey, tan",
+        "face, scalp, trunk, back, chest, abdomen, arm, forearm, hand, palm, finger, nail, leg, thigh, foot, "
+        "sole, toe, neck, ear, lip, mouth, genital, groin, axilla, buttock, extensor surfaces, flexural",
+        "round, oval, annular, irregular, linear, polygonal, targetoid, serpiginous, umbilicated, dome-shaped",
+        "macule, patch, papule, plaque, nodule, vesicle, bulla, pustule, wheal, erosion, ulcer, crust, scar, "
+        "cyst, tumour, telangiectasia, petechiae, purpura, lichenification, atrophy, excoriation",
+        "small, medium, large, tiny, giant, less than 1 cm, 1 to 2 cm, more than 5 cm",
+        "well-demarcated, ill-defined, regular, irregular, raised, rolled, sharp, blurred, pearly",
+        "smooth, scaly, coarse silvery scale, crusted, ulcerated, verrucous, shiny, rough, keratotic, "
+        "weeping, fissured, pitted, waxy, greasy, stuck-on",
+        "single, scattered, grouped, clustered, symmetric, asymmetric, generalized, localized, dermatomal, "
+        "linear, follicular, widespread, bilateral, unilateral",
+        "1. 2. 3. 4. 5. 6. The most likely diagnosis is melanoma. Differential diagnosis: basal cell carcinoma, "
+        "squamous cell carcinoma, seborrheic keratosis, psoriasis, eczema, acne, rosacea, vitiligo.",
+        "A 45-year-old patient with Fitzpatrick skin type III presents with an itchy rash for 2 weeks.",
+        "The lesion is benign. It may be malignant; a biopsy is recommended. Refer to a dermatologist.",
+        "0 1 2 3 4 5 6 7 8 9 10 11 12 2024 3.5 mm 100% <think> </think>",
+    ]
+    try:
+        import data  # the label tree is final; its names make label tokens short
+        lines += sorted(data.TAXONOMY)
+        lines += sorted({v for pair in data.TAXONOMY.values() for v in pair})
+    except Exception:
+        pass
+    # each line several times so that common words win merges over rare ones
+    return [ln for ln in lines for _ in range(3)]
+
+
+# ===================================================================================================
+# 8. Chat template and batching
+# ===================================================================================================
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, text: str, grid_thw=None, system: str | None = DEFAULT_SYSTEM,
+                    merge_size: int = 2) -> list[int]:
+    """The Qwen2.5-VL Instruct template for [image, text] from the user, ready for the assistant to answer:
+
+        <|im_start|>system\\n{system}<|im_end|>\\n
+        <|im_start|>user\\n<|vision_start|><|image_pad|> x n<|vision_end|>{text}<|im_end|>\\n
+        <|im_start|>assistant\\n
+
+    n = (gh / 2) * (gw / 2) = (h'/28) * (w'/28). The image part is dropped when grid_thw is None, the system
+    turn when system is None. Specials are inserted as ids, so a prompt cannot smuggle them in as text.
+    """
+    enc = tokenizer.encode
+    ids: list[int] = []
+    if system is not None:
+        ids += [tokenizer.im_start_id] + enc("system\n" + system) + [tokenizer.eos_id] + enc("\n")
+    ids += [tokenizer.im_start_id] + enc("user\n")
+    if grid_thw is not None:
+        t, gh, gw = (int(v) for v in grid_thw)
+        n = t * (gh // merge_size) * (gw // merge_size)
+        ids += [tokenizer.vision_start_id] + [tokenizer.image_pad_id] * n + [tokenizer.vision_end_id]
+    ids += _encode_plain(tokenizer, text) + [tokenizer.eos_id] + enc("\n") + [tokenizer.im_start_id]
+    ids += enc("assistant\n")
+    return ids
+
+
+def _encode_plain(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Encode user text WITHOUT turning literal special-token strings into control ids (prompt-injection
+    safety): the text is cut at added-token strings and every piece, including those strings, is BPE'd."""
+    if tokenizer._split is None:
+        return tokenizer.encode(text)
+    table, rx, ids = _byte_to_char(), _qwen2_regex(), []
+    for chunk in tokenizer._split.split(text):
+        for piece in rx.findall(unicodedata.normalize("NFC", chunk)):
+            ids.extend(tokenizer._bpe("".join(table[b] for b in piece.encode("utf-8"))))
+    return ids
+
+
+def make_batch(tokenizer: Tokenizer, images, texts, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+               device="cpu", system: str | None = DEFAULT_SYSTEM) -> dict:
+    """Images + user texts -> the kwargs of VLM.forward / VLM.generate (one image per prompt, LEFT padded):
+
+    input_ids [B, T] (pad_id on the left), attention_mask [B, T], pixel_values [sum N, 1176],
+    image_grid_thw [B, 3]. `images` may contain None for a text-only row.
+    """
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    rows, pix, grids = [], [], []
+    for img, text in zip(images, texts):
+        grid = None
+        if img is not None:
+            pv, grid = preprocess_image(img, min_pixels, max_pixels)
+            pix.append(pv)
+            grids.append(grid)
+        rows.append(chat_prompt_ids(tokenizer, text, grid, system))
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r)
+        mask[b, T - len(r):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "pixel_values": torch.cat(pix).to(device) if pix else None,
+            "image_grid_thw": torch.tensor(grids, dtype=torch.long, device=device) if grids else None}
+
+
+# ===================================================================================================
+# 9. One-call loading and the command line
+# ===================================================================================================
+def load(name_or_path_or_preset="tiny", dtype=torch.float32, device="cpu", seed: int = 0):
+    """-> (VLM, Tokenizer). "tiny": random weights (seeded) + the project's tiny tokenizer; "3b"/"7b" or a
+    repo id / local dir: real weights and tokenizer via from_pretrained (the HF cache, or a download)."""
+    name = str(name_or_path_or_preset)
+    if name.lower() == "tiny":
+        model = VLM(Config.preset("tiny"), seed=seed).to(device=device, dtype=dtype).eval()
+        return model, Tokenizer.tiny()
+    name = HUB_IDS.get(name.lower(), name)
+    model = VLM.from_pretrained(name, dtype=dtype, device=device)
+    tok_dir = Path(name) if Path(name).is_dir() else _resolve_checkpoint(name)
+    return model, Tokenizer.from_pretrained(tok_dir)
+
+
+def _cmd_generate(args) -> int:
+    from PIL import Image
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model, tok = load(args.model or args.preset, dtype=dtype, device=device)
+    image = Image.open(args.image) if args.image else None
+    batch = make_batch(tok, [image], [args.prompt], max_pixels=args.max_pixels, device=device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, greedy=args.greedy, generator=g)
+    n = int(out.mask[0].sum())
+    print(tok.decode(out.tokens[0, :n].tolist()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI. Without a subcommand it generates; later issues add subcommands (e.g. `diagnose IMAGE`)
+    with `add_subcommand`-style calls on the returned parser's `_subparsers` action."""
+    p = argparse.ArgumentParser(prog="skinflow.py", description="SkinFlow backbone demo: one image + prompt -> text")
+    p.add_argument("--preset", default="tiny", help="tiny (random weights) | 3b | 7b")
+    p.add_argument("--model", default=None, help="a Hub repo id or local checkpoint dir (overrides --preset)")
+    p.add_argument("--image", default=None, help="an image file (optional)")
+    p.add_argument("--prompt", default="Describe the skin lesion in this image.")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_generate)
+    p.add_subparsers(dest="command")  # subcommands (issue 8: diagnose) register here
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
