@@ -96,6 +96,14 @@ def _radial_order(d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor, to
     return order, partner_src, partner_dst
 
 
+def max_bands(d_out: int, d_in: int) -> int:
+    """The largest K for a d_out x d_in weight: its number of canonical spectral coordinates (a Hermitian
+    pair counts once), so that every band can own at least one coordinate."""
+    cols = d_in // 2 + 1
+    self_conj_cols = 1 + (d_in % 2 == 0)                                   # v = 0 and, for even d_in, v = d_in/2
+    return d_out * cols - self_conj_cols * (d_out - d_out // 2 - 1)
+
+
 def band_ids(d_out: int, d_in: int, K: int) -> torch.Tensor:
     """Band index of every rfft2 coordinate: int64 [d_out, d_in//2 + 1] with values 0..K-1 (0 = lowest).
 
@@ -105,10 +113,10 @@ def band_ids(d_out: int, d_in: int, K: int) -> torch.Tensor:
     count (the reference code requires that and fails for 1280 -> 3420 with K = 64).
     """
     cols = d_in // 2 + 1
-    order, partner_src, partner_dst = _radial_order(d_out, d_in)
-    C = order.numel()
+    C = max_bands(d_out, d_in)
     if not 1 <= K <= C:
         raise ValueError(f"K must be in 1..{C} for a {d_out}x{d_in} weight, got K={K}")
+    order, partner_src, partner_dst = _radial_order(d_out, d_in)
     ids = torch.empty(d_out * cols, dtype=torch.int64)
     ids[order] = torch.arange(C, dtype=torch.int64) * K // C                # rank -> band, near-equal runs
     ids[partner_src] = ids[partner_dst]                                    # conjugates share a band
@@ -323,29 +331,41 @@ class FDLinear(nn.Module):
         self.impl = impl             # auto | reference | kernel | bases | spectral (see _weights_and_apply)
         dtype = W.dtype if W.dtype in (torch.float32, torch.float64) else torch.float32  # FFT needs fp32+
         cols = self.d_in // 2 + 1
-        if W.is_meta:                                                      # shape-only model (overhead report)
+        if not 1 <= K <= max_bands(self.d_out, self.d_in):
+            raise ValueError(f"K must be in 1..{max_bands(self.d_out, self.d_in)} for a {self.d_out}x{self.d_in} weight, got K={K}")
+        if W.is_meta:                                                      # shape-only model (from_pretrained, overhead)
             spec = torch.empty(self.d_out, cols, 2, dtype=dtype, device="meta")
-            ids = torch.empty(self.d_out, cols, dtype=torch.int64, device="meta")
-            if not 1 <= K <= self.d_out * cols:
-                raise ValueError(f"K must be in 1..{self.d_out * cols}, got {K}")
         else:
             spec = torch.view_as_real(torch.fft.rfft2(W.double(), norm="ortho")).to(dtype)  # [d_out, cols, 2]
-            ids = band_ids(self.d_out, self.d_in, K).to(W.device)
         self.spectrum = nn.Parameter(spec.contiguous(), requires_grad=train_spectrum)
         self.bias = None
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=train_spectrum)
-        # Not saved: `band_ids` is exact and deterministic, so it is rebuilt identically on load.
-        self.register_buffer("band_id", ids, persistent=False)              # [d_out, cols] int64
         self.ksm = KSM(self.d_in, self.d_out, K, dtype=dtype, device=W.device)
+        self._band_id = None                                               # built on first use, see band_id
         self._cache: dict = {}                                             # frozen-spectrum weights, see _frozen
+
+    @property
+    def band_id(self) -> torch.Tensor:
+        """int64 [d_out, d_in//2+1]: the band of every spectral coordinate (`band_ids`), on the spectrum's device.
+
+        Not a parameter or buffer, so not in checkpoints: `band_ids` is exact and deterministic (integer
+        keys, stable sort), so it is rebuilt bit-identically wherever the layer is loaded.
+        """
+        if self._band_id is None or self._band_id.device != self.spectrum.device:
+            self._band_id = band_ids(self.d_out, self.d_in, self.K).to(self.spectrum.device)
+        return self._band_id
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, K={self.K}, bias={self.bias is not None}, dynamic={self.dynamic}"
 
     # ----- weights built from the spectrum ---------------------------------------------------------
-    def _complex_spectrum(self) -> torch.Tensor:
-        return torch.view_as_complex(self.spectrum)                        # [d_out, cols] complex
+    def _complex_spectrum(self, spectrum: torch.Tensor | None = None) -> torch.Tensor:
+        """The spectrum as complex [d_out, cols]; a bf16/fp16 checkpoint is lifted to fp32 for the FFT."""
+        spectrum = self.spectrum if spectrum is None else spectrum
+        if spectrum.dtype not in (torch.float32, torch.float64):
+            spectrum = spectrum.float()
+        return torch.view_as_complex(spectrum)
 
     def _irfft2(self, S: torch.Tensor) -> torch.Tensor:
         """Spatial weight(s) from spectrum/spectra S [..., d_out, cols]: irfft2 with s = (d_out, d_in)."""
@@ -384,9 +404,10 @@ class FDLinear(nn.Module):
     # ----- forward ------------------------------------------------------------------------------
     def gates(self, x: torch.Tensor, seg: _Segments):
         """Descriptor (per-image mean, in fp32 or better) -> KSM gates a [n, K], c [n, d_in], f [n, d_out]."""
-        acc = self.spectrum.dtype
+        acc = torch.float64 if self.spectrum.dtype == torch.float64 else torch.float32
         d = seg.mean(x.to(acc))                                            # [n, d_in]
-        return self.ksm(d)
+        a, c, f = self.ksm(d.to(self.ksm.squeeze.weight.dtype))            # KSM in its own dtype (bf16 ok)
+        return a.to(acc), c.to(acc), f.to(acc)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """y_t = ((x_t * c_b) W_b^T) * f_b + bias, W_b = sum_k a_bk W_k  (b = image of token t).
@@ -428,8 +449,9 @@ class FDLinear(nn.Module):
 
     def _spectral_apply(self, xc, a, spectrum, seg):
         """W_b = irfft2(F * g_b), g_b = a_b[band_id] (a gather: each coordinate takes its band's gain)."""
-        gains = a.to(spectrum.dtype)[:, self.band_id]                      # [n, d_out, cols]
-        W = self._irfft2(torch.view_as_complex(spectrum)[None] * gains)    # [n, d_out, d_in]
+        S = self._complex_spectrum(spectrum)                               # [d_out, cols] complex
+        gains = a.to(S.real.dtype)[:, self.band_id]                        # [n, d_out, cols]
+        W = self._irfft2(S[None] * gains)                                  # [n, d_out, d_in]
         return _segments_apply(xc, W.to(xc.dtype), seg)
 
 
@@ -449,3 +471,130 @@ def fdlinear_reference(x, cu_seqlens, spectrum, band_id, a, c, f, bias=None):
         Y = ((X * c[b]) @ W.T.to(a.dtype)) * f[b]                           # [N_b, d_out]
         outs.append(Y if bias is None else Y + bias.to(a.dtype))
     return torch.cat(outs).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Converting a model: apply_dve, the static switch, the overhead report
+# ---------------------------------------------------------------------------------------------------
+def _vision_blocks(model):
+    visual = getattr(model, "visual", None)
+    if visual is None or not hasattr(visual, "blocks"):
+        raise TypeError(f"apply_dve needs a model with .visual.blocks (skinflow.VLM), got {type(model).__name__}")
+    return visual, visual.blocks
+
+
+def apply_dve(model, blocks=DEFAULT_BLOCKS, K: int = DEFAULT_K, linears=DEFAULT_LINEARS,
+              train_spectrum: bool = False, verbose: bool = False) -> dict:
+    """Turn a loaded VLM into a SkinFlow DVE model, in place, and return the parameter-overhead report.
+
+    Every `model.visual.blocks[i].mlp.<name>` (i in blocks, name in linears) becomes FDLinear(that linear,
+    K), initialised from its pretrained weight, so the converted model computes the same function until
+    the KSM heads move. blocks=None means the config's full-attention blocks (= (7, 15, 23, 31) for
+    Qwen2.5-VL, the paper's layers 8/16/24/32). The choice is recorded in model.cfg.dve =
+    {"blocks", "K", "linears"}, which save_pretrained writes to config.json and from_pretrained reads to
+    re-apply the conversion before loading the weights.
+
+    What trains: the KSM heads (`dve_parameters`). The spectrum and bias are frozen unless
+    train_spectrum=True (see FDLinear). Nothing else in the model is touched: whether the rest of the
+    vision tower trains is the trainer's choice (requires_grad stays as it was).
+    """
+    visual, blk_list = _vision_blocks(model)
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    if blocks is None:
+        blocks = tuple(getattr(getattr(cfg, "vision", None), "fullatt_block_indexes", DEFAULT_BLOCKS))
+    blocks = tuple(int(b) for b in blocks)
+    linears = tuple(linears)
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"K must be a positive int, got {K!r}")
+    bad = [b for b in blocks if not 0 <= b < len(blk_list)]
+    if bad or len(set(blocks)) != len(blocks) or not blocks:
+        raise ValueError(f"blocks must be distinct indices in 0..{len(blk_list) - 1} (this vision tower has "
+                         f"{len(blk_list)} blocks; blocks=None picks its full-attention blocks), got {blocks}")
+    unknown = [n for n in linears if n not in DEFAULT_LINEARS]
+    if unknown or not linears or len(set(linears)) != len(linears):
+        raise ValueError(f"linears must be distinct names from {DEFAULT_LINEARS}, got {linears}")
+    before = sum(p.numel() for p in visual.parameters())
+    for b in blocks:
+        mlp = blk_list[b].mlp
+        for name in linears:
+            layer = getattr(mlp, name)
+            if isinstance(layer, FDLinear):
+                raise ValueError(f"visual.blocks.{b}.mlp.{name} is already an FDLinear (apply_dve ran twice?)")
+            setattr(mlp, name, FDLinear(layer, K, train_spectrum=train_spectrum))
+    if cfg is not None:
+        cfg.dve = {"blocks": list(blocks), "K": K, "linears": list(linears)}
+    report = overhead_report(model)
+    if verbose:
+        print(format_overhead(report))
+    return report
+
+
+def fdlinears(model):
+    """(name, FDLinear) for every DVE layer of the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FDLinear)]
+
+
+def dve_parameters(model):
+    """The DVE's trainable part: the KSM parameters of every FDLinear (for an optimizer param group)."""
+    return [p for _, m in fdlinears(model) for p in m.ksm.parameters()]
+
+
+@contextlib.contextmanager
+def dve_static(model):
+    """Within the block every FDLinear runs with dynamic=False (all gates 1): y = x W^T + b with W built
+    from the stored spectrum. With the spectrum frozen (the default) that is exactly the pretrained
+    layer, so the same weights serve as GRPO's reference policy with no second copy of the model."""
+    layers = [m for _, m in fdlinears(model)]
+    before = [m.dynamic for m in layers]
+    try:
+        for m in layers:
+            m.dynamic = False
+        yield model
+    finally:
+        for m, d in zip(layers, before):
+            m.dynamic = d
+
+
+def overhead_report(model) -> dict:
+    """Parameter overhead of the DVE layers, absolute and as % of the vision tower they replaced into.
+
+    added = sum over FDLinear of  KSM params + (spectrum + bias - original weight - original bias);
+    the spectrum stores d_out (d_in//2 + 1) complex numbers for d_out d_in reals, i.e. 2 d_out extra
+    reals (even d_in), whatever K is: the bands add no parameters, only KSM does.
+    """
+    visual, _ = _vision_blocks(model)
+    layers = fdlinears(visual)
+    ksm = sum(p.numel() for _, m in layers for p in m.ksm.parameters())
+    spectrum_extra = sum(m.spectrum.numel() - m.d_out * m.d_in for _, m in layers)
+    after = sum(p.numel() for p in visual.parameters())
+    added = ksm + spectrum_extra
+    before = after - added
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    spec = getattr(cfg, "dve", None) or {}
+    return {"blocks": spec.get("blocks"), "K": spec.get("K"), "linears": spec.get("linears"),
+            "layers": len(layers), "ksm_params": ksm, "spectrum_extra_params": spectrum_extra,
+            "params_added": added, "vision_params_before": before, "vision_params_after": after,
+            "overhead_pct": 100.0 * added / max(before, 1)}
+
+
+def format_overhead(report: dict) -> str:
+    return (f"DVE: {report['layers']} FDLinear layers (K={report['K']}, blocks {report['blocks']}, "
+            f"{'/'.join(report['linears'] or [])}): +{report['params_added']:,} params "
+            f"(KSM {report['ksm_params']:,}, spectrum {report['spectrum_extra_params']:,}) = "
+            f"{report['overhead_pct']:.2f} % of the {report['vision_params_before']:,}-param vision tower")
+
+
+def preset_overhead(preset: str = "3b", blocks=DEFAULT_BLOCKS, K: int = DEFAULT_K, linears=DEFAULT_LINEARS) -> dict:
+    """The overhead report for a real model shape (skinflow.Config.preset: "3b" | "7b"), computed on the
+    META device: no weights are allocated, so this runs anywhere in a second."""
+    import skinflow
+
+    with torch.device("meta"):
+        model = skinflow.VLM(skinflow.Config.preset(preset), init=False)
+        return apply_dve(model, blocks=blocks, K=K, linears=linears)
+
+
+if __name__ == "__main__":  # python dve.py: the overhead table for the real shapes
+    for name in ("3b", "7b"):
+        for k in (4, 64, 640):
+            print(name, format_overhead(preset_overhead(name, K=k)))

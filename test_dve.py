@@ -316,3 +316,136 @@ def test_dve_bad_input_errors():
         dve.band_ids(12, 10, 10 ** 6)
     with pytest.raises(TypeError):
         dve.FDLinear(nn.Conv1d(3, 3, 1), 2)
+
+
+# ----- the model: apply_dve, dve_static, save/load, overhead -----------------------------------------
+def _dve_vlm_inputs(cfg, grids, seed):
+    """input_ids [1, T] (text, <vs>, image pads, <ve>, ... per image), pixel_values, image_grid_thw."""
+    g = torch.Generator().manual_seed(seed)
+    merge = cfg.vision.spatial_merge_size ** 2
+    ids = torch.randint(0, 500, (4,), generator=g).tolist()
+    for t, h, w in grids:
+        ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // merge) + [cfg.vision_end_token_id]
+        ids += torch.randint(0, 500, (3,), generator=g).tolist()
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), 1176, generator=g)
+    return torch.tensor([ids]), pixels, torch.tensor(grids)
+
+
+def _dve_ksm_formula(d_in, d_out, K):
+    """KSM parameter count by hand: U (d_in x A) + RMSNorm (A) + three heads with bias ((A+1)(K+d_in+d_out))."""
+    A = max(d_in // 16, 16)
+    return d_in * A + A + (A + 1) * (K + d_in + d_out)
+
+
+def test_dve_tiny_model_identity_static_switch_and_grads():
+    import skinflow
+
+    cfg = skinflow.Config.preset("tiny")
+    model = skinflow.VLM(cfg, seed=3).eval()
+    ids, pix, grids = _dve_vlm_inputs(cfg, [(1, 8, 8), (1, 6, 10)], seed=1)
+    with torch.no_grad():
+        want = model(ids, pixel_values=pix, image_grid_thw=grids)
+    report = dve.apply_dve(model, blocks=None, K=4)                      # None: the full-attention blocks (1, 3)
+    assert cfg.dve == {"blocks": [1, 3], "K": 4, "linears": ["gate_proj", "up_proj", "down_proj"]}
+    d, i = cfg.vision.hidden_size, cfg.vision.intermediate_size
+    per_block = 2 * _dve_ksm_formula(d, i, 4) + _dve_ksm_formula(i, d, 4) + 2 * 2 * i + 2 * d  # + spectrum extras
+    assert report["layers"] == 6 and report["params_added"] == 2 * per_block
+    assert abs(report["overhead_pct"] - 100 * report["params_added"] / report["vision_params_before"]) < 1e-9
+    with torch.no_grad():
+        got = model(ids, pixel_values=pix, image_grid_thw=grids)
+    assert (got - want).abs().max() <= 1e-5
+    for _, layer in dve.fdlinears(model):
+        _dve_randomize_heads(layer, std=0.5)
+    with torch.no_grad():
+        moved = model(ids, pixel_values=pix, image_grid_thw=grids)
+        with dve.dve_static(model):
+            static = model(ids, pixel_values=pix, image_grid_thw=grids)
+    assert (moved - want).abs().max() > 1e-4                              # the gates act on the logits
+    assert (static - want).abs().max() <= 1e-5                            # reference policy = pretrained
+    assert all(m.dynamic for _, m in dve.fdlinears(model))                # switch restored
+    # gradients from the LM loss reach every head of every DVE layer
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in dve.dve_parameters(model):
+        p.requires_grad_(True)
+    model(ids, pixel_values=pix, image_grid_thw=grids).logsumexp(-1).mean().backward()
+    for name, layer in dve.fdlinears(model):
+        for head in (layer.ksm.band_head, layer.ksm.in_head, layer.ksm.out_head):
+            assert head.weight.grad is not None and head.weight.grad.abs().max() > 0, name
+    with pytest.raises(ValueError, match="already an FDLinear"):
+        dve.apply_dve(model, blocks=[1])
+    with pytest.raises(ValueError, match="blocks must be"):
+        dve.apply_dve(skinflow.VLM(cfg), blocks=(7, 15, 23, 31))          # the 3B's blocks on a 4-block tower
+    with pytest.raises(ValueError, match="linears must be"):
+        dve.apply_dve(skinflow.VLM(cfg), blocks=[0], linears=("qkv",))
+
+
+def test_dve_save_load_roundtrip(tmp_path):
+    import skinflow
+    from safetensors import safe_open
+
+    cfg = skinflow.Config.preset("tiny")
+    model = skinflow.VLM(cfg, seed=4).eval()
+    dve.apply_dve(model, blocks=[0, 3], K=7, linears=("up_proj", "down_proj"))
+    for _, layer in dve.fdlinears(model):
+        _dve_randomize_heads(layer, std=0.5)
+    ids, pix, grids = _dve_vlm_inputs(cfg, [(1, 6, 8), (1, 8, 8)], seed=2)
+    with torch.no_grad():
+        want = model(ids, pixel_values=pix, image_grid_thw=grids)
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert {"visual.blocks.3.mlp.down_proj.spectrum", "visual.blocks.0.mlp.up_proj.ksm.band_head.weight",
+            "visual.blocks.0.mlp.gate_proj.weight"} <= keys
+    assert "visual.blocks.0.mlp.up_proj.weight" not in keys
+    loaded = skinflow.VLM.from_pretrained(tmp_path)
+    assert loaded.cfg.dve == {"blocks": [0, 3], "K": 7, "linears": ["up_proj", "down_proj"]}
+    assert len(dve.fdlinears(loaded)) == 4
+    with torch.no_grad():
+        got = loaded(ids, pixel_values=pix, image_grid_thw=grids)
+    assert (got - want).abs().max() <= 1e-6
+
+
+def test_dve_transformers_checkpoint_identity(tmp_path):
+    """A tiny transformers Qwen2.5-VL checkpoint: ours with DVE applied still matches transformers' logits,
+    and equals our unconverted model (fp32, <= 1e-5)."""
+    import skinflow
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    hf_cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=600, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, max_position_embeddings=2048,
+                         bos_token_id=590, eos_token_id=591, pad_token_id=590),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=64,
+                           window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=595, video_token_id=596, vision_start_token_id=592, vision_end_token_id=593,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():                            # randomise: no term may hide
+            base = 1.0 if ("norm" in name or "ln_q" in name) else 0.0
+            p.copy_(base + 0.05 * torch.randn(p.shape, generator=g))
+    hf.save_pretrained(tmp_path)
+    ours = skinflow.VLM.from_pretrained(tmp_path)
+    ids, pix, grids = _dve_vlm_inputs(ours.cfg, [(1, 8, 12), (1, 6, 10)], seed=3)
+    with torch.no_grad():
+        plain = ours(ids, pixel_values=pix, image_grid_thw=grids)
+        ref = hf(input_ids=ids, pixel_values=pix, image_grid_thw=grids, mm_token_type_ids=(ids == 595).int()).logits
+    dve.apply_dve(ours, blocks=[0, 1], K=4)
+    with torch.no_grad():
+        got = ours(ids, pixel_values=pix, image_grid_thw=grids)
+    assert (got - plain).abs().max() <= 1e-5
+    assert (got - ref).abs().max() <= 1e-4
+
+
+def test_dve_overhead_real_shapes_on_meta():
+    """The 3B/7B vision towers (meta device, no memory): 12 FDLinear layers, overhead < 5 % (the paper's claim)."""
+    per_block = (2 * _dve_ksm_formula(DVE_D, DVE_I, 4) + _dve_ksm_formula(DVE_I, DVE_D, 4)
+                 + 2 * 2 * DVE_I + 2 * DVE_D)
+    for preset in ("3b", "7b"):
+        rep = dve.preset_overhead(preset)
+        assert rep["layers"] == 12 and rep["params_added"] == 4 * per_block == 10_874_308
+        assert 1.5 < rep["overhead_pct"] < 5.0
