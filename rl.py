@@ -18,11 +18,14 @@ completions, pi_ref the frozen reference.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
 
 # ===================================================================================================
 # 1. Log-probabilities of the sampled tokens
@@ -446,3 +449,232 @@ def reward_differential(text: str, truth: str) -> tuple[float, dict]:
     r = DIFF_W_CONTENT * hit + DIFF_W_FORMAT * fmt - DIFF_SAFETY_PENALTY * float(safety)
     info.update({"malformed": False, "format": fmt, "verdicts": verdicts, "safety_top1": safety})
     return float(r), info
+
+
+# ===================================================================================================
+# 4. What is trained, and how the reference policy comes for free
+#
+# LoRA (Hu et al. 2021): a frozen linear W gets a trainable low-rank delta, y = W x + (alpha/r) B A x,
+# A [r, d_in], B [d_out, r], B = 0 at start so training begins exactly at the pretrained model.
+# GRPO's KL term needs pi_ref = the policy before RL. With LoRA that is simply "adapters off", and with
+# DVE it is "gates forced to 1" (dve.dve_static): the SAME weights serve as policy and reference, so no
+# second 3B/7B copy sits in memory. Only full fine-tuning of the LLM needs a frozen copy.
+# ===================================================================================================
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear + low-rank delta:  y = x W^T + b + (alpha / r) * (x A^T) B^T.
+
+    Subclasses nn.Linear and keeps the base `weight` / `bias` under their own names, so the state-dict
+    keys of the base weights stay Hub-shaped. A, B are float32 even when W is bf16 (see MasterWeights for
+    why): the delta is computed in fp32 and cast to the activation dtype.
+    `enabled = False` turns the adapter off (the reference policy).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        nn.Module.__init__(self)  # skip nn.Linear.__init__: reuse the base tensors, allocate nothing
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # like nn.Linear's init; B = 0 -> delta = 0
+        self.enabled = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)  # [..., d_out] frozen path, in the model dtype
+        if not self.enabled:
+            return y
+        delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # [..., d_out] fp32
+        return y + (self.scaling * delta).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W' = W + (alpha / r) B A, in W's dtype (for export)."""
+        return (self.weight.float() + self.scaling * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+
+    def extra_repr(self):
+        return f"{self.in_features} -> {self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def apply_lora(model, rank: int = 16, alpha: float = 32.0, targets=LORA_TARGETS) -> dict:
+    """Wrap the chosen projections of the LANGUAGE model (model.model.layers.*) in LoRALinear, in place.
+
+    The vision tower's MLP also has gate/up/down_proj; it is not touched (DVE is its trainable part).
+    Freezes nothing else: call `set_trainable` for that. Returns {"layers": n, "params": n_lora_params}.
+    """
+    bad = set(targets) - set(LORA_TARGETS)
+    if bad or rank < 1:
+        raise ValueError(f"apply_lora: rank must be >= 1 and targets among {LORA_TARGETS}; got {rank}, {sorted(bad)}")
+    n_layers = n_params = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in targets:
+                lin = getattr(parent, name, None)
+                if isinstance(lin, nn.Linear) and not isinstance(lin, LoRALinear):
+                    wrapped = LoRALinear(lin, rank, alpha)
+                    setattr(parent, name, wrapped)
+                    n_layers += 1
+                    n_params += wrapped.lora_A.numel() + wrapped.lora_B.numel()
+    return {"layers": n_layers, "params": n_params}
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Inside the block every LoRALinear computes only its frozen base: pi_ref for the LoRA part."""
+    layers = lora_layers(model)
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, e in zip(layers, before):
+            m.enabled = e
+
+
+@contextlib.contextmanager
+def reference_policy(model):
+    """pi_ref = the same weights with every trainable delta off: LoRA adapters off AND DVE gates = 1."""
+    import dve
+
+    with adapters_disabled(model), dve.dve_static(model):
+        yield model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its base weight and put plain nn.Linear layers back (Hub layout again,
+    so VLM.save_pretrained writes a checkpoint any Qwen2.5-VL loader reads). In place; returns model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                device=child.weight.device, dtype=child.weight.dtype)
+                lin.weight.copy_(child.merged_weight() if child.enabled else child.weight)
+                if child.bias is not None:
+                    lin.bias.copy_(child.bias)
+                setattr(parent, name, lin)
+    return model
+
+
+class MasterWeights:
+    """fp32 master copies of low-precision trainable parameters (mixed-precision training).
+
+    Why: bf16 has 8 significant bits, so a weight w can only move in steps of about |w| * 2**-8. Adam's
+    step is ~lr per element: with the paper's lr = 1e-6 (Stage I) / 5e-7 (Stage II) and |w| ~ 0.02,
+    lr / |w| = 5e-5 << 2**-9, and `w - lr * u` rounds back to w - in bf16 the update simply vanishes.
+    So the optimizer owns an fp32 copy, accumulates the tiny steps there, and after each step the
+    model's bf16 weight is refreshed from it (rounding once, not losing the sum).
+    Parameters that already are fp32 (LoRA A/B, fp32 models) are used directly, at no extra cost.
+
+    Usage: mw = MasterWeights(params); opt = AdamW(mw.params); loss.backward(); mw.grads_to_master();
+           opt.step(); mw.master_to_model(); mw.zero_grad().
+    """
+
+    def __init__(self, params):
+        self.model_params = [p for p in params if p.requires_grad]
+        self.params = [p if p.dtype == torch.float32 else
+                       nn.Parameter(p.detach().float().clone()) for p in self.model_params]
+
+    def grads_to_master(self):
+        for p, m in zip(self.model_params, self.params):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+
+    @torch.no_grad()
+    def master_to_model(self):
+        for p, m in zip(self.model_params, self.params):
+            if m is not p:
+                p.copy_(m)
+
+    def zero_grad(self):
+        for p in self.model_params + self.params:
+            p.grad = None
+
+
+def set_trainable(model, lora: bool = True, dve_layers: bool = True, llm: bool = False) -> dict:
+    """Freeze everything, then unfreeze the chosen sets; returns trainable-parameter counts per set.
+
+    lora: the LoRA A/B matrices; dve_layers: the KSM gate heads of every FDLinear (dve.dve_parameters;
+    the spectrum it is built from stays frozen so "gates = 1" is still the reference); llm: the whole
+    language model (full fine-tuning, which then needs a frozen reference copy).
+    """
+    import dve
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    counts = {"lora": 0, "dve": 0, "llm": 0}
+    if llm:
+        for p in model.model.parameters():
+            p.requires_grad_(True)
+            counts["llm"] += p.numel()
+        if model.lm_head is not None:
+            for p in model.lm_head.parameters():
+                p.requires_grad_(True)
+                counts["llm"] += p.numel()
+    if lora:
+        for m in lora_layers(model):
+            for p in (m.lora_A, m.lora_B):
+                p.requires_grad_(True)
+                counts["lora"] += p.numel()
+    if dve_layers:
+        for p in dve.dve_parameters(model):  # the KSM gate heads; the spectrum stays frozen (see dve.py)
+            p.requires_grad_(True)
+            counts["dve"] += p.numel()
+    return counts
+
+
+def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: torch.Tensor,
+                        chunk: int = 1024, temperature: float = 1.0, impl: str = "auto", image_embeds=None):
+    """log pi(o_t | q, o_<t) / T for every completion token -> [B, L] float32 (0 where mask = 0).
+
+    batch: the prompt (make_batch output: input_ids [B, T0] LEFT-padded, attention_mask, pixel_values,
+    image_grid_thw); completion_ids / mask: [B, L] from VLM.generate. The hidden state that predicts
+    completion token j sits at position T0 - 1 + j of prompt+completion.
+
+    Memory: the decoder runs once over [B, T0 + L]; then only the rows of REAL completion tokens go
+    through lm_head, `chunk` rows at a time, and each chunk is checkpointed: its [chunk, V] logits are
+    recomputed in backward instead of kept. So at no time do [B*L, V] logits exist, in any dtype.
+    `temperature` must match the sampler's (the sampler's log-probs are log softmax(logits / T)).
+    """
+    ids = batch["input_ids"].to(model.device)  # [B, T0]
+    T0 = ids.shape[1]
+    comp = completion_ids.to(ids.device)  # [B, L]
+    m = mask.to(ids.device) > 0  # [B, L]
+    attn = batch.get("attention_mask")
+    attn = torch.ones_like(ids) if attn is None else attn.to(ids.device)
+    full = torch.cat([ids, comp], 1)  # [B, T0 + L]
+    full_attn = torch.cat([attn, m.to(attn.dtype)], 1)  # [B, T0 + L]
+    h = model.hidden_states(full, full_attn, batch.get("pixel_values"), batch.get("image_grid_thw"),
+                            image_embeds=image_embeds)  # [B, T0 + L, D]
+    h = h[:, T0 - 1:T0 - 1 + comp.shape[1]]  # [B, L, D] states that predict o_1..o_L
+    rows = h[m]  # [n, D] real completion tokens only
+    targets = comp[m]  # [n]
+    W = model.lm_head_weight  # [V, D]
+
+    def chunk_logp(h_c, y_c):
+        logits = F.linear(h_c, W)  # [c, V] in the model dtype
+        if temperature != 1.0:
+            logits = logits / temperature
+        return selective_log_softmax(logits, y_c, impl=impl)  # [c] float32
+
+    out = []
+    for s in range(0, rows.shape[0], chunk):
+        h_c, y_c = rows[s:s + chunk], targets[s:s + chunk]
+        if torch.is_grad_enabled() and h_c.requires_grad:
+            out.append(torch.utils.checkpoint.checkpoint(chunk_logp, h_c, y_c, use_reentrant=False))
+        else:
+            out.append(chunk_logp(h_c, y_c))
+    flat = torch.cat(out) if out else torch.zeros(0, device=ids.device)  # [n]
+    logp = torch.zeros(comp.shape, dtype=torch.float32, device=ids.device)  # [B, L]
+    return logp.masked_scatter(m, flat)

@@ -341,3 +341,114 @@ def test_rl_reward_differential_cases():
     bare, info = rl.reward_differential("it looks like psoriasis to me", truth)  # found, but not a list
     assert info["rank"] == 1 and info["format"] == 0.0 and abs(bare - 0.9) < 1e-9
     assert perfect > third > near > sixth > danger
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. LoRA, reference policy, master weights, chunked completion log-probs
+# ---------------------------------------------------------------------------------------------------
+def _rl_tiny(seed=0):
+    cfg = skinflow.Config.preset("tiny")
+    return skinflow.VLM(cfg, seed=seed)
+
+
+def _rl_prompt(seed=0, B=3, T=9):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 300, (B, T), generator=gen)  # plain text ids (no image placeholders)
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0  # one left-padded row
+    return {"input_ids": ids, "attention_mask": attn}
+
+
+def test_rl_lora_identity_disable_and_merge():
+    torch.manual_seed(0)
+    model = _rl_tiny()
+    batch = _rl_prompt()
+    with torch.no_grad():
+        base = model(**batch)
+    rep = rl.apply_lora(model, rank=4, alpha=8.0)
+    assert rep["layers"] == 7 * len(model.model.layers)
+    assert not any(isinstance(m, rl.LoRALinear) for m in model.visual.modules())  # LLM only
+    counts = rl.set_trainable(model)
+    assert counts["lora"] == rep["params"] > 0
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+           {n for n, _ in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch), base)  # B = 0: starts at the pretrained model
+        for m in rl.lora_layers(model):
+            m.lora_B.normal_(0, 0.05)
+        adapted = model(**batch)
+        assert (adapted - base).abs().max() > 1e-3
+        with rl.adapters_disabled(model):
+            torch.testing.assert_close(model(**batch), base)  # pi_ref without a second copy
+        torch.testing.assert_close(model(**batch), adapted)  # adapters back on after the block
+        rl.merge_lora(model)
+        assert not rl.lora_layers(model)
+        assert not any("lora_" in k for k in model.state_dict())  # Hub-layout keys again
+        torch.testing.assert_close(model(**batch), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_rl_master_weights_keep_tiny_updates():
+    """lr * grad far below bf16's resolution: a bf16 weight never moves, the fp32 master does."""
+    w0 = torch.full((64,), 0.02) + torch.rand(64) * 1e-3
+    plain = torch.nn.Parameter(w0.bfloat16())
+    mixed = torch.nn.Parameter(w0.bfloat16())
+    mw = rl.MasterWeights([mixed])
+    opt_plain = torch.optim.SGD([plain], lr=1e-6)
+    opt_mixed = torch.optim.SGD(mw.params, lr=1e-6)
+    ref = w0.bfloat16().double()  # the master starts from the bf16 weight it shadows
+    for _ in range(300):
+        for p in (plain, mixed):
+            p.grad = torch.ones_like(p)
+        opt_plain.step()
+        mw.grads_to_master()
+        opt_mixed.step()
+        mw.master_to_model()
+        mw.zero_grad()
+        ref -= 1e-6
+    assert torch.equal(plain.detach(), w0.bfloat16())  # every update rounded away
+    assert torch.equal(mixed.detach(), ref.bfloat16())  # the sum of 300 steps survived
+    assert not torch.equal(mixed.detach(), w0.bfloat16())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rl_completion_logprobs_match_sampler_and_naive(temperature):
+    torch.manual_seed(1)
+    model = _rl_tiny(seed=1)
+    rl.apply_lora(model, rank=4, alpha=8.0)
+    rl.set_trainable(model)
+    for m in rl.lora_layers(model):
+        torch.nn.init.normal_(m.lora_B, std=0.02)
+    batch = _rl_prompt(seed=1)
+    gen = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10, temperature=temperature,
+                         generator=torch.Generator().manual_seed(3))
+    mask = gen.mask.clone()
+    mask[1, 6:] = 0  # a shorter completion: masked tokens must come out as 0
+    logp = rl.completion_logprobs(model, batch, gen.tokens, mask, chunk=4, temperature=temperature)
+    torch.testing.assert_close(logp, gen.logprobs * mask, rtol=1e-4, atol=1e-4)  # = what the sampler saw
+    # gradients equal the plain (full-logits) computation
+    full = torch.cat([batch["input_ids"], gen.tokens], 1)
+    attn = torch.cat([batch["attention_mask"], (mask > 0).long()], 1)
+    T0 = batch["input_ids"].shape[1]
+    logits = model(full, attn)[:, T0 - 1:-1].float() / temperature  # [B, L, V]
+    naive = torch.log_softmax(logits, -1).gather(-1, gen.tokens[..., None]).squeeze(-1) * mask
+    w = torch.randn(mask.shape)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad((logp * w).sum(), params)
+    g2 = torch.autograd.grad((naive * w).sum(), params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert max(float(a.abs().max()) for a in g1) > 0
+
+
+def test_rl_completion_logprobs_never_keep_full_logits():
+    model = _rl_tiny(seed=2)
+    rl.apply_lora(model, rank=2, alpha=4.0)
+    rl.set_trainable(model)
+    batch = _rl_prompt(seed=2)
+    comp = torch.randint(10, 300, (3, 12))
+    mask = torch.ones(3, 12)
+    V = model.cfg.vocab_size
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        rl.completion_logprobs(model, batch, comp, mask, chunk=8)
+    assert shapes and not [s for s in shapes if len(s) >= 2 and s[-1] == V], shapes
