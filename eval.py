@@ -536,6 +536,7 @@ def _clean_item_once(s: str) -> str:
     if ":" in s:                                                         # "Dx: psoriasis" vs "psoriasis: because..."
         head, tail = s.split(":", 1)
         s = tail if _LEAD_WORDS.match(head) else head
+    s = re.sub(r"^\s*\(?\d{1,2}[.)](?=\s|$)", " ", s)                     # a list marker left at the start
     m = _INLINE.search(s)
     if m and m.start() > 0:                                              # an inline marker left inside: cut there
         s = s[:m.start()]
@@ -652,10 +653,21 @@ def _field_regex():
 
 
 def _clean_value(v: str) -> str:
-    """"Erythematous ,  Salmon." -> "erythematous, salmon"; empty -> "none" (the schema's empty value)."""
-    parts = [" ".join(p.lower().split()).strip(" .:;!?\"'*`{}[]") for p in re.split(r"[,;]", v)]
-    parts = [p for p in parts if p]
-    return ", ".join(parts) if parts else "none"
+    """"Erythematous ,  Salmon." -> "erythematous, salmon"; empty -> "none" (the schema's empty value).
+
+    Cleaned to a fixed point, and cut before any field marker that cleaning exposed ("[colour: a" ->
+    "colour: a" would read as a new field), so that parse(format(parse(x))) == parse(x).
+    """
+    for _ in range(10):
+        parts = [" ".join(p.lower().split()).strip(" .:;!?\"'*`{}[]") for p in re.split(r"[,;]", v)]
+        out = ", ".join(p for p in parts if p)
+        m = _field_regex().search(out)
+        if m:
+            out = out[:m.start()]
+        if out == v:
+            break
+        v = out
+    return out or "none"
 
 
 def _parse_caption_core(text) -> tuple[dict[str, str], bool]:
