@@ -1,7 +1,49 @@
-"""data.py: the data side of SkinFlow (arXiv 2601.09136).
+"""data.py: every piece of data SkinFlow (arXiv 2601.09136) trains and tests on, in one file.
 
-This module is under construction; the fine -> nine -> three label tree below is final.
+SkinFlow trains Qwen2.5-VL in two reinforcement-learning stages (paper Sec. 3): Stage I rewards a
+structured *caption* of the lesion (8 fields: colour, location, shape, lesion type, size, border,
+surface, distribution), Stage II rewards a ranked *differential diagnosis* (top 6, most likely first).
+It reports Top-1 / Top-6 on 1,000 random Fitzpatrick17k images. This module provides:
+
+1. The label tree of Fitzpatrick17k (TAXONOMY: 114 fine labels -> 9 groups -> 3 groups).
+2. The prompts of both stages and their canonical target formats (format_caption, format_differential),
+   the single home that eval.py parses and rl.py rewards.
+3. SynthDerm, a procedural stand-in for Fitzpatrick17k: 20 classes that reuse Fitzpatrick17k label
+   strings, drawn with numpy on skin of Fitzpatrick types I-VI, with a truthful caption per image, a faint
+   class-specific texture that is never captioned (the "implicit" signal Stage II and the DVE are about),
+   and confusable clusters with mimicry so neither the caption nor a colour histogram solves the task.
+   It needs no download, so `bash train.sh` and the tests run anywhere. It is NOT medically faithful.
+4. Fitzpatrick17k (Groh et al. 2021): CSV loader, image resolution, the published split protocols and an
+   image downloader; SkinCAP (Zhou et al. 2024) caption loader with a free-text -> 8-field mapper and a
+   guard that keeps captioned images out of test splits.
+5. iterate(stage, split): (PIL image, prompt, target record) for training and evaluation, and a CLI:
+   python data.py preview --n 16 --out grid.png
+   python data.py headroom
+   python data.py download-fitzpatrick17k --out DIR
 """
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import io
+import math
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+HERE = Path(__file__).resolve().parent
+# The Fitzpatrick17k CSV ships with the repo (gzip, 0.7 MB; attribution in assets/README.md).
+FITZPATRICK17K_CSV = HERE / "assets" / "fitzpatrick17k.csv.gz"
 
 # ---------------------------------------------------------------------------------------------------
 # Fitzpatrick17k label tree: 114 fine labels -> (nine_partition_label, three_partition_label).
@@ -136,3 +178,741 @@ TAXONOMY: dict[str, tuple[str, str]] = {
     'melanoma': ('malignant melanoma', 'malignant'),
     'superficial spreading melanoma ssm': ('malignant melanoma', 'malignant'),
 }
+
+# The nine groups map to exactly one of the three top-level groups (derived from TAXONOMY, so one source).
+NINE_TO_THREE: dict[str, str] = {nine: three for nine, three in TAXONOMY.values()}
+
+# Near-duplicate labels ("pyogenic granuloma" / "granuloma pyogenic", the melanoma variants, ...) are NOT
+# merged here: the label strings stay the CSV's IDs. The one home for synonyms, subtypes and aliases is
+# eval.py (`canonical`, `judge`), which gives credit for a synonym or a valid subclass.
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts and target formats (paper Sec. 3.2 Stage I "explicit medical captioning", Sec. 3.3 Stage II
+# "implicit diagnosis"). The paper does not publish its prompt text; these are ours. Both ask for a fixed,
+# line-based format so that a deterministic parser (eval.py) can score the answer and rl.py can reward it.
+# ---------------------------------------------------------------------------------------------------
+CAPTION_FIELDS = ("colour", "location", "shape", "lesion type", "size", "border", "surface", "distribution")
+
+STAGE1_PROMPT = (
+    "Describe the skin lesion in this image. Answer with exactly 8 lines in this order, each written as "
+    "'field: value' in lower case (several values separated by ', ', 'none' if absent): "
+    "colour, location, shape, lesion type, size, border, surface, distribution."
+)
+STAGE2_PROMPT = (
+    "What is the diagnosis of the skin condition in this image? Give a differential diagnosis of 6 "
+    "conditions, most likely first, one per line as '1. <diagnosis>' to '6. <diagnosis>'."
+)
+
+# The closed vocabulary of each caption field. SynthDerm draws only these values; the SkinCAP mapper
+# maps free text onto them. (Listed so tokenizer_corpus and tests can see every word a target may hold.)
+CAPTION_VOCAB: dict[str, tuple[str, ...]] = {
+    "colour": ("erythematous", "salmon", "pink", "violaceous", "brown", "dark brown", "black", "blue-gray",
+               "white", "yellow", "pearly", "skin-coloured"),
+    "location": ("face", "scalp", "trunk", "limb", "palm or sole"),
+    "shape": ("round", "oval", "polygonal", "annular", "arcuate", "irregular"),
+    "lesion type": ("macule", "patch", "papule", "plaque", "nodule", "wheal", "vesicle", "pustule"),
+    "size": ("small", "medium", "large"),
+    "border": ("well-demarcated", "ill-defined", "regular", "irregular"),
+    "surface": ("coarse silvery scale", "fine scale", "thick keratotic scale", "crust", "central ulcer",
+                "excoriations", "verrucous", "horn cysts", "reticulate white lines", "telangiectasia",
+                "rolled border", "collarette", "glistening", "pustules", "comedones", "pale centre",
+                "depigmented halo", "central white scar-like patch", "wrinkled atrophy", "fish-scale"),
+    "distribution": ("solitary", "scattered", "clustered", "linear", "follicular", "generalized"),
+}
+
+
+def format_caption(fields: dict[str, str]) -> str:
+    """Stage I target: exactly 8 lines `<field>: <value>` in CAPTION_FIELDS order, lower case.
+
+    A value may hold several items joined by ", "; an empty or missing value is written "none".
+    Example:  {"colour": "erythematous, salmon", "location": "trunk", ...} ->
+        colour: erythematous, salmon
+        location: trunk
+        ...
+    """
+    lines = []
+    for name in CAPTION_FIELDS:
+        value = str(fields.get(name, "") or "").strip().lower()
+        lines.append(f"{name}: {value if value else 'none'}")
+    return "\n".join(lines)
+
+
+def format_differential(labels: list[str]) -> str:
+    """Stage II target: up to 6 lines `1. <label>` ... `6. <label>`, most likely first (duplicates dropped)."""
+    seen: list[str] = []
+    for label in labels:
+        label = str(label).strip().lower()
+        if label and label not in seen:
+            seen.append(label)
+    return "\n".join(f"{i}. {label}" for i, label in enumerate(seen[:6], start=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# SynthDerm: the procedural stand-in dataset (design: README "SynthDerm"; values from a measured prototype)
+#
+# Each class is a set of *rules* over explicit attributes, each attribute a small categorical or a range.
+# A sample draws its attributes from its class's rules, renders them, and captions exactly what it rendered,
+# so the caption is truthful. Three things keep the task from being solved by the caption alone:
+#   * overlap: classes in one confusable cluster share most attribute values (psoriasis vs eczema ...);
+#   * mimicry: with probability P_MIMIC a sample takes the whole explicit look of a cluster sibling while
+#     keeping its own diagnosis (recorded in `.looks_like`), so an honest caption points at the wrong class;
+#   * the implicit cue: a faint grating inside and around each lesion whose period is class-specific
+#     (siblings differ) and which is never captioned. Only a model that looks at fine texture can recover
+#     a mimic's true class, which is the "implicit" signal SkinFlow's Stage II and DVE are built for.
+# ---------------------------------------------------------------------------------------------------
+ZOOM = 1.3              # lesion diameters are ZOOM * the class table's "size" fraction of the image
+P_MIMIC = 0.25          # probability that a sample borrows a cluster sibling's explicit look
+CUE_AMPLITUDE = 0.05    # relative luminance amplitude of the implicit grating (faint on purpose)
+
+# Fitzpatrick17k's Scale AI skin-type distribution (types I..VI, unknowns dropped) as SynthDerm's prior.
+SKIN_TYPE_PRIOR = np.array([2947, 4808, 3308, 2781, 1533, 635], dtype=np.float64)
+SKIN_TYPE_PRIOR /= SKIN_TYPE_PRIOR.sum()
+# Base sRGB of skin types I..VI (before jitter, mottling and lighting).
+SKIN_RGB = np.array([(244, 214, 190), (232, 190, 160), (208, 160, 120), (176, 124, 88), (124, 82, 56),
+                     (78, 50, 36)], dtype=np.float32)
+
+# Lesion colours are defined RELATIVE to the local skin: rgb = skin * mult + add. Erythema therefore
+# turns dark red-brown and low-contrast on types V-VI (the real failure mode of derm models), while the
+# near-absolute colours (white, black, blue-gray) keep a small skin term and stay high-contrast.
+COLOUR_RULES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "erythematous": ((1.00, 0.55, 0.55), (28, 0, 0)),
+    "salmon": ((1.00, 0.74, 0.62), (22, 10, 0)),
+    "pink": ((1.00, 0.82, 0.84), (18, 0, 6)),
+    "violaceous": ((0.72, 0.50, 0.74), (12, 0, 26)),
+    "brown": ((0.64, 0.48, 0.38), (0, 0, 0)),
+    "dark brown": ((0.40, 0.28, 0.22), (0, 0, 0)),
+    "black": ((0.10, 0.08, 0.08), (28, 22, 22)),
+    "blue-gray": ((0.20, 0.22, 0.26), (80, 90, 108)),
+    "white": ((0.15, 0.15, 0.15), (205, 200, 192)),
+    "yellow": ((0.80, 0.76, 0.45), (45, 38, 0)),
+    "pearly": ((0.55, 0.55, 0.55), (105, 98, 98)),
+    "skin-coloured": ((1.00, 0.97, 0.97), (0, 0, 0)),
+}
+
+
+def _c(*pairs):
+    """Helper for the class table: _c(("a", "b"), .5, ("c",), .5) -> [(("a", "b"), .5), (("c",), .5)]."""
+    return [(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
+
+
+# Class rules. Keys: cluster, prior (long-tailed like Fitzpatrick17k), morph (lesion type), shape,
+# count range, dist (distribution), size (lesion diameter as a fraction of the image), colours (each a
+# tuple of 1-3 colours with its probability), sharp (border sharpness range, >= 0.55 = well-demarcated),
+# irreg (border irregularity range, >= 0.2 = irregular), surface (independent Bernoulli per feature),
+# location (body-site prior, rendered through context cues), period (implicit grating period in pixels at
+# 224 px; scaled with the image size). Values follow the team's prototype (data notes Sec. 4.4), except
+# that the implicit periods are doubled (so the cue survives at 112 px) and the largest lesion counts are
+# capped a little lower (render speed).
+CLASS_RULES: dict[str, dict] = {
+    "psoriasis": dict(
+        cluster="A", prior=0.121, morph={"plaque": .8, "patch": .2}, shape={"round": .4, "oval": .3, "irregular": .3},
+        count=(1, 8), dist={"scattered": .7, "clustered": .3}, size=(0.08, 0.3),
+        colours=_c(("erythematous",), .5, ("salmon",), .3, ("pink",), .2), sharp=(0.4, 1.0), irreg=(0.05, 0.4),
+        surface={"coarse silvery scale": .6, "fine scale": .3, "crust": .05},
+        location={"limb": .45, "scalp": .3, "trunk": .25}, period=6.0),
+    "eczema": dict(
+        cluster="A", prior=0.081, morph={"patch": .5, "plaque": .5}, shape={"irregular": .6, "oval": .4},
+        count=(1, 6), dist={"clustered": .6, "scattered": .4}, size=(0.1, 0.35),
+        colours=_c(("erythematous",), .5, ("pink",), .3, ("salmon",), .2), sharp=(0.1, 0.65), irreg=(0.15, 0.5),
+        surface={"fine scale": .6, "coarse silvery scale": .15, "crust": .3, "excoriations": .35},
+        location={"limb": .45, "face": .2, "trunk": .2, "palm or sole": .15}, period=8.0),
+    "lichen planus": dict(
+        cluster="D", prior=0.081, morph={"papule": .8, "plaque": .2}, shape={"polygonal": .6, "round": .4},
+        count=(4, 20), dist={"clustered": .6, "linear": .25, "scattered": .15}, size=(0.02, 0.08),
+        colours=_c(("violaceous",), .65, ("dark brown",), .2, ("pink",), .15), sharp=(0.55, 1.0), irreg=(0.05, 0.3),
+        surface={"reticulate white lines": .5, "fine scale": .25},
+        location={"limb": .6, "trunk": .25, "palm or sole": .15}, period=6.4),
+    "vitiligo": dict(
+        cluster="F", prior=0.051, morph={"patch": .7, "macule": .3}, shape={"irregular": .6, "oval": .4},
+        count=(1, 4), dist={"scattered": 1.0}, size=(0.06, 0.4),
+        colours=_c(("white",), .85, ("white", "pink"), .15), sharp=(0.55, 1.0), irreg=(0.2, 0.6),
+        surface={}, location={"face": .35, "limb": .35, "trunk": .3}, period=8.0),
+    "urticaria": dict(
+        cluster="A", prior=0.051, morph={"wheal": 1.0}, shape={"annular": .4, "irregular": .4, "round": .2},
+        count=(1, 7), dist={"scattered": 1.0}, size=(0.08, 0.3),
+        colours=_c(("pink",), .6, ("erythematous",), .25, ("salmon",), .15), sharp=(0.3, 0.8), irreg=(0.2, 0.6),
+        surface={"pale centre": .6}, location={"trunk": .5, "limb": .5}, period=9.4),
+    "acne vulgaris": dict(
+        cluster="E", prior=0.061, morph={"papule": 1.0}, shape={"round": 1.0},
+        count=(6, 24), dist={"follicular": .7, "scattered": .3}, size=(0.015, 0.045),
+        colours=_c(("erythematous",), .7, ("pink",), .3), sharp=(0.3, 0.75), irreg=(0.0, 0.2),
+        surface={"pustules": .6, "comedones": .5}, location={"face": .7, "trunk": .3}, period=6.4),
+    "neurofibromatosis": dict(
+        cluster="E", prior=0.040, morph={"nodule": .6, "papule": .4}, shape={"round": .7, "oval": .3},
+        count=(3, 14), dist={"scattered": 1.0}, size=(0.025, 0.09),
+        colours=_c(("skin-coloured",), .5, ("pink",), .3, ("brown",), .2), sharp=(0.3, 0.75), irreg=(0.0, 0.15),
+        surface={}, location={"trunk": .7, "limb": .3}, period=10.8),
+    "ichthyosis vulgaris": dict(
+        cluster="G", prior=0.030, morph={"patch": 1.0}, shape={"polygonal": 1.0},
+        count=(1, 1), dist={"generalized": 1.0}, size=(1.0, 1.0),
+        colours=_c(("skin-coloured",), .5, ("brown",), .5), sharp=(0.0, 0.0), irreg=(0.0, 0.0),
+        surface={"fish-scale": 1.0, "fine scale": .4}, location={"limb": .7, "trunk": .3}, period=8.0),
+    "seborrheic keratosis": dict(
+        cluster="B", prior=0.040, morph={"plaque": .7, "papule": .3}, shape={"oval": .5, "round": .3, "irregular": .2},
+        count=(1, 4), dist={"scattered": .6, "solitary": .4}, size=(0.05, 0.18),
+        colours=_c(("brown",), .35, ("dark brown",), .35, ("brown", "dark brown"), .2, ("black",), .1),
+        sharp=(0.6, 1.0), irreg=(0.05, 0.35), surface={"verrucous": .7, "horn cysts": .5},
+        location={"trunk": .6, "face": .25, "scalp": .15}, period=10.8),
+    "milia": dict(
+        cluster="E", prior=0.030, morph={"papule": 1.0}, shape={"round": 1.0},
+        count=(2, 12), dist={"clustered": .7, "scattered": .3}, size=(0.012, 0.03),
+        colours=_c(("white",), .5, ("yellow",), .3, ("skin-coloured",), .2), sharp=(0.6, 1.0), irreg=(0.0, 0.1),
+        surface={}, location={"face": .9, "trunk": .1}, period=8.4),
+    "dermatofibroma": dict(
+        cluster="B", prior=0.030, morph={"papule": 1.0}, shape={"round": .6, "oval": .4},
+        count=(1, 1), dist={"solitary": 1.0}, size=(0.04, 0.12),
+        colours=_c(("brown",), .45, ("pink",), .3, ("brown", "pink"), .25), sharp=(0.3, 0.8), irreg=(0.0, 0.2),
+        surface={"central white scar-like patch": .6, "depigmented halo": .05},
+        location={"limb": .85, "trunk": .15}, period=7.0),
+    "pyogenic granuloma": dict(
+        cluster="C", prior=0.030, morph={"nodule": .8, "papule": .2}, shape={"round": .7, "oval": .3},
+        count=(1, 1), dist={"solitary": 1.0}, size=(0.05, 0.15),
+        colours=_c(("erythematous",), .7, ("violaceous",), .15, ("pink",), .15), sharp=(0.7, 1.0), irreg=(0.0, 0.25),
+        surface={"glistening": .7, "collarette": .5, "crust": .25, "central ulcer": .1},
+        location={"limb": .4, "face": .3, "palm or sole": .3}, period=10.8),
+    "nevocytic nevus": dict(
+        cluster="B", prior=0.040, morph={"macule": .5, "papule": .5}, shape={"round": .6, "oval": .4},
+        count=(1, 3), dist={"solitary": 1.0}, size=(0.03, 0.14),
+        colours=_c(("brown",), .4, ("dark brown",), .3, ("brown", "dark brown"), .25, ("brown", "black"), .05),
+        sharp=(0.5, 1.0), irreg=(0.0, 0.4), surface={"depigmented halo": .03},
+        location={"trunk": .5, "limb": .3, "face": .2}, period=6.0),
+    "halo nevus": dict(
+        cluster="B", prior=0.030, morph={"papule": .7, "macule": .3}, shape={"round": .7, "oval": .3},
+        count=(1, 1), dist={"solitary": 1.0}, size=(0.03, 0.1),
+        colours=_c(("brown",), .6, ("pink",), .25, ("dark brown",), .15), sharp=(0.5, 1.0), irreg=(0.0, 0.25),
+        surface={"depigmented halo": .85}, location={"trunk": .8, "limb": .2}, period=9.4),
+    "basal cell carcinoma": dict(
+        cluster="C", prior=0.061, morph={"nodule": .6, "papule": .4}, shape={"round": .5, "oval": .3, "irregular": .2},
+        count=(1, 1), dist={"solitary": 1.0}, size=(0.05, 0.18),
+        colours=_c(("pearly",), .6, ("pink",), .15, ("pearly", "dark brown"), .15, ("erythematous",), .1),
+        sharp=(0.5, 1.0), irreg=(0.05, 0.35),
+        surface={"telangiectasia": .65, "rolled border": .55, "central ulcer": .3, "glistening": .35},
+        location={"face": .8, "trunk": .2}, period=6.0),
+    "squamous cell carcinoma": dict(
+        cluster="C", prior=0.061, morph={"nodule": .5, "plaque": .5}, shape={"irregular": .5, "round": .3, "oval": .2},
+        count=(1, 1), dist={"solitary": 1.0}, size=(0.07, 0.22),
+        colours=_c(("erythematous",), .6, ("pink",), .3, ("salmon",), .1), sharp=(0.2, 0.7), irreg=(0.15, 0.5),
+        surface={"thick keratotic scale": .6, "crust": .4, "central ulcer": .35, "telangiectasia": .05},
+        location={"face": .4, "scalp": .2, "limb": .4}, period=8.4),
+    "actinic keratosis": dict(
+        cluster="A", prior=0.040, morph={"macule": .5, "papule": .5}, shape={"irregular": .5, "oval": .3, "round": .2},
+        count=(1, 10), dist={"scattered": 1.0}, size=(0.03, 0.09),
+        colours=_c(("erythematous",), .55, ("pink",), .3, ("brown",), .15), sharp=(0.1, 0.5), irreg=(0.15, 0.45),
+        surface={"fine scale": .7, "thick keratotic scale": .15},
+        location={"face": .5, "scalp": .4, "limb": .1}, period=7.0),
+    "melanoma": dict(
+        cluster="B", prior=0.061, morph={"macule": .4, "papule": .3, "plaque": .3},
+        shape={"irregular": .6, "oval": .25, "round": .15}, count=(1, 1), dist={"solitary": 1.0}, size=(0.06, 0.24),
+        colours=_c(("dark brown",), .1, ("brown", "dark brown"), .15, ("brown", "dark brown", "black"), .25,
+                   ("brown", "black", "blue-gray"), .15, ("dark brown", "erythematous", "white"), .15,
+                   ("pink", "erythematous"), .2),
+        sharp=(0.25, 0.95), irreg=(0.15, 0.6),
+        surface={"central ulcer": .05, "depigmented halo": .08, "glistening": .05},
+        location={"trunk": .45, "limb": .4, "face": .1, "palm or sole": .05}, period=8.0),
+    "kaposi sarcoma": dict(
+        cluster="D", prior=0.030, morph={"macule": .3, "plaque": .4, "nodule": .3}, shape={"oval": .6, "round": .4},
+        count=(1, 10), dist={"linear": .4, "scattered": .6}, size=(0.04, 0.12),
+        colours=_c(("violaceous",), .6, ("dark brown",), .25, ("erythematous",), .15), sharp=(0.4, 0.85),
+        irreg=(0.05, 0.3), surface={}, location={"limb": .7, "trunk": .2, "palm or sole": .1}, period=9.6),
+    "mycosis fungoides": dict(
+        cluster="A", prior=0.030, morph={"patch": .6, "plaque": .4}, shape={"arcuate": .4, "irregular": .4, "annular": .2},
+        count=(1, 5), dist={"scattered": .8, "clustered": .2}, size=(0.15, 0.4),
+        colours=_c(("salmon",), .4, ("erythematous",), .3, ("pink",), .15, ("violaceous",), .15),
+        sharp=(0.2, 0.75), irreg=(0.2, 0.6), surface={"fine scale": .5, "coarse silvery scale": .1, "wrinkled atrophy": .4},
+        location={"trunk": .7, "limb": .3}, period=10.8),
+}
+SYNTH_LABELS: tuple[str, ...] = tuple(CLASS_RULES)
+_SYNTH_PRIOR = np.array([CLASS_RULES[k]["prior"] for k in SYNTH_LABELS])
+_SYNTH_PRIOR /= _SYNTH_PRIOR.sum()
+# Confusable clusters: visual siblings (mimicry happens only inside a cluster). F and G are singletons.
+CLUSTERS: dict[str, tuple[str, ...]] = {}
+for _label, _rule in CLASS_RULES.items():
+    CLUSTERS.setdefault(_rule["cluster"], ())
+    CLUSTERS[_rule["cluster"]] += (_label,)
+
+
+def reference_differential(label: str, looks_like: str | None = None, k: int = 6) -> list[str]:
+    """A plausible ranked differential that starts with the truth (Stage II warm-up / reference answer).
+
+    Order: the truth; the class it visually mimics (if any); its SynthDerm confusable-cluster siblings;
+    then other labels of the same nine-group, then of the same three-group (both in TAXONOMY order, i.e.
+    alphabetical). Deterministic, so a reward or an SFT warm-up target built from it is reproducible.
+    """
+    if label not in TAXONOMY:
+        raise ValueError(f"unknown label {label!r} (not a Fitzpatrick17k label)")
+    out = [label]
+    if looks_like and looks_like != label:
+        out.append(looks_like)
+    if label in CLASS_RULES:
+        out += [s for s in CLUSTERS[CLASS_RULES[label]["cluster"]] if s != label]
+    nine, three = TAXONOMY[label]
+    # Prefer SynthDerm classes inside a group (they are the ones a SynthDerm model can actually see).
+    same_nine = sorted((l for l, (n, _) in TAXONOMY.items() if n == nine), key=lambda l: l not in CLASS_RULES)
+    same_three = sorted((l for l, (_, t) in TAXONOMY.items() if t == three), key=lambda l: l not in CLASS_RULES)
+    for cand in same_nine + same_three:
+        if cand not in out:
+            out.append(cand)
+    return out[:k]
+
+
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+_INV_SQRT_235 = 1 / np.sqrt([2.0, 3.0, 5.0])    # harmonic k of the border radius gets amplitude ~ 1/sqrt(k)
+_NOISE_TILES: dict[int, np.ndarray] = {}   # image size -> cached sensor-noise tile (see _noise_tile)
+
+
+def _noise_tile(size: int) -> np.ndarray:
+    """A fixed [3, size+64, size+64] Gaussian tile (sigma 2.5 levels), cropped at a random offset per image.
+
+    Drawing fresh normal noise per image costs ~2 ms at 224 px, more than the whole rest of a render; a
+    cached tile with a per-image offset looks the same to a model and keeps SynthDerm above 200 images/s.
+    """
+    if size not in _NOISE_TILES:
+        _NOISE_TILES[size] = (np.random.default_rng(12345).standard_normal((3, size + 64, size + 64)) * 2.5
+                              ).astype(np.float32)
+    return _NOISE_TILES[size]
+
+
+def _pick(rng: np.random.Generator, table: dict[str, float]) -> str:
+    """Draw one key of a {value: probability} table (probabilities are renormalised)."""
+    keys = list(table)
+    p = np.array([table[k] for k in keys], dtype=np.float64)
+    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+
+
+def _mix(dst: np.ndarray, colour, weight: np.ndarray) -> None:
+    """In place: dst = dst * (1 - w) + colour * w = dst + (colour - dst) * w, for dst [3, h, w], w [h, w].
+
+    Images are channel-first inside the renderer: numpy broadcasts a [3, h, w] op over long contiguous
+    rows, about 8x faster than over the trailing size-3 axis of [h, w, 3].
+    """
+    colour = np.asarray(colour, dtype=np.float32)
+    if colour.ndim == 1:
+        colour = colour[:, None, None]                     # [3, 1, 1]
+    dst += (colour - dst) * weight[None]                   # [3, h, w]
+
+
+def _blob_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np.ndarray:
+    """Smooth random blobs in [0, 1], [h, w]: a coarse uniform grid (one value per `cell` px) upsampled
+    bilinearly by PIL. Thresholding it gives flakes / cobblestones of about `cell` px."""
+    h, w = shape
+    grid = rng.random((max(2, int(h / cell) + 2), max(2, int(w / cell) + 2)), dtype=np.float32)
+    return np.asarray(Image.fromarray(grid).resize((w, h), Image.BILINEAR))
+
+
+def _relative_colour(name: str, skin: np.ndarray) -> np.ndarray:
+    """Lesion colour NAME over the local skin pixels `skin` [3, ...]: skin * mult + add (COLOUR_RULES)."""
+    mult, add = COLOUR_RULES[name]
+    tail = (1,) * (skin.ndim - 1)
+    return skin * np.asarray(mult, np.float32).reshape(3, *tail) + np.asarray(add, np.float32).reshape(3, *tail)
+
+
+@dataclass
+class SynthSample:
+    """One SynthDerm item. Same record shape as a Fitzpatrick17k Record plus what only a generator knows."""
+    id: str                  # md5-like hex of (seed, split, index): plays the role of Fitzpatrick17k's md5hash
+    label: str               # fine label (a Fitzpatrick17k label string, key of TAXONOMY)
+    nine: str                # nine_partition_label
+    three: str               # three_partition_label
+    fitzpatrick: int         # skin type 1..6
+    fields: dict[str, str]   # the 8 caption fields of what was RENDERED (Stage I target)
+    looks_like: str          # the class whose explicit look was rendered (== label unless mimicry)
+    period: float            # implicit grating period in pixels at this image size (never captioned)
+    image: Image.Image | None = None   # PIL RGB, image_size x image_size
+    mask: np.ndarray | None = None     # bool [H, W]: lesion pixels (for attention-focus metrics)
+    image_path: None = None            # a generated image has no file (kept for Record compatibility)
+
+    @property
+    def caption(self) -> str:
+        return format_caption(self.fields)
+
+
+class SynthDerm:
+    """SynthDerm(n, seed=0, image_size=224, split="train"): n procedurally drawn lesion images.
+
+    sample = f(seed, split, index): item i is rendered on demand from two numpy generators seeded with
+    (seed, split, i, stream), so the dataset stores nothing and any item can be reproduced on its own.
+    Splits are disjoint streams ("train", "val", "test"), not slices, so growing n never moves the test set.
+
+    Knobs: p_mimic (0 easy, 0.25 default, 0.4 hard), cue_amplitude (implicit texture strength; 0 removes
+    it), skin_types (e.g. (1, 2) to train on light skin only, Groh's a12 protocol), classes (a subset).
+    """
+
+    def __init__(self, n: int, seed: int = 0, image_size: int = 224, split: str = "train",
+                 p_mimic: float = P_MIMIC, cue_amplitude: float = CUE_AMPLITUDE,
+                 skin_types: tuple[int, ...] = (1, 2, 3, 4, 5, 6), classes: tuple[str, ...] | None = None):
+        if split not in _SPLIT_CODES:
+            raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, got {split!r}")
+        if int(n) < 0 or int(image_size) < 32:
+            raise ValueError(f"need n >= 0 and image_size >= 32, got n={n}, image_size={image_size}")
+        bad = [t for t in skin_types if t not in range(1, 7)]
+        if bad or not skin_types:
+            raise ValueError(f"skin_types must be a non-empty subset of 1..6, got {skin_types}")
+        self.classes = tuple(classes) if classes else SYNTH_LABELS
+        unknown = [c for c in self.classes if c not in CLASS_RULES]
+        if unknown:
+            raise ValueError(f"not SynthDerm classes: {unknown}; choose from {list(SYNTH_LABELS)}")
+        self.n, self.seed, self.size, self.split = int(n), int(seed), int(image_size), split
+        self.p_mimic, self.cue_amplitude = float(p_mimic), float(cue_amplitude)
+        self.skin_types = tuple(int(t) for t in skin_types)
+        prior = np.array([CLASS_RULES[c]["prior"] for c in self.classes])
+        self._class_p = prior / prior.sum()
+        tp = SKIN_TYPE_PRIOR[[t - 1 for t in self.skin_types]]
+        self._type_p = tp / tp.sum()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _rng(self, index: int, stream: int) -> np.random.Generator:
+        # Stream 0 draws the attributes (cheap, used by the caption oracle); stream 1 draws the pixels.
+        return np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index, stream])
+
+    def _index(self, index: int) -> int:
+        if index < 0:
+            index += self.n
+        if not 0 <= index < self.n:
+            raise IndexError(f"SynthDerm index {index} out of range for n={self.n}")
+        return index
+
+    # --- attributes -----------------------------------------------------------------------------------
+    def spec(self, index: int) -> dict:
+        """The attributes of item `index` without rendering it (fast: ~20 us). Keys: see SynthSample."""
+        index = self._index(index)
+        rng = self._rng(index, 0)
+        label = self.classes[int(rng.choice(len(self.classes), p=self._class_p))]
+        fitz = self.skin_types[int(rng.choice(len(self.skin_types), p=self._type_p))]
+        siblings = [s for s in CLUSTERS[CLASS_RULES[label]["cluster"]] if s != label and s in self.classes]
+        looks = label
+        if rng.random() < self.p_mimic and siblings:      # mimicry: borrow a sibling's whole explicit look
+            looks = siblings[int(rng.integers(len(siblings)))]
+        rule = CLASS_RULES[looks]
+        morph, shape, dist = _pick(rng, rule["morph"]), _pick(rng, rule["shape"]), _pick(rng, rule["dist"])
+        colours = rule["colours"][int(rng.choice(len(rule["colours"]), p=[p for _, p in rule["colours"]]))][0]
+        count = int(rng.integers(rule["count"][0], rule["count"][1] + 1))
+        size = float(rng.uniform(*rule["size"]))
+        sharp, irreg = float(rng.uniform(*rule["sharp"])), float(rng.uniform(*rule["irreg"]))
+        surface = [name for name, p in rule["surface"].items() if rng.random() < p]
+        location = _pick(rng, rule["location"])
+        # One lesion is "solitary" whatever the class rule said, and "solitary" means one lesion.
+        if dist == "solitary":
+            count = 1
+        elif count == 1 and dist != "generalized":
+            dist = "solitary"
+        # The implicit cue belongs to the TRUE class (not the look), with +-10 % log-normal period noise.
+        period = CLASS_RULES[label]["period"] * float(np.exp(0.1 * rng.standard_normal())) * self.size / 224
+        size_word = "small" if size < 0.06 else "medium" if size < 0.16 else "large"
+        border = ("well-demarcated" if sharp >= 0.55 else "ill-defined") + ", " + \
+                 ("irregular" if irreg >= 0.2 else "regular")
+        fields = {"colour": ", ".join(colours), "location": location, "shape": shape, "lesion type": morph,
+                  "size": size_word, "border": border, "surface": ", ".join(surface) if surface else "none",
+                  "distribution": dist}
+        uid = hashlib.md5(f"synthderm:{self.seed}:{self.split}:{index}".encode()).hexdigest()
+        nine, three = TAXONOMY[label]
+        return dict(id=uid, label=label, nine=nine, three=three, fitzpatrick=fitz, fields=fields,
+                    looks_like=looks, period=period, _colours=colours, _count=count, _size=size,
+                    _sharp=sharp, _irreg=irreg, _surface=surface, _morph=morph, _shape=shape, _dist=dist,
+                    _location=location)
+
+    def __getitem__(self, index: int) -> SynthSample:
+        spec = self.spec(index)
+        image, mask = self._render(spec, self._rng(self._index(index), 1))
+        public = {k: v for k, v in spec.items() if not k.startswith("_")}
+        return SynthSample(**public, image=image, mask=mask)
+
+    def __iter__(self) -> Iterator[SynthSample]:
+        for i in range(self.n):
+            yield self[i]
+
+    # --- rendering ------------------------------------------------------------------------------------
+    def _render(self, s: dict, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+        """Draw the image of spec `s`: skin + site cues, lesions, implicit cue, lighting, noise, hair.
+
+        Everything is vectorised numpy on float32 [S, S, 3] arrays; each lesion touches only its bounding
+        box. Strokes too thin for a pixel grid (hairs, vessels, dots) are drawn by PIL at the end.
+        """
+        S = self.size
+        sc = S / 224.0                                           # pixel scale relative to the 224 px design
+        xs = np.arange(S, dtype=np.float32)
+        # ---- skin: base colour of the type (+-5 % jitter), palms are paler (less melanin, thicker stratum)
+        skin = SKIN_RGB[s["fitzpatrick"] - 1] * np.float32(1 + 0.05 * rng.uniform(-1, 1)) \
+            * (1 + 0.02 * rng.uniform(-1, 1, 3)).astype(np.float32)
+        if s["_location"] == "palm or sole":
+            skin = 0.55 * skin + 0.45 * np.array([236, 196, 178], np.float32)
+        # Luminance field = low-frequency mottling (two oblique plane waves) + a lighting ramp: [S, S].
+        f = rng.uniform(1.5, 5, 2) * np.float32(2 * np.pi / S)           # 1.5-5 cycles per image
+        a2, p = rng.uniform(0, np.pi, 2), rng.uniform(0, 2 * np.pi, 2)
+        mottle = 0.5 + 0.25 * (np.cos(xs[None, :] * np.float32(f[0] * math.cos(a2[0])) + xs[:, None] * np.float32(f[0] * math.sin(a2[0])) + float(p[0]))
+                               + np.cos(xs[None, :] * np.float32(f[1] * math.cos(a2[1])) + xs[:, None] * np.float32(f[1] * math.sin(a2[1])) + float(p[1])))  # [S, S]
+        a = rng.uniform(0, 2 * np.pi)
+        ramp = (xs[None, :] * np.float32(math.cos(a)) + xs[:, None] * np.float32(math.sin(a))) * np.float32(rng.uniform(0.04, 0.12) / S)
+        lum = 0.96 + 0.08 * mottle + ramp                       # [S, S]
+        skin_mask = None                                         # [S, S] float, 1 on skin (limb: not background)
+        if s["_location"] == "limb":
+            # A limb crosses the frame: background at both sides, cylinder shading across it.
+            ph = rng.uniform(0, 2 * np.pi)
+            left = S * (0.10 + 0.03 * np.sin(xs / S * 3 + ph))[:, None]           # [S, 1] edge per row
+            right = S * (0.90 + 0.03 * np.sin(xs / S * 2.5 - ph))[:, None]
+            skin_mask = np.clip(np.minimum(xs[None, :] - left, right - xs[None, :]) / 1.5, 0, 1).astype(np.float32)
+            lum = lum * (0.72 + 0.28 * np.sin(np.pi * np.clip((xs[None, :] - left) / (right - left), 0, 1)))
+        img = skin[:, None, None] * lum[None]                    # [3, S, S] channel-first
+        if s["_location"] == "face":
+            # Pores: many one-pixel dark dots.
+            k = int(S * S / 70)
+            img[:, rng.integers(0, S, k), rng.integers(0, S, k)] *= 0.86
+        elif s["_location"] == "palm or sole":
+            # Flexion creases: a few long soft dark curves (drawn on a grey layer, then multiplied in).
+            layer = Image.new("L", (S, S), 0)
+            d = ImageDraw.Draw(layer)
+            for _ in range(int(rng.integers(3, 6))):
+                y0, y1 = rng.uniform(0, S, 2)
+                pts = [(x, y0 + (y1 - y0) * x / S + 0.08 * S * np.sin(x / S * 3 + y0)) for x in np.linspace(0, S, 9)]
+                d.line(pts, fill=255, width=max(1, round(1.5 * sc)))
+            img *= (1 - 0.28 / 255 * np.asarray(layer, np.float32))[None]
+        if skin_mask is not None:                                # dark cloth behind the limb (edge columns only)
+            e = int(0.14 * S) + 2
+            for cols in (slice(0, e), slice(S - e, S)):
+                _mix(img[:, :, cols], (34, 40, 52), 1 - skin_mask[:, cols])
+
+        mask = np.zeros((S, S), bool)
+        cue_w = np.zeros((S, S), np.float32)                     # where the implicit grating lives (generalized)
+        strokes: list[tuple] = []                                # ("line"|"dot", geometry, rgb) drawn by PIL
+        if s["_dist"] == "generalized":
+            self._generalized(s, rng, img, mask, cue_w, skin_mask)
+        else:
+            for cx, cy, R in self._layout(s, rng, skin_mask):
+                self._lesion(s, rng, img, mask, strokes, cx, cy, R, skin_mask)
+            if "comedones" in s["_surface"]:                     # open comedones: dark dots between papules
+                for _ in range(max(2, s["_count"] // 2)):
+                    cx, cy = rng.uniform(0.08 * S, 0.92 * S, 2)
+                    strokes.append(("dot", (cx, cy, max(0.8, 1.2 * sc)), (45, 36, 30)))
+
+        # ---- implicit cue: faint grating, class-specific period, random orientation/phase, never captioned
+        # It lives on the lesion AND a perilesional zone ~5 % of the image wide (a box blur of the mask), so
+        # even a 3 px acne papule carries a few periods of it at 112 px.
+        amp = self.cue_amplitude
+        th, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+        if amp > 0 and mask.any():
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            rad = max(1, round(0.05 * S))
+            r0, r1 = max(rows[0] - rad - 1, 0), min(rows[-1] + rad + 2, S)     # bounding box of the cue
+            c0, c1 = max(cols[0] - rad - 1, 0), min(cols[-1] + rad + 2, S)
+            if s["_dist"] != "generalized":
+                crop = Image.fromarray(mask[r0:r1, c0:c1].astype(np.uint8) * 255)
+                blur = np.asarray(crop.filter(ImageFilter.BoxBlur(rad)), np.float32)
+                cue_w[r0:r1, c0:c1] = np.minimum(blur * np.float32(3 / 255), 1)   # [h, w], 1 on and near lesions
+                if skin_mask is not None:
+                    cue_w *= skin_mask
+            k = np.float32(2 * np.pi / s["period"])
+            wave = np.sin(xs[None, c0:c1] * (k * np.cos(th)) + xs[r0:r1, None] * (k * np.sin(th)) + phase)
+            img[:, r0:r1, c0:c1] *= (1 + amp * cue_w[r0:r1, c0:c1] * wave)[None]   # [3, h, w]
+        # ---- sensor noise (cached tile, random offset)
+        ox, oy = rng.integers(0, 64, 2)
+        img += _noise_tile(S)[:, oy:oy + S, ox:ox + S]
+        assert img.dtype == np.float32, img.dtype
+        planes = np.clip(img, 0, 255, out=img).astype(np.uint8)   # [3, S, S]; merge avoids a slow transpose
+        out = Image.merge("RGB", [Image.fromarray(p) for p in planes])
+
+        # ---- thin strokes: vessels, scratches, dots; then hairs (site cue) on top of everything
+        d = ImageDraw.Draw(out)
+        for kind, geo, rgb in strokes:
+            if kind == "line":
+                d.line(geo, fill=rgb, width=max(1, round(sc)))
+            else:
+                x, y, r = geo
+                d.ellipse((x - r, y - r, x + r, y + r), fill=rgb)
+        n_hair = {"scalp": 70, "limb": 22, "trunk": 8}.get(s["_location"], 0)
+        if n_hair:
+            dark = s["fitzpatrick"] >= 3 or rng.random() < 0.5
+            hair_rgb = (32, 26, 22) if dark else (120, 92, 60)
+            axis = rng.uniform(0, np.pi) if s["_location"] != "limb" else np.pi / 2   # limb hair runs along it
+            x, y = rng.uniform(0, S - 1, (2, n_hair))
+            ang = axis + rng.normal(0, 0.35 if s["_location"] != "trunk" else 1.5, n_hair)
+            half_len = 0.5 * S * rng.uniform(0.06, 0.16, n_hair)
+            ang2 = ang + rng.normal(0, 0.25, n_hair)             # a slight bend half way
+            mx, my = x + half_len * np.cos(ang), y + half_len * np.sin(ang)
+            ex, ey = mx + half_len * np.cos(ang2), my + half_len * np.sin(ang2)
+            keep = np.ones(n_hair, bool) if skin_mask is None else skin_mask[y.astype(int), x.astype(int)] > 0.5
+            for i in np.flatnonzero(keep).tolist():
+                d.line([(x[i], y[i]), (mx[i], my[i]), (ex[i], ey[i])], fill=hair_rgb, width=1)
+        return out, mask
+
+    def _layout(self, s: dict, rng: np.random.Generator, skin_mask) -> list[tuple[float, float, float]]:
+        """Lesion centres and radii for the distribution: solitary, scattered, clustered, linear, follicular."""
+        S, n, dist = self.size, s["_count"], s["_dist"]
+        R0 = max(1.6, 0.5 * ZOOM * s["_size"] * S)                # base radius in pixels
+        lo, hi = 0.1 * S, 0.9 * S
+        if skin_mask is not None:
+            lo, hi = 0.2 * S, 0.8 * S                            # stay on the limb
+        if dist == "solitary":
+            c = rng.uniform(0.35 * S, 0.65 * S, (1, 2))
+        elif dist == "clustered":
+            centre = rng.uniform(0.3 * S, 0.7 * S, 2)
+            c = centre + rng.normal(0, 0.06 * S + R0, (n, 2))
+        elif dist == "linear":
+            p0, ang = rng.uniform(0.3 * S, 0.7 * S, 2), rng.uniform(0, np.pi)
+            t = np.linspace(-0.35 * S, 0.35 * S, n)[:, None] + rng.normal(0, 0.01 * S, (n, 1))
+            c = p0 + t * np.array([np.cos(ang), np.sin(ang)]) + rng.normal(0, 0.012 * S, (n, 2))
+        else:   # scattered / follicular: uniform over the frame
+            c = rng.uniform(lo, hi, (n, 2))
+        c = np.clip(c, lo, hi)
+        radii = R0 * rng.uniform(0.8, 1.2, len(c))
+        return [(float(x), float(y), float(r)) for (x, y), r in zip(c, radii)]
+
+    def _lesion(self, s, rng, img, mask, strokes, cx, cy, R, skin_mask) -> None:
+        """Render one lesion of radius R (px) centred at (cx, cy) into img and mask, in its bounding box.
+
+        Border: signed distance d = rho - R(theta) to a radius function with harmonics 2..6 (irregularity)
+        and, for polygons, the n-gon radius R cos(pi/n) / cos(((theta - rot) mod 2pi/n) - pi/n);
+        alpha = clip(0.5 - d / softness, 0, 1) with softness growing as the border gets ill-defined.
+        """
+        S = self.size
+        shape = s["_shape"]
+        rot = rng.uniform(0, np.pi)
+        harm = rng.uniform(0.2, 1.0, 3) * (R * s["_irreg"] * 0.45) * _INV_SQRT_235   # harmonic amplitudes
+        hph = rng.uniform(0, 2 * np.pi, 3)
+        soft = 0.6 + (1 - s["_sharp"]) * 0.4 * R                  # edge width: sharp border -> ~1 px
+        # Bounding box: radius + the largest harmonic bulge + the soft edge + room for a halo/collarette/shadow.
+        extra = 0.6 * R + 2 if "depigmented halo" in s["_surface"] else 0.25 * R + 1
+        half = R + float(harm.sum()) + 0.5 * soft + extra + 1
+        if shape == "polygonal":
+            half += 0.3 * R
+        x0, x1 = max(int(cx - half), 0), min(int(cx + half) + 1, S)
+        y0, y1 = max(int(cy - half), 0), min(int(cy + half) + 1, S)
+        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)      # [1, w]
+        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)      # [h, 1]
+        c, sn = np.float32(math.cos(rot)), np.float32(math.sin(rot))
+        u = dx * c + dy * sn                                      # [h, w] rotated frame
+        v = dy * c - dx * sn
+        if shape == "oval":
+            v = v * np.float32(1 / rng.uniform(0.5, 0.75))                     # squash one axis
+        rho = np.sqrt(u * u + v * v)                              # [h, w] distance from the centre
+        Rth = np.float32(R)
+        # theta is only needed for a non-round outline (tiny harmonics below 0.3 px are skipped).
+        if half - R - 0.5 * soft - extra - 1 > 0.3 or shape in ("polygonal", "arcuate"):
+            theta = np.arctan2(v, u)
+            Rth = np.full_like(rho, R)
+            for k, a, p in zip((2, 3, 5), harm, hph):             # irregular border: a few harmonics
+                Rth += np.float32(a) * np.cos(k * theta + np.float32(p))
+        if shape == "polygonal":
+            n = int(rng.integers(5, 8))
+            Rth *= math.cos(math.pi / n) / np.cos(np.mod(theta, 2 * math.pi / n) - math.pi / n)
+        d = rho - Rth                                             # < 0 inside the lesion
+        alpha = np.clip(0.5 - d / soft, 0, 1)                     # [h, w] lesion opacity
+        if shape in ("annular", "arcuate"):                       # a ring: clear the centre
+            alpha *= np.clip(0.5 + (rho - 0.58 * Rth) / soft, 0, 1)
+            if shape == "arcuate":                                # ... and keep only a ~220 degree arc
+                alpha *= np.clip((np.cos(theta - rng.uniform(0, 2 * np.pi)) + 0.35) * 3, 0, 1)
+        if skin_mask is not None:
+            alpha *= skin_mask[y0:y1, x0:x1]
+        local = img[:, y0:y1, x0:x1]                              # [3, h, w] view: edits land in img
+        surf = s["_surface"]
+        base = local                                              # skin under the lesion (read before edits)
+        if "depigmented halo" in surf:                            # depigmented ring around the lesion
+            _mix(local, _relative_colour("white", base), 0.85 * np.clip(1 - d / (0.55 * R + 2), 0, 1) * (d > -soft))
+        # ---- colour(s): one, or variegated regions split by a smooth random field
+        cols = s["_colours"]
+        target = _relative_colour(cols[0], base)
+        if len(cols) > 1:
+            f = np.sin(dx * rng.uniform(0.5, 1.5) / R * 2.5 + dy * rng.uniform(-1, 1) / R * 2.5 + rng.uniform(0, 6)) \
+                + 0.6 * np.sin(dy * rng.uniform(0.5, 1.5) / R * 3 + rng.uniform(0, 6))           # [h, w]
+            region = np.digitize(f, (0.0,) if len(cols) == 2 else (-0.55, 0.55))    # [h, w] colour index
+            for j, name in enumerate(cols[1:], start=1):
+                sel = region == j
+                target[:, sel] = _relative_colour(name, base[:, sel])
+        if surf:
+            interior = np.clip(-d / (0.15 * R + 1), 0, 1) * alpha  # [h, w] away from the edge
+        # ---- surface features (each one rendered exactly when it is captioned)
+        if "pale centre" in surf:
+            _mix(target, base * 1.04, 0.7 * np.clip(1 - rho / (0.5 * Rth), 0, 1))
+        if "central white scar-like patch" in surf:
+            _mix(target, _relative_colour("white", base), 0.65 * np.clip((0.38 * R - rho) / 1.5, 0, 1))
+        if "coarse silvery scale" in surf:
+            b = max(1, round(R / 6))
+            flakes = _blob_noise(rng, target.shape[1:], b)
+            _mix(target, (222, 222, 228), interior * (flakes > 0.45) * 0.75)
+        if "fine scale" in surf:
+            _mix(target, (236, 230, 224), interior * (rng.random(rho.shape, dtype=np.float32) > 0.55) * 0.32)
+        if "thick keratotic scale" in surf:
+            b = max(1, round(R / 5))
+            blocks = _blob_noise(rng, target.shape[1:], b)
+            _mix(target, (226, 214, 168), (0.55 + 0.35 * blocks) * np.clip((0.65 * Rth - rho) / 2, 0, 1))
+        if "verrucous" in surf:
+            b = max(1, round(R / 7))
+            cob = _blob_noise(rng, target.shape[1:], b)
+            target *= (1 + 0.45 * (cob - 0.5) * interior)[None]
+        if "reticulate white lines" in surf:
+            w = 2 * np.pi / max(3.0, 0.5 * R)
+            net = np.abs(np.sin(dx * w + dy * 0.4 * w) * np.sin(dy * w - dx * 0.3 * w)) < 0.22
+            _mix(target, (235, 232, 236), interior * net * 0.55)
+        if "wrinkled atrophy" in surf:
+            w = 2 * np.pi / max(2.5, 0.18 * R)
+            lines = np.sin(u * w + 1.5 * np.sin(v * 0.15)) > 0.75
+            target *= (1 - 0.14 * lines * interior)[None]
+        if "crust" in surf:
+            blob = np.sin(dx * 3 / R + rng.uniform(0, 6)) + np.sin(dy * 3 / R + rng.uniform(0, 6)) > 0.9
+            _mix(target, (150, 96, 42), interior * blob * 0.8)
+        if "central ulcer" in surf:
+            _mix(target, (205, 185, 125), np.clip((0.4 * R - rho) / 1.2, 0, 1))     # fibrin rim
+            _mix(target, (112, 32, 32), 0.9 * np.clip((0.3 * R - rho) / 1.2, 0, 1))
+        if "rolled border" in surf:
+            _mix(target, (238, 226, 226), 0.5 * np.clip(1 - np.abs(d + 0.14 * R) / (0.1 * R + 0.8), 0, 1))
+        # ---- elevation: dome shading lit from the upper left (flat lesions get none)
+        lift = {"papule": 0.14, "nodule": 0.26, "plaque": 0.07, "wheal": 0.06}.get(s["_morph"], 0.0)
+        if lift:
+            dome = np.clip(1 - rho / (Rth + 1e-3), 0, 1)
+            target *= (1 - lift * (dx + dy) / (1.41 * R) * np.sqrt(dome))[None]
+        if "glistening" in surf:
+            hl = np.clip(1 - np.hypot(dx + 0.35 * R, dy + 0.35 * R) / (0.22 * R + 0.8), 0, 1)
+            _mix(target, (250, 248, 248), 0.75 * hl)
+        # ---- composite: lesion over skin; nodules cast a shadow to the lower right; collarette outside
+        if s["_morph"] == "nodule":
+            shadow = np.clip(1 - np.abs(d - 0.1 * R) / (0.2 * R + 1), 0, 1) * ((dx + dy) > 0) * (1 - alpha)
+            local *= (1 - 0.3 * shadow)[None]
+        _mix(local, target, alpha)
+        if "collarette" in surf:
+            _mix(local, (238, 232, 222), 0.6 * np.clip(1 - np.abs(d - 0.1 * R - 1) / (0.06 * R + 0.7), 0, 1))
+        mask[y0:y1, x0:x1] |= alpha > 0.5
+        # ---- thin strokes for PIL
+        if "telangiectasia" in surf:
+            for _ in range(int(rng.integers(2, 5))):
+                a0, r0 = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.5) * R
+                pts = [(cx + r0 * np.cos(a0), cy + r0 * np.sin(a0))]
+                for _ in range(3):
+                    a0 += rng.normal(0, 0.7)
+                    pts.append((pts[-1][0] + 0.25 * R * np.cos(a0), pts[-1][1] + 0.25 * R * np.sin(a0)))
+                strokes.append(("line", pts, (172, 34, 44)))
+        if "excoriations" in surf:
+            for _ in range(int(rng.integers(2, 5))):
+                a0, off = rng.uniform(0, np.pi), rng.uniform(-0.5, 0.5, 2) * R
+                L = rng.uniform(0.3, 0.7) * R
+                p = (cx + off[0], cy + off[1])
+                strokes.append(("line", [p, (p[0] + L * np.cos(a0), p[1] + L * np.sin(a0))], (128, 24, 24)))
+        if "horn cysts" in surf:
+            for _ in range(int(rng.integers(3, 8))):
+                r, a0 = rng.uniform(0, 0.65) * R, rng.uniform(0, 2 * np.pi)
+                strokes.append(("dot", (cx + r * np.cos(a0), cy + r * np.sin(a0), max(0.6, 0.08 * R)), (238, 228, 190)))
+        if "pustules" in surf and rng.random() < 0.6:
+            strokes.append(("dot", (cx, cy, max(0.7, 0.35 * R)), (238, 226, 150)))
+        if s["_dist"] == "follicular":                            # a hair shaft exits each follicular papule
+            a0 = rng.uniform(0, 2 * np.pi)
+            strokes.append(("line", [(cx, cy), (cx + 2.2 * R * np.cos(a0), cy + 2.2 * R * np.sin(a0))], (40, 32, 26)))
+
+    def _generalized(self, s, rng, img, mask, cue_w, skin_mask) -> None:
+        """A generalized eruption (ichthyosis): the whole skin carries polygonal fish-scale plates."""
+        S = self.size
+        xs = np.arange(S, dtype=np.float32)
+        alpha = np.ones((S, S), np.float32) if skin_mask is None else skin_mask.copy()
+        target = _relative_colour(s["_colours"][0], img)
+        _mix(img, target, 0.6 * alpha)
+        rot, cell = rng.uniform(0, np.pi), 0.07 * S * rng.uniform(0.85, 1.15)
+        u = xs[None, :] * np.float32(np.cos(rot)) + xs[:, None] * np.float32(np.sin(rot))
+        v = -xs[None, :] * np.float32(np.sin(rot)) + xs[:, None] * np.float32(np.cos(rot))
+        fu = np.mod(u / cell + 0.25 * np.sin(v / cell * 1.3), 1.0)
+        fv = np.mod(v / cell + 0.25 * np.sin(u / cell * 1.1) + 0.5 * np.floor(u / cell), 1.0)
+        cracks = (fu < 0.1) | (fv < 0.1)                          # plate boundaries
+        img *= (1 - alpha * cracks * 0.22)[None]
+        _mix(img, (232, 226, 214), alpha * ~cracks * fu * 0.18)    # plates catch light
+        if "fine scale" in s["_surface"]:
+            _mix(img, (236, 230, 224), alpha * (rng.random((S, S), dtype=np.float32) > 0.6) * 0.3)
+        mask |= alpha > 0.5
+        cue_w[:] = alpha
+
