@@ -179,6 +179,8 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         """Build from a Hub config dict, flat (Hub repos) or nested (transformers 5.x `text_config`)."""
+        # Example flat (Hub) file:    {"hidden_size": 2048, "rope_scaling": {"type": "mrope", ...}, ...}
+        # Example nested (5.x) file:  {"text_config": {"hidden_size": 2048, "rope_parameters": {...}}, ...}
         text = dict(d.get("text_config") or {})
         # nested files keep the token ids partly at top level, partly in text_config: merge, nested wins
         top = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
@@ -328,6 +330,8 @@ def preprocess_image(image, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_
 
     if not isinstance(image, Image.Image):
         raise TypeError(f"preprocess_image wants a PIL.Image.Image, got {type(image).__name__}")
+    # Numbers for a 300 x 450 photo: smart_resize -> 308 x 448, i.e. 22 x 32 patches (N = 704 rows),
+    # 11 x 16 merged tokens = 176 <|image_pad|> slots in the prompt.
     image = image.convert("RGB")  # drops alpha like the reference (no compositing onto white)
     factor = patch_size * merge_size
     h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
@@ -404,6 +408,8 @@ class SwiGLU(nn.Module):
         return self._call(self.down_proj, F.silu(g) * u, cu_seqlens)
 
 
+# All attention goes through torch's scaled_dot_product_attention, which picks a fused kernel (flash /
+# memory-efficient on GPU, a blocked kernel on CPU) and never materialises the softmax when it can avoid it.
 def _sdpa_gqa(q, k, v, mask):
     """softmax(q k^T / sqrt(d) + mask) v with Hk < H key/value heads shared by H/Hk query heads (GQA).
 
@@ -420,6 +426,17 @@ def _sdpa_gqa(q, k, v, mask):
 
 # ===================================================================================================
 # 4. Vision tower (Qwen2.5-VL ViT, paper Sec. 3.1's frozen encoder before DVE)
+#
+# Worked example of the window order (window_size 56 px -> ws = 2 merged tokens, one image whose merged
+# grid is lh x lw = 3 x 5, merged tokens numbered in raster order):
+#
+#     0  1 |  2  3 |  4          windows in raster order: [0 1 5 6] [2 3 7 8] [4 9]
+#     5  6 |  7  8 |  9                                   [10 11] [12 13] [14]
+#    ---------------------       window_index = 0 1 5 6 2 3 7 8 4 9 10 11 12 13 14
+#    10 11 | 12 13 | 14          window sizes (merged) = 4 4 2 2 2 1  -> x4 patches each
+#
+# The edge windows are smaller (no padding ever enters attention). In the 3B/7B model ws = 4, so a full
+# window is 16 merged tokens = 64 patches; 4 of the 32 blocks instead attend over the whole image.
 # ===================================================================================================
 class VisionPlan:
     """Everything about the image GEOMETRY that the 32 ViT blocks share, computed once per batch of images.
@@ -459,6 +476,8 @@ class VisionPlan:
             cc = torch.arange(gw).view(1, lw, 1, m).expand(lh, lw, m, m).flatten()    # [gh*gw]
             rows.append(rr.repeat(t))
             cols.append(cc.repeat(t))
+        # Everything above is index bookkeeping on the CPU (a loop over IMAGES, never over windows);
+        # the results move to the device once and are reused by every block.
         self.window_index = torch.cat(win_index).to(device)                    # [M]
         self.reverse_index = torch.argsort(self.window_index)                  # [M] undoes the permutation
         # per-patch permutation: the 4 patches of a merged token move together and keep their order
@@ -560,6 +579,9 @@ class PatchEmbed(nn.Module):
         return F.linear(x.to(w.dtype), w.reshape(w.shape[0], -1))  # [N, D]
 
 
+# The merger is the only place where vision and language widths meet: 4 neighbouring patches (a 2 x 2
+# block, adjacent thanks to the block-major patch order) become one 4*Dv vector, and an MLP projects it to
+# the LLM width. So an image of gh x gw patches costs gh*gw/4 LLM tokens.
 class PatchMerger(nn.Module):
     """y = Linear2( GELU( Linear1( concat of 4 RMSNorm'd patch rows ) ) ): [N, Dv] -> [N/4, D_llm].
     GELU is the exact erf form: gelu(z) = z * Phi(z)."""
@@ -592,6 +614,8 @@ class VisionTower(nn.Module):
         self.merger = PatchMerger(vcfg)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        # Shapes for one 448 x 448 photo in the 3B: pixel rows [1024, 1176] -> embed [1024, 1280] ->
+        # 32 blocks (16 windows of 64 patches; 4 whole-image blocks over 1024) -> merger [256, 2048].
         grid_thw = torch.as_tensor(grid_thw).view(-1, 3)
         n_expected = int((grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).sum())
         if pixel_values.dim() != 2 or pixel_values.shape[0] != n_expected:
@@ -612,6 +636,13 @@ class VisionTower(nn.Module):
 
 # ===================================================================================================
 # 5. Text decoder (Qwen2 with M-RoPE)
+#
+# M-RoPE in one picture (head_dim 128, mrope_section [16, 24, 24] for the 3B/7B):
+#   frequency index j:   0 ........ 15 | 16 ............ 39 | 40 ............ 63
+#   driven by axis:      t (temporal)   | h (image row)      | w (image column)
+# Each j rotates the pair (x_j, x_{j+64}). A text token has t = h = w = p, so every frequency sees the
+# same position and M-RoPE collapses to ordinary RoPE; an image token at merged cell (r, c) has
+# (t, h, w) = (p, p + r, p + c), giving the model 2-D geometry inside the image.
 # ===================================================================================================
 def mrope_cos_sin(pos3: torch.Tensor, cfg: Config, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE angles. pos3 [3, B, T] holds the (t, h, w) position of every token.
@@ -652,6 +683,8 @@ class Attention(nn.Module):
         (LongTensor [T]) and attention runs over the whole cache (invalid slots are masked), so the decode step
         has fixed shapes (CUDA-graph friendly). Without a cache, attention runs over the T new tokens only.
         """
+        # GQA shapes for the 3B: H = 16 query heads, Hk = 2 kv heads, d = 128 -> each kv head serves 8
+        # query heads; the KV cache is 8x smaller than full multi-head attention would need.
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.d).transpose(1, 2)     # [B, H, T, d]
         k = self.k_proj(x).view(B, T, self.Hk, self.d).transpose(1, 2)    # [B, Hk, T, d]
@@ -670,6 +703,8 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))           # [B, T, D]
 
 
+# A Qwen2 decoder layer is a plain pre-norm transformer layer; nothing in it knows about images except the
+# cos/sin it receives (M-RoPE) - the multimodality lives entirely in the embeddings and the positions.
 class DecoderLayer(nn.Module):
     """x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)) (decoder linears in the MLP have no bias)."""
 
@@ -706,6 +741,9 @@ def rope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     = max(pos) + 1 + k on all three axes. Images are matched to image blocks in batch-then-sequence order.
     Pad positions get 0 (they are masked anyway).
     """
+    # Example: [a b c <vs> (4 x 6 image pads) <ve> d] -> a b c <vs> at 0 1 2 3; the image at t = 4,
+    # h = 4..7, w = 4..9; then p = 4 + max(4, 6) = 10, so <ve> = 10 and d = 11. 30 tokens, max 11:
+    # delta = 11 + 1 - 30 = -18, and the first generated token sits at 12 (= 30 + delta).
     B, T = input_ids.shape
     dev = input_ids.device
     m = cfg.vision.spatial_merge_size
@@ -770,6 +808,8 @@ class Generation:
     logits: torch.Tensor | None = None
 
 
+# Why a boolean [B, 1, T, T] mask rather than is_causal=True: left padding makes the mask row-dependent.
+# Row b = [P P x y z] (P = pad): x may see x; y sees x y; z sees x y z; the pad rows see only themselves.
 def causal_mask(attention_mask: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
     """Bool [B, 1, T, T]: query i may see key j iff j <= i and j is a real token. The diagonal is always
     allowed so that left-pad query rows are never fully masked (their outputs are garbage but finite)."""
@@ -809,7 +849,15 @@ def _hub_key(key: str) -> str:
 
 
 class VLM(nn.Module):
-    """Qwen2.5-VL: `visual` (VisionTower) + `model` (TextModel) + `lm_head` (None when tied)."""
+    """Qwen2.5-VL: `visual` (VisionTower) + `model` (TextModel) + `lm_head` (None when tied).
+
+    Forward pass (paper Sec. 3.1 takes it as given):
+        img = VisionTower(pixel_values)                        [M, D]   one row per <|image_pad|>
+        x   = embed_tokens[input_ids]; x[image pads] = img     [B, T, D]
+        x   = DecoderLayer_L( ... DecoderLayer_1(x) )          M-RoPE positions from rope_positions()
+        logits = RMSNorm(x) @ W_head^T                         [B, T, V]  (W_head = embed_tokens if tied)
+    Module names equal the Hub checkpoint keys, so loading needs no renaming for the Hub layout.
+    """
 
     def __init__(self, cfg: Config, init: bool = True, seed: int = 0):
         super().__init__()
@@ -909,6 +957,12 @@ class VLM(nn.Module):
         `generator`; greedy takes argmax and reports log-probs at temperature 1. Rows stop at eos
         (<|im_end|>) or any of `stop_ids`; the loop ends when all rows stopped or after max_new_tokens.
         """
+        # Layout of the cache along its T_max axis for one row (P = pad, p = prompt, g = generated):
+        #     P P p p p p p p | g0 g1 g2 ... g_{max_new-1}
+        #     <---- T0 ------>  <------ max_new_tokens ---->
+        # key_valid marks which columns a query may attend to: prompt columns where attention_mask is 1,
+        # then one more column per decode step. Causality needs no extra mask in the decode phase: the
+        # columns of future tokens are simply not valid yet.
         cfg = self.cfg
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -938,8 +992,11 @@ class VLM(nn.Module):
         write_at = torch.arange(T0, device=dev)
         for layer, kv in zip(self.model.layers, cache):
             x = layer(x, cos, sin, mask, kv, write_at)
+        # only the last column matters for the first choice (left padding: it is real in every row)
         logits = F.linear(self.model.norm(x[:, -1:]), self.lm_head_weight)[:, 0].float()  # [B, V]
-        next_pos = pos3.amax(dim=(0, 2)) + 1                                   # [B] (pads hold 0)
+        # per-sample M-RoPE continuation: the largest position used by the prompt + 1 (this equals
+        # n_real + rope_delta, the reference's formula); pads hold position 0 so they never win the max
+        next_pos = pos3.amax(dim=(0, 2)) + 1                                   # [B]
         # ---- decode loop
         tokens = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
         mask_out = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
@@ -952,6 +1009,8 @@ class VLM(nn.Module):
             if output_logits:
                 all_logits.append(logits)
             tok, lp = self._choose(logits, temperature, top_p, greedy, generator)   # [B], [B]
+            # rows that already stopped keep emitting pad with mask 0 and log-prob 0, so the three output
+            # tensors stay rectangular and GRPO can multiply by `mask` without special cases
             live = ~done
             tokens[:, k] = torch.where(live, tok, torch.full_like(tok, cfg.pad_token_id))
             mask_out[:, k] = live.float()
@@ -980,6 +1039,8 @@ class VLM(nn.Module):
         log p = log_softmax(logits / T) of the full (unfiltered) distribution; the top-p nucleus only
         restricts WHICH tokens may be drawn: keep the most likely tokens until their mass reaches top_p.
         """
+        # GRPO (rl.py) needs log pi_old(token) of the policy that SAMPLED, i.e. with the temperature applied;
+        # the nucleus cut is treated as a sampling device, not as part of pi (the usual TRL/verl convention).
         if greedy:
             tok = logits.argmax(-1)
             return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
@@ -1009,6 +1070,8 @@ class VLM(nn.Module):
 
         path = _resolve_checkpoint(str(name_or_path))
         cfg = Config.from_file(path / "config.json")
+        # Tensors created under the meta device have shapes but no storage: building the 3B this way
+        # costs nothing, and each parameter is later REPLACED by the loaded tensor (not copied into).
         with torch.device("meta"):
             model = cls(cfg, init=False)
             if cfg.dve:  # SkinFlow checkpoints with FDLinear layers: rebuild them before loading
@@ -1025,12 +1088,15 @@ class VLM(nn.Module):
         else:
             raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
         # ---- strict key check before touching any data
+        # `found` maps each model key (Hub naming) to where it lives (shard file, key as stored there)
         expected = set(model.state_dict().keys())
         found = {}
         for fname in files:
             with safe_open(str(path / fname), framework="pt") as f:
                 for key in f.keys():
                     found[_hub_key(key)] = (fname, key)
+        # The 3B checkpoint stores no lm_head (tied), the 7B does (untied); some exporters write a copy
+        # of the embedding even for tied models, which we drop rather than reject.
         if cfg.tie_word_embeddings:
             found.pop("lm_head.weight", None)  # tied: the head IS embed_tokens; ignore a stored copy
         missing = sorted(expected - found.keys())
@@ -1041,7 +1107,10 @@ class VLM(nn.Module):
             raise KeyError(f"checkpoint {path} does not match the model: missing {len(missing)} keys"
                            f"{' [' + show(missing) + ']' if missing else ''}; unexpected {len(unexpected)} keys"
                            f"{' [' + show(unexpected) + ']' if unexpected else ''}")
-        # ---- load shard by shard, tensor by tensor, straight into the target dtype/device
+        # ---- load shard by shard, tensor by tensor, straight into the target dtype/device.
+        # safe_open memory-maps the file, so get_tensor reads one tensor; .to() makes the single copy
+        # that the model keeps (for a bf16 file loaded as bf16 on CPU, .to() is a no-op view of the read).
+        # Peak memory is therefore the model plus one tensor, never two models.
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
         for fname in files:
@@ -1095,6 +1164,8 @@ def _unicode_classes() -> tuple[str, str]:
     """Character-class bodies for \\p{L} (letters, categories L*) and \\p{N} (numbers, N*), built once from
     unicodedata as code-point ranges. Why not `[^\\W\\d_]`: Python's \\w/\\d are not L/N (\\w includes `_` and
     marks, \\d misses ² ½ Ⅷ ①), and the shortcut silently changes how `snake_case` or `x²` split."""
+    # One pass over all 1,114,112 code points (~0.5 s, once per process). The ranges keep the classes short:
+    # \p{L} is ~680 ranges, \p{N} ~140, so the compiled stdlib pattern stays fast to match.
     def ranges(pred):
         out, start, prev = [], None, None
         for cp in range(0x110000):
@@ -1236,7 +1307,13 @@ class Tokenizer:
 
     # -------------------------------------------------------------------------- encode / decode
     def _bpe_uncached(self, piece: str) -> tuple[int, ...]:
-        """BPE on one pre-token (already byte-mapped): merge the lowest-rank adjacent pair, repeat."""
+        """BPE on one pre-token (already byte-mapped): merge the lowest-rank adjacent pair, repeat.
+
+        Example with merges [("l","o") rank 0, ("lo","w") rank 1, ("Ġ","low") rank 2] and piece "Ġlow":
+        Ġ l o w -> Ġ lo w (rank 0) -> Ġ low (rank 1) -> Ġlow (rank 2) -> one token.
+        Merge ranks, not frequencies, decide: the trained order IS the algorithm. Results are cached per
+        piece because words repeat a lot in real text.
+        """
         syms = list(piece)
         while len(syms) > 1:
             best, best_rank = None, None
@@ -1268,6 +1345,8 @@ class Tokenizer:
         table = _byte_to_char()
         rx = _qwen2_regex()
         ids: list[int] = []
+        # re.split with ONE capture group returns [text, token, text, token, ..., text]: even entries are
+        # ordinary text (possibly empty), odd entries the added tokens that were matched literally
         chunks = self._split.split(text) if self._split else [text]
         for n, chunk in enumerate(chunks):
             if not chunk:
@@ -1305,6 +1384,8 @@ class Tokenizer:
             raise ValueError("vocab_size must be >= 256 (the byte alphabet)")
         table = _byte_to_char()
         rx = _qwen2_regex()
+        # words: each distinct pre-token as a tuple of byte-chars -> how often it occurs. Training works on
+        # these counts, so the cost scales with the number of DISTINCT words, not the corpus length.
         words: dict[tuple[str, ...], int] = {}
         for text in texts:
             for piece in rx.findall(unicodedata.normalize("NFC", text)):
@@ -1314,6 +1395,8 @@ class Tokenizer:
         merges: list[tuple[str, str]] = []
         word_list = [list(w) for w in words]
         counts = list(words.values())
+        # Each round recounts all adjacent pairs (simple, O(merges x symbols); fine for a <1000-entry vocab;
+        # a production trainer updates the counts incrementally instead).
         while len(vocab) < vocab_size:
             pairs: dict[tuple[str, str], int] = {}
             for w, c in zip(word_list, counts):
@@ -1332,6 +1415,8 @@ class Tokenizer:
                     if w[i] == best[0] and w[i + 1] == best[1]:
                         w[i:i + 2] = [merged]
                     i += 1
+        # the specials follow the learned vocab in Qwen's order, so e.g. <|im_end|> = base + 2 and
+        # <|image_pad|> = base + 12, exactly as 151645 = 151643 + 2 and 151655 = 151643 + 12 in the real vocab
         base = len(vocab)
         added = [{"id": base + i, "content": s, "special": s in QWEN_SPECIAL_TOKENS}
                  for i, s in enumerate(QWEN_SPECIAL_TOKENS + QWEN_ADDED_TOKENS)]
@@ -1386,6 +1471,11 @@ def tiny_corpus() -> list[str]:
 
 # ===================================================================================================
 # 8. Chat template and batching
+#
+# One prompt = system turn + user turn (image first, then text) + the opened assistant turn. The model
+# then writes its answer and ends it with <|im_end|>, which is why generation stops on that id.
+# Batches are LEFT padded: every row's last prompt token sits in the last column, so the first generated
+# token of every row is produced by the same column and the KV cache stays rectangular.
 # ===================================================================================================
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -1436,6 +1526,8 @@ def make_batch(tokenizer: Tokenizer, images, texts, min_pixels: int = MIN_PIXELS
     """
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    # pixel rows of all images are concatenated in batch order; the decoder matches them to the image-pad
+    # blocks in the same order (row 0's image first), which is exactly how rope_positions walks them.
     rows, pix, grids = [], [], []
     for img, text in zip(images, texts):
         grid = None
@@ -1458,6 +1550,9 @@ def make_batch(tokenizer: Tokenizer, images, texts, min_pixels: int = MIN_PIXELS
 # ===================================================================================================
 # 9. One-call loading and the command line
 # ===================================================================================================
+# `load` is what the other modules call (rl.py, eval.py): one name in, a ready (model, tokenizer) pair out.
+# The tiny preset is the CI / laptop workhorse: ~1 M parameters, a 112-px image is 16 LLM tokens, and a
+# forward + 20-token generation of a batch of 2 takes well under a second on one CPU core.
 def load(name_or_path_or_preset="tiny", dtype=torch.float32, device="cpu", seed: int = 0):
     """-> (VLM, Tokenizer). "tiny": random weights (seeded) + the project's tiny tokenizer; "3b"/"7b" or a
     repo id / local dir: real weights and tokenizer via from_pretrained (the HF cache, or a download)."""

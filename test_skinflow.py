@@ -132,6 +132,7 @@ def _sf_hf_logits(hf, ids, mask, pixels, grids):
 # config + preprocessing
 # ---------------------------------------------------------------------------------------------------
 def test_skinflow_config_nested_flat_and_presets(skinflow_ckpts):
+    """Both config shapes parse to the same fields; presets have the published 3B/7B shapes (3B count from meta init)."""
     nested = sf.Config.from_file(skinflow_ckpts["untied"] / "config.json")   # transformers 5.x nested file
     flat = sf.Config.from_file(skinflow_ckpts["flat"] / "config.json")      # Hub-style flat file
     for c in (nested, flat):
@@ -163,6 +164,7 @@ def _sf_photo(h, w, seed):
                                        ((224, 224), sf.MAX_PIXELS), ((30, 50), sf.MAX_PIXELS),
                                        ((517, 389), 256 * 28 * 28)])
 def test_skinflow_preprocess_bit_exact_vs_hf(hw, maxpix):
+    """Oracle: transformers' Qwen2VLImageProcessorPil. Covers round-down, max_pixels and min_pixels branches."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     img = _sf_photo(*hw, seed=hw[0])
@@ -174,6 +176,7 @@ def test_skinflow_preprocess_bit_exact_vs_hf(hw, maxpix):
 
 
 def test_skinflow_smart_resize_examples():
+    """Hand-computed smart_resize cases (round to 28, max cap, min floor, aspect-ratio error)."""
     assert sf.smart_resize(300, 450) == (308, 448)                       # 11 x 16 = 176 tokens
     assert sf.smart_resize(1000, 700, max_pixels=200 * 28 * 28) == (448, 308)
     assert sf.smart_resize(10, 10) == (56, 56)                           # min_pixels: 4 tokens
@@ -186,6 +189,8 @@ def test_skinflow_smart_resize_examples():
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["untied", "tied", "new_layout", "flat"])
 def test_skinflow_logits_match_transformers_two_images(skinflow_ckpts, kind):
+    """Two images (merged grids 4x6 = whole windows, 3x5 = partial windows) in one prompt: vision features
+    and logits against transformers for every checkpoint flavour (untied, tied, new key layout, flat config)."""
     hf = skinflow_ckpts["hf_" + kind]
     ours = sf.VLM.from_pretrained(skinflow_ckpts[kind])
     assert (ours.lm_head is None) == (kind in ("tied", "flat"))
@@ -204,6 +209,7 @@ def test_skinflow_logits_match_transformers_two_images(skinflow_ckpts, kind):
 
 
 def test_skinflow_left_padded_batch_equals_unpadded_runs(skinflow_ckpts):
+    """A left-padded batch of 2: each row's logits equal its own unpadded run, which equals transformers."""
     hf, ours = skinflow_ckpts["hf_untied"], sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     rows = [_sf_prompt([4, 6], [_SF_GRIDS[0]], seed=5), _sf_prompt([2, 3], [_SF_GRIDS[1]], seed=6)]
     pix = [_sf_pixels([_SF_GRIDS[0]], 7), _sf_pixels([_SF_GRIDS[1]], 8)]
@@ -222,6 +228,7 @@ def test_skinflow_left_padded_batch_equals_unpadded_runs(skinflow_ckpts):
 
 
 def test_skinflow_sharded_bf16_checkpoint(skinflow_ckpts):
+    """Sharded bf16 checkpoint (index.json): fp32 load matches transformers' fp32 load; bf16 run stays close."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     d = skinflow_ckpts["sharded_bf16"]
@@ -243,6 +250,7 @@ def test_skinflow_sharded_bf16_checkpoint(skinflow_ckpts):
 
 
 def test_skinflow_strict_key_check_and_roundtrip(skinflow_ckpts, tmp_path):
+    """Missing and unexpected keys are both named in the error; save_pretrained -> from_pretrained is exact."""
     from safetensors.torch import load_file, save_file
 
     sd = load_file(str(skinflow_ckpts["untied"] / "model.safetensors"))
@@ -290,6 +298,7 @@ def test_skinflow_offline_hf_cache_and_missing_repo(skinflow_ckpts, tmp_path):
 
 
 def test_skinflow_bad_inputs_give_clear_errors(skinflow_ckpts):
+    """Mismatched images / pads / types fail early with a readable message, not deep inside torch."""
     m = sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     ids = torch.tensor([_sf_prompt([2, 2], [_SF_GRIDS[0]], seed=1)])
     with pytest.raises(ValueError, match="pixel_values"):
@@ -300,6 +309,36 @@ def test_skinflow_bad_inputs_give_clear_errors(skinflow_ckpts):
         m(ids, pixel_values=_sf_pixels([_SF_GRIDS[1]], 0), image_grid_thw=torch.tensor([_SF_GRIDS[1]]))
     with pytest.raises(TypeError):
         sf.preprocess_image(np.zeros((10, 10, 3)))
+
+
+def test_skinflow_dve_hook_gets_per_image_cu_seqlens_and_image_embeds_reuse(skinflow_ckpts):
+    """The vision MLP must call `layer(x, cu_seqlens)` for linears that declare takes_cu_seqlens, with
+    per-IMAGE cumulative patch counts (the contract dve.FDLinear relies on); image_embeds must be reusable."""
+    m = sf.VLM.from_pretrained(skinflow_ckpts["untied"])
+    seen = []
+
+    class _Spy(torch.nn.Module):
+        takes_cu_seqlens = True
+
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x, cu_seqlens):
+            seen.append(cu_seqlens.clone())
+            return self.lin(x)
+
+    ids = torch.tensor([_sf_prompt([3, 2, 2], _SF_GRIDS, seed=12)])
+    pix, grid = _sf_pixels(_SF_GRIDS, 13), torch.tensor(_SF_GRIDS)
+    with torch.no_grad():
+        before = m(ids, pixel_values=pix, image_grid_thw=grid)
+        m.visual.blocks[0].mlp.up_proj = _Spy(m.visual.blocks[0].mlp.up_proj)
+        after = m(ids, pixel_values=pix, image_grid_thw=grid)
+        reuse = m(ids, image_grid_thw=grid, image_embeds=m.encode_images(pix, grid))
+    assert seen and seen[0].dtype == torch.int32 and seen[0].tolist() == [0, 8 * 12, 8 * 12 + 6 * 10]
+    assert torch.equal(before, after) and torch.equal(after, reuse)
+    h = m.hidden_states(ids, pixel_values=pix, image_grid_thw=grid)
+    assert torch.allclose(torch.nn.functional.linear(h, m.lm_head_weight), before, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,6 +356,8 @@ def _sf_padded_batch(seed):
 
 
 def test_skinflow_kv_cache_equals_full_recompute(skinflow_ckpts):
+    """Oracle: one cache-free causal forward over prompt + completion. Every step's logits and the reported
+    log-probs (temperature 0.7, top-p 0.9, left-padded batch) must match it."""
     m = sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     ids, mask, pix, grid = _sf_padded_batch(11)
     g = torch.Generator().manual_seed(0)
@@ -337,6 +378,7 @@ def test_skinflow_kv_cache_equals_full_recompute(skinflow_ckpts):
 
 
 def test_skinflow_stop_token_masking_and_sampling_repro(skinflow_ckpts):
+    """Same generator seed -> same sample; a stop token ends its row (mask 1 on it, pads after)."""
     m = sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     ids, mask, pix, grid = _sf_padded_batch(21)
     a = m.generate(ids, mask, pix, grid, max_new_tokens=6, generator=torch.Generator().manual_seed(5))
@@ -353,6 +395,7 @@ def test_skinflow_stop_token_masking_and_sampling_repro(skinflow_ckpts):
 
 
 def test_skinflow_greedy_matches_transformers_generate(skinflow_ckpts):
+    """Greedy tokens equal transformers' greedy generate on a left-padded batch with images."""
     hf, ours = skinflow_ckpts["hf_untied"], sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     ids, mask, pix, grid = _sf_padded_batch(31)
     with torch.no_grad():
@@ -399,6 +442,7 @@ def skinflow_qwen_tokenizers(skinflow_qwen_tokenizer_path):
 
 
 def test_skinflow_tokenizer_matches_hf_on_qwen_vocab(skinflow_qwen_tokenizers):
+    """Oracle: HF tokenizers on the real Qwen vocab; identical ids and lossless (NFC) round trip."""
     ours, hf = skinflow_qwen_tokenizers
     for text in _SF_CORPUS:
         ids = ours.encode(text)
@@ -409,6 +453,7 @@ def test_skinflow_tokenizer_matches_hf_on_qwen_vocab(skinflow_qwen_tokenizers):
 
 
 def test_skinflow_tokenizer_old_merge_format(skinflow_qwen_tokenizer_path, skinflow_qwen_tokenizers, tmp_path):
+    """Old tokenizer.json files store merges as "a b" strings; both readers must agree on them."""
     j = json.loads(skinflow_qwen_tokenizer_path.read_text(encoding="utf-8"))
     j["model"]["merges"] = [" ".join(m) for m in j["model"]["merges"][:20000]]   # "a b" strings
     (tmp_path / "tokenizer.json").write_text(json.dumps(j, ensure_ascii=False), encoding="utf-8")
@@ -420,6 +465,7 @@ def test_skinflow_tokenizer_old_merge_format(skinflow_qwen_tokenizer_path, skinf
 
 
 def test_skinflow_chat_template_ids(skinflow_qwen_tokenizers):
+    """The template equals HF tokenizers on the rendered Qwen2.5-VL prompt (176 image pads for a 300x450 photo)."""
     ours, hf = skinflow_qwen_tokenizers
     ids = sf.chat_prompt_ids(ours, "Describe this lesion.", (1, 22, 32))   # 300x450 -> 11 x 16 = 176 tokens
     rendered = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -433,6 +479,7 @@ def test_skinflow_chat_template_ids(skinflow_qwen_tokenizers):
 
 
 def test_skinflow_tokenizer_train_roundtrip_with_hf(tmp_path):
+    """A trained tokenizer saved as tokenizer.json encodes identically under HF tokenizers; tiny ids match the tiny config."""
     from tokenizers import Tokenizer as HFTokenizer
 
     texts = _SF_CORPUS[:11] * 2
@@ -455,6 +502,7 @@ def test_skinflow_tokenizer_train_roundtrip_with_hf(tmp_path):
 # tiny preset, make_batch, CLI
 # ---------------------------------------------------------------------------------------------------
 def test_skinflow_tiny_preset_make_batch_and_cli(tmp_path):
+    """The tiny preset end to end: make_batch layout (left padding, pad counts), generation, and the CLI."""
     model, tok = sf.load("tiny")
     imgs = [_sf_photo(112, 112, 1), _sf_photo(90, 150, 2)]
     batch = sf.make_batch(tok, imgs, ["Describe the lesion.", "Differential?"], max_pixels=112 * 112)
