@@ -378,14 +378,17 @@ def canonical(text) -> str | None:
     Anything else (empty text, "tinea corporis", prose) -> None, which the judge calls `unknown`.
     """
     if not isinstance(text, str):
-        return None
+        return None  # lists, numbers, None: not a diagnosis string
+    # normalise once; `content` drops hedge/stop words so "probable BCC" and "BCC" look the same
     toks = _expand(_tokens(text))
     if not toks:
         return None
     by_seq, by_key, phrases, keys = _index()
     content = [t for t in toks if t not in _STOP]
+    # 1a. ordered match first: it tells the near-duplicate labels apart (granuloma pyogenic / pyogenic granuloma)
     if tuple(content) in by_seq:
         return by_seq[tuple(content)]
+    # 1b. order-free match: "carcinoma, basal cell" style inversions
     k = _key(toks)
     if k in by_key:
         return by_key[k]
@@ -490,9 +493,11 @@ def judge(prediction, truth) -> str:
     dataset's own, quirks included: actinic keratosis is 'malignant epidermal' in Fitzpatrick17k.
     """
     t = _truth_label(truth)
+    # the prediction goes through the same canonicaliser as every label; None = outside the vocabulary
     p = canonical(prediction) if isinstance(prediction, str) else None
     if p is None:
         return "unknown"
+    # compare *concepts* so that synonyms inherit each other's subtypes (malignant melanoma > lentigo maligna)
     cp, ct = _CONCEPT[p], _CONCEPT[t]
     if cp == ct:
         return "correct"
@@ -588,6 +593,8 @@ def _parse_ranked_core(text) -> tuple[list[str], bool]:
     m = _ANSWER.search(text)
     if m:
         text = m.group(1)
+    # pass 1: numbered entries. Every line is looked at; unnumbered prose lines in between are ignored,
+    # and a line may hold several inline entries ("1. a 2. b"), which _INLINE splits.
     numbered: list[str] = []
     for line in text.splitlines():
         lead = _LEAD.match(line)
@@ -601,6 +608,7 @@ def _parse_ranked_core(text) -> tuple[list[str], bool]:
     items = _dedupe(_clean_item(x) for x in numbered)
     if items:
         return items, True
+    # pass 2: bullets, only when there was no numbered entry at all (numbers carry the ranking)
     bullets = [b.group(1) for b in map(_BULLET.match, text.splitlines()) if b]
     items = _dedupe(_clean_item(x) for x in bullets)
     if items:
@@ -694,6 +702,7 @@ def _parse_caption_core(text) -> tuple[dict[str, str], bool]:
                     fields[f] = _clean_value(val.replace("\n", " "))
             if fields:
                 return fields, len(fields) == len(CAPTION_FIELDS)
+    # line or inline format: a value runs from its field marker to the next marker or the end of the line
     marks = list(_field_regex().finditer(text))
     for i, m in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
@@ -800,6 +809,7 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05)
 
 
 def _summarise(records: list[dict], n_boot: int, seed: int) -> dict:
+    # one resampling per metric, all with the same seed, so metrics of one run share bootstrap replicates
     out: dict = {"n": len(records)}
     ci = {}
     for m in METRICS:
@@ -827,6 +837,7 @@ def clinical_metrics(cases, judge_fn=None, n_boot: int = 1000, seed: int = 0, re
     Each reported metric is the mean over cases, with a percentile-bootstrap 95 % interval (fixed seed),
     overall, by Fitzpatrick skin type I-VI (+ "unknown") and by three-partition of the truth.
     """
+    # score every case once; all aggregates below (overall, per skin type, per partition) reuse the records
     records = []
     for case in cases:
         preds, truth, fitz = case[0], case[1], case[2] if len(case) > 2 else None
@@ -1073,7 +1084,7 @@ def generate_predictions(args) -> list[dict]:
     import skinflow
     dtype = getattr(torch, args.dtype)
     model, tok = skinflow.load(args.model, dtype=dtype, device=args.device)
-    model.eval()
+    model.eval()  # greedy decoding is deterministic, so a rerun reproduces predictions.jsonl exactly
     rows: list[dict] = []
     items = list(_eval_items(args))
     bar = tqdm(total=len(items), desc="generate", unit="img")
@@ -1116,6 +1127,7 @@ def score_rows(rows: list[dict], judge_fn=None, lookup: dict | None = None, n_bo
     """
     cases, ids, skipped = [], [], []
     for row in rows:
+        # the row's own label wins; the dataset lookup only fills what the row left out
         label, fitz = row.get("label"), row.get("fitzpatrick")
         if (label is None or fitz is None) and lookup and row.get("id") in lookup:
             label = label if label is not None else lookup[row["id"]][0]

@@ -403,3 +403,13 @@ def test_eval_parse_verdict():
     assert E.parse_verdict("Near miss, same group") == "near_miss"
     assert E.parse_verdict("incorrect") is None            # "incorrect" is not "correct"
     assert E.parse_verdict(None) is None
+
+
+def test_eval_model_cli_tiny_preset(tmp_path):
+    """--model path end to end on the random tiny preset: generation runs, every image is scored."""
+    assert E.main(["--model", "tiny", "--data", "synthderm", "--n", "3", "--batch-size", "2",
+                   "--max-new-tokens", "6", "--image-size", "64", "--bootstrap", "20",
+                   "--out", str(tmp_path / "m")]) == 0
+    rows = (tmp_path / "m" / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and all("prediction" in json.loads(r) for r in rows)
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["n"] == 3
