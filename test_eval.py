@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import data
-import eval as E
+import eval as sf_eval
 
 # ---------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -53,26 +53,26 @@ EVAL_CANONICAL_CASES = [
 
 @pytest.mark.parametrize("text,label", EVAL_CANONICAL_CASES)
 def test_eval_canonical_hand_cases(text, label):
-    assert E.canonical(text) == label
+    assert sf_eval.canonical(text) == label
 
 
 def test_eval_every_label_and_alias_resolves():
     assert len(data.TAXONOMY) == 114
     for label in data.TAXONOMY:
-        assert E.canonical(label) == label, label
-        assert E.canonical(label.upper() + ".") == label, label
-    for label, aliases in E.ALIASES.items():
+        assert sf_eval.canonical(label) == label, label
+        assert sf_eval.canonical(label.upper() + ".") == label, label
+    for label, aliases in sf_eval.ALIASES.items():
         assert label in data.TAXONOMY, label
         for alias in aliases:
             # an alias resolves to its label or to a synonym of it (near-duplicate labels)
-            assert E._CONCEPT[E.canonical(alias)] == E._CONCEPT[label], (alias, label)
-    assert E.canonical(None) is None and E.canonical(42) is None
+            assert sf_eval._CONCEPT[sf_eval.canonical(alias)] == sf_eval._CONCEPT[label], (alias, label)
+    assert sf_eval.canonical(None) is None and sf_eval.canonical(42) is None
 
 
 def test_eval_hierarchy_tables_are_consistent():
-    for group in E.SYNONYMS:
+    for group in sf_eval.SYNONYMS:
         assert len({data.TAXONOMY[m] for m in group}) == 1, group       # synonyms share both partitions
-    for parent, children in E.SUBTYPES.items():
+    for parent, children in sf_eval.SUBTYPES.items():
         for child in children:
             assert data.TAXONOMY[child][0] == data.TAXONOMY[parent][0], (parent, child)
 
@@ -123,13 +123,13 @@ EVAL_JUDGE_CASES = [
 
 @pytest.mark.parametrize("pred,truth,verdict", EVAL_JUDGE_CASES)
 def test_eval_judge_hand_cases(pred, truth, verdict):
-    assert E.judge(pred, truth) == verdict
+    assert sf_eval.judge(pred, truth) == verdict
 
 
 def test_eval_judge_bad_truth_is_a_clear_error():
     with pytest.raises(ValueError, match="truth label"):
-        E.judge("psoriasis", "tinea corporis")
-    assert E.judge("psoriasis", "Psoriasis.") == "correct"     # a truth given as an alias is accepted
+        sf_eval.judge("psoriasis", "tinea corporis")
+    assert sf_eval.judge("psoriasis", "Psoriasis.") == "correct"     # a truth given as an alias is accepted
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def eval_cases():
 
 
 def test_eval_metrics_hand_computed(eval_cases):
-    m = E.clinical_metrics(eval_cases, n_boot=200)
+    m = sf_eval.clinical_metrics(eval_cases, n_boot=200)
     assert m["n"] == 6
     # hits at ranks: 2, 1, -, -, 1, 3  (case 6: "tinea" twice counts once, so psoriasis is 3rd)
     assert m["top1"] == pytest.approx(2 / 6)
@@ -182,48 +182,48 @@ def test_eval_metrics_hand_computed(eval_cases):
     assert m["by_three"]["benign"]["top1"] == 1.0
     assert m["by_three"]["non-neoplastic"]["n"] == 3
     assert m["by_three"]["non-neoplastic"]["mrr"] == pytest.approx((1 + 0 + 1 / 3) / 3)
-    for key in E.METRICS:
+    for key in sf_eval.METRICS:
         lo, hi = m["ci95"][key]
         assert 0.0 <= lo <= m[key] <= hi <= 1.0, key
 
 
 def test_eval_metrics_ties_duplicates_and_cutoff():
     # tie: two credited entries (synonyms) -> the first one sets the rank
-    m = E.clinical_metrics([(["malignant melanoma", "melanoma"], "melanoma", 1)], n_boot=10)
+    m = sf_eval.clinical_metrics([(["malignant melanoma", "melanoma"], "melanoma", 1)], n_boot=10)
     assert m["mrr"] == 1.0 and m["top1"] == 1.0 and m["strict_top1"] == 0.0 and m["strict_top6"] == 1.0
     # duplicates ("mole" == "nevus") use no slot: melanoma is the 2nd distinct entry
-    m = E.clinical_metrics([(["nevus", "mole", "nevus", "melanoma"], "melanoma", 3)], n_boot=10)
+    m = sf_eval.clinical_metrics([(["nevus", "mole", "nevus", "melanoma"], "melanoma", 3)], n_boot=10)
     assert m["mrr"] == 0.5 and m["top6"] == 1.0 and m["top1"] == 0.0
     # only six distinct entries count: the 7th is ignored
     seven = ["vitiligo", "eczema", "acne", "rosacea", "urticaria", "scabies", "psoriasis"]
-    m = E.clinical_metrics([(seven, "psoriasis", 3)], n_boot=10)
+    m = sf_eval.clinical_metrics([(seven, "psoriasis", 3)], n_boot=10)
     assert m["top6"] == 0.0 and m["mrr"] == 0.0
-    m = E.clinical_metrics([(seven[1:], "psoriasis", 3)], n_boot=10)
+    m = sf_eval.clinical_metrics([(seven[1:], "psoriasis", 3)], n_boot=10)
     assert m["top6"] == 1.0 and m["mrr"] == pytest.approx(1 / 6)
 
 
 def test_eval_metrics_format_flag_and_raw_text():
     # a raw comma list is parsed but is a format failure; an explicit flag overrides for non-empty lists
-    m = E.clinical_metrics([("psoriasis, eczema", "psoriasis", 2), ("1. psoriasis", "psoriasis", 2),
+    m = sf_eval.clinical_metrics([("psoriasis, eczema", "psoriasis", 2), ("1. psoriasis", "psoriasis", 2),
                             (["psoriasis"], "psoriasis", 2, False), ([], "psoriasis", 2, True)], n_boot=10)
     assert m["top1"] == pytest.approx(3 / 4)
     assert m["format_failure_rate"] == pytest.approx(3 / 4)    # comma list, flag False, empty list
     with pytest.raises(ValueError):
-        E.clinical_metrics([])
+        sf_eval.clinical_metrics([])
 
 
 def test_eval_bootstrap_matches_binomial_normal_approximation():
     # Oracle: the bootstrap mean of n Bernoulli(p) draws has sd sqrt(p (1 - p) / n); n=400, p=0.25 -> 0.02165
     values = [1.0] * 100 + [0.0] * 300
-    lo, hi = E.bootstrap_ci(values, n_boot=2000, seed=1)
+    lo, hi = sf_eval.bootstrap_ci(values, n_boot=2000, seed=1)
     assert lo == pytest.approx(0.25 - 1.96 * 0.02165, abs=0.008)
     assert hi == pytest.approx(0.25 + 1.96 * 0.02165, abs=0.008)
-    assert E.bootstrap_ci(values, seed=3) == E.bootstrap_ci(values, seed=3)        # fixed seed, same CI
-    assert E.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
+    assert sf_eval.bootstrap_ci(values, seed=3) == sf_eval.bootstrap_ci(values, seed=3)        # fixed seed, same CI
+    assert sf_eval.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
 
 
 def test_eval_fitzpatrick_buckets():
-    assert [E._fitz_bucket(x) for x in (1, "4", "VI", -1, None, 7, "x")] == \
+    assert [sf_eval._fitz_bucket(x) for x in (1, "4", "VI", -1, None, 7, "x")] == \
         ["I", "IV", "VI", "unknown", "unknown", "unknown", "unknown"]
 
 
@@ -247,27 +247,27 @@ EVAL_PARSE_CASES = [
 
 @pytest.mark.parametrize("text,items,ok", EVAL_PARSE_CASES)
 def test_eval_parse_ranked_list_hand_cases(text, items, ok):
-    assert E.parse_ranked_list_ex(text) == (items, ok)
-    assert E.parse_ranked_list(text) == items
+    assert sf_eval.parse_ranked_list_ex(text) == (items, ok)
+    assert sf_eval.parse_ranked_list(text) == items
 
 
 def test_eval_parsers_read_data_formats():
     labels = ["melanoma", "nevocytic nevus", "seborrheic keratosis", "basal cell carcinoma", "lentigo maligna",
               "dermatofibroma"]
-    assert E.parse_ranked_list_ex(data.format_differential(labels)) == (labels, True)
+    assert sf_eval.parse_ranked_list_ex(data.format_differential(labels)) == (labels, True)
     fields = data.SynthDerm(3, seed=5, image_size=64, split="test").spec(1)["fields"]
     text = data.format_caption(fields)
-    assert E.parse_caption_ex(text) == ({k: v for k, v in fields.items()}, True)
+    assert sf_eval.parse_caption_ex(text) == ({k: v for k, v in fields.items()}, True)
 
 
 def test_eval_parse_caption_hand_cases():
-    assert E.parse_caption_ex("**Color**: Red ; pink.\nSite: arm\nsurface:") == \
+    assert sf_eval.parse_caption_ex("**Color**: Red ; pink.\nSite: arm\nsurface:") == \
         ({"colour": "red, pink", "location": "arm", "surface": "none"}, False)
-    assert E.parse_caption("colour: red shape: round") == {"colour": "red", "shape": "round"}
-    assert E.parse_caption('{"colour": ["red", "pink"], "lesion_type": "plaque", "x": 1}') == \
+    assert sf_eval.parse_caption("colour: red shape: round") == {"colour": "red", "shape": "round"}
+    assert sf_eval.parse_caption('{"colour": ["red", "pink"], "lesion_type": "plaque", "x": 1}') == \
         {"colour": "red, pink", "lesion type": "plaque"}
-    assert E.parse_caption_ex("no caption at all") == ({}, False)
-    assert E.parse_caption_ex(None) == ({}, False)
+    assert sf_eval.parse_caption_ex("no caption at all") == ({}, False)
+    assert sf_eval.parse_caption_ex(None) == ({}, False)
 
 
 _EVAL_PIECES = (list("abcdefgh xyz.,;:-*()[]#<>/\n\t123456789%'\"{}") +
@@ -280,9 +280,9 @@ _eval_text = st.one_of(st.lists(st.sampled_from(_EVAL_PIECES), max_size=60).map(
 @settings(max_examples=150, deadline=None)
 @given(_eval_text)
 def test_eval_ranked_parser_properties(text):
-    items, ok = E._parse_ranked_core(text)                 # the core itself must not raise
+    items, ok = sf_eval._parse_ranked_core(text)                 # the core itself must not raise
     assert len(items) <= 6 and all(isinstance(x, str) and x for x in items)
-    again, ok2 = E._parse_ranked_core(E.format_ranked_list(items))
+    again, ok2 = sf_eval._parse_ranked_core(sf_eval.format_ranked_list(items))
     assert again == items                                   # idempotent on its own canonical output
     assert ok2 == bool(items)
 
@@ -290,16 +290,16 @@ def test_eval_ranked_parser_properties(text):
 @settings(max_examples=150, deadline=None)
 @given(_eval_text)
 def test_eval_caption_parser_properties(text):
-    fields, ok = E._parse_caption_core(text)
-    assert set(fields) <= set(E.CAPTION_FIELDS)
-    assert E._parse_caption_core(E.format_caption_fields(fields))[0] == fields
+    fields, ok = sf_eval._parse_caption_core(text)
+    assert set(fields) <= set(sf_eval.CAPTION_FIELDS)
+    assert sf_eval._parse_caption_core(sf_eval.format_caption_fields(fields))[0] == fields
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.binary(max_size=100))
 def test_eval_parsers_never_raise_on_bytes(raw):
-    E.parse_ranked_list_ex(raw)
-    E.parse_caption_ex(raw)
+    sf_eval.parse_ranked_list_ex(raw)
+    sf_eval.parse_caption_ex(raw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_eval_predictions_round_trip(tmp_path):
     ]
     path = tmp_path / "preds.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
-    assert E.main(["--predictions", str(path), "--out", str(tmp_path / "out"), "--bootstrap", "50"]) == 0
+    assert sf_eval.main(["--predictions", str(path), "--out", str(tmp_path / "out"), "--bootstrap", "50"]) == 0
     out = tmp_path / "out"
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 3 and m["meta"]["skipped"] == 2            # the bad label and the bad line
@@ -333,7 +333,7 @@ def test_eval_predictions_join_labels_from_synthderm(tmp_path):
     specs = [ds.spec(i) for i in range(4)]
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(json.dumps({"id": s["id"], "prediction": f"1. {s['label']}"}) for s in specs))
-    E.main(["--predictions", str(path), "--data", "synthderm", "--n", "4", "--seed", "2", "--image-size", "64",
+    sf_eval.main(["--predictions", str(path), "--data", "synthderm", "--n", "4", "--seed", "2", "--image-size", "64",
             "--out", str(tmp_path / "o"), "--bootstrap", "20"])
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["n"] == 4 and m["top1"] == 1.0 and m["strict_top1"] == 1.0
@@ -375,7 +375,7 @@ def eval_stub_server():
 
 def test_eval_llm_judge_against_stub(eval_stub_server):
     url, handler = eval_stub_server
-    j = E.LLMJudge(url, model="stub-model", n=3, api_key="k")
+    j = sf_eval.LLMJudge(url, model="stub-model", n=3, api_key="k")
     # majority of three: 2 x correct (JSON and prose), 1 x wrong -> correct, even though the
     # deterministic judge would say "unknown" for this out-of-vocabulary name
     handler.replies = ['{"verdict": "correct"}', "wrong", "The verdict is: correct."]
@@ -394,20 +394,20 @@ def test_eval_llm_judge_against_stub(eval_stub_server):
     assert j("nevus", "melanoma") == "safety_critical" and j.fallbacks == 1
     # used inside the metrics
     handler.replies = ["safety-critical"] * 3
-    m = E.clinical_metrics([(["benign mole"], "melanoma", 2)], judge_fn=j, n_boot=10)
+    m = sf_eval.clinical_metrics([(["benign mole"], "melanoma", 2)], judge_fn=j, n_boot=10)
     assert m["safety_critical_rate"] == 1.0
 
 
 def test_eval_parse_verdict():
-    assert E.parse_verdict('{"verdict": "near_miss"}') == "near_miss"
-    assert E.parse_verdict("Near miss, same group") == "near_miss"
-    assert E.parse_verdict("incorrect") is None            # "incorrect" is not "correct"
-    assert E.parse_verdict(None) is None
+    assert sf_eval.parse_verdict('{"verdict": "near_miss"}') == "near_miss"
+    assert sf_eval.parse_verdict("Near miss, same group") == "near_miss"
+    assert sf_eval.parse_verdict("incorrect") is None            # "incorrect" is not "correct"
+    assert sf_eval.parse_verdict(None) is None
 
 
 def test_eval_model_cli_tiny_preset(tmp_path):
     """--model path end to end on the random tiny preset: generation runs, every image is scored."""
-    assert E.main(["--model", "tiny", "--data", "synthderm", "--n", "3", "--batch-size", "2",
+    assert sf_eval.main(["--model", "tiny", "--data", "synthderm", "--n", "3", "--batch-size", "2",
                    "--max-new-tokens", "6", "--image-size", "64", "--bootstrap", "20",
                    "--out", str(tmp_path / "m")]) == 0
     rows = (tmp_path / "m" / "predictions.jsonl").read_text().splitlines()
