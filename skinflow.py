@@ -831,7 +831,7 @@ def _resolve_checkpoint(name_or_path: str) -> Path:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as exc:  # offline, unknown repo, no network...: one readable line, no traceback soup
-        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        msg = str(exc).strip().splitlines()[0].split(". ")[0][:160] if str(exc).strip() else ""
         raise FileNotFoundError(
             f"{name_or_path!r} is neither a local directory nor a repo in the Hugging Face cache "
             f"({type(exc).__name__}: {msg}); download it first with: "
@@ -1605,7 +1605,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as exc:  # a user error: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
