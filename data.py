@@ -32,7 +32,9 @@ import math
 import os
 import sys
 import time
+import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,7 +446,7 @@ def reference_differential(label: str, looks_like: str | None = None, k: int = 6
     if looks_like and looks_like != label:
         out.append(looks_like)
     if label in CLASS_RULES:
-        out += [s for s in CLUSTERS[CLASS_RULES[label]["cluster"]] if s != label]
+        out += [s for s in CLUSTERS[CLASS_RULES[label]["cluster"]] if s not in out]
     nine, three = TAXONOMY[label]
     # Prefer SynthDerm classes inside a group (they are the ones a SynthDerm model can actually see).
     same_nine = sorted((l for l, (n, _) in TAXONOMY.items() if n == nine), key=lambda l: l not in CLASS_RULES)
@@ -707,7 +709,6 @@ class SynthDerm:
         # ---- sensor noise (cached tile, random offset)
         ox, oy = rng.integers(0, 64, 2)
         img += _noise_tile(S)[:, oy:oy + S, ox:ox + S]
-        assert img.dtype == np.float32, img.dtype
         planes = np.clip(img, 0, 255, out=img).astype(np.uint8)   # [3, S, S]; merge avoids a slow transpose
         out = Image.merge("RGB", [Image.fromarray(p) for p in planes])
 
@@ -916,3 +917,670 @@ class SynthDerm:
         mask |= alpha > 0.5
         cue_w[:] = alpha
 
+
+
+def tokenizer_corpus(n_captions: int = 400) -> list[str]:
+    """Texts to train the tiny preset's byte-level BPE on (skinflow.Tokenizer.train): both prompts, every
+    caption-vocabulary value, every Fitzpatrick17k label, and formatted targets of both stages."""
+    texts = [STAGE1_PROMPT, STAGE2_PROMPT]
+    texts += [f"{name}: {value}" for name, values in CAPTION_VOCAB.items() for value in values]
+    texts += list(TAXONOMY) + sorted(set(NINE_TO_THREE)) + sorted(set(NINE_TO_THREE.values()))
+    for split in ("train", "test"):
+        ds = SynthDerm(n_captions, seed=0, image_size=64, split=split)
+        texts += [format_caption(ds.spec(i)["fields"]) for i in range(n_captions)]
+    texts += [format_differential(reference_differential(label)) for label in TAXONOMY]
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Headroom: what a model can reach on SynthDerm from (a) nothing, (b) colours, (c) the true caption.
+# All classifiers are tiny numpy implementations so the numbers can be reproduced without sklearn.
+# ---------------------------------------------------------------------------------------------------
+def _colour_features(image: Image.Image) -> np.ndarray:
+    """Colour-histogram + texture-statistics features of one image (the "simple pixel baseline").
+
+    32x32 thumbnail -> joint RGB histogram (4x4x4 bins, normalised) + per-channel mean and std + the
+    mean absolute horizontal/vertical gradient + the share of pixels far from the median colour.
+    """
+    x = np.asarray(image.resize((32, 32), Image.BILINEAR), np.float32) / 255.0          # [32, 32, 3]
+    q = np.minimum((x * 4).astype(int), 3)
+    hist = np.bincount((q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]).ravel(), minlength=64) / 1024.0
+    flat = x.reshape(-1, 3)
+    far = (np.abs(flat - np.median(flat, 0)).sum(1) > 0.15).mean()
+    grads = [np.abs(np.diff(x, axis=a)).mean() for a in (0, 1)]
+    return np.concatenate([hist, flat.mean(0), flat.std(0), grads, [far]]).astype(np.float64)
+
+
+def _softmax_regression(X: np.ndarray, y: np.ndarray, n_classes: int, steps: int = 400, lr: float = 0.5,
+                        l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression by full-batch gradient descent.
+
+    p = softmax(X W + b);  loss = -mean log p[y] + l2/2 |W|^2;  dL/dW = X^T (p - onehot(y)) / n + l2 W.
+    """
+    n, d = X.shape
+    W, b = np.zeros((d, n_classes)), np.zeros(n_classes)
+    onehot = np.eye(n_classes)[y]
+    for _ in range(steps):
+        z = X @ W + b
+        z -= z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        g = (p - onehot) / n
+        W -= lr * (X.T @ g + l2 * W)
+        b -= lr * g.sum(0)
+    return W, b
+
+
+def _field_tokens(fields: dict[str, str]) -> list[str]:
+    """The caption as a bag of `field=value` tokens (multi-valued fields give one token per value)."""
+    return [f"{k}={v.strip()}" for k in CAPTION_FIELDS for v in fields.get(k, "none").split(",")]
+
+
+def _naive_bayes(train: list[list[str]], y: np.ndarray, n_classes: int):
+    """Multinomial naive Bayes over caption tokens with add-one smoothing; returns a scorer.
+
+    log P(c | tokens) = log P(c) + sum_t log P(t | c) + const,  P(t | c) = (n_tc + 1) / (n_c + |V|).
+    """
+    vocab = {t: i for i, t in enumerate(sorted({t for doc in train for t in doc}))}
+    counts = np.ones((n_classes, len(vocab)))
+    for doc, c in zip(train, y):
+        for t in doc:
+            counts[c, vocab[t]] += 1
+    log_pt = np.log(counts / counts.sum(1, keepdims=True))                           # [C, V]
+    log_prior = np.log(np.bincount(y, minlength=n_classes) + 1.0)
+
+    def score(doc: list[str]) -> np.ndarray:
+        idx = [vocab[t] for t in doc if t in vocab]
+        return log_prior + log_pt[:, idx].sum(1)
+    return score
+
+
+def headroom(n_train: int = 3000, n_test: int = 1000, image_size: int = 112, seed: int = 0,
+             n_caption_train: int = 20000, verbose: bool = True) -> dict[str, float]:
+    """Top-1 on the fixed SynthDerm test split (seed, split="test", items 0..n_test-1) of three models:
+
+    majority class; softmax regression on colour-histogram features (_colour_features, trained on
+    n_train rendered images); and the caption oracle (naive Bayes on the TRUE caption fields, trained on
+    n_caption_train attribute draws). Also: the caption oracle's top-3 and the share of mimics in the test.
+    """
+    labels = {c: i for i, c in enumerate(SYNTH_LABELS)}
+    train, test = SynthDerm(n_train, seed, image_size, "train"), SynthDerm(n_test, seed, image_size, "test")
+    test_specs = [test.spec(i) for i in range(n_test)]
+    y_test = np.array([labels[s["label"]] for s in test_specs])
+    cap_train = SynthDerm(n_caption_train, seed, image_size, "train")
+    cap_specs = [cap_train.spec(i) for i in range(n_caption_train)]
+    y_cap = np.array([labels[s["label"]] for s in cap_specs])
+    out: dict[str, float] = {}
+    out["majority"] = float((y_test == np.bincount(y_cap, minlength=len(labels)).argmax()).mean())
+    # Caption oracle: sees the exact caption of what was rendered (the best a perfect Stage I can pass on).
+    score = _naive_bayes([_field_tokens(s["fields"]) for s in cap_specs], y_cap, len(labels))
+    S = np.stack([score(_field_tokens(s["fields"])) for s in test_specs])           # [n_test, C]
+    top = np.argsort(-S, 1)
+    out["caption_oracle_top1"] = float((top[:, 0] == y_test).mean())
+    out["caption_oracle_top3"] = float((top[:, :3] == y_test[:, None]).any(1).mean())
+    out["test_mimic_share"] = float(np.mean([s["looks_like"] != s["label"] for s in test_specs]))
+    # Colour-histogram baseline: renders images, so it is the slow part (~n_train / 300 s).
+    t0 = time.time()
+    Xtr = np.stack([_colour_features(train[i].image) for i in range(n_train)])
+    ytr = np.array([labels[train.spec(i)["label"]] for i in range(n_train)])
+    Xte = np.stack([_colour_features(test[i].image) for i in range(n_test)])
+    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
+    W, b = _softmax_regression((Xtr - mu) / sd, ytr, len(labels))
+    P = ((Xte - mu) / sd) @ W + b
+    out["colour_histogram_top1"] = float((P.argmax(1) == y_test).mean())
+    out["colour_histogram_top3"] = float((np.argsort(-P, 1)[:, :3] == y_test[:, None]).any(1).mean())
+    if verbose:
+        print(f"SynthDerm headroom (test split: seed={seed}, n={n_test}, {image_size}px; "
+              f"{n_train} rendered train images, {n_caption_train} train captions; {time.time() - t0:.0f}s)")
+        for k, v in out.items():
+            print(f"  {k:24s} {v:.3f}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fitzpatrick17k (Groh et al., CVPR-W 2021; github.com/mattgroh/fitzpatrick17k; CC BY-NC-SA 3.0)
+#
+# The CSV (shipped as assets/fitzpatrick17k.csv.gz) lists 16,577 images: md5hash, two skin-type labels,
+# the fine label and its two parents, a dermatologist QC tag on a 504-image sample, and the source URL.
+# The images are not redistributable; fetch them with `python data.py download-fitzpatrick17k --out DIR`
+# (from the `url` column) or request the authors' dump. Images resolve as DIR/<md5hash>.jpg|.png|.jpeg.
+# ---------------------------------------------------------------------------------------------------
+F17K_COLUMNS = ("md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
+                "three_partition_label", "qc", "url", "url_alphanum")
+IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
+
+
+@dataclass
+class Record:
+    """One Fitzpatrick17k image: same field names as SynthSample so downstream code runs on either."""
+    id: str                          # md5hash
+    label: str                       # fine label (key of TAXONOMY)
+    nine: str
+    three: str
+    fitzpatrick: int                 # Scale AI skin type 1..6, -1 = unknown
+    image_path: str | None = None    # None when no image file was found
+    fitzpatrick_centaur: int = -1
+    qc: str = ""                     # "1 Diagnostic", ... on 504 images, "" elsewhere
+    url: str = ""
+    fields: dict[str, str] | None = None    # 8 caption fields when a SkinCAP caption is joined
+    caption: str | None = None              # the SkinCAP free text (English) when joined
+
+
+def _open_text(path) -> io.TextIOBase:
+    path = Path(path)
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _read_csv(path, required: tuple[str, ...], what: str) -> list[dict[str, str]]:
+    """Read a CSV into dicts, checking the header first: one clear error names every missing column."""
+    with _open_text(path) as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(f"{what} CSV {path} is missing column(s) {missing}; it has {header}")
+        return list(reader)
+
+
+def find_image(image_dir, stem: str) -> str | None:
+    """Path of <image_dir>/<stem>.jpg (or .png / .jpeg, any case) if it exists, else None."""
+    for ext in IMAGE_EXTENSIONS:
+        p = Path(image_dir) / f"{stem}{ext}"
+        if p.is_file():
+            return str(p)
+    return None
+
+
+def load_fitzpatrick17k(csv_path=None, image_dir=None, allow_unknown: bool = False,
+                        verbose: bool = True) -> list[Record]:
+    """Load the Fitzpatrick17k CSV (default: the copy in assets/) into Records, by column name.
+
+    image_dir: where <md5hash>.jpg|.png|.jpeg live; rows without a file get image_path=None and are
+    counted in a one-line summary (they are skipped by iterate, never a crash mid-epoch).
+    Unknown labels (not in TAXONOMY) or a row whose nine/three parents disagree with TAXONOMY raise one
+    error listing them; allow_unknown=True keeps such rows with the CSV's own parents instead.
+    """
+    csv_path = FITZPATRICK17K_CSV if csv_path is None else csv_path
+    rows = _read_csv(csv_path, F17K_COLUMNS, "Fitzpatrick17k")
+    unknown = sorted({r["label"] for r in rows if r["label"] not in TAXONOMY})
+    mismatch = sorted({(r["label"], r["nine_partition_label"], r["three_partition_label"]) for r in rows
+                       if r["label"] in TAXONOMY
+                       and TAXONOMY[r["label"]] != (r["nine_partition_label"], r["three_partition_label"])})
+    if (unknown or mismatch) and not allow_unknown:
+        raise ValueError(f"Fitzpatrick17k CSV {csv_path}: {len(unknown)} label(s) not in TAXONOMY {unknown[:20]}"
+                         f"; {len(mismatch)} label(s) with other parents than TAXONOMY {mismatch[:10]} "
+                         "(pass allow_unknown=True to keep them with the CSV's parents)")
+
+    def as_int(v: str) -> int:
+        try:
+            return int(float(v))
+        except (TypeError, ValueError):
+            return -1
+    records, found = [], 0
+    for r in rows:
+        path = find_image(image_dir, r["md5hash"]) if image_dir is not None else None
+        found += path is not None
+        records.append(Record(id=r["md5hash"], label=r["label"], nine=r["nine_partition_label"],
+                              three=r["three_partition_label"], fitzpatrick=as_int(r["fitzpatrick_scale"]),
+                              image_path=path, fitzpatrick_centaur=as_int(r["fitzpatrick_centaur"]),
+                              qc=r["qc"] or "", url=r["url"] or ""))
+    if verbose and image_dir is not None:
+        print(f"fitzpatrick17k: {len(records)} rows, {found} images found in {image_dir}, "
+              f"{len(records) - found} missing (skipped)", file=sys.stderr)
+    return records
+
+
+# --- split protocols (Groh et al.'s train.py, plus the paper's 1,000-image evaluation sample) -----------
+def split_random(records: list, test_fraction: float = 0.2, seed: int = 4242) -> tuple[list, list]:
+    """Stratified random split: within every label, shuffle (seeded) and send round(n * test_fraction)
+    to test. Same protocol and seed as Groh et al. (their exact indices came from sklearn; ours come from
+    numpy, so the membership differs but the recipe, sizes and per-label balance are the same)."""
+    by_label: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_label.setdefault(r.label, []).append(i)
+    rng = np.random.default_rng(seed)
+    test_idx: set[int] = set()
+    for label in sorted(by_label):
+        idx = by_label[label]
+        perm = rng.permutation(len(idx))
+        test_idx.update(idx[j] for j in perm[:int(round(len(idx) * test_fraction))])
+    train = [r for i, r in enumerate(records) if i not in test_idx]
+    test = [r for i, r in enumerate(records) if i in test_idx]
+    return train, test
+
+
+def split_skin_type(records: list, train_types: tuple[int, ...]) -> tuple[list, list]:
+    """Skin-type holdout (Groh a12 / a34 / a56): train on `train_types`, test on the OTHER known types
+    (unknown -1 is dropped), both restricted to the labels present on both sides."""
+    train = [r for r in records if r.fitzpatrick in train_types]
+    test = [r for r in records if r.fitzpatrick > 0 and r.fitzpatrick not in train_types]
+    shared = {r.label for r in train} & {r.label for r in test}
+    return [r for r in train if r.label in shared], [r for r in test if r.label in shared]
+
+
+def split_expert(records: list) -> tuple[list, list]:
+    """Groh's expert_select: test on the 348 images a dermatologist tagged "1 Diagnostic", train on the
+    images without any QC tag (the other QC'd images are left out)."""
+    return [r for r in records if not r.qc], [r for r in records if r.qc.startswith("1")]
+
+
+def eval_sample(records: list, n: int = 1000, seed: int = 2601) -> list:
+    """A fixed random n-image sample of the random split's test part, like SkinFlow's 1,000-image test.
+
+    SkinFlow evaluates on 1,000 random Fitzpatrick17k images whose ids were NOT published, so no one can
+    reproduce that exact set; this sample (seed 2601, drawn from split_random's test part so it never
+    overlaps training) is our stand-in. Its ids can be listed with [r.id for r in eval_sample(records)].
+    """
+    _, test = split_random(records)
+    test = sorted(test, key=lambda r: r.id)
+    idx = np.random.default_rng(seed).choice(len(test), size=min(n, len(test)), replace=False)
+    return [test[i] for i in sorted(idx)]
+
+
+F17K_PROTOCOLS = ("random", "a12", "a34", "a56", "expert", "eval1000")
+
+
+def fitzpatrick17k_split(records: list, protocol: str = "random", part: str = "test",
+                         exclude_from_test=()) -> list:
+    """One part ("train" / "test") of a split protocol (F17K_PROTOCOLS). `exclude_from_test` holds image
+    ids that must never be tested on, e.g. the SkinCAP-captioned images used in Stage I (see
+    skincap_guard); they are removed from the test part (and reported)."""
+    if protocol == "random":
+        train, test = split_random(records)
+    elif protocol in ("a12", "a34", "a56"):
+        train, test = split_skin_type(records, tuple(int(c) for c in protocol[1:]))
+    elif protocol == "expert":
+        train, test = split_expert(records)
+    elif protocol == "eval1000":
+        train, _ = split_random(records)
+        test = eval_sample(records)
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {F17K_PROTOCOLS}")
+    if part not in ("train", "test"):
+        raise ValueError(f"part must be 'train' or 'test', got {part!r}")
+    if part == "train":
+        return train
+    return skincap_guard(test, exclude_from_test)[0] if exclude_from_test else test
+
+
+# ---------------------------------------------------------------------------------------------------
+# SkinCAP (Zhou et al. 2024, HF joshuachou/SkinCAP; CC BY-NC-SA 4.0 + a gated use agreement, so it is
+# never shipped): 4,000 dermatologist captions, 3,345 of them on Fitzpatrick17k images. Rows join to
+# Fitzpatrick17k by `ori_file_path` = <md5hash>.png|.jpg. SkinFlow's Stage I needs the 8 fields, so the
+# English free text is mapped onto CAPTION_VOCAB by ordered keyword rules (first match wins per span).
+# Stage I images must then stay out of every Stage II test split: skincap_guard.
+# ---------------------------------------------------------------------------------------------------
+SKINCAP_CAPTION_COLUMNS = ("caption_zh_polish_en", "caption_en", "caption")
+
+# (regex, canonical value) per field, tried in order; a matched span is blanked so that "dark brown"
+# is not also read as "brown" and "silvery scale" not also as a plain scale.
+_CAPTION_RULES: dict[str, list[tuple[str, str]]] = {
+    "colour": [(r"dark[ -]brown", "dark brown"), (r"skin[ -]colou?red|flesh[ -]colou?red", "skin-coloured"),
+               (r"blue|gr[ae]y", "blue-gray"), (r"salmon", "salmon"), (r"pink", "pink"),
+               (r"violaceous|purpl|violet", "violaceous"), (r"red|erythema", "erythematous"),
+               (r"brown|tan\b|hyperpigment", "brown"), (r"black", "black"),
+               (r"white|hypopigment|depigment|porcelain", "white"), (r"yellow", "yellow"),
+               (r"pearly|translucent", "pearly")],
+    "location": [(r"\bpalms?\b|\bsoles?\b|palmar|plantar", "palm or sole"), (r"scalp", "scalp"),
+                 (r"\bface\b|facial|cheek|forehead|\bnose\b|nasal|\blips?\b|\bchin\b|eyelid|\bears?\b|perioral",
+                  "face"),
+                 (r"trunk|\bback\b|chest|abdom|torso|buttock|flank|waist|\bneck\b|axilla|groin", "trunk"),
+                 (r"\barms?\b|\blegs?\b|limb|extremit|thigh|knee|elbow|forearm|\bshin|\bcalf|ankle|wrist|"
+                  r"shoulder|\bhands?\b|\bfeet\b|\bfoot\b|finger|\btoes?\b", "limb")],
+    "shape": [(r"annular|ring[ -]shaped|\brings?\b", "annular"), (r"arcuate|\barc", "arcuate"),
+              (r"polygonal", "polygonal"), (r"\boval|ovoid|elliptic", "oval"),
+              (r"irregular(ly)?[ -]shaped|irregular in shape|irregular shape", "irregular"),
+              (r"\bround|circular", "round")],
+    "lesion type": [(r"macul", "macule"), (r"patch", "patch"), (r"papul", "papule"), (r"plaque", "plaque"),
+                    (r"nodul", "nodule"), (r"wheal|hive", "wheal"), (r"vesic|blister|bulla", "vesicle"),
+                    (r"pustul", "pustule")],
+    "size": [(r"\bsmall|tiny|pinpoint|millet|miliary", "small"), (r"medium|moderate[ -]sized", "medium"),
+             (r"\blarge|\bbig\b|extensive|huge", "large")],
+    "border": [(r"well[ -](defined|demarcated|circumscribed)|clear(ly)? (border|boundar|margin|defined)|"
+                r"sharp(ly)? (demarcated|defined|bordered)|distinct (border|margin)", "well-demarcated"),
+               (r"ill[ -]defined|poorly[ -](defined|demarcated)|unclear|indistinct|blurr", "ill-defined"),
+               (r"irregular (border|margin|edge|boundar)", "irregular"),
+               (r"regular (border|margin|edge|boundar)|smooth (border|margin|edge)", "regular")],
+    "surface": [(r"silver\w*( scal\w*)?", "coarse silvery scale"),
+                (r"(thick|hyperkeratotic|keratotic)( scal\w*| crust\w*)?", "thick keratotic scale"),
+                (r"fish[ -]scale|ichthyo", "fish-scale"), (r"scal|desquam|flak", "fine scale"),
+                (r"crust", "crust"), (r"ulcer|erosi", "central ulcer"), (r"excoriat|scratch", "excoriations"),
+                (r"verruc|wart|papilloma", "verrucous"), (r"horn cyst", "horn cysts"),
+                (r"wickham|reticula|white lines|white striae", "reticulate white lines"),
+                (r"telangiect", "telangiectasia"), (r"rolled", "rolled border"), (r"collarette", "collarette"),
+                (r"glisten|shiny|shining|glossy", "glistening"), (r"comedo|blackhead", "comedones"),
+                (r"atroph|wrinkl", "wrinkled atrophy"), (r"central clearing|pale cent", "pale centre"),
+                (r"\bhalo", "depigmented halo"), (r"scar", "central white scar-like patch")],
+    "distribution": [(r"generali[sz]ed|widespread|diffuse", "generalized"), (r"follicul", "follicular"),
+                     (r"linear|\bstreak", "linear"), (r"cluster|grouped|confluen", "clustered"),
+                     (r"scatter|dissemin|multiple|numerous", "scattered"),
+                     (r"solitary|single|isolated|\bone\b", "solitary")],
+}
+
+
+def caption_to_fields(text: str) -> dict[str, str]:
+    """Map a free-text caption onto the 8 fields (values from CAPTION_VOCAB, several joined by ", ";
+    "none" when the text says nothing). Keyword rules, so it is approximate by design: it finds what
+    the caption names; it cannot infer what the caption leaves out."""
+    low = " " + str(text).lower() + " "
+    fields = {}
+    for name in CAPTION_FIELDS:
+        work, found = low, []
+        for pattern, value in _CAPTION_RULES[name]:
+            for m in re.finditer(pattern, work):
+                if value not in found:
+                    found.append(value)
+            work = re.sub(pattern, lambda m: " " * len(m.group(0)), work)
+        if name == "border" and found:                        # definition first, then regularity
+            found.sort(key=lambda v: v not in ("well-demarcated", "ill-defined"))
+        fields[name] = ", ".join(found) if found else "none"
+    return fields
+
+
+@dataclass
+class CaptionRecord:
+    id: str               # md5hash (file stem of ori_file_path)
+    file: str             # ori_file_path as given
+    caption: str          # English free text
+    fields: dict[str, str]
+    disease: str = ""
+    record: Record | None = None   # the joined Fitzpatrick17k record (None for DDI / unknown images)
+
+
+def load_skincap(csv_path, f17k_records: list | None = None, attach: bool = True) -> list[CaptionRecord]:
+    """Load SkinCAP's CSV (skincap_v240623.csv): captions joined to Fitzpatrick17k by md5 / file name.
+
+    Needs `ori_file_path` and one caption column (SKINCAP_CAPTION_COLUMNS, English first). When
+    f17k_records is given, matching records get `.caption` and `.fields` (attach=True) so iterate can use
+    them as Stage I targets; unmatched rows (e.g. DDI images) keep record=None.
+    """
+    with _open_text(csv_path) as fh:
+        header = csv.DictReader(fh).fieldnames or []
+    col = next((c for c in SKINCAP_CAPTION_COLUMNS if c in header), None)
+    rows = _read_csv(csv_path, ("ori_file_path",) + ((col,) if col else SKINCAP_CAPTION_COLUMNS[:1]), "SkinCAP")
+    by_id = {r.id: r for r in (f17k_records or [])}
+    out = []
+    for row in rows:
+        file = row["ori_file_path"].strip()
+        stem = Path(file).stem.lower()
+        text = row[col].strip()
+        rec = by_id.get(stem)
+        cap = CaptionRecord(id=stem, file=file, caption=text, fields=caption_to_fields(text),
+                            disease=row.get("disease", ""), record=rec)
+        if rec is not None and attach:
+            rec.caption, rec.fields = text, cap.fields
+        out.append(cap)
+    return out
+
+
+def skincap_guard(test_records: list, caption_ids) -> tuple[list, int]:
+    """Remove every image with a Stage I caption from a test split: returns (kept, n_removed).
+
+    SkinCAP captions the very Fitzpatrick17k images one would test on; a Stage II score measured on
+    images whose description the model was trained on would be inflated.
+    """
+    ids = {c.id if hasattr(c, "id") else str(c) for c in caption_ids}
+    kept = [r for r in test_records if r.id not in ids]
+    removed = len(test_records) - len(kept)
+    if removed:
+        print(f"skincap_guard: removed {removed} captioned image(s) from the test split", file=sys.stderr)
+    return kept, removed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image downloader (Fitzpatrick17k `url` column)
+# ---------------------------------------------------------------------------------------------------
+def _valid_image(path) -> bool:
+    """True when PIL can fully decode the file (a truncated JPEG fails in load(), not in open())."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
+
+
+def _fetch(url: str, dest: Path, timeout: float, user_agent: str) -> None:
+    """Stream url into dest; raise if the body is shorter than its Content-Length (truncated)."""
+    req = urllib.request.Request(url, headers={"User-Agent": user_agent})
+    with urllib.request.urlopen(req, timeout=timeout) as resp, open(dest, "wb") as fh:
+        expected = resp.headers.get("Content-Length")
+        total = 0
+        while True:
+            chunk = resp.read(1 << 16)
+            if not chunk:
+                break
+            fh.write(chunk)
+            total += len(chunk)
+    if expected is not None and total != int(expected):
+        raise OSError(f"truncated body: {total} of {expected} bytes")
+
+
+def download_images(items, out_dir, timeout: float = 20.0, retries: int = 3, backoff: float = 1.0,
+                    progress: bool = True, user_agent: str = "skinflow-from-scratch/0.1 (research)") -> dict:
+    """Download (stem, url) pairs to out_dir/<stem><ext>; returns a summary dict.
+
+    * resume: a file already present and fully decodable is skipped;
+    * atomic: bytes go to <name>.part and are renamed only after the image decodes, so an interrupted or
+      failed download never leaves a partial file under the final name;
+    * retries with exponential backoff (backoff * 2^attempt seconds) and a per-request timeout;
+    * failures are listed in out_dir/download_failures.csv and summarised on one line.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    items = list(items)
+    summary = {"ok": 0, "skipped": 0, "failed": 0, "no_url": 0, "failures": []}
+    try:
+        from tqdm import tqdm
+        bar = tqdm(items, desc="download", unit="img", disable=not progress)
+    except ImportError:                                       # tqdm is a listed dependency; be lenient anyway
+        bar = items
+    for stem, url in bar:
+        url = (url or "").strip()
+        if not url:
+            summary["no_url"] += 1
+            summary["failures"].append((stem, url, "no url"))
+            continue
+        existing = find_image(out, stem)
+        if existing and _valid_image(existing):
+            summary["skipped"] += 1
+            continue
+        ext = Path(urllib.parse.urlparse(url).path).suffix.lower()
+        ext = ext if ext in (".jpg", ".jpeg", ".png") else ".jpg"
+        final = out / f"{stem}{ext}"
+        part = out / f"{stem}{ext}.part"
+        error = None
+        for attempt in range(max(1, retries)):
+            try:
+                _fetch(url, part, timeout, user_agent)
+                if not _valid_image(part):
+                    raise ValueError("downloaded file is not a decodable image")
+                os.replace(part, final)
+                error = None
+                break
+            except Exception as exc:                          # network, HTTP, timeout, truncation, decode
+                error = f"{type(exc).__name__}: {exc}"
+                part.unlink(missing_ok=True)
+                if attempt + 1 < retries:
+                    time.sleep(backoff * 2 ** attempt)
+        if error is None:
+            summary["ok"] += 1
+        else:
+            summary["failed"] += 1
+            summary["failures"].append((stem, url, error))
+    if summary["failures"]:
+        with open(out / "download_failures.csv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["md5hash", "url", "error"])
+            w.writerows(summary["failures"])
+    print(f"download: {summary['ok']} downloaded, {summary['skipped']} already present, "
+          f"{summary['failed']} failed, {summary['no_url']} without url"
+          + (f" (see {out / 'download_failures.csv'})" if summary["failures"] else ""), file=sys.stderr)
+    return summary
+
+
+def download_fitzpatrick17k(out_dir, csv_path=None, limit: int | None = None, **kw) -> dict:
+    """Fetch every Fitzpatrick17k image from the CSV's `url` column into out_dir/<md5hash>.<ext>."""
+    rows = _read_csv(FITZPATRICK17K_CSV if csv_path is None else csv_path, ("md5hash", "url"), "Fitzpatrick17k")
+    items = [(r["md5hash"], r["url"]) for r in rows][:limit]
+    return download_images(items, out_dir, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training / evaluation iterator and the preview contact sheet
+# ---------------------------------------------------------------------------------------------------
+def reference_answer(stage: str, record) -> str:
+    """The canonical target text of a record for a stage (what an SFT warm-up would imitate and what the
+    rewards compare against): Stage I the formatted caption, Stage II the reference differential."""
+    if stage == "stage1":
+        if not record.fields:
+            raise ValueError(f"record {record.id} has no caption fields (Stage I needs SynthDerm or SkinCAP)")
+        return format_caption(record.fields)
+    if stage == "stage2":
+        return format_differential(reference_differential(record.label, getattr(record, "looks_like", None)))
+    raise ValueError(f"stage must be 'stage1' or 'stage2', got {stage!r}")
+
+
+def iterate(stage: str, split: str = "train", source: str = "synthderm", n: int | None = None, seed: int = 0,
+            image_size: int = 224, csv_path=None, image_dir=None, skincap_csv=None,
+            stats: dict | None = None) -> Iterator[tuple[Image.Image, str, object]]:
+    """Yield (PIL image, prompt text, target record) for a stage ("stage1" captions, "stage2" diagnosis).
+
+    source="synthderm": split is "train" / "val" / "test"; n items (default 2000 train, 500 otherwise)
+      of SynthDerm(n, seed, image_size, split). The record is a SynthSample (.fields, .label, ...).
+    source="fitzpatrick17k": split is "train" / "test" (random protocol) or "<protocol>/<part>" with a
+      protocol from F17K_PROTOCOLS, e.g. "a12/test", "expert/test", "eval1000/test". image_dir holds the
+      images; skincap_csv (optional) attaches captions, which Stage I needs, and removes every captioned
+      image from test parts. Missing or unreadable images are counted and skipped; a summary line is
+      printed at the end and the counts are written into `stats` if given.
+    The record carries the target: reference_answer(stage, record) gives its canonical text.
+    """
+    if stage not in ("stage1", "stage2"):
+        raise ValueError(f"stage must be 'stage1' or 'stage2', got {stage!r}")
+    prompt = STAGE1_PROMPT if stage == "stage1" else STAGE2_PROMPT
+    stats = {} if stats is None else stats
+    if source == "synthderm":
+        ds = SynthDerm(n if n is not None else (2000 if split == "train" else 500), seed, image_size, split)
+        for sample in ds:
+            yield sample.image, prompt, sample
+        stats.update(yielded=len(ds), missing=0, unreadable=0)
+        return
+    if source != "fitzpatrick17k":
+        raise ValueError(f"source must be 'synthderm' or 'fitzpatrick17k', got {source!r}")
+    protocol, _, part = split.partition("/") if "/" in split else ("random", "", split)
+    records = load_fitzpatrick17k(csv_path, image_dir)
+    captioned = load_skincap(skincap_csv, records) if skincap_csv else []
+    recs = fitzpatrick17k_split(records, protocol, part,
+                                exclude_from_test=[c.id for c in captioned if c.record is not None])
+    if stage == "stage1":
+        recs = [r for r in recs if r.fields]
+    recs = recs[:n] if n is not None else recs
+    yielded = missing = unreadable = 0
+    for rec in recs:
+        if rec.image_path is None:
+            missing += 1
+            continue
+        try:
+            with Image.open(rec.image_path) as im:
+                image = im.convert("RGB")                     # forces a full decode: truncation shows here
+        except Exception:
+            unreadable += 1
+            continue
+        yielded += 1
+        yield image, prompt, rec
+    stats.update(yielded=yielded, missing=missing, unreadable=unreadable)
+    print(f"iterate({stage}, {split}): {yielded} images, {missing + unreadable} skipped "
+          f"({missing} missing, {unreadable} unreadable)", file=sys.stderr)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)             # scalable default font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def preview(n: int = 16, out: str = "grid.png", seed: int = 0, image_size: int = 224, split: str = "train",
+            cols: int = 4) -> Path:
+    """Write a labelled contact sheet of SynthDerm items: each tile shows the image and, below it, the
+    label (with the mimicked look when different), skin type, lesion type and colour."""
+    ds = SynthDerm(n, seed, image_size, split)
+    rows = (n + cols - 1) // cols
+    font_px = max(10, image_size // 16)
+    text_h = 4 * (font_px + 3) + 4                           # four caption lines under every tile
+    sheet = Image.new("RGB", (cols * image_size, rows * (image_size + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    font = _font(font_px)
+    roman = ["I", "II", "III", "IV", "V", "VI"]
+
+    def fit(t: str) -> str:                                   # cut a line to the tile width
+        while t and draw.textlength(t, font=font) > image_size - 6:
+            t = t[:-2] + "…" if not t.endswith("…") else t[:-2] + "…"
+        return t
+    for i in range(n):
+        s = ds[i]
+        x, y = (i % cols) * image_size, (i // cols) * (image_size + text_h)
+        sheet.paste(s.image, (x, y))
+        lines = (s.label,
+                 f"looks like {s.looks_like}" if s.looks_like != s.label else "(no mimicry)",
+                 f"FST {roman[s.fitzpatrick - 1]} | {s.fields['lesion type']} | {s.fields['location']}",
+                 f"{s.fields['colour']} | {s.fields['distribution']}")
+        for j, t in enumerate(lines):
+            draw.text((x + 3, y + image_size + 2 + j * (font_px + 3)), fit(t),
+                      fill=(150, 0, 0) if j == 1 and s.looks_like != s.label else (0, 0, 0), font=font)
+    out = Path(out)
+    sheet.save(out)
+    return out
+
+
+def bench(image_size: int = 224, n: int = 300, seed: int = 0) -> float:
+    """Images per second of SynthDerm on this process (CPU time, one core: run with OMP_NUM_THREADS=1)."""
+    ds = SynthDerm(n, seed, image_size)
+    ds[0]                                                     # warm the noise-tile cache
+    t0 = time.process_time()
+    for i in range(n):
+        ds[i]
+    return n / (time.process_time() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("preview", help="write a labelled contact sheet of SynthDerm samples")
+    q.add_argument("--n", type=int, default=16)
+    q.add_argument("--out", default="grid.png")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--image-size", type=int, default=224)
+    q.add_argument("--split", default="train")
+    q = sub.add_parser("headroom", help="majority / colour-histogram / caption-oracle top-1 on SynthDerm test")
+    q.add_argument("--n-train", type=int, default=3000)
+    q.add_argument("--n-test", type=int, default=1000)
+    q.add_argument("--image-size", type=int, default=112)
+    q.add_argument("--seed", type=int, default=0)
+    q = sub.add_parser("bench", help="SynthDerm images/second (CPU time of this process)")
+    q.add_argument("--image-size", type=int, default=224)
+    q.add_argument("--n", type=int, default=300)
+    q = sub.add_parser("download-fitzpatrick17k", help="fetch Fitzpatrick17k images from the CSV's url column")
+    q.add_argument("--out", required=True)
+    q.add_argument("--csv", default=None, help="default: assets/fitzpatrick17k.csv.gz")
+    q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--timeout", type=float, default=20.0)
+    q.add_argument("--retries", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.cmd == "preview":
+        print(preview(args.n, args.out, args.seed, args.image_size, args.split))
+    elif args.cmd == "headroom":
+        headroom(args.n_train, args.n_test, args.image_size, args.seed)
+    elif args.cmd == "bench":
+        print(f"SynthDerm {args.image_size}px: {bench(args.image_size, args.n):.0f} images/s (one core, CPU time)")
+    elif args.cmd == "download-fitzpatrick17k":
+        s = download_fitzpatrick17k(args.out, args.csv, args.limit, timeout=args.timeout, retries=args.retries)
+        return 1 if s["failed"] and not (s["ok"] or s["skipped"]) else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
