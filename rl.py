@@ -18,9 +18,15 @@ completions, pi_ref the frozen reference.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import copy
+import dataclasses
+import json
 import math
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -634,6 +640,24 @@ def set_trainable(model, lora: bool = True, dve_layers: bool = True, llm: bool =
     return counts
 
 
+def vision_token_mask(cfg, tokens: torch.Tensor) -> torch.Tensor:
+    """True where a token id is one of the vision specials, which only the prompt builder may place."""
+    ids = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    return torch.isin(tokens, torch.tensor(ids, device=tokens.device))
+
+
+def cut_at_vision_tokens(cfg, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Completion mask [B, L] cut after the first sampled vision special token (that token is kept).
+
+    A random or early policy may sample <|image_pad|>; treating it like a stop token keeps every
+    kept position's context identical between the sampler and the training forward, and the token
+    itself is still scored (a low reward then pushes its probability down).
+    """
+    bad = vision_token_mask(cfg, tokens) & (mask > 0)  # [B, L]
+    after = (bad.long().cumsum(1) - bad.long()) > 0  # strictly after the first bad token
+    return mask * (~after).to(mask.dtype)
+
+
 def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: torch.Tensor,
                         chunk: int = 1024, temperature: float = 1.0, impl: str = "auto", image_embeds=None):
     """log pi(o_t | q, o_<t) / T for every completion token -> [B, L] float32 (0 where mask = 0).
@@ -653,7 +677,11 @@ def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: 
     m = mask.to(ids.device) > 0  # [B, L]
     attn = batch.get("attention_mask")
     attn = torch.ones_like(ids) if attn is None else attn.to(ids.device)
-    full = torch.cat([ids, comp], 1)  # [B, T0 + L]
+    # A sampled vision special token (<|image_pad|>, <|vision_start|> ...) must not be read back as an image
+    # slot: fed as input it is replaced by pad. It stays a TARGET (its own log-prob is exact); callers cut
+    # the completion after it (see cut_at_vision_tokens), so no kept token is conditioned on the swap.
+    comp_in = torch.where(vision_token_mask(model.cfg, comp), torch.full_like(comp, model.cfg.pad_token_id), comp)
+    full = torch.cat([ids, comp_in], 1)  # [B, T0 + L]
     full_attn = torch.cat([attn, m.to(attn.dtype)], 1)  # [B, T0 + L]
     h = model.hidden_states(full, full_attn, batch.get("pixel_values"), batch.get("image_grid_thw"),
                             image_embeds=image_embeds)  # [B, T0 + L, D]
@@ -678,3 +706,457 @@ def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: 
     flat = torch.cat(out) if out else torch.zeros(0, device=ids.device)  # [n]
     logp = torch.zeros(comp.shape, dtype=torch.float32, device=ids.device)  # [B, L]
     return logp.masked_scatter(m, flat)
+
+
+# ===================================================================================================
+# 5. The trainer: python rl.py warmup|stage1|stage2 [--options]
+#
+# One step, in the order a student should read it (see `_rl_step`):
+#   a. take B prompts (image + stage prompt) at the saved data position;
+#   b. encode each image ONCE, sample G completions per prompt in one batched KV-cache call;
+#   c. decode, score with the stage reward, group-normalise into advantages;
+#   d. log-probs of the reference policy (same weights, adapters off, DVE gates = 1), no grad;
+#   e. mu inner epochs: for each micro-batch of whole groups, recompute log pi_theta with grad, GRPO loss
+#      with the GLOBAL token count, backward; then one clipped optimizer step (skipped if non-finite).
+# Everything a resume needs (trainable weights, optimizer, step, data position, RNG states) goes to one
+# safetensors file, written atomically (tmp file + os.replace), also on Ctrl-C.
+# ===================================================================================================
+STAGES = ("warmup", "stage1", "stage2")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every knob of a run (also the CLI flags: --prompts 8 --lr 1e-6 ...). Defaults fit the tiny preset."""
+    stage: str = "stage1"
+    init: str = "tiny"            # preset name or model dir (the previous stage's <out>/<stage>/model)
+    out: str = "runs/tiny"        # run folder; this stage writes <out>/<stage>/
+    steps: int = 30
+    prompts: int = 4              # B prompts per step
+    G: int = 4                    # completions per prompt
+    mu: int = 1                   # inner epochs (optimizer steps) per rollout batch
+    lr: float = 2e-4
+    beta: float = 0.01            # KL coefficient (paper: unknown; 0 .. 0.04 in the anchors)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    agg: str = "token-mean"
+    scale: str = "std"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    micro_prompts: int = 4        # prompts (x G completions) per forward/backward
+    train: str = "lora,dve"       # trainable sets among lora, dve, llm
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    dve: bool = False             # convert the vision tower's MLP linears to FDLinear before training
+    dve_k: int = 4
+    image_size: int = 112
+    max_pixels: int = 112 * 112
+    n_data: int = 4096            # SynthDerm items in the training stream (cycled, reshuffled per epoch)
+    data_seed: int = 0
+    seed: int = 0
+    save_every: int = 10
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    dtype: str = "fp32"           # fp32 | bf16 (bf16: fp32 master copies for bf16 trainables)
+    device: str = "auto"
+    chunk: int = 1024             # completion rows per lm_head + log-softmax chunk
+    eval_n: int = 64              # held-out items scored greedily at the end (0 = skip)
+    resume: bool = True
+
+
+def _rl_caption_fields():
+    import data
+
+    return data.CAPTION_FIELDS
+
+
+def _stage_prompt(stage: str) -> str:
+    import data
+
+    return data.STAGE1_PROMPT if stage == "stage1" else data.STAGE2_PROMPT
+
+
+def _stage_reward(stage: str, text: str, item) -> tuple[float, dict]:
+    if stage == "stage1":
+        return reward_caption(text, item.fields)
+    return reward_differential(text, item.label)
+
+
+def _warmup_target(item, task: str) -> str:
+    """SFT target of the tiny warm start: the caption, or the differential of what the lesion LOOKS like.
+
+    Using `looks_like` (not the true label) makes the warm start an "explicit look" diagnostician: right
+    on ordinary images, wrong on mimics (25 % of SynthDerm) whose true class only the never-captioned
+    implicit texture reveals. That is the headroom Stage II RL (and DVE) can win back.
+    """
+    import data
+
+    if task == "stage1":
+        return data.format_caption(item.fields)
+    return data.format_differential(data.reference_differential(item.looks_like))
+
+
+def _data_indices(position: int, k: int, n: int, seed: int) -> list[int]:
+    """Items position .. position + k - 1 of an endless stream: epoch e is a permutation seeded by (seed, e)."""
+    out = []
+    for p in range(position, position + k):
+        epoch, i = divmod(p, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def _repeat_groups(batch: dict, image_embeds, G: int) -> tuple[dict, torch.Tensor | None]:
+    """Prompt batch [B, T] -> [B*G, T] (each row G times, prompt-major) and the image features likewise.
+
+    The image tokens of image b are a contiguous block of (t*h*w)/4 rows in image_embeds, so each block is
+    repeated G times: the vision tower runs once per PROMPT, not once per completion.
+    """
+    out = {k: (v.repeat_interleave(G, 0) if torch.is_tensor(v) and k in ("input_ids", "attention_mask") else v)
+           for k, v in batch.items()}
+    grid = batch.get("image_grid_thw")
+    if grid is not None:
+        out["image_grid_thw"] = grid.repeat_interleave(G, 0)  # [B*G, 3]
+        out["pixel_values"] = None  # replaced by the repeated features below
+    if image_embeds is None:
+        return out, None
+    sizes = (grid.prod(-1) // 4).tolist()  # merged tokens per image (2x2 merge)
+    blocks = torch.split(image_embeds, sizes)  # B x [M_b, D]
+    return out, torch.cat([blk for blk in blocks for _ in range(G)])  # [G * sum M_b, D]
+
+
+def _slice_batch(batch: dict, embeds, b0: int, b1: int, G: int):
+    """Prompts b0..b1-1 of a [B*G]-row expanded batch (rows b0*G .. b1*G) and their image features."""
+    sub = {k: (v[b0 * G:b1 * G] if torch.is_tensor(v) and k != "pixel_values" else v) for k, v in batch.items()}
+    if embeds is None:
+        return sub, None
+    grid = batch["image_grid_thw"]
+    sizes = (grid.prod(-1) // 4).tolist()
+    start = sum(sizes[:b0 * G])
+    return sub, embeds[start:start + sum(sizes[b0 * G:b1 * G])]
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict):
+    """safetensors write that never leaves a half-written file: write tmp in the same dir, fsync, rename."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Holds the model, optimizer and the run state of one stage; `run()` does the steps."""
+
+    def __init__(self, cfg: TrainConfig):
+        import skinflow
+
+        if cfg.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+        self.cfg = cfg
+        self.dir = Path(cfg.out) / cfg.stage
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+        torch.manual_seed(cfg.seed)
+        self.model, self.tok = skinflow.load(cfg.init, dtype=dtype, device=self.device, seed=cfg.seed)
+        sets = {s.strip() for s in cfg.train.split(",") if s.strip()}
+        if cfg.stage == "warmup":
+            sets = {"llm"}  # the tiny warm start is plain full-parameter SFT
+        if cfg.dve and not self._has_dve():
+            import dve
+
+            dve.apply_dve(self.model, blocks=None, K=cfg.dve_k)
+            self.model.to(self.device)
+        if "lora" in sets:
+            apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
+            self.model.to(self.device)
+        self.counts = set_trainable(self.model, lora="lora" in sets, dve_layers="dve" in sets, llm="llm" in sets)
+        # full fine-tuning moves the base weights, so only then is a frozen reference copy needed
+        self.ref_model = None
+        if "llm" in sets and cfg.stage != "warmup" and cfg.beta != 0:
+            self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ValueError(f"nothing to train: --train {cfg.train!r} matched no parameter (dve needs --dve)")
+        self.master = MasterWeights([p for _, p in self.model.named_parameters() if p.requires_grad])
+        self.opt = torch.optim.AdamW(self.master.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        import data
+
+        split = "val" if cfg.stage == "warmup" else "train"  # the warm start never sees the RL stream
+        self.data = data.SynthDerm(cfg.n_data, seed=cfg.data_seed, image_size=cfg.image_size, split=split)
+        self.step = 0
+        self.position = 0
+        self.ckpt = self.dir / "checkpoint.safetensors"
+        self.log_path = self.dir / "log.jsonl"
+        if cfg.resume and self.ckpt.exists():
+            self.load_checkpoint()
+        elif self.log_path.exists():
+            self.log_path.unlink()  # a fresh run: start a fresh log
+
+    def _has_dve(self) -> bool:
+        import dve
+
+        return bool(dve.fdlinears(self.model))
+
+    # ---------------------------------------------------------------------------- checkpointing
+    def save_checkpoint(self):
+        tensors = {f"param/{n}": m for n, m in zip(self.names, self.master.params)}  # fp32 masters
+        opt_state = self.opt.state_dict()
+        for i, st in opt_state["state"].items():
+            for k, v in st.items():
+                tensors[f"optim/{i}/{k}"] = torch.as_tensor(v)
+        tensors["rng/torch"] = torch.get_rng_state()
+        tensors["rng/sampler"] = self.gen.get_state()
+        if torch.cuda.is_available():
+            tensors["rng/cuda"] = torch.cuda.get_rng_state()
+        meta = {"step": str(self.step), "position": str(self.position),
+                "param_groups": json.dumps(opt_state["param_groups"]),
+                "config": json.dumps(dataclasses.asdict(self.cfg))}
+        _atomic_save(tensors, self.ckpt, meta)
+
+    def load_checkpoint(self):
+        from safetensors import safe_open
+
+        with safe_open(str(self.ckpt), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        missing = [n for n in self.names if f"param/{n}" not in tensors]
+        if missing:
+            raise KeyError(f"{self.ckpt}: no saved value for trainable {missing[:4]} (different --train / --dve?)")
+        with torch.no_grad():
+            for n, m in zip(self.names, self.master.params):
+                m.copy_(tensors[f"param/{n}"])
+        self.master.master_to_model()
+        state = {}
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, i, name = k.split("/", 2)
+                state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
+        self.opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        torch.set_rng_state(tensors["rng/torch"])
+        self.gen.set_state(tensors["rng/sampler"])
+        if "rng/cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng/cuda"])
+        self.step, self.position = int(meta["step"]), int(meta["position"])
+        print(f"[rl] resumed {self.ckpt} at step {self.step}, data position {self.position}")
+
+    def export(self) -> Path:
+        """Write the stage's model (LoRA merged, DVE kept) + tokenizer to <out>/<stage>/model."""
+        target = self.dir / "model"
+        merge_lora(self.model)
+        self.model.save_pretrained(target)
+        self.tok.save(target)
+        return target
+
+    # ---------------------------------------------------------------------------- one step
+    def _prompt_batch(self, items, texts):
+        import skinflow
+
+        return skinflow.make_batch(self.tok, [it.image for it in items], texts, max_pixels=self.cfg.max_pixels,
+                                   device=self.device)
+
+    def _decode(self, tokens, mask) -> list[str]:
+        out = []
+        for row, m in zip(tokens.tolist(), mask.tolist()):
+            ids = [t for t, keep in zip(row, m) if keep > 0 and t != self.tok.eos_id]
+            out.append(self.tok.decode(ids))
+        return out
+
+    def _warmup_step(self):
+        """Supervised step: -mean log p(target tokens) over half Stage I, half Stage II targets."""
+        cfg = self.cfg
+        idx = _data_indices(self.position, cfg.prompts, len(self.data), cfg.data_seed)
+        items = [self.data[i] for i in idx]
+        tasks = ["stage1" if (self.position + j) % 2 == 0 else "stage2" for j in range(len(items))]
+        batch = self._prompt_batch(items, [_stage_prompt(t) for t in tasks])
+        targets = [self.tok.encode(_warmup_target(it, t)) + [self.tok.eos_id] for it, t in zip(items, tasks)]
+        L = max(map(len, targets))
+        comp = torch.full((len(items), L), self.tok.pad_id, dtype=torch.long, device=self.device)  # [B, L]
+        mask = torch.zeros(len(items), L, device=self.device)  # [B, L]
+        for b, t in enumerate(targets):
+            comp[b, :len(t)] = torch.tensor(t)
+            mask[b, :len(t)] = 1
+        logp = completion_logprobs(self.model, batch, comp, mask, chunk=cfg.chunk)  # [B, L]
+        loss = -(logp * mask).sum() / mask.sum()
+        stats = {"loss": float(loss.detach()), "tokens": int(mask.sum())}
+        return loss, stats, len(items)
+
+    def _rl_step(self) -> dict:
+        cfg, G, model = self.cfg, self.cfg.G, self.model
+        t0 = time.time()
+        # a. prompts
+        idx = _data_indices(self.position, cfg.prompts, len(self.data), cfg.data_seed)
+        items = [self.data[i] for i in idx]
+        batch = self._prompt_batch(items, [_stage_prompt(cfg.stage)] * len(items))
+        # b. rollouts: image features once per prompt, G samples per prompt in ONE generate call
+        model.eval()
+        with torch.no_grad():
+            embeds = model.encode_images(batch["pixel_values"], batch["image_grid_thw"])  # [sum M, D]
+            big, big_embeds = _repeat_groups(batch, embeds, G)  # [B*G, T], [G * sum M, D]
+            gen = model.generate(big["input_ids"], big["attention_mask"], None, big["image_grid_thw"],
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, generator=self.gen, image_embeds=big_embeds)
+        t_roll = time.time() - t0
+        # c. rewards and advantages
+        gen.mask = cut_at_vision_tokens(model.cfg, gen.tokens, gen.mask)  # [B*G, L]
+        gen.logprobs = gen.logprobs * gen.mask
+        texts = self._decode(gen.tokens, gen.mask)
+        scored = [_stage_reward(cfg.stage, txt, items[i // G]) for i, txt in enumerate(texts)]
+        rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)  # [B*G]
+        adv, gstats = group_advantages(rewards, G, cfg.scale, return_stats=True)
+        adv = adv.to(self.device)
+        mask = gen.mask  # [B*G, L]
+        old = gen.logprobs  # [B*G, L] sampler log-probs = pi_old
+        n_tok = float(mask.sum())
+        # d. reference log-probs (no grad; same weights with every delta off, or the frozen copy)
+        ref = None
+        if cfg.beta != 0:
+            holder = self.ref_model if self.ref_model is not None else model
+            with torch.no_grad(), reference_policy(holder):
+                ref_embeds = holder.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+                _, ref_big = _repeat_groups(batch, ref_embeds, G)
+                ref = completion_logprobs(holder, big, gen.tokens, mask, cfg.chunk, cfg.temperature,
+                                          image_embeds=ref_big)
+        # e. mu optimizer steps on this rollout batch
+        model.train()
+        B = len(items)
+        agg_stats, skipped = [], 0
+        for _ in range(cfg.mu):
+            self.master.zero_grad()
+            finite, loss_sum = True, 0.0
+            for b0 in range(0, B, cfg.micro_prompts):
+                b1 = min(B, b0 + cfg.micro_prompts)
+                sub, _ = _slice_batch(big, None, b0, b1, G)
+                # image features with grad (DVE trains through them), once per prompt of the micro-batch
+                pv_rows = batch["image_grid_thw"].prod(-1).tolist()
+                p0, p1 = sum(pv_rows[:b0]), sum(pv_rows[:b1])
+                emb = model.encode_images(batch["pixel_values"][p0:p1], batch["image_grid_thw"][b0:b1])
+                _, emb = _repeat_groups({"image_grid_thw": batch["image_grid_thw"][b0:b1]}, emb, G)
+                rows = slice(b0 * G, b1 * G)
+                logp = completion_logprobs(model, sub, gen.tokens[rows], mask[rows], cfg.chunk, cfg.temperature,
+                                           image_embeds=emb)  # [b*G, L]
+                loss, st = grpo_loss(logp, old[rows], None if ref is None else ref[rows], adv[rows], mask[rows],
+                                     cfg.eps_low, cfg.eps_high, cfg.beta, cfg.agg, num_tokens=n_tok,
+                                     num_seqs=B * G, max_len=cfg.max_new_tokens)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                loss_sum += float(loss.detach())
+                st["weight"] = float(mask[rows].sum())
+                agg_stats.append(st)
+            grad_norm = self._optimizer_step(finite)
+            skipped += int(not finite)
+        # stats for the log: token-weighted means of the per-micro-batch stats
+        w = sum(s["weight"] for s in agg_stats) or 1.0
+        mean = lambda k: sum(s[k] * s["weight"] for s in agg_stats) / w  # noqa: E731
+        lengths = mask.sum(1)
+        rec = {
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "loss": loss_sum, "kl": mean("kl") if agg_stats else 0.0,
+            "clip_low": mean("clip_low") if agg_stats else 0.0, "clip_high": mean("clip_high") if agg_stats else 0.0,
+            "ratio_max": max((s["ratio_max"] for s in agg_stats), default=1.0),
+            "ratio_min": min((s["ratio_min"] for s in agg_stats), default=1.0),
+            "completion_len": float(lengths.mean()), "truncated": float((mask[:, -1] > 0).float().mean()),
+            "zero_std_groups": gstats["zero_std_groups"], "groups": gstats["groups"],
+            "format_failures": sum(int(i["malformed"]) for _, i in scored),
+            "format_mean": sum(i["format"] for _, i in scored) / len(scored),
+            "skipped": skipped, "grad_norm": grad_norm, "rollout_s": round(t_roll, 3),
+        }
+        if cfg.stage == "stage1":
+            import data
+
+            for f in data.CAPTION_FIELDS:
+                rec[f"field/{f}"] = sum(i[f"field/{f}"] for _, i in scored) / len(scored)
+        else:
+            rec["hit_rank1"] = sum(int(i["rank"] == 1) for _, i in scored) / len(scored)
+            rec["hit_top6"] = sum(int(i["rank"] > 0) for _, i in scored) / len(scored)
+        rec["sample"] = texts[0][:200]
+        return rec, B
+
+    def _optimizer_step(self, finite: bool) -> float:
+        """Clip, step, refresh bf16 copies. A non-finite loss or gradient skips the update (logged)."""
+        if not finite:
+            self.master.zero_grad()
+            return float("nan")
+        self.master.grads_to_master()
+        norm = torch.nn.utils.clip_grad_norm_(self.master.params, self.cfg.grad_clip)
+        if not torch.isfinite(norm):
+            self.master.zero_grad()
+            return float("nan")
+        self.opt.step()
+        self.master.master_to_model()
+        self.master.zero_grad()
+        return float(norm)
+
+    # ---------------------------------------------------------------------------- the loop
+    def run(self) -> Path:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        print(f"[rl] {cfg.stage}: trainable {self.counts} on {self.device}, {cfg.steps} steps -> {self.dir}")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, dynamic_ncols=True)
+        try:
+            while self.step < cfg.steps:
+                t0 = time.time()
+                if cfg.stage == "warmup":
+                    self.model.train()
+                    self.master.zero_grad()
+                    loss, rec, n = self._warmup_step()
+                    finite = bool(torch.isfinite(loss))
+                    if finite:
+                        loss.backward()
+                    rec["grad_norm"] = self._optimizer_step(finite)
+                    rec["skipped"] = int(not finite)
+                else:
+                    rec, n = self._rl_step()
+                self.position += n
+                self.step += 1
+                rec.update({"step": self.step, "lr": cfg.lr, "step_s": round(time.time() - t0, 3),
+                            "position": self.position})
+                if rec.get("skipped"):
+                    print(f"[rl] step {self.step}: non-finite loss/gradient, update skipped")
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                key = "loss" if cfg.stage == "warmup" else "reward_mean"
+                bar.set_postfix({key: f"{rec[key]:.3f}"})
+                bar.update(1)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            bar.close()
+            print(f"\n[rl] interrupted: resumable checkpoint at {self.ckpt} (step {self.step}); rerun the same command")
+            raise SystemExit(130)
+        bar.close()
+        return self.export()
+
+
+def main(argv=None) -> int:
+    """CLI: every TrainConfig field is a flag (`--prompts 8`, `--dve`, `--no-resume`)."""
+    p = argparse.ArgumentParser(description="SkinFlow staged GRPO (rl.py)")
+    p.add_argument("stage", choices=STAGES)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "stage":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            p.add_argument(flag, type=typ, default=f.default)
+    args = p.parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    out = Trainer(cfg).run()
+    print(f"[rl] {cfg.stage} done: model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
