@@ -44,12 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import TAXONOMY
-
-try:  # data.py is the one home of the caption schema; the fallback mirrors INTERFACES.md exactly
-    from data import CAPTION_FIELDS
-except ImportError:  # pragma: no cover - only while data.py is being extended
-    CAPTION_FIELDS = ("colour", "location", "shape", "lesion type", "size", "border", "surface", "distribution")
+from data import CAPTION_FIELDS, TAXONOMY
 
 MAX_ITEMS = 6  # SkinFlow scores a ranked differential of six (Top-6)
 VERDICTS = ("correct", "subtype", "near_miss", "safety_critical", "wrong", "unknown")
@@ -454,10 +449,6 @@ def _build_concepts() -> tuple[dict[str, str], dict[str, set[str]]]:
     return concept, ancestors
 
 
-def _concept(label: str) -> str:
-    return _CONCEPT[label]
-
-
 _CONCEPT, _ANCESTORS = _build_concepts()
 
 
@@ -750,11 +741,12 @@ METRICS = ("top1", "top6", "strict_top1", "strict_top6", "mrr", "near_miss_rate"
 
 def _fitz_bucket(f) -> str:
     """1..6 (int, "4", "IV") -> "I".."VI"; anything else (-1, None, "?") -> "unknown" (counted, not dropped)."""
+    if str(f).strip().upper() in ROMAN.values():
+        return str(f).strip().upper()
     try:
-        f = int(f)
+        return ROMAN.get(int(f), "unknown")
     except (TypeError, ValueError):
-        f = {v: k for k, v in ROMAN.items()}.get(str(f).strip().upper(), 0)
-    return ROMAN.get(f, "unknown")
+        return "unknown"
 
 
 def score_case(preds, truth, fitzpatrick=None, format_ok=None, judge_fn=None) -> dict:
@@ -918,11 +910,9 @@ def draw_chart(metrics: dict, path, title: str = "Top-1 / Top-6 by Fitzpatrick s
     colours = {"top1": (40, 80, 160), "top6": (150, 180, 230)}
     for gi, (name, g) in enumerate(groups):
         x = L + gi * slot
-        for bi, key in enumerate(("top1", "top6")):
+        for bi, key in enumerate(("top1", "top6") if g else ()):
             bx0 = x + slot * (0.15 + 0.35 * bi)
             bx1 = bx0 + slot * 0.3
-            if g is None:
-                continue
             d.rectangle([bx0, to_y(g[key]), bx1, y0], fill=colours[key])
             lo, hi = g["ci95"][key]
             cx = (bx0 + bx1) / 2
@@ -1039,42 +1029,22 @@ class LLMJudge:
 # ===================================================================================================
 # 7. Command line
 # ===================================================================================================
-def _call_with_known_kwargs(fn, *args, **kwargs):
-    """Call fn with only the keyword arguments its signature accepts (data.py's loaders evolve)."""
-    import inspect
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
 def _dataset_records(args) -> list[tuple[str, str, int]]:
     """(id, label, fitzpatrick) of the evaluation split, without rendering images (for --predictions joins)."""
     import data
     if args.data == "synthderm":
         ds = data.SynthDerm(args.n, seed=args.seed, image_size=args.image_size, split=args.split)
         return [(s["id"], s["label"], s["fitzpatrick"]) for s in map(ds.spec, range(len(ds)))]
-    recs = _call_with_known_kwargs(data.load_fitzpatrick17k, *( [args.csv] if args.csv else []),
-                                   image_dir=args.image_dir)
-    return [(r.id, r.label, r.fitzpatrick) for r in recs]
+    return [(r.id, r.label, r.fitzpatrick) for r in data.load_fitzpatrick17k(args.csv, verbose=False)]
 
 
 def _eval_items(args):
-    """Yield (id, PIL image, prompt, label, fitzpatrick) for --model runs: data.iterate when it exists."""
+    """Yield (id, PIL image, prompt, label, fitzpatrick) of the evaluation split, through data.iterate."""
     import data
-    prompt = data.STAGE2_PROMPT
-    if hasattr(data, "iterate"):
-        it = _call_with_known_kwargs(data.iterate, "stage2", args.split, dataset=args.data, data=args.data,
-                                     n=args.n, seed=args.seed, image_size=args.image_size, csv=args.csv,
-                                     csv_path=args.csv, image_dir=args.image_dir)
-        for k, (image, text, rec) in enumerate(it):
-            if args.n and k >= args.n:
-                break
-            yield getattr(rec, "id", str(k)), image, text or prompt, rec.label, getattr(rec, "fitzpatrick", None)
-        return
-    ds = data.SynthDerm(args.n, seed=args.seed, image_size=args.image_size, split=args.split)  # pre-iterate data.py
-    for s in ds:
-        yield s.id, s.image, prompt, s.label, s.fitzpatrick
+    for image, prompt, rec in data.iterate("stage2", args.split, source=args.data, n=args.n, seed=args.seed,
+                                           image_size=args.image_size, csv_path=args.csv,
+                                           image_dir=args.image_dir):
+        yield rec.id, image, prompt, rec.label, rec.fitzpatrick
 
 
 def generate_predictions(args) -> list[dict]:
@@ -1090,8 +1060,8 @@ def generate_predictions(args) -> list[dict]:
     bar = tqdm(total=len(items), desc="generate", unit="img")
     for start in range(0, len(items), args.batch_size):
         chunk = items[start:start + args.batch_size]
-        batch = _call_with_known_kwargs(skinflow.make_batch, tok, [c[1] for c in chunk], [c[2] for c in chunk],
-                                        device=args.device, max_pixels=args.max_pixels)
+        batch = skinflow.make_batch(tok, [c[1] for c in chunk], [c[2] for c in chunk],
+                                    max_pixels=args.max_pixels, device=args.device)
         with torch.no_grad():
             gen = model.generate(**batch, max_new_tokens=args.max_new_tokens, greedy=True)
         for c, toks, mask in zip(chunk, gen.tokens.tolist(), gen.mask.tolist()):
@@ -1152,8 +1122,8 @@ def main(argv=None) -> int:
     src.add_argument("--model", help="checkpoint dir, Hub id or preset (tiny|3b|7b): generate, then score")
     src.add_argument("--predictions", help="JSONL of {id, prediction, label, fitzpatrick} from any system")
     p.add_argument("--data", choices=("synthderm", "fitzpatrick17k"), default="synthderm")
-    p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=200, help="number of evaluation images (SynthDerm size / cap)")
+    p.add_argument("--split", help="default: 'test' (SynthDerm), 'eval1000/test' (Fitzpatrick17k); see data.iterate")
+    p.add_argument("--n", type=int, help="number of images: SynthDerm size (default 200) / Fitzpatrick17k cap (all)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (SynthDerm)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--csv", help="Fitzpatrick17k CSV (default: data.py's bundled copy)")
@@ -1171,6 +1141,10 @@ def main(argv=None) -> int:
     p.add_argument("--judge-temperature", type=float, default=0.7)
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     args = p.parse_args(argv)
+    if args.data == "synthderm":
+        args.split, args.n = args.split or "test", 200 if args.n is None else args.n
+    else:
+        args.split = args.split or "eval1000/test"
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -413,3 +413,59 @@ def test_eval_model_cli_tiny_preset(tmp_path):
     rows = (tmp_path / "m" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 3 and all("prediction" in json.loads(r) for r in rows)
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["n"] == 3
+
+
+def _eval_write_f17k(tmp_path, labels_per_row, with_images=True):
+    """A miniature Fitzpatrick17k: a CSV with the real column names and, optionally, one small random
+    JPEG per row named <md5hash>.jpg (what data.load_fitzpatrick17k resolves). Returns (csv, image dir, rows)."""
+    import csv
+    import numpy as np
+    rng = np.random.default_rng(7)
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    rows = []
+    for i, (label, fitz) in enumerate(labels_per_row):
+        nine, three = data.TAXONOMY[label]
+        rows.append({"md5hash": f"{i:032x}", "fitzpatrick_scale": fitz, "fitzpatrick_centaur": fitz,
+                     "label": label, "nine_partition_label": nine, "three_partition_label": three,
+                     "qc": "", "url": "", "url_alphanum": ""})
+        if with_images:
+            pixels = rng.integers(0, 256, size=(56, 56, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(img_dir / f"{i:032x}.jpg")
+    path = tmp_path / "f17k.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path, img_dir, rows
+
+
+def test_eval_fitzpatrick17k_model_and_predictions(tmp_path):
+    """--data fitzpatrick17k end to end on a 9-row CSV with generated images.
+
+    Three rows per label, so the stratified random split sends round(3 * 0.2) = 1 row per label to the
+    test part, and the default split (eval1000/test: up to 1,000 of those) holds exactly 3 images.
+    """
+    table = [("melanoma", 2), ("psoriasis", 5), ("nevocytic nevus", 6)] * 3
+    csv_path, img_dir, rows = _eval_write_f17k(tmp_path, table)
+    by_id = {r["md5hash"]: r for r in rows}
+    out = tmp_path / "m"
+    assert sf_eval.main(["--model", "tiny", "--data", "fitzpatrick17k", "--csv", str(csv_path),
+                         "--image-dir", str(img_dir), "--max-new-tokens", "4", "--bootstrap", "20",
+                         "--out", str(out)]) == 0
+    preds = [json.loads(r) for r in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and len({p["id"] for p in preds}) == 3
+    for p in preds:                                  # label and skin type come from the CSV row of that image
+        assert p["label"] == by_id[p["id"]]["label"] and p["fitzpatrick"] == by_id[p["id"]]["fitzpatrick_scale"]
+    assert sorted(p["label"] for p in preds) == ["melanoma", "nevocytic nevus", "psoriasis"]
+    # --predictions with ids only: labels and skin types are joined from the CSV. Every row answers its
+    # own label except the melanoma row, which answers "nevus": a missed cancer (safety-critical at rank 1).
+    lines = [{"id": r["md5hash"], "prediction": "1. nevus" if r["label"] == "melanoma" else "1. " + r["label"]}
+             for r in rows]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    assert sf_eval.main(["--predictions", str(tmp_path / "p.jsonl"), "--data", "fitzpatrick17k",
+                         "--csv", str(csv_path), "--bootstrap", "20", "--out", str(tmp_path / "o")]) == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["n"] == 9 and m["top1"] == pytest.approx(6 / 9) and m["safety_critical_rate"] == pytest.approx(3 / 9)
+    assert m["by_fitzpatrick"]["II"]["top1"] == 0.0 and m["by_fitzpatrick"]["VI"]["top1"] == 1.0
+    assert set(m["by_fitzpatrick"]) == {"II", "V", "VI"}
