@@ -599,8 +599,10 @@ class SynthDerm:
             count = 1
         elif count == 1 and dist != "generalized":
             dist = "solitary"
-        # The implicit cue belongs to the TRUE class (not the look), with +-10 % log-normal period noise.
-        period = CLASS_RULES[label]["period"] * float(np.exp(0.1 * rng.standard_normal())) * self.size / 224
+        # The implicit cue belongs to the TRUE class (not the look), with 10 % log-normal period noise
+        # (clipped to [0.85, 1.18] so the shortest period, 6 px at 224, stays >= 2.5 px at 112).
+        jitter = float(np.clip(np.exp(0.1 * rng.standard_normal()), 0.85, 1.18))
+        period = CLASS_RULES[label]["period"] * jitter * self.size / 224
         size_word = "small" if size < 0.06 else "medium" if size < 0.16 else "large"
         border = ("well-demarcated" if sharp >= 0.55 else "ill-defined") + ", " + \
                  ("irregular" if irreg >= 0.2 else "regular")
@@ -1219,7 +1221,7 @@ SKINCAP_CAPTION_COLUMNS = ("caption_zh_polish_en", "caption_en", "caption")
 _CAPTION_RULES: dict[str, list[tuple[str, str]]] = {
     "colour": [(r"dark[ -]brown", "dark brown"), (r"skin[ -]colou?red|flesh[ -]colou?red", "skin-coloured"),
                (r"blue|gr[ae]y", "blue-gray"), (r"salmon", "salmon"), (r"pink", "pink"),
-               (r"violaceous|purpl|violet", "violaceous"), (r"red|erythema", "erythematous"),
+               (r"violaceous|purpl|violet", "violaceous"), (r"\bred(dish)?\b|erythem", "erythematous"),
                (r"brown|tan\b|hyperpigment", "brown"), (r"black", "black"),
                (r"white|hypopigment|depigment|porcelain", "white"), (r"yellow", "yellow"),
                (r"pearly|translucent", "pearly")],
