@@ -61,6 +61,11 @@ void mix_tile(const scalar_t* bases, const acc_t* a_b, int64_t K, int64_t d_out,
   }
 }
 
+// Forward, CPU: for each image b and each ROW_TILE-row slice of the output features,
+//   1. mix the slice of W_b from the K band slices (mix_tile),
+//   2. multiply the image's tokens by it with BLAS (the slice is cache-resident),
+//   3. write the [N_b, rows] block of y.
+// Images are independent: nothing of image b is read while image b' is computed.
 torch::Tensor forward_cpu(torch::Tensor x, torch::Tensor cu, torch::Tensor a, torch::Tensor bases) {
   const int64_t d_in = x.size(1), K = bases.size(0), d_out = bases.size(1), n = cu.size(0) - 1;
   auto y = torch::empty({x.size(0), d_out}, x.options());  // [T, d_out]
@@ -85,6 +90,12 @@ torch::Tensor forward_cpu(torch::Tensor x, torch::Tensor cu, torch::Tensor a, to
   return y;
 }
 
+// Backward, CPU: the same tile walk. For every slice (rows r0..r0+rows-1 of W_b):
+//   dx_b      += dY_b[:, slice] W_b[slice, :]       (the slice is mixed again, not stored from forward)
+//   P         =  dY_b[:, slice]^T X_b               (this slice of P_b only: [rows, d_in])
+//   da_bk     += <W_k[slice], P>_F                  (for every band k)
+//   dW_k[slice] += a_bk P                           (only when the bands train)
+// Memory: one weight slice and one P slice, whatever the number of images.
 std::vector<torch::Tensor> backward_cpu(torch::Tensor dy, torch::Tensor x, torch::Tensor cu, torch::Tensor a,
                                         torch::Tensor bases, bool need_bases) {
   const int64_t d_in = x.size(1), K = bases.size(0), d_out = bases.size(1), n = cu.size(0) - 1;
@@ -131,7 +142,9 @@ std::vector<torch::Tensor> backward_cpu(torch::Tensor dy, torch::Tensor x, torch
 
 }  // namespace
 
-// ----- entry points: check, then dispatch on the device -------------------------------------------------
+// ----- entry points: check, then dispatch on the device.
+// The CPU twin takes `a` in x's dtype (fp32 or fp64); the CUDA version takes it in the accumulation dtype
+// (fp32 for fp16/bf16/fp32, fp64 for fp64). dve.py passes fp32 / fp64 accordingly. -------------------------------------------------
 torch::Tensor mix_apply_forward(torch::Tensor x, torch::Tensor cu, torch::Tensor a, torch::Tensor bases) {
   check_inputs(x, cu, a, bases);
   if (x.is_cuda()) {

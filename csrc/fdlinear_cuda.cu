@@ -80,19 +80,23 @@ __global__ void fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __rest
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   if (threadIdx.x < K) as[threadIdx.x] = a[b * K + threadIdx.x];
   __syncthreads();
+  // acc[p][q] = y[t0 + ty*4 + p, o0 + tx*4 + q], accumulated over the whole d_in axis in registers
   acc_t acc[4][4];
 #pragma unroll
   for (int p = 0; p < 4; ++p)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[p][q] = acc_t(0);
-  for (int64_t i0 = 0; i0 < d_in; i0 += TK) {
+  for (int64_t i0 = 0; i0 < d_in; i0 += TK) {  // walk the reduction axis in chunks of TK
+    // stage x[t0 .. t0+TM, i0 .. i0+TK] transposed (xs[c][r]); out-of-range entries are 0 so they add nothing
     for (int e = threadIdx.x; e < TM * TK; e += THREADS) {
       const int r = e / TK, c = e % TK;
       const int64_t t = t0 + r, i = i0 + c;
       xs[c][r] = (t < len && i < d_in) ? static_cast<acc_t>(x[(start + t) * d_in + i]) : acc_t(0);
     }
+    // stage the W_b tile, mixed from the K band tiles on the way (W_b is never stored)
     load_mixed_tile<scalar_t, acc_t, false>(ws, bases, as, K, d_out, d_in, o0, i0);
-    __syncthreads();
+    __syncthreads();  // both tiles complete before anyone reads them
+    // rank-1 updates: each thread reads 4 x values and 4 w values per step and does 16 FMAs
 #pragma unroll
     for (int c = 0; c < TK; ++c) {
       acc_t xv[4], wv[4];
@@ -103,8 +107,9 @@ __global__ void fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __rest
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[p][q] += xv[p] * wv[q];
     }
-    __syncthreads();
+    __syncthreads();  // everyone done reading before the next chunk overwrites the tiles
   }
+  // write back, skipping rows past the image's end and columns past d_out
   for (int p = 0; p < 4; ++p) {
     const int64_t t = t0 + ty * 4 + p;
     if (t >= len) continue;
@@ -136,12 +141,15 @@ __global__ void dx_kernel(const scalar_t* __restrict__ dy, const int64_t* __rest
   for (int p = 0; p < 4; ++p)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[p][q] = acc_t(0);
+  // same structure as fwd_kernel; the reduction now runs over the output features o
   for (int64_t o0 = 0; o0 < d_out; o0 += TK) {
+    // stage dy[t0 .. t0+TM, o0 .. o0+TK] transposed
     for (int e = threadIdx.x; e < TM * TK; e += THREADS) {
       const int r = e / TK, c = e % TK;
       const int64_t t = t0 + r, o = o0 + c;
       gs[c][r] = (t < len && o < d_out) ? static_cast<acc_t>(dy[(start + t) * d_out + o]) : acc_t(0);
     }
+    // stage W_b[o0 .. o0+TK, i0 .. i0+TN], mixed on load (the transposed view of the forward tile)
     load_mixed_tile<scalar_t, acc_t, true>(ws, bases, as, K, d_out, d_in, i0, o0);
     __syncthreads();
 #pragma unroll
@@ -183,14 +191,14 @@ __global__ void dw_kernel(const scalar_t* __restrict__ dy, const scalar_t* __res
   __shared__ acc_t gs[TK][TM + 1];
   __shared__ acc_t xs[TK][TN + 1];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  for (int64_t b = 0; b < n; ++b) {
+  for (int64_t b = 0; b < n; ++b) {  // images one after another; the tile of P_b lives in registers
     const int64_t start = cu[b], len = cu[b + 1] - cu[b];
-    acc_t acc[4][4];
+    acc_t acc[4][4];  // acc[p][q] = P_b[o0 + ty*4 + p, i0 + tx*4 + q]
 #pragma unroll
     for (int p = 0; p < 4; ++p)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[p][q] = acc_t(0);
-    for (int64_t tc = 0; tc < len; tc += TK) {
+    for (int64_t tc = 0; tc < len; tc += TK) {  // reduction over the image's tokens, TK at a time
       for (int e = threadIdx.x; e < TM * TK; e += THREADS) {
         const int r = e % TM, c = e / TM;  // consecutive threads read consecutive o (coalesced)
         const int64_t t = tc + c, o = o0 + r;
@@ -229,12 +237,15 @@ __global__ void dw_kernel(const scalar_t* __restrict__ dy, const scalar_t* __res
           if (need_bases) dbases[idx] += a_bk * acc[p][q];  // this block alone owns idx: no race
         }
       }
-      dot = warp_sum(dot);
+      dot = warp_sum(dot);  // every lane reaches this (the skips above are inside the loops)
       if ((threadIdx.x & 31) == 0) atomicAdd(&da[b * K + k], dot);
     }
   }
 }
 
+// ----- host side ----------------------------------------------------------------------------------------
+// Sizes shared by the launchers. cu stays on the GPU for the kernels; only its longest segment is read
+// back, because it fixes how many token tiles the grid needs.
 struct Dims {
   int64_t T, d_in, d_out, n, max_len;
   int K;
@@ -255,6 +266,7 @@ Dims dims_of(const torch::Tensor& x, const torch::Tensor& cu, const torch::Tenso
 
 }  // namespace
 
+// Forward launcher: grid = (d_out tiles, token tiles of the longest image, images); a in acc dtype.
 torch::Tensor mix_apply_forward_cuda(torch::Tensor x, torch::Tensor cu, torch::Tensor a, torch::Tensor bases) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Dims d = dims_of(x, cu, bases);
@@ -273,6 +285,9 @@ torch::Tensor mix_apply_forward_cuda(torch::Tensor x, torch::Tensor cu, torch::T
   return y;
 }
 
+// Backward launcher: dx_kernel (one block per (d_in tile, token tile, image)) then dw_kernel (one block
+// per (d_in tile, d_out tile), looping over the images). dW is accumulated in the acc dtype and cast at
+// the end; da is accumulated by atomics, so its last bits may differ from run to run in fp32.
 std::vector<torch::Tensor> mix_apply_backward_cuda(torch::Tensor dy, torch::Tensor x, torch::Tensor cu,
                                                    torch::Tensor a, torch::Tensor bases, bool need_bases) {
   const c10::cuda::CUDAGuard guard(x.device());
