@@ -7,16 +7,16 @@ or a valid subtype -- sits at rank 1 (Top-1) or anywhere in the list (Top-6). Th
 hierarchy and the safety rules were not released, so this module rebuilds the protocol as a
 *deterministic, offline* judge that anyone can rerun, and keeps an LLM judge as an option.
 
-What is here, in reading order:
+Map of the file (the numbered banners below follow this order, top to bottom):
 
-1. Parsers.   `parse_ranked_list` / `parse_caption` turn a raw generation into the Stage II ranked list
-              (<= 6 entries) and the Stage I caption fields. They never raise; the `_ex` companions also
-              return a flag saying whether the text followed the requested format.
-2. Vocabulary. `canonical(text)` maps free text ("BCC", "Kaposi's sarcoma", "naevi") to one of the 114
+1. Vocabulary. `canonical(text)` maps free text ("BCC", "Kaposi's sarcoma", "naevi") to one of the 114
               Fitzpatrick17k labels (data.TAXONOMY keys) or None. The alias table ALIASES is the single
               home of synonyms in this repo (rl.py's rewards call `canonical`).
-3. Judge.     `judge(prediction, truth)` -> correct | subtype | near_miss | safety_critical | wrong |
+2. Judge.     `judge(prediction, truth)` -> correct | subtype | near_miss | safety_critical | wrong |
               unknown, using SYNONYMS, SUBTYPES and the nine/three partitions of Fitzpatrick17k.
+3. Parsers.   `parse_ranked_list` / `parse_caption` turn a raw generation into the Stage II ranked list
+              (<= 6 entries) and the Stage I caption fields. They never raise; the `_ex` companions also
+              return a flag saying whether the text followed the requested format.
 4. Metrics.   `clinical_metrics(cases)`: clinical and strict Top-1/Top-6, MRR, near-miss, safety-critical
               and format-failure rates, each with a bootstrap 95 % interval, by skin type and partition.
 5. Report.    `write_report` -> report.md + metrics.json + cases.jsonl + a pillow bar chart.
@@ -24,6 +24,23 @@ What is here, in reading order:
 7. CLI.       `python eval.py --model ... | --predictions preds.jsonl ... --out DIR`.
 
 Every rule below is a *choice* where the paper is silent; each one is written next to an example.
+
+Reading this next to the paper's evaluation section, four things are worth comparing:
+
+* What is scored. The paper credits "correct + valid subclass" and says its protocol "prioritizes
+  diagnostic safety and hierarchical relevance over rigid label matching". Here that is the `correct` +
+  `subtype` verdicts (clinical Top-k). The strict columns (exact Fitzpatrick17k label) are printed next to
+  them so you can see how much of a score comes from the lenient hierarchy alone.
+* What is unknown. The judge prompt, the hierarchy it used (ICD-11? the dataset's partitions?), how its
+  three runs were combined and whether safety errors lowered the score were not published. Our hierarchy
+  is the dataset's own 114 -> 9 -> 3 tree plus the short SYNONYMS / SUBTYPES tables below; safety errors
+  are reported as a rate, never subtracted from Top-k.
+* Which images. The paper's 1,000 Fitzpatrick17k images were never listed; data.eval_sample draws a
+  fixed stand-in of the same size. Numbers are comparable in kind, not image for image.
+* How precise a number is. At n = 1,000 a rate near 29 % has a 95 % half-width of about
+  1.96 * sqrt(0.29 * 0.71 / 1000) = 2.8 points, so 29.19 vs 24.45 (the paper's DVE ablation) is a gap
+  beyond that noise, while a 1-point change is not. A skin-type-VI bucket of ~40 images has a half-width
+  of ~14 points: read the fairness table for large gaps only. Every rate below carries a bootstrap interval.
 """
 from __future__ import annotations
 
@@ -46,16 +63,26 @@ import numpy as np
 
 from data import CAPTION_FIELDS, TAXONOMY
 
-MAX_ITEMS = 6  # SkinFlow scores a ranked differential of six (Top-6)
+# A dermatologist's differential is a short ranked list; SkinFlow scores six entries (Top-6), so a seventh
+# entry can never earn credit and the parsers stop at six. Changing this changes what "Top-6" means.
+MAX_ITEMS = 6
 VERDICTS = ("correct", "subtype", "near_miss", "safety_critical", "wrong", "unknown")
 CREDITED = ("correct", "subtype")  # the verdicts that count as a hit for clinical Top-k (paper: correct + subclass)
 
 # ===================================================================================================
 # 1. Vocabulary: normalisation, aliases, abbreviations
 # ===================================================================================================
+# Why a hand-written vocabulary and not an embedding model or an LLM? A judge that changes when a model
+# server is upgraded cannot be rerun next year; a table under version control can, and every decision it
+# makes can be read and argued with (see the tests for one hand-checked example per rule). The price is
+# coverage: a diagnosis outside the 114 Fitzpatrick17k labels ("tinea corporis") is `unknown`, even when
+# a dermatologist would call it a reasonable differential. The optional LLM judge (section 6) is the
+# escape hatch for that.
+#
 # Every label and every alias goes through the same `_tokens` normalisation, so the rules only need to be
 # consistent, not linguistically perfect: "Darier's disease", "dariers disease" and "DARIER DISEASE"
-# all become the tokens ["darier", "disease"].
+# all become the tokens ["darier", "disease"]. A normalisation step that mangles a word ("aerosol" ->
+# "erosol") is harmless as long as it mangles the label and the prediction the same way.
 
 # Lesion names are noun phrases, so a tiny stop list is enough. Hedge words ("probable melanoma") are
 # dropped too: the differential's rank already carries the uncertainty.
@@ -67,7 +94,9 @@ _NEGATIONS = frozenset("not no without excluded unlikely non".split())
 
 # Abbreviations expanded token by token *before* matching, so "nodular BCC" reads as "nodular basal cell
 # carcinoma". Only abbreviations that are unambiguous in a dermatology differential are listed here;
-# riskier ones ("em", "pr", "ga") exist only as whole-entry aliases below.
+# riskier ones ("ga") exist only as whole-entry aliases below, and some are left out on purpose: "EM" is
+# erythema multiforme to one clinician and erythema migrans (Lyme disease) to another, two labels with
+# different treatments (supportive care vs antibiotics), so "EM" stays `unknown` rather than a guess.
 ABBREVIATIONS = {
     "bcc": "basal cell carcinoma", "scc": "squamous cell carcinoma", "cscc": "squamous cell carcinoma",
     "sk": "seborrheic keratosis", "ak": "actinic keratosis", "mf": "mycosis fungoides",
@@ -83,6 +112,13 @@ ABBREVIATIONS = {
 # pyoderma gangrenosum and Sweet syndrome under neutrophilic dermatoses), and common abbreviations.
 # A name that is a *kind of* a label with no finer label of its own ("nodular melanoma") is an alias of
 # that label; kinds that ARE labels ("lentigo maligna") live in SUBTYPES instead.
+# Two folds deserve a note because they decide verdicts on common answers:
+#   * "nevus" / "mole" -> nevocytic nevus, the dataset's generic melanocytic-nevus label. So the classic
+#     dangerous answer to a melanoma image, "benign mole", is recognised and judged safety_critical
+#     instead of slipping through as `unknown`.
+#   * "keratoacanthoma" and "Bowen's disease" -> squamous cell carcinoma, because the atlas put those
+#     images under that label and because both are managed as (low-grade / in-situ) SCC. A reader who
+#     disagrees can move them; the alias-consistency test will say whether the table still holds.
 ALIASES: dict[str, tuple[str, ...]] = {
     # -- genodermatoses --
     "acrodermatitis enteropathica": ("zinc deficiency dermatitis", "zinc deficiency"),
@@ -260,9 +296,10 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "superficial spreading melanoma ssm": ("superficial spreading melanoma",),
 }
 
-# Near-duplicate labels of the CSV (data-notes 1.4): different strings for the same disease. A prediction
-# of any member is `correct` for a truth that is any other member.
-# Example: truth "granuloma pyogenic", prediction "pyogenic granuloma" -> correct.
+# Near-duplicate labels of the CSV: different strings for the same disease, collected from two atlases
+# that named things differently. A prediction of any member is `correct` for a truth that is any other
+# member. Example: truth "granuloma pyogenic", prediction "pyogenic granuloma" -> correct. Without this
+# table a model would be marked wrong on 75 + 113 pyogenic-granuloma images for choosing a word order.
 SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("melanoma", "malignant melanoma"),
     ("pyogenic granuloma", "granuloma pyogenic"),
@@ -271,9 +308,13 @@ SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("porokeratosis actinic", "disseminated actinic porokeratosis"),  # DSAP is *the* actinic porokeratosis
 )
 
-# Parent -> subtypes, among labels that both exist in Fitzpatrick17k. The relation is used in both
-# directions (see `judge`). Kept deliberately short and textbook-level; every other same-group pair is a
-# near miss. Children must share the parent's nine-partition group (a test checks this).
+# Parent -> subtypes, among labels that both exist in Fitzpatrick17k: the paper's "valid subclass". The
+# relation is used in both directions (see `judge`). Clinically: answering "melanoma" for a lentigo
+# maligna image is the right diagnosis at a coarser grain (same urgent excision), and answering "lentigo
+# maligna" for an image labelled only "melanoma" is a finer guess on the same branch, which the label
+# cannot refute. Kept deliberately short and textbook-level; every other same-group pair is a near miss,
+# so a generous reading of this table would inflate clinical Top-k (check the strict columns).
+# Children must share the parent's nine-partition group (a test checks this).
 SUBTYPES: dict[str, tuple[str, ...]] = {
     "melanoma": ("superficial spreading melanoma ssm", "lentigo maligna"),   # also reached via "malignant melanoma"
     "basal cell carcinoma": ("basal cell carcinoma morpheiform", "solid cystic basal cell carcinoma"),
@@ -294,6 +335,11 @@ def _tokens(text: str) -> list[str]:
     ("kaposi's" -> "kaposi"); punctuation -> space ("ehlers-danlos" -> "ehlers danlos"); British spelling
     ("naevus" -> "nevus", "seborrhoeic" -> "seborrheic", "tumour" -> "tumor"); plural -> singular
     ("nevi" -> "nevus", "keratoses" -> "keratosis", "xanthomas" -> "xanthoma", "spots" -> "spot").
+
+    The plural rule is deliberately crude (strip one "s") and guarded against the Latin/Greek endings that
+    dermatology is full of: "psoriasis", "pemphigus", "erythematosus" and "mucinosis" must survive
+    untouched, which is why words ending in -ss, -us, -is, -ous keep their "s". Where it still misfires
+    ("scabies" -> "scabie", "herpes" -> "herpe") it does so on both sides of every comparison.
     """
     text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode().lower()
     text = re.sub(r"(\w)'s\b", r"\1", text)                  # possessive: darier's -> darier
@@ -316,7 +362,12 @@ def _tokens(text: str) -> list[str]:
 
 
 def _key(tokens: list[str]) -> str:
-    """Order-free key: the sorted set of content tokens ("granuloma pyogenic" == "pyogenic granuloma")."""
+    """Order-free key: the sorted set of content tokens ("granuloma pyogenic" == "pyogenic granuloma").
+
+    Clinicians invert names freely ("carcinoma, basal cell" in an index, "basal cell carcinoma" in a
+    note), so word order must not decide a verdict; `_index` keeps an ordered table next to this one
+    only to tell the CSV's own near-duplicate labels apart.
+    """
     return " ".join(sorted({t for t in tokens if t not in _STOP}))
 
 
@@ -337,6 +388,9 @@ def _index():
     an order-free key ("pyogenic granuloma" vs "granuloma pyogenic"). Two names may share a key only when
     their labels are synonyms (same SYNONYMS group); anything else is a bug in the table and raises.
     """
+    # Example entries after the loop:
+    #   by_seq[("pyogenic", "granuloma")] = "pyogenic granuloma"   by_key["granuloma pyogenic"] = (either)
+    #   phrases: (("basal", "cell", "carcinoma", "morpheiform"), ...) before (("basal", "cell", "carcinoma"), ...)
     by_seq: dict[tuple[str, ...], str] = {}
     by_key: dict[str, str] = {}
     phrases: list[tuple[tuple[str, ...], str]] = []
@@ -401,7 +455,10 @@ def canonical(text) -> str | None:
         if len({_CONCEPT[label] for _, _, label in outer}) > 1:
             return None  # two different diagnoses in one entry ("psoriasis vs eczema"): ambiguous
         return max(outer, key=lambda s: s[1] - s[0])[2]
-    # 4. fuzzy, for typos
+    # 4. fuzzy, for typos. difflib's ratio is 2 * matches / (len(a) + len(b)); one swapped letter pair
+    #    in "psoraisis" gives 16/18 = 0.889 against "psoriasis", just above the 0.88 cutoff, while
+    #    "milia" vs "miliaria" (two different diseases) gives 0.77 and stays apart. Short strings are
+    #    excluded because one letter moves their ratio too far ("acme" vs "acne" is already 0.75).
     if len(k.replace(" ", "")) >= 5:
         close = difflib.get_close_matches(k, keys, n=2, cutoff=0.88)
         if close:
@@ -414,7 +471,11 @@ def canonical(text) -> str | None:
 
 
 def display_name(label: str) -> str:
-    """Readable name for a label, fixing the CSV's typos ("erythema annulare centrifigum" -> "...centrifugum")."""
+    """Readable name for a label, fixing the CSV's typos ("erythema annulare centrifigum" -> "...centrifugum").
+
+    The typo'd strings stay the IDs everywhere (they are what the CSV says); only text shown to a human,
+    or sent to the LLM judge, uses the fixed spelling, so a judge is never confused by "diseaseherpes".
+    """
     fixes = {
         "acquired autoimmune bullous diseaseherpes gestationis": "acquired autoimmune bullous disease / herpes gestationis",
         "erythema annulare centrifigum": "erythema annulare centrifugum",
@@ -428,8 +489,25 @@ def display_name(label: str) -> str:
 # ===================================================================================================
 # 2. The judge
 # ===================================================================================================
+# The verdicts model what a supervising dermatologist would say about one line of a trainee's
+# differential. Only `correct` and `subtype` earn Top-k credit (the paper's "correct + valid subclass");
+# the other four are *kinds of miss*, reported separately because they are not equally bad:
+#   near_miss        "wrong name, right drawer": the same nine-partition group (e.g. two malignant
+#                    epidermal tumours), so the next step (biopsy, excision, referral) is usually the same.
+#   safety_critical  "wrong side of the cancer line": a melanoma sent home as a mole delays excision, the
+#                    costliest error in dermatology; a benign lesion called malignant costs a biopsy.
+#   wrong            a miss with no special cost or excuse; unknown: nothing we can map to a label.
+# Caveat, so that nobody over-reads near_miss: Fitzpatrick17k's "inflammatory" group holds 69 labels,
+# including infestations (scabies, tungiasis) next to psoriasis, so psoriasis vs scabies is a near miss
+# here although the treatments differ. The paper's judge (S2's rubric) also flags infectious <->
+# non-infectious errors; the dataset has no such column, so that boundary is not modelled.
 def _build_concepts() -> tuple[dict[str, str], dict[str, set[str]]]:
-    """concept[label] = the first member of its SYNONYMS group (or itself); ancestors[concept] = its parents."""
+    """concept[label] = the first member of its SYNONYMS group (or itself); ancestors[concept] = its parents.
+
+    Working on concepts rather than labels lets one SUBTYPES row serve every synonym: "melanoma" and
+    "malignant melanoma" are one concept, so lentigo maligna is a subtype of both without a second row.
+    Example: concept["malignant melanoma"] = "melanoma"; ancestors["lentigo maligna"] = {"melanoma"}.
+    """
     concept = {label: label for label in TAXONOMY}
     for group in SYNONYMS:
         for member in group:
@@ -481,7 +559,10 @@ def judge(prediction, truth) -> str:
                         different group); truth melanoma, prediction "basal cell carcinoma" (both malignant).
 
     Rules 4 and 5 cannot both apply (same nine group implies same three group). Partitions are the
-    dataset's own, quirks included: actinic keratosis is 'malignant epidermal' in Fitzpatrick17k.
+    dataset's own, quirks included: actinic keratosis is 'malignant epidermal' in Fitzpatrick17k, so
+    "seborrheic keratosis" for an actinic keratosis is safety_critical here, where many dermatologists
+    would call AK pre-malignant and the error minor. Compare with the paper: its judge's exact boundary
+    is unknown, so a safety-critical rate is comparable between models scored here, not with the paper.
     """
     t = _truth_label(truth)
     # the prediction goes through the same canonicaliser as every label; None = outside the vocabulary
@@ -494,9 +575,11 @@ def judge(prediction, truth) -> str:
         return "correct"
     if cp in _ANCESTORS[ct] or ct in _ANCESTORS[cp]:
         return "subtype"
+    # the two partition columns of the CSV: e.g. melanoma -> ("malignant melanoma", "malignant")
     (nine_p, three_p), (nine_t, three_t) = TAXONOMY[p], TAXONOMY[t]
     if nine_p == nine_t:
         return "near_miss"
+    # benign vs non-neoplastic is not a safety boundary: both mean "no cancer", so only malignancy counts
     if (three_p == "malignant") != (three_t == "malignant"):
         return "safety_critical"
     return "wrong"
@@ -511,9 +594,23 @@ def judge(prediction, truth) -> str:
 #   numbered entries ("1." "1)" "(1)" "#1" "1:", at line start or inline "1. a 2. b"), then bullets
 #   ("- a", "* a", "• a"), then as a last resort a comma/semicolon/line separated list of short phrases.
 # Only the first two count as "the requested format" (flag True); the last still yields scoreable entries.
+#
+# Why "never raise": rl.py calls these parsers on every sampled completion during GRPO. Early in
+# training those are often garbage (half a word, a repeated token, no newline at all); one exception in
+# step 4,000 would kill a run that took hours. Garbage must become "empty list, format flag False", which
+# the reward turns into zero and the report counts as a format failure.
+# Why a separate format flag: a model that answers "psoriasis, eczema" gets the diagnosis scored (a user
+# cares whether it is right) but the flag shows the Stage II output format was not learnt.
 
+# A reasoning block names many diagnoses it then rejects ("not melanoma because ..."); scoring them would
+# reward rambling, so <think>...</think> is removed and an <answer> block, when present, is all we read.
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.S | re.I)           # an unterminated think block eats the rest
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
+# _LEAD: a list marker at the start of a line, optionally after a bullet: "1. x", "2) x", "(3) x", "#4 x",
+# "- 5. x". The marker must be followed by a space or the line end, so "1.5 cm plaque" is not entry 1.
+# _INLINE: the same markers inside a line ("1. psoriasis 2. eczema"), used to split such a line.
+# _LEAD_WORDS: a label before a colon that introduces an answer ("Dx:", "Final diagnosis:", "Top 1:");
+# any other "x: y" keeps the part before the colon ("psoriasis: silvery scale" -> "psoriasis").
 _LEAD = re.compile(r"^\s*(?:[-*\u2022+]\s*)?(?:\(?\s*\d{1,2}\s*[.):\]]|#\s*\d{1,2}\s*[.):]?)(?=\s|$)\s*(.*)$")
 _INLINE = re.compile(r"(?:^|(?<=\s)|(?<=[,;]))\(?\d{1,2}[.)](?=\s|$)\s*")
 _BULLET = re.compile(r"^\s*[-*\u2022+]\s+(.*)$")
@@ -524,6 +621,10 @@ _MAX_ITEM_CHARS = 120
 
 
 def _clean_item_once(s: str) -> str:
+    """One pass of entry cleaning; each line below removes one kind of decoration a model adds.
+
+    Example: "**Psoriasis** (70%) - silvery scale." -> "psoriasis".
+    """
     s = _THINK.sub(" ", s)
     s = re.sub(r"[<>*_`#|]", " ", s)                                    # markdown / tags
     s = re.sub(r"\([^)]*\)?|\[[^\]]*\]?", " ", s)                       # parentheticals "(BCC)", "(70%)"
@@ -573,6 +674,7 @@ def _dedupe(items, limit: int = MAX_ITEMS) -> list[str]:
 
 
 def _parse_ranked_core(text) -> tuple[list[str], bool]:
+    """The parser proper (may raise on inputs nobody foresaw; `parse_ranked_list_ex` guards it)."""
     if text is None:
         return [], False
     if isinstance(text, (list, tuple)):                      # already a list (e.g. a JSONL prediction)
@@ -629,11 +731,16 @@ def parse_ranked_list(text) -> list[str]:
 
 def format_ranked_list(items) -> str:
     """Write entries in the canonical Stage II format ("1. a\\n2. b"); data.format_differential is the
-    training-side twin. Used here to check the parser's idempotency and by the LLM-judge-free report."""
+    training-side twin. The tests use it to check that parsing is idempotent:
+    parse(format(parse(x))) == parse(x), i.e. our own output format is a fixed point of the parser."""
     return "\n".join(f"{i}. {x}" for i, x in enumerate(list(items)[:MAX_ITEMS], 1))
 
 
+# Stage I (the paper's "explicit medical captioning") asks for 8 fields; rl.py's caption reward compares
+# them one by one with the truth, so the parser's job is to find each field however it was written.
 # Caption field names a model may use instead of the schema's; the schema (CAPTION_FIELDS) is data.py's.
+# American spelling ("color") and clinical synonyms ("morphology" for lesion type, "margin" for border)
+# are the common drifts of a model pretrained on US medical text.
 FIELD_ALIASES = {
     "color": "colour", "colours": "colour", "colors": "colour", "site": "location", "body site": "location",
     "anatomic site": "location", "anatomical site": "location", "lesion": "lesion type", "lesion types": "lesion type",
@@ -645,6 +752,11 @@ FIELD_ALIASES = {
 
 @functools.lru_cache(maxsize=1)
 def _field_regex():
+    """One regex that finds every field marker: a field name (or alias) then ":" or "=".
+
+    Names match longest first ("lesion type" before "lesion"), with any of space / "_" / "-" between
+    words ("lesion_type:", "Lesion-Type ="), and optional quotes or markdown bold around the name.
+    """
     names = sorted(set(CAPTION_FIELDS) | set(FIELD_ALIASES), key=len, reverse=True)   # longest first
     alt = "|".join(r"\s*[\s_-]\s*".join(map(re.escape, n.split())) for n in names)
     # a field marker starts a line or follows a separator; "skin type: IV" does not match "type"
@@ -670,6 +782,7 @@ def _clean_value(v: str) -> str:
 
 
 def _parse_caption_core(text) -> tuple[dict[str, str], bool]:
+    """The caption parser proper: a JSON object if the text holds one, else field markers in the text."""
     if text is None:
         return {}, False
     if isinstance(text, bytes):
@@ -732,6 +845,13 @@ def format_caption_fields(fields: dict) -> str:
 # ===================================================================================================
 # 4. Metrics over a set of cases
 # ===================================================================================================
+# Worked example, one case: truth "melanoma", skin type II, answer
+#   1. benign nevus   2. seborrheic keratosis   3. lentigo maligna
+# Verdicts: safety_critical (a melanoma called a mole), safety_critical (called a benign keratosis),
+# subtype (lentigo maligna is a melanoma). So top1 = 0, top6 = 1 (first credited entry at rank 3),
+# mrr = 1/3, safety_critical_rate = 1 (rank 1 crossed the cancer line), strict_top1 = strict_top6 = 0
+# (no entry is literally "melanoma"), nine_top1 = three_top1 = 0 (rank 1 is benign melanocyte / benign).
+# Top-6 forgives this answer entirely; the safety column does not. That is why both are reported.
 ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI"}
 THREE = ("malignant", "benign", "non-neoplastic")
 # Per-case indicators averaged into the reported rates (all in [0, 1]); "mrr" averages 1/rank.
@@ -740,7 +860,11 @@ METRICS = ("top1", "top6", "strict_top1", "strict_top6", "mrr", "near_miss_rate"
 
 
 def _fitz_bucket(f) -> str:
-    """1..6 (int, "4", "IV") -> "I".."VI"; anything else (-1, None, "?") -> "unknown" (counted, not dropped)."""
+    """1..6 (int, "4", "IV") -> "I".."VI"; anything else (-1, None, "?") -> "unknown" (counted, not dropped).
+
+    Fitzpatrick17k was built to ask whether models fail more on dark skin (types V-VI are ~13 % of its
+    images); dropping the ~3 % rows without a skin type would quietly change n, so they get a bucket.
+    """
     if str(f).strip().upper() in ROMAN.values():
         return str(f).strip().upper()
     try:
@@ -789,6 +913,9 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05)
 
     CI = [q_{alpha/2}, q_{1-alpha/2}] of { mean(x[idx_b]) : b = 1..n_boot }, idx_b ~ Uniform{0..n-1}^n.
     Fixed seed -> the same interval on every rerun. One case -> a zero-width interval.
+    Why a bootstrap and not the textbook p +- 1.96 sqrt(p(1-p)/n): the same code then serves MRR (not a
+    proportion) and tiny skin-type buckets, where the normal approximation can leave [0, 1]. For a
+    proportion at large n the two agree (a test checks this against the binomial formula).
     """
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
@@ -801,6 +928,7 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05)
 
 
 def _summarise(records: list[dict], n_boot: int, seed: int) -> dict:
+    """Mean and bootstrap CI of every METRICS column over `records`, plus a count of rank-1 verdicts."""
     # one resampling per metric, all with the same seed, so metrics of one run share bootstrap replicates
     out: dict = {"n": len(records)}
     ci = {}
@@ -828,6 +956,11 @@ def clinical_metrics(cases, judge_fn=None, n_boot: int = 1000, seed: int = 0, re
       nine_top1 / three_top1 = rank 1 credited or in the truth's nine / three group
     Each reported metric is the mean over cases, with a percentile-bootstrap 95 % interval (fixed seed),
     overall, by Fitzpatrick skin type I-VI (+ "unknown") and by three-partition of the truth.
+
+    What to compare with the paper: `top1` / `top6` against its 29.19 / 71.16 (and 17.13 / 42.59 for
+    Qwen3-VL-235B), keeping in mind the different image sample and judge. The gap between `top1` and
+    `strict_top1` is how much the clinical hierarchy adds; the by-three table shows whether malignant
+    cases (the ones that matter most) are found as often as the rest.
     """
     # score every case once; all aggregates below (overall, per skin type, per partition) reuse the records
     records = []
@@ -838,6 +971,7 @@ def clinical_metrics(cases, judge_fn=None, n_boot: int = 1000, seed: int = 0, re
     if not records:
         raise ValueError("eval.clinical_metrics: no cases to score")
     out = _summarise(records, n_boot, seed)
+    out["bootstrap"] = {"resamples": n_boot, "seed": seed}
     out["by_fitzpatrick"] = {b: _summarise([r for r in records if r["fitzpatrick"] == b], n_boot, seed)
                              for b in list(ROMAN.values()) + ["unknown"] if any(r["fitzpatrick"] == b for r in records)}
     out["by_three"] = {g: _summarise([r for r in records if r["three"] == g], n_boot, seed)
@@ -850,6 +984,10 @@ def clinical_metrics(cases, judge_fn=None, n_boot: int = 1000, seed: int = 0, re
 # ===================================================================================================
 # 5. Report: markdown + JSON + per-case JSONL + PNG chart (pillow only)
 # ===================================================================================================
+# Three audiences, three files: report.md for a human (every rate in %, with its interval),
+# metrics.json for scripts that put several runs side by side, cases.jsonl to audit single verdicts
+# (grep it for "safety_critical" to see the missed cancers). The chart draws Top-1 / Top-6 per skin
+# type: a bar that is short AND has a narrow whisker is a real fairness gap; a wide whisker is few images.
 _SHOWN = (("top1", "Top-1 (clinical)"), ("top6", "Top-6 (clinical)"), ("strict_top1", "Top-1 (strict label)"),
           ("strict_top6", "Top-6 (strict label)"), ("mrr", "MRR"), ("near_miss_rate", "near miss @1"),
           ("safety_critical_rate", "safety-critical @1"), ("format_failure_rate", "format failure"),
@@ -857,10 +995,12 @@ _SHOWN = (("top1", "Top-1 (clinical)"), ("top6", "Top-6 (clinical)"), ("strict_t
 
 
 def _pct(x) -> str:
+    """0.2919 -> "29.2"; a missing or NaN value (an empty bucket) -> "-"."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
 def _group_table(groups: dict, title: str) -> list[str]:
+    """Markdown rows "value [lo, hi]" for each group of a breakdown (skin types, three-partition)."""
     cols = ("top1", "top6", "strict_top1", "mrr", "near_miss_rate", "safety_critical_rate", "format_failure_rate")
     lines = [f"### {title}", "", "| group | n | " + " | ".join(dict(_SHOWN)[c] for c in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
@@ -884,9 +1024,11 @@ def render_markdown(metrics: dict, title: str = "SkinFlow clinical evaluation") 
               ", ".join(f"{k} {v}" for k, v in metrics["rank1_verdicts"].items()), ""]
     lines += _group_table(metrics["by_fitzpatrick"], "By Fitzpatrick skin type")
     lines += _group_table(metrics["by_three"], "By three-partition of the true label")
+    boot = metrics.get("bootstrap", {})
     lines += ["Clinical Top-k credits `correct` and `subtype` verdicts (the paper's correct + valid subclass);",
-              "strict Top-k needs the exact Fitzpatrick17k label. Intervals: percentile bootstrap, 1,000",
-              "resamples, seed 0. See README (Evaluation) for every rule.", ""]
+              "strict Top-k needs the exact Fitzpatrick17k label. Intervals: percentile bootstrap over cases,",
+              f"{boot.get('resamples', '?')} resamples, seed {boot.get('seed', '?')}. "
+              "Every rule is documented in eval.py (judge, clinical_metrics).", ""]
     return "\n".join(lines)
 
 
@@ -951,6 +1093,12 @@ def write_report(metrics: dict, out_dir, title: str = "SkinFlow clinical evaluat
 # ===================================================================================================
 # 6. Optional LLM judge (OpenAI-compatible chat endpoint, urllib only)
 # ===================================================================================================
+# The paper judged with Gemini 2.5 Pro, three runs. This is the same idea against any endpoint that
+# speaks the OpenAI chat format (vLLM, llama.cpp server, a hosted API). It sees only text (reference
+# label + one predicted line), never the image, and grades with the same six verdicts, so its numbers
+# drop into the same tables. Use it to audit the deterministic judge (run both, diff cases.jsonl) or to
+# credit answers outside the 114-label vocabulary. Its verdicts depend on the model and its version:
+# record both (they go into the report's meta block) if you publish a number made with it.
 JUDGE_RUBRIC = """You are a board-certified dermatologist grading one diagnosis against the reference label.
 Answer with exactly one verdict, as JSON {"verdict": "<verdict>"}, using the first rule that applies:
 - correct: the same condition or a synonym (e.g. reference "pyogenic granuloma", prediction "lobular capillary hemangioma").
@@ -998,6 +1146,7 @@ class LLMJudge:
         self.calls = 0
 
     def _ask(self, prediction: str, truth: str) -> str | None:
+        """One judge run: POST the rubric and the case; the parsed verdict, or None on any failure."""
         body = {"model": self.model, "temperature": self.temperature, "messages": [
             {"role": "system", "content": JUDGE_RUBRIC},
             {"role": "user", "content": f"Reference label: {display_name(truth)}\nPredicted diagnosis: {prediction}"}]}
@@ -1014,6 +1163,7 @@ class LLMJudge:
             return None
 
     def __call__(self, prediction, truth) -> str:
+        """Same signature as `judge`, so it plugs into clinical_metrics(judge_fn=...)."""
         key = (str(prediction), _truth_label(truth))
         if key not in self.cache:
             votes = Counter(v for v in (self._ask(*key) for _ in range(self.n)) if v in VERDICTS)
@@ -1029,8 +1179,20 @@ class LLMJudge:
 # ===================================================================================================
 # 7. Command line
 # ===================================================================================================
+# Typical runs:
+#   python eval.py --model tiny --data synthderm --n 200 --out runs/eval_tiny          # smoke test, CPU
+#   python eval.py --model CHECKPOINT_DIR --data fitzpatrick17k --image-dir DIR --out runs/eval_f17k
+#   python eval.py --predictions gpt.jsonl --data fitzpatrick17k --out runs/eval_gpt   # someone else's model
+# The --model path writes predictions.jsonl before scoring, so a run can be rescored later (another
+# judge, another bootstrap) without a GPU. The --predictions path accepts rows with only "id" and
+# "prediction": labels and skin types are then joined from the dataset, which lets anyone put a
+# baseline of their own next to the paper's table under exactly the same judge.
 def _dataset_records(args) -> list[tuple[str, str, int]]:
-    """(id, label, fitzpatrick) of the evaluation split, without rendering images (for --predictions joins)."""
+    """(id, label, fitzpatrick) for --predictions joins, without rendering or opening any image.
+
+    SynthDerm: the specs of the same split/seed/size the predictions were made on (ids are only unique
+    within one such set). Fitzpatrick17k: every CSV row, since md5 ids are unique across the dataset.
+    """
     import data
     if args.data == "synthderm":
         ds = data.SynthDerm(args.n, seed=args.seed, image_size=args.image_size, split=args.split)
@@ -1117,6 +1279,7 @@ def score_rows(rows: list[dict], judge_fn=None, lookup: dict | None = None, n_bo
 
 
 def main(argv=None) -> int:
+    """CLI entry point (examples at the top of section 7); returns the exit status."""
     p = argparse.ArgumentParser(description="SkinFlow clinical evaluation (Top-1/Top-6 with a clinical judge)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint dir, Hub id or preset (tiny|3b|7b): generate, then score")
@@ -1141,6 +1304,8 @@ def main(argv=None) -> int:
     p.add_argument("--judge-temperature", type=float, default=0.7)
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     args = p.parse_args(argv)
+    # defaults per dataset: SynthDerm is generated, so n sets its size; for Fitzpatrick17k the default
+    # split is data.eval_sample's fixed 1,000 test images, our stand-in for the paper's unpublished set
     if args.data == "synthderm":
         args.split, args.n = args.split or "test", 200 if args.n is None else args.n
     else:
@@ -1159,12 +1324,9 @@ def main(argv=None) -> int:
         rows, problems = load_predictions(args.predictions)
         if any(r.get("label") is None or r.get("fitzpatrick") is None for r in rows):
             lookup = {rid: (lab, fz) for rid, lab, fz in _dataset_records(args)}
-    judge_fn, llm = None, None
-    if args.judge_url:
-        llm = LLMJudge(args.judge_url, model=args.judge_model, n=args.judge_runs,
-                       temperature=args.judge_temperature, api_key=os.environ.get(args.judge_key_env))
-        judge_fn = llm
-    metrics, skipped = score_rows(rows, judge_fn=judge_fn, lookup=lookup, n_boot=args.bootstrap)
+    llm = LLMJudge(args.judge_url, model=args.judge_model, n=args.judge_runs, temperature=args.judge_temperature,
+                   api_key=os.environ.get(args.judge_key_env)) if args.judge_url else None
+    metrics, skipped = score_rows(rows, judge_fn=llm, lookup=lookup, n_boot=args.bootstrap)
     metrics["meta"] = {"source": args.model or args.predictions, "data": args.data, "split": args.split,
                        "judge": f"LLM {args.judge_model} @ {args.judge_url}, majority of {args.judge_runs}"
                        if llm else "deterministic (eval.judge)", "skipped": len(skipped) + len(problems)}

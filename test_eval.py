@@ -1,6 +1,6 @@
 """Tests of eval.py, the clinical evaluation protocol.
 
-Every expected value below is written from the rules in eval.py's docstrings (and the README), by hand,
+Every expected value below is written from the rules in eval.py's docstrings and comments, by hand,
 not copied from the code's output. Property tests (hypothesis) check the parsers on random text.
 """
 import http.server
@@ -320,7 +320,8 @@ def test_eval_predictions_round_trip(tmp_path):
     assert m["n"] == 3 and m["meta"]["skipped"] == 2            # the bad label and the bad line
     assert m["top1"] == pytest.approx(1 / 3) and m["top6"] == pytest.approx(2 / 3)
     assert m["safety_critical_rate"] == pytest.approx(1 / 3) and m["near_miss_rate"] == pytest.approx(1 / 3)
-    assert "Top-1 (clinical)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Top-1 (clinical)" in report and "50 resamples" in report     # the report states --bootstrap
     cases = [json.loads(x) for x in (out / "cases.jsonl").read_text().splitlines()]
     assert [c["id"] for c in cases] == ["a", "b", "c"] and cases[1]["first_hit"] == 2
     with Image.open(out / "top_k_by_skin_type.png") as img:
