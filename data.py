@@ -306,83 +306,101 @@ def _c(*pairs):
 # that the implicit periods are doubled (so the cue survives at 112 px) and the largest lesion counts are
 # capped a little lower (render speed).
 CLASS_RULES: dict[str, dict] = {
+    # Cluster A (red, scaly). Psoriasis: sharply bordered salmon-red plaques with coarse silvery scale on
+    # extensor limbs and scalp. Its siblings share the red colours, so the scale type carries the signal.
     "psoriasis": dict(
         cluster="A", prior=0.121, morph={"plaque": .8, "patch": .2}, shape={"round": .4, "oval": .3, "irregular": .3},
         count=(1, 8), dist={"scattered": .7, "clustered": .3}, size=(0.08, 0.3),
         colours=_c(("erythematous",), .5, ("salmon",), .3, ("pink",), .2), sharp=(0.4, 1.0), irreg=(0.05, 0.4),
         surface={"coarse silvery scale": .6, "fine scale": .3, "crust": .05},
         location={"limb": .45, "scalp": .3, "trunk": .25}, period=6.0),
+    # Eczema: ill-defined red patches with fine scale, crust and scratch marks; borders are the tell.
     "eczema": dict(
         cluster="A", prior=0.081, morph={"patch": .5, "plaque": .5}, shape={"irregular": .6, "oval": .4},
         count=(1, 6), dist={"clustered": .6, "scattered": .4}, size=(0.1, 0.35),
         colours=_c(("erythematous",), .5, ("pink",), .3, ("salmon",), .2), sharp=(0.1, 0.65), irreg=(0.15, 0.5),
         surface={"fine scale": .6, "coarse silvery scale": .15, "crust": .3, "excoriations": .35},
         location={"limb": .45, "face": .2, "trunk": .2, "palm or sole": .15}, period=8.0),
+    # Cluster D (violaceous). Lichen planus: many small flat-topped polygonal violaceous papules, white
+    # reticulate lines (Wickham striae), often in lines (Koebner) on wrists and shins.
     "lichen planus": dict(
         cluster="D", prior=0.081, morph={"papule": .8, "plaque": .2}, shape={"polygonal": .6, "round": .4},
         count=(4, 20), dist={"clustered": .6, "linear": .25, "scattered": .15}, size=(0.02, 0.08),
         colours=_c(("violaceous",), .65, ("dark brown",), .2, ("pink",), .15), sharp=(0.55, 1.0), irreg=(0.05, 0.3),
         surface={"reticulate white lines": .5, "fine scale": .25},
         location={"limb": .6, "trunk": .25, "palm or sole": .15}, period=6.4),
+    # Singleton F. Vitiligo: depigmented white patches; high contrast on dark skin, faint on type I.
     "vitiligo": dict(
         cluster="F", prior=0.051, morph={"patch": .7, "macule": .3}, shape={"irregular": .6, "oval": .4},
         count=(1, 4), dist={"scattered": 1.0}, size=(0.06, 0.4),
         colours=_c(("white",), .85, ("white", "pink"), .15), sharp=(0.55, 1.0), irreg=(0.2, 0.6),
         surface={}, location={"face": .35, "limb": .35, "trunk": .3}, period=8.0),
+    # Urticaria: transient pink wheals, often annular with a pale centre; no scale.
     "urticaria": dict(
         cluster="A", prior=0.051, morph={"wheal": 1.0}, shape={"annular": .4, "irregular": .4, "round": .2},
         count=(1, 7), dist={"scattered": 1.0}, size=(0.08, 0.3),
         colours=_c(("pink",), .6, ("erythematous",), .25, ("salmon",), .15), sharp=(0.3, 0.8), irreg=(0.2, 0.6),
         surface={"pale centre": .6}, location={"trunk": .5, "limb": .5}, period=9.4),
+    # Cluster E (many small papules). Acne: follicular red papules with pustules and comedones, face/trunk.
     "acne vulgaris": dict(
         cluster="E", prior=0.061, morph={"papule": 1.0}, shape={"round": 1.0},
         count=(6, 24), dist={"follicular": .7, "scattered": .3}, size=(0.015, 0.045),
         colours=_c(("erythematous",), .7, ("pink",), .3), sharp=(0.3, 0.75), irreg=(0.0, 0.2),
         surface={"pustules": .6, "comedones": .5}, location={"face": .7, "trunk": .3}, period=6.4),
+    # Neurofibromatosis: soft skin-coloured to pink dome-shaped nodules scattered over the trunk.
     "neurofibromatosis": dict(
         cluster="E", prior=0.040, morph={"nodule": .6, "papule": .4}, shape={"round": .7, "oval": .3},
         count=(3, 14), dist={"scattered": 1.0}, size=(0.025, 0.09),
         colours=_c(("skin-coloured",), .5, ("pink",), .3, ("brown",), .2), sharp=(0.3, 0.75), irreg=(0.0, 0.15),
         surface={}, location={"trunk": .7, "limb": .3}, period=10.8),
+    # Singleton G. Ichthyosis: no discrete lesion; the whole field carries polygonal fish-scale plates.
     "ichthyosis vulgaris": dict(
         cluster="G", prior=0.030, morph={"patch": 1.0}, shape={"polygonal": 1.0},
         count=(1, 1), dist={"generalized": 1.0}, size=(1.0, 1.0),
         colours=_c(("skin-coloured",), .5, ("brown",), .5), sharp=(0.0, 0.0), irreg=(0.0, 0.0),
         surface={"fish-scale": 1.0, "fine scale": .4}, location={"limb": .7, "trunk": .3}, period=8.0),
+    # Cluster B (brown, solitary). Seborrheic keratosis: stuck-on brown warty plaque with horn cysts.
     "seborrheic keratosis": dict(
         cluster="B", prior=0.040, morph={"plaque": .7, "papule": .3}, shape={"oval": .5, "round": .3, "irregular": .2},
         count=(1, 4), dist={"scattered": .6, "solitary": .4}, size=(0.05, 0.18),
         colours=_c(("brown",), .35, ("dark brown",), .35, ("brown", "dark brown"), .2, ("black",), .1),
         sharp=(0.6, 1.0), irreg=(0.05, 0.35), surface={"verrucous": .7, "horn cysts": .5},
         location={"trunk": .6, "face": .25, "scalp": .15}, period=10.8),
+    # Milia: tiny white-yellow keratin cysts clustered on the face.
     "milia": dict(
         cluster="E", prior=0.030, morph={"papule": 1.0}, shape={"round": 1.0},
         count=(2, 12), dist={"clustered": .7, "scattered": .3}, size=(0.012, 0.03),
         colours=_c(("white",), .5, ("yellow",), .3, ("skin-coloured",), .2), sharp=(0.6, 1.0), irreg=(0.0, 0.1),
         surface={}, location={"face": .9, "trunk": .1}, period=8.4),
+    # Dermatofibroma: firm brown-pink papule on the legs, often with a central white scar-like patch.
     "dermatofibroma": dict(
         cluster="B", prior=0.030, morph={"papule": 1.0}, shape={"round": .6, "oval": .4},
         count=(1, 1), dist={"solitary": 1.0}, size=(0.04, 0.12),
         colours=_c(("brown",), .45, ("pink",), .3, ("brown", "pink"), .25), sharp=(0.3, 0.8), irreg=(0.0, 0.2),
         surface={"central white scar-like patch": .6, "depigmented halo": .05},
         location={"limb": .85, "trunk": .15}, period=7.0),
+    # Cluster C (red / pearly nodule). Pyogenic granuloma: glistening bright red nodule with a collarette,
+    # bleeds and crusts; fingers, lips, face.
     "pyogenic granuloma": dict(
         cluster="C", prior=0.030, morph={"nodule": .8, "papule": .2}, shape={"round": .7, "oval": .3},
         count=(1, 1), dist={"solitary": 1.0}, size=(0.05, 0.15),
         colours=_c(("erythematous",), .7, ("violaceous",), .15, ("pink",), .15), sharp=(0.7, 1.0), irreg=(0.0, 0.25),
         surface={"glistening": .7, "collarette": .5, "crust": .25, "central ulcer": .1},
         location={"limb": .4, "face": .3, "palm or sole": .3}, period=10.8),
+    # Nevocytic nevus: small, round, evenly brown, regular border: the benign baseline melanoma mimics.
     "nevocytic nevus": dict(
         cluster="B", prior=0.040, morph={"macule": .5, "papule": .5}, shape={"round": .6, "oval": .4},
         count=(1, 3), dist={"solitary": 1.0}, size=(0.03, 0.14),
         colours=_c(("brown",), .4, ("dark brown",), .3, ("brown", "dark brown"), .25, ("brown", "black"), .05),
         sharp=(0.5, 1.0), irreg=(0.0, 0.4), surface={"depigmented halo": .03},
         location={"trunk": .5, "limb": .3, "face": .2}, period=6.0),
+    # Halo nevus: a brown nevus inside a depigmented halo, on the trunk.
     "halo nevus": dict(
         cluster="B", prior=0.030, morph={"papule": .7, "macule": .3}, shape={"round": .7, "oval": .3},
         count=(1, 1), dist={"solitary": 1.0}, size=(0.03, 0.1),
         colours=_c(("brown",), .6, ("pink",), .25, ("dark brown",), .15), sharp=(0.5, 1.0), irreg=(0.0, 0.25),
         surface={"depigmented halo": .85}, location={"trunk": .8, "limb": .2}, period=9.4),
+    # Basal cell carcinoma: pearly translucent nodule with telangiectasia and a rolled border, face.
     "basal cell carcinoma": dict(
         cluster="C", prior=0.061, morph={"nodule": .6, "papule": .4}, shape={"round": .5, "oval": .3, "irregular": .2},
         count=(1, 1), dist={"solitary": 1.0}, size=(0.05, 0.18),
@@ -390,18 +408,22 @@ CLASS_RULES: dict[str, dict] = {
         sharp=(0.5, 1.0), irreg=(0.05, 0.35),
         surface={"telangiectasia": .65, "rolled border": .55, "central ulcer": .3, "glistening": .35},
         location={"face": .8, "trunk": .2}, period=6.0),
+    # Squamous cell carcinoma: red keratotic nodule or plaque, thick scale, crust, ulcer; sun-exposed.
     "squamous cell carcinoma": dict(
         cluster="C", prior=0.061, morph={"nodule": .5, "plaque": .5}, shape={"irregular": .5, "round": .3, "oval": .2},
         count=(1, 1), dist={"solitary": 1.0}, size=(0.07, 0.22),
         colours=_c(("erythematous",), .6, ("pink",), .3, ("salmon",), .1), sharp=(0.2, 0.7), irreg=(0.15, 0.5),
         surface={"thick keratotic scale": .6, "crust": .4, "central ulcer": .35, "telangiectasia": .05},
         location={"face": .4, "scalp": .2, "limb": .4}, period=8.4),
+    # Actinic keratosis: rough, ill-defined red macules/papules with fine scale on face and scalp (cluster A).
     "actinic keratosis": dict(
         cluster="A", prior=0.040, morph={"macule": .5, "papule": .5}, shape={"irregular": .5, "oval": .3, "round": .2},
         count=(1, 10), dist={"scattered": 1.0}, size=(0.03, 0.09),
         colours=_c(("erythematous",), .55, ("pink",), .3, ("brown",), .15), sharp=(0.1, 0.5), irreg=(0.15, 0.45),
         surface={"fine scale": .7, "thick keratotic scale": .15},
         location={"face": .5, "scalp": .4, "limb": .1}, period=7.0),
+    # Melanoma (ABCD rule): Asymmetric, irregular Border, several Colours (brown, black, blue-gray, red,
+    # white), large Diameter. Amelanotic pink cases (20 %) mimic the red clusters on purpose.
     "melanoma": dict(
         cluster="B", prior=0.061, morph={"macule": .4, "papule": .3, "plaque": .3},
         shape={"irregular": .6, "oval": .25, "round": .15}, count=(1, 1), dist={"solitary": 1.0}, size=(0.06, 0.24),
@@ -411,11 +433,14 @@ CLASS_RULES: dict[str, dict] = {
         sharp=(0.25, 0.95), irreg=(0.15, 0.6),
         surface={"central ulcer": .05, "depigmented halo": .08, "glistening": .05},
         location={"trunk": .45, "limb": .4, "face": .1, "palm or sole": .05}, period=8.0),
+    # Kaposi sarcoma: violaceous oval macules to nodules along skin lines of the legs (cluster D).
     "kaposi sarcoma": dict(
         cluster="D", prior=0.030, morph={"macule": .3, "plaque": .4, "nodule": .3}, shape={"oval": .6, "round": .4},
         count=(1, 10), dist={"linear": .4, "scattered": .6}, size=(0.04, 0.12),
         colours=_c(("violaceous",), .6, ("dark brown",), .25, ("erythematous",), .15), sharp=(0.4, 0.85),
         irreg=(0.05, 0.3), surface={}, location={"limb": .7, "trunk": .2, "palm or sole": .1}, period=9.6),
+    # Mycosis fungoides (cutaneous T-cell lymphoma): large salmon arcuate patches with fine scale and
+    # cigarette-paper atrophy on covered trunk skin; the classic eczema/psoriasis mimic (cluster A).
     "mycosis fungoides": dict(
         cluster="A", prior=0.030, morph={"patch": .6, "plaque": .4}, shape={"arcuate": .4, "irregular": .4, "annular": .2},
         count=(1, 5), dist={"scattered": .8, "clustered": .2}, size=(0.15, 0.4),
@@ -627,12 +652,15 @@ class SynthDerm:
         # (clipped to [0.85, 1.18] so the shortest period, 6 px at 224, stays >= 2.5 px at 112).
         jitter = float(np.clip(np.exp(0.1 * rng.standard_normal()), 0.85, 1.18))
         period = CLASS_RULES[label]["period"] * jitter * self.size / 224
+        # Caption words are thresholds on the drawn parameters, so the caption is a deterministic,
+        # checkable function of what was rendered (tests compare them with the pixels).
         size_word = "small" if size < 0.06 else "medium" if size < 0.16 else "large"
         border = ("well-demarcated" if sharp >= 0.55 else "ill-defined") + ", " + \
                  ("irregular" if irreg >= 0.2 else "regular")
         fields = {"colour": ", ".join(colours), "location": location, "shape": shape, "lesion type": morph,
                   "size": size_word, "border": border, "surface": ", ".join(surface) if surface else "none",
                   "distribution": dist}
+        # A stable md5-like id, so SynthDerm rows look like Fitzpatrick17k rows (md5hash) to eval.py.
         uid = hashlib.md5(f"synthderm:{self.seed}:{self.split}:{index}".encode()).hexdigest()
         nine, three = TAXONOMY[label]
         return dict(id=uid, label=label, nine=nine, three=three, fitzpatrick=fitz, fields=fields,
@@ -641,6 +669,8 @@ class SynthDerm:
                     _location=location)
 
     def __getitem__(self, index: int) -> SynthSample:
+        # Attributes from stream 0, pixels from stream 1: spec(i) never depends on rendering, so the
+        # caption oracle and tokenizer corpus can draw thousands of captions without drawing an image.
         spec = self.spec(index)
         image, mask = self._render(spec, self._rng(self._index(index), 1))
         public = {k: v for k, v in spec.items() if not k.startswith("_")}
@@ -654,8 +684,11 @@ class SynthDerm:
     def _render(self, s: dict, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
         """Draw the image of spec `s`: skin + site cues, lesions, implicit cue, lighting, noise, hair.
 
-        Everything is vectorised numpy on float32 [S, S, 3] arrays; each lesion touches only its bounding
-        box. Strokes too thin for a pixel grid (hairs, vessels, dots) are drawn by PIL at the end.
+        Everything is vectorised numpy on float32 channel-first [3, S, S] arrays; each lesion touches only
+        its bounding box. Strokes too thin for a pixel grid (hairs, vessels, dots) are drawn by PIL at the
+        end. Order matters for truthfulness: the site cues are laid down first (they are skin), lesions
+        go on top, the implicit grating modulates lesion + surroundings, and hair covers everything, as a
+        real photo would. Cost: ~4 ms at 224 px on one core (README, "SynthDerm speed").
         """
         S = self.size
         sc = S / 224.0                                           # pixel scale relative to the 224 px design
@@ -671,6 +704,8 @@ class SynthDerm:
         mottle = 0.5 + 0.25 * (_plane_wave(xs, f[0], a2[0], p[0], np.cos) + _plane_wave(xs, f[1], a2[1], p[1], np.cos))
         a = rng.uniform(0, 2 * np.pi)
         ramp = (xs[None, :] * np.float32(math.cos(a)) + xs[:, None] * np.float32(math.sin(a))) * np.float32(rng.uniform(0.04, 0.12) / S)
+        # Real photos are never flat: uneven pigment and a lighting gradient keep a model from reading
+        # "lesion" off any pixel that differs from one global skin colour.
         lum = 0.96 + 0.08 * mottle + ramp                       # [S, S]
         skin_mask = None                                         # [S, S] float, 1 on skin (limb: not background)
         if s["_location"] == "limb":
@@ -681,6 +716,9 @@ class SynthDerm:
             skin_mask = np.clip(np.minimum(xs[None, :] - left, right - xs[None, :]) / 1.5, 0, 1).astype(np.float32)
             lum = lum * (0.72 + 0.28 * np.sin(np.pi * np.clip((xs[None, :] - left) / (right - left), 0, 1)))
         img = skin[:, None, None] * lum[None]                    # [3, S, S] channel-first
+        # ---- body-site context cues. The caption's `location` is rendered, not just stated: the face
+        # shows pores, the scalp dense hair, a limb its two edges against a background and hair running
+        # along it, palms/soles flexion creases and no hair, the trunk sparse hair in all directions.
         if s["_location"] == "face":
             # Pores: many one-pixel dark dots.
             k = int(S * S / 70)
@@ -699,6 +737,8 @@ class SynthDerm:
             for cols in (slice(0, e), slice(S - e, S)):
                 _mix(img[:, :, cols], (34, 40, 52), 1 - skin_mask[:, cols])
 
+        # ---- lesions. mask collects the lesion pixels (alpha > 0.5) for attention metrics and tests;
+        # strokes are thin features PIL draws better than a numpy field (anti-aliasing is not needed).
         mask = np.zeros((S, S), bool)
         cue_w = np.zeros((S, S), np.float32)                     # where the implicit grating lives (generalized)
         strokes: list[tuple] = []                                # ("line"|"dot", geometry, rgb) drawn by PIL
@@ -730,7 +770,8 @@ class SynthDerm:
                     cue_w *= skin_mask
             wave = _plane_wave(xs, 2 * np.pi / s["period"], th, phase, np.sin, rows=(r0, r1), cols=(c0, c1))
             img[:, r0:r1, c0:c1] *= (1 + amp * cue_w[r0:r1, c0:c1] * wave)[None]   # [3, h, w]
-        # ---- sensor noise (cached tile, random offset)
+        # ---- sensor noise (cached tile, random offset): breaks exact colour equality between pixels, so
+        # no model can segment the lesion by testing for the one skin colour.
         ox, oy = rng.integers(0, 64, 2)
         img += _noise_tile(S)[:, oy:oy + S, ox:ox + S]
         planes = np.clip(img, 0, 255, out=img).astype(np.uint8)   # [3, S, S]; merge avoids a slow transpose
@@ -744,6 +785,8 @@ class SynthDerm:
             else:
                 x, y, r = geo
                 d.ellipse((x - r, y - r, x + r, y + r), fill=rgb)
+        # Hair: a site cue (dense on scalp, along a limb, sparse on the trunk) and an occluder that
+        # real dermatology photos are full of. Light hair on light skin half of the time.
         n_hair = {"scalp": 70, "limb": 22, "trunk": 8}.get(s["_location"], 0)
         if n_hair:
             dark = s["fitzpatrick"] >= 3 or rng.random() < 0.5
@@ -761,7 +804,12 @@ class SynthDerm:
         return out, mask
 
     def _layout(self, s: dict, rng: np.random.Generator, skin_mask) -> list[tuple[float, float, float]]:
-        """Lesion centres and radii for the distribution: solitary, scattered, clustered, linear, follicular."""
+        """Lesion centres and radii for the distribution: solitary, scattered, clustered, linear, follicular.
+
+        solitary: one lesion near the centre (how a clinician frames a single lesion); clustered: a
+        Gaussian cloud around one point; linear: jittered points along a random line (Koebner, lymphatic
+        spread); scattered / follicular: uniform. Sizes vary +-20 % around the spec's base radius.
+        """
         S, n, dist = self.size, s["_count"], s["_dist"]
         R0 = max(1.6, 0.5 * ZOOM * s["_size"] * S)                # base radius in pixels
         lo, hi = 0.1 * S, 0.9 * S
@@ -828,12 +876,15 @@ class SynthDerm:
                 alpha *= np.clip((np.cos(theta - rng.uniform(0, 2 * np.pi)) + 0.35) * 3, 0, 1)
         if skin_mask is not None:
             alpha *= skin_mask[y0:y1, x0:x1]
+        # Work on a view of the bounding box: every edit below lands in the image directly, and the cost
+        # is proportional to the lesion's area, not to the image's.
         local = img[:, y0:y1, x0:x1]                              # [3, h, w] view: edits land in img
         surf = s["_surface"]
         base = local                                              # skin under the lesion (read before edits)
         if "depigmented halo" in surf:                            # depigmented ring around the lesion
             _mix(local, _relative_colour("white", base), 0.85 * np.clip(1 - d / (0.55 * R + 2), 0, 1) * (d > -soft))
-        # ---- colour(s): one, or variegated regions split by a smooth random field
+        # ---- colour(s): one, or variegated regions split by a smooth random field. Variegation (several
+        # colours in one lesion) is the "C" of the melanoma ABCD rule, so it must be visible as regions.
         cols = s["_colours"]
         target = _relative_colour(cols[0], base)
         if len(cols) > 1:
@@ -845,7 +896,9 @@ class SynthDerm:
                 target[:, sel] = _relative_colour(name, base[:, sel])
         if surf:
             interior = np.clip(-d / (0.15 * R + 1), 0, 1) * alpha  # [h, w] away from the edge
-        # ---- surface features (each one rendered exactly when it is captioned)
+        # ---- surface features (each one rendered exactly when it is captioned). Each is confined to the
+        # lesion (interior weight) except halo/collarette which by definition lie just outside it; the
+        # textures are crude on purpose, recognisable at 112 px rather than photographic.
         if "pale centre" in surf:
             _mix(target, base * 1.04, 0.7 * np.clip(1 - rho / (0.5 * Rth), 0, 1))
         if "central white scar-like patch" in surf:
@@ -880,7 +933,8 @@ class SynthDerm:
             _mix(target, (112, 32, 32), 0.9 * np.clip((0.3 * R - rho) / 1.2, 0, 1))
         if "rolled border" in surf:
             _mix(target, (238, 226, 226), 0.5 * np.clip(1 - np.abs(d + 0.14 * R) / (0.1 * R + 0.8), 0, 1))
-        # ---- elevation: dome shading lit from the upper left (flat lesions get none)
+        # ---- elevation: dome shading lit from the upper left (flat lesions get none). This is how the
+        # caption's lesion type (macule/patch flat vs papule/nodule/plaque raised) becomes visible.
         lift = {"papule": 0.14, "nodule": 0.26, "plaque": 0.07, "wheal": 0.06}.get(s["_morph"], 0.0)
         if lift:
             dome = np.clip(1 - rho / (Rth + 1e-3), 0, 1)
@@ -922,7 +976,12 @@ class SynthDerm:
             strokes.append(("line", [(cx, cy), (cx + 2.2 * R * np.cos(a0), cy + 2.2 * R * np.sin(a0))], (40, 32, 26)))
 
     def _generalized(self, s, rng, img, mask, cue_w, skin_mask) -> None:
-        """A generalized eruption (ichthyosis): the whole skin carries polygonal fish-scale plates."""
+        """A generalized eruption (ichthyosis): the whole skin carries polygonal fish-scale plates.
+
+        The plates are a skewed grid in a rotated frame: cracks where either cell coordinate is near an
+        integer, offset by half a cell every other column (like brickwork), wobbled by a sine so they are
+        not perfectly straight. The mask and the implicit-cue zone are the whole skin.
+        """
         S = self.size
         xs = np.arange(S, dtype=np.float32)
         alpha = np.ones((S, S), np.float32) if skin_mask is None else skin_mask.copy()
