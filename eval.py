@@ -881,11 +881,9 @@ def score_case(preds, truth, fitzpatrick=None, format_ok=None, judge_fn=None) ->
     distinct entries count (see `_dedupe`). An empty list is a format failure whatever `format_ok` says.
     """
     judge_fn = judge_fn or judge
-    if isinstance(preds, (str, bytes)) or preds is None:
-        preds, ok = parse_ranked_list_ex(preds)
-    else:
-        preds = _dedupe(_clean_item(str(x)) for x in preds)
-        ok = True
+    if not isinstance(preds, (str, bytes, list, tuple)) and preds is not None:
+        preds = list(preds)                        # any other iterable of entries (a generator, an array)
+    preds, ok = parse_ranked_list_ex(preds)        # text is parsed; a list is cleaned and de-duplicated
     if format_ok is not None:
         ok = bool(format_ok)
     t = _truth_label(truth)
