@@ -594,6 +594,81 @@ def preset_overhead(preset: str = "3b", blocks=DEFAULT_BLOCKS, K: int = DEFAULT_
         return apply_dve(model, blocks=blocks, K=K, linears=linears)
 
 
+@contextlib.contextmanager
+def _forced_fallback():
+    """Temporarily set SKINFLOW_NO_EXT=1 (the PyTorch path), restoring the previous value after."""
+    old = os.environ.get("SKINFLOW_NO_EXT")
+    os.environ["SKINFLOW_NO_EXT"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SKINFLOW_NO_EXT", None)
+        else:
+            os.environ["SKINFLOW_NO_EXT"] = old
+
+
+def benchmark(n_img: int = 8, tokens: int = 1024, d_in: int = 1280, d_out: int = 3420, K: int = DEFAULT_K,
+              device: str = "cuda", dtype=torch.bfloat16, reps: int = 10, backward: bool = True) -> dict:
+    """Time one vision-MLP-shaped layer (for bench.py): static nn.Linear vs FDLinear through the PyTorch
+    path and through the csrc op, forward (+ backward w.r.t. the input and the KSM), on random data.
+
+    Returns {path: {"ms": median milliseconds, "peak_mb": peak extra memory (CUDA only, else None)}}.
+    Defaults: the paper's setting, 8 images x 1024 tokens at 1280 -> 3420 in bf16 on a GPU.
+    """
+    import statistics
+    import time
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(d_out, d_in, generator=g) / d_in ** 0.5)
+    x = torch.randn(n_img * tokens, d_in, generator=g).to(dev, dtype)    # [T, d_in]
+    cu = (torch.arange(n_img + 1) * tokens).to(dev)                       # [n_img + 1]
+    layer = FDLinear(lin, K).to(dev)                                      # built from the same W (fp32 spectrum)
+    static = lin.to(dev, dtype)
+    with torch.no_grad():                                                 # move the gates off 1
+        for head in (layer.ksm.band_head, layer.ksm.in_head, layer.ksm.out_head):
+            head.weight.normal_(0, 0.02, generator=None)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def run(fn):
+        xi = x.detach().requires_grad_(backward)
+        out = fn(xi)
+        if backward:
+            out.float().square().mean().backward()
+
+    def timed(fn):
+        run(fn)                                                           # warm-up (caches, cuBLAS plans)
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run(fn)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20 if dev.type == "cuda" else None
+        return {"ms": statistics.median(times), "peak_mb": peak}
+
+    results = {"static": timed(lambda xi: static(xi))}
+    with _forced_fallback():                                              # PyTorch path only
+        results["fdlinear_torch"] = timed(lambda xi: layer(xi, cu))
+    if K <= KERNEL_MAX_K and _extension() is not None:
+        layer.impl = "kernel"
+        try:
+            results["fdlinear_kernel"] = timed(lambda xi: layer(xi, cu))
+        except RuntimeError as exc:                                       # e.g. CUDA tensors, CPU-only build
+            results["fdlinear_kernel"] = {"ms": None, "peak_mb": None, "error": str(exc)}
+    return results
+
+
 if __name__ == "__main__":  # python dve.py: the overhead table for the real shapes
     for name in ("3b", "7b"):
         for k in (4, 64, 640):

@@ -468,3 +468,10 @@ def test_dve_low_precision_model():
     got = half(x.to(torch.bfloat16), cu)
     assert got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_dve_benchmark_smoke():
+    """bench.py's entry point runs on CPU at a toy size and reports every path (no timing assertion)."""
+    res = dve.benchmark(n_img=2, tokens=8, d_in=24, d_out=40, K=4, device="cpu", dtype=torch.float32, reps=1)
+    assert {"static", "fdlinear_torch"} <= set(res) and all(v["ms"] is None or v["ms"] > 0 for v in res.values())
+    assert ("fdlinear_kernel" in res) == (dve._extension() is not None)
