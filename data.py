@@ -276,6 +276,10 @@ SKIN_RGB = np.array([(244, 214, 190), (232, 190, 160), (208, 160, 120), (176, 12
 # Lesion colours are defined RELATIVE to the local skin: rgb = skin * mult + add. Erythema therefore
 # turns dark red-brown and low-contrast on types V-VI (the real failure mode of derm models), while the
 # near-absolute colours (white, black, blue-gray) keep a small skin term and stay high-contrast.
+# The multipliers were tuned by eye on all six skin types: reds keep the R channel and cut G/B (more blood,
+# same melanin); browns scale all channels down with B most (more melanin); violaceous adds blue; pearly
+# and white are mostly absolute (scattering, not pigment); skin-coloured lesions are only visible through
+# their elevation shading, exactly as in real photos of neurofibromas.
 COLOUR_RULES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "erythematous": ((1.00, 0.55, 0.55), (28, 0, 0)),
     "salmon": ((1.00, 0.74, 0.62), (22, 10, 0)),
@@ -442,10 +446,12 @@ CLASS_RULES: dict[str, dict] = {
     # Mycosis fungoides (cutaneous T-cell lymphoma): large salmon arcuate patches with fine scale and
     # cigarette-paper atrophy on covered trunk skin; the classic eczema/psoriasis mimic (cluster A).
     "mycosis fungoides": dict(
-        cluster="A", prior=0.030, morph={"patch": .6, "plaque": .4}, shape={"arcuate": .4, "irregular": .4, "annular": .2},
+        cluster="A", prior=0.030, morph={"patch": .6, "plaque": .4},
+        shape={"arcuate": .4, "irregular": .4, "annular": .2},
         count=(1, 5), dist={"scattered": .8, "clustered": .2}, size=(0.15, 0.4),
         colours=_c(("salmon",), .4, ("erythematous",), .3, ("pink",), .15, ("violaceous",), .15),
-        sharp=(0.2, 0.75), irreg=(0.2, 0.6), surface={"fine scale": .5, "coarse silvery scale": .1, "wrinkled atrophy": .4},
+        sharp=(0.2, 0.75), irreg=(0.2, 0.6),
+        surface={"fine scale": .5, "coarse silvery scale": .1, "wrinkled atrophy": .4},
         location={"trunk": .7, "limb": .3}, period=10.8),
 }
 SYNTH_LABELS: tuple[str, ...] = tuple(CLASS_RULES)
@@ -602,9 +608,11 @@ class SynthDerm:
         unknown = [c for c in self.classes if c not in CLASS_RULES]
         if unknown:
             raise ValueError(f"not SynthDerm classes: {unknown}; choose from {list(SYNTH_LABELS)}")
+        # Nothing is drawn here: the dataset is a recipe, and items are rendered on demand in __getitem__.
         self.n, self.seed, self.size, self.split = int(n), int(seed), int(image_size), split
         self.p_mimic, self.cue_amplitude = float(p_mimic), float(cue_amplitude)
         self.skin_types = tuple(int(t) for t in skin_types)
+        # Priors are renormalised over the chosen subsets (classes, skin types), keeping relative frequencies.
         prior = np.array([CLASS_RULES[c]["prior"] for c in self.classes])
         self._class_p = prior / prior.sum()
         tp = SKIN_TYPE_PRIOR[[t - 1 for t in self.skin_types]]
@@ -629,12 +637,16 @@ class SynthDerm:
         """The attributes of item `index` without rendering it (fast: ~20 us). Keys: see SynthSample."""
         index = self._index(index)
         rng = self._rng(index, 0)
+        # Draw order is part of the format: changing it changes every sample of every seed. Append new
+        # draws at the end if the generator ever grows.
         label = _pick(rng, self.classes, self._class_p)
         fitz = _pick(rng, self.skin_types, self._type_p)
         siblings = [s for s in CLUSTERS[CLASS_RULES[label]["cluster"]] if s != label and s in self.classes]
         looks = label
         if rng.random() < self.p_mimic and siblings:      # mimicry: borrow a sibling's whole explicit look
             looks = siblings[int(rng.integers(len(siblings)))]
+        # Every explicit attribute below comes from the LOOK's rules; only the label and the implicit period
+        # stay with the true class. That is what makes an honest caption of a mimic misleading.
         rule = CLASS_RULES[looks]
         morph, shape, dist = _pick(rng, rule["morph"]), _pick(rng, rule["shape"]), _pick(rng, rule["dist"])
         colours = _pick(rng, [c for c, _ in rule["colours"]], [p for _, p in rule["colours"]])
@@ -701,15 +713,18 @@ class SynthDerm:
         # Luminance field = low-frequency mottling (two oblique plane waves) + a lighting ramp: [S, S].
         f = rng.uniform(1.5, 5, 2) * (2 * np.pi / S)                     # 1.5-5 cycles per image
         a2, p = rng.uniform(0, np.pi, 2), rng.uniform(0, 2 * np.pi, 2)
-        mottle = 0.5 + 0.25 * (_plane_wave(xs, f[0], a2[0], p[0], np.cos) + _plane_wave(xs, f[1], a2[1], p[1], np.cos))
-        a = rng.uniform(0, 2 * np.pi)
-        ramp = (xs[None, :] * np.float32(math.cos(a)) + xs[:, None] * np.float32(math.sin(a))) * np.float32(rng.uniform(0.04, 0.12) / S)
+        mottle = 0.5 + 0.25 * (_plane_wave(xs, f[0], a2[0], p[0], np.cos)
+                               + _plane_wave(xs, f[1], a2[1], p[1], np.cos))                      # [S, S]
+        a = rng.uniform(0, 2 * np.pi)                            # light direction; 4-12 % change across
+        ramp = (xs[None, :] * np.float32(math.cos(a)) + xs[:, None] * np.float32(math.sin(a))) \
+            * np.float32(rng.uniform(0.04, 0.12) / S)                                          # [S, S]
         # Real photos are never flat: uneven pigment and a lighting gradient keep a model from reading
         # "lesion" off any pixel that differs from one global skin colour.
         lum = 0.96 + 0.08 * mottle + ramp                       # [S, S]
         skin_mask = None                                         # [S, S] float, 1 on skin (limb: not background)
         if s["_location"] == "limb":
-            # A limb crosses the frame: background at both sides, cylinder shading across it.
+            # A limb crosses the frame: background at both sides, cylinder shading across it. The edges
+            # wobble a little (sin) so the silhouette is not a ruler-straight band the model could key on.
             ph = rng.uniform(0, 2 * np.pi)
             left = S * (0.10 + 0.03 * np.sin(xs / S * 3 + ph))[:, None]           # [S, 1] edge per row
             right = S * (0.90 + 0.03 * np.sin(xs / S * 2.5 - ph))[:, None]
@@ -724,7 +739,8 @@ class SynthDerm:
             k = int(S * S / 70)
             img[:, rng.integers(0, S, k), rng.integers(0, S, k)] *= 0.86
         elif s["_location"] == "palm or sole":
-            # Flexion creases: a few long soft dark curves (drawn on a grey layer, then multiplied in).
+            # Flexion creases: a few long soft dark curves (drawn on a grey layer, then multiplied in, so
+            # they darken whatever skin tone lies below instead of painting one fixed colour).
             layer = Image.new("L", (S, S), 0)
             d = ImageDraw.Draw(layer)
             for _ in range(int(rng.integers(3, 6))):
@@ -811,6 +827,8 @@ class SynthDerm:
         spread); scattered / follicular: uniform. Sizes vary +-20 % around the spec's base radius.
         """
         S, n, dist = self.size, s["_count"], s["_dist"]
+        # Centres stay 10 % inside the frame (20 % on a limb, whose skin band is narrower) so lesions are
+        # seen whole; clipping below enforces it for the Gaussian and linear layouts too.
         R0 = max(1.6, 0.5 * ZOOM * s["_size"] * S)                # base radius in pixels
         lo, hi = 0.1 * S, 0.9 * S
         if skin_mask is not None:
@@ -899,39 +917,39 @@ class SynthDerm:
         # ---- surface features (each one rendered exactly when it is captioned). Each is confined to the
         # lesion (interior weight) except halo/collarette which by definition lie just outside it; the
         # textures are crude on purpose, recognisable at 112 px rather than photographic.
-        if "pale centre" in surf:
+        if "pale centre" in surf:                                 # oedematous wheal: centre fades to skin
             _mix(target, base * 1.04, 0.7 * np.clip(1 - rho / (0.5 * Rth), 0, 1))
-        if "central white scar-like patch" in surf:
+        if "central white scar-like patch" in surf:               # dermatofibroma: fibrotic white centre
             _mix(target, _relative_colour("white", base), 0.65 * np.clip((0.38 * R - rho) / 1.5, 0, 1))
-        if "coarse silvery scale" in surf:
+        if "coarse silvery scale" in surf:                        # psoriasis: big opaque silver flakes
             b = max(1, round(R / 6))
             flakes = _blob_noise(rng, target.shape[1:], b)
             _mix(target, (222, 222, 228), interior * (flakes > 0.45) * 0.75)
-        if "fine scale" in surf:
+        if "fine scale" in surf:                                  # eczema / AK: speckled light dusting
             _mix(target, (236, 230, 224), interior * (rng.random(rho.shape, dtype=np.float32) > 0.55) * 0.32)
-        if "thick keratotic scale" in surf:
+        if "thick keratotic scale" in surf:                       # SCC: yellow-white horn over the centre
             b = max(1, round(R / 5))
             blocks = _blob_noise(rng, target.shape[1:], b)
             _mix(target, (226, 214, 168), (0.55 + 0.35 * blocks) * np.clip((0.65 * Rth - rho) / 2, 0, 1))
-        if "verrucous" in surf:
+        if "verrucous" in surf:                                   # warty cobblestone brightness
             b = max(1, round(R / 7))
             cob = _blob_noise(rng, target.shape[1:], b)
             target *= (1 + 0.45 * (cob - 0.5) * interior)[None]
-        if "reticulate white lines" in surf:
+        if "reticulate white lines" in surf:                      # Wickham striae: a lacy white net
             w = 2 * np.pi / max(3.0, 0.5 * R)
             net = np.abs(np.sin(dx * w + dy * 0.4 * w) * np.sin(dy * w - dx * 0.3 * w)) < 0.22
             _mix(target, (235, 232, 236), interior * net * 0.55)
-        if "wrinkled atrophy" in surf:
+        if "wrinkled atrophy" in surf:                            # cigarette-paper wrinkles, wavy lines
             w = 2 * np.pi / max(2.5, 0.18 * R)
             lines = np.sin(u * w + 1.5 * np.sin(v * 0.15)) > 0.75
             target *= (1 - 0.14 * lines * interior)[None]
-        if "crust" in surf:
+        if "crust" in surf:                                       # dried serum: yellow-brown blobs
             blob = np.sin(dx * 3 / R + rng.uniform(0, 6)) + np.sin(dy * 3 / R + rng.uniform(0, 6)) > 0.9
             _mix(target, (150, 96, 42), interior * blob * 0.8)
-        if "central ulcer" in surf:
+        if "central ulcer" in surf:                               # dark red base with a yellow fibrin rim
             _mix(target, (205, 185, 125), np.clip((0.4 * R - rho) / 1.2, 0, 1))     # fibrin rim
             _mix(target, (112, 32, 32), 0.9 * np.clip((0.3 * R - rho) / 1.2, 0, 1))
-        if "rolled border" in surf:
+        if "rolled border" in surf:                               # BCC: pearly raised rim just inside edge
             _mix(target, (238, 226, 226), 0.5 * np.clip(1 - np.abs(d + 0.14 * R) / (0.1 * R + 0.8), 0, 1))
         # ---- elevation: dome shading lit from the upper left (flat lesions get none). This is how the
         # caption's lesion type (macule/patch flat vs papule/nodule/plaque raised) becomes visible.
@@ -939,7 +957,7 @@ class SynthDerm:
         if lift:
             dome = np.clip(1 - rho / (Rth + 1e-3), 0, 1)
             target *= (1 - lift * (dx + dy) / (1.41 * R) * np.sqrt(dome))[None]
-        if "glistening" in surf:
+        if "glistening" in surf:                                  # specular highlight of a moist surface
             hl = np.clip(1 - np.hypot(dx + 0.35 * R, dy + 0.35 * R) / (0.22 * R + 0.8), 0, 1)
             _mix(target, (250, 248, 248), 0.75 * hl)
         # ---- composite: lesion over skin; nodules cast a shadow to the lower right; collarette outside
@@ -947,11 +965,11 @@ class SynthDerm:
             shadow = np.clip(1 - np.abs(d - 0.1 * R) / (0.2 * R + 1), 0, 1) * ((dx + dy) > 0) * (1 - alpha)
             local *= (1 - 0.3 * shadow)[None]
         _mix(local, target, alpha)
-        if "collarette" in surf:
+        if "collarette" in surf:                                  # pyogenic granuloma: white scale ring
             _mix(local, (238, 232, 222), 0.6 * np.clip(1 - np.abs(d - 0.1 * R - 1) / (0.06 * R + 0.7), 0, 1))
         mask[y0:y1, x0:x1] |= alpha > 0.5
         # ---- thin strokes for PIL
-        if "telangiectasia" in surf:
+        if "telangiectasia" in surf:                              # branching thin red vessels
             for _ in range(int(rng.integers(2, 5))):
                 a0, r0 = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.5) * R
                 pts = [(cx + r0 * np.cos(a0), cy + r0 * np.sin(a0))]
@@ -959,17 +977,17 @@ class SynthDerm:
                     a0 += rng.normal(0, 0.7)
                     pts.append((pts[-1][0] + 0.25 * R * np.cos(a0), pts[-1][1] + 0.25 * R * np.sin(a0)))
                 strokes.append(("line", pts, (172, 34, 44)))
-        if "excoriations" in surf:
+        if "excoriations" in surf:                                # linear scratch marks (itch)
             for _ in range(int(rng.integers(2, 5))):
                 a0, off = rng.uniform(0, np.pi), rng.uniform(-0.5, 0.5, 2) * R
                 L = rng.uniform(0.3, 0.7) * R
                 p = (cx + off[0], cy + off[1])
                 strokes.append(("line", [p, (p[0] + L * np.cos(a0), p[1] + L * np.sin(a0))], (128, 24, 24)))
-        if "horn cysts" in surf:
+        if "horn cysts" in surf:                                  # SK: small keratin pearls
             for _ in range(int(rng.integers(3, 8))):
                 r, a0 = rng.uniform(0, 0.65) * R, rng.uniform(0, 2 * np.pi)
                 strokes.append(("dot", (cx + r * np.cos(a0), cy + r * np.sin(a0), max(0.6, 0.08 * R)), (238, 228, 190)))
-        if "pustules" in surf and rng.random() < 0.6:
+        if "pustules" in surf and rng.random() < 0.6:             # a yellow pus point on ~60 % of papules
             strokes.append(("dot", (cx, cy, max(0.7, 0.35 * R)), (238, 226, 150)))
         if s["_dist"] == "follicular":                            # a hair shaft exits each follicular papule
             a0 = rng.uniform(0, 2 * np.pi)
@@ -1005,6 +1023,8 @@ class SynthDerm:
 def tokenizer_corpus(n_captions: int = 400) -> list[str]:
     """Texts to train the tiny preset's byte-level BPE on (skinflow.Tokenizer.train): both prompts, every
     caption-vocabulary value, every Fitzpatrick17k label, and formatted targets of both stages."""
+    # A BPE merges what it sees often: the prompts and the target vocabulary should become few tokens
+    # each, so the tiny model spends its short context on the image, not on spelling "erythematous".
     texts = [STAGE1_PROMPT, STAGE2_PROMPT]
     texts += [f"{name}: {value}" for name, values in CAPTION_VOCAB.items() for value in values]
     texts += list(TAXONOMY) + sorted(set(NINE_TO_THREE)) + sorted(set(NINE_TO_THREE.values()))
@@ -1044,8 +1064,8 @@ def _softmax_regression(X: np.ndarray, y: np.ndarray, n_classes: int, steps: int
     W, b = np.zeros((d, n_classes)), np.zeros(n_classes)
     onehot = np.eye(n_classes)[y]
     for _ in range(steps):
-        z = X @ W + b
-        z -= z.max(1, keepdims=True)
+        z = X @ W + b                                         # [n, C] logits
+        z -= z.max(1, keepdims=True)                          # stable softmax: exp never overflows
         p = np.exp(z)
         p /= p.sum(1, keepdims=True)
         g = (p - onehot) / n
@@ -1065,6 +1085,7 @@ def _naive_bayes(train: list[list[str]], y: np.ndarray, n_classes: int):
     log P(c | tokens) = log P(c) + sum_t log P(t | c) + const,  P(t | c) = (n_tc + 1) / (n_c + |V|).
     """
     vocab = {t: i for i, t in enumerate(sorted({t for doc in train for t in doc}))}
+    # Add-one smoothing: a value never seen with a class lowers its score but cannot veto it outright.
     counts = np.ones((n_classes, len(vocab)))
     for doc, c in zip(train, y):
         for t in doc:
@@ -1087,6 +1108,8 @@ def headroom(n_train: int = 3000, n_test: int = 1000, image_size: int = 112, see
     n_caption_train attribute draws). Also: the caption oracle's top-3, a caption + implicit-cue oracle
     (the period too: the ceiling for a model that also resolves the texture) and the test's mimic share.
     """
+    # The test split is the same stream every model is scored on (SynthDerm(n_test, seed, split="test")),
+    # so these numbers are directly comparable with eval.py's SynthDerm scores at the same seed.
     labels = {c: i for i, c in enumerate(SYNTH_LABELS)}
     train, test = SynthDerm(n_train, seed, image_size, "train"), SynthDerm(n_test, seed, image_size, "test")
     test_specs = [test.spec(i) for i in range(n_test)]
@@ -1115,6 +1138,7 @@ def headroom(n_train: int = 3000, n_test: int = 1000, image_size: int = 112, see
     Xtr = np.stack([_colour_features(train[i].image) for i in range(n_train)])
     ytr = np.array([labels[train.spec(i)["label"]] for i in range(n_train)])
     Xte = np.stack([_colour_features(test[i].image) for i in range(n_test)])
+    # Standardise with train statistics only (no peeking at the test split).
     mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
     W, b = _softmax_regression((Xtr - mu) / sd, ytr, len(labels))
     P = ((Xte - mu) / sd) @ W + b
@@ -1194,7 +1218,10 @@ def load_fitzpatrick17k(csv_path=None, image_dir=None, allow_unknown: bool = Fal
     error listing them; allow_unknown=True keeps such rows with the CSV's own parents instead.
     """
     csv_path = FITZPATRICK17K_CSV if csv_path is None else csv_path
+    # By column name, never by position: third-party copies reorder or add columns (e.g. an index).
     rows = _read_csv(csv_path, F17K_COLUMNS, "Fitzpatrick17k")
+    # Validate ALL labels before building anything, so the error lists every offender at once instead of
+    # failing on the first (a typo'd CSV should take one fix, not twenty reruns).
     unknown = sorted({r["label"] for r in rows if r["label"] not in TAXONOMY})
     mismatch = sorted({(r["label"], r["nine_partition_label"], r["three_partition_label"]) for r in rows
                        if r["label"] in TAXONOMY
@@ -1205,12 +1232,15 @@ def load_fitzpatrick17k(csv_path=None, image_dir=None, allow_unknown: bool = Fal
                          "(pass allow_unknown=True to keep them with the CSV's parents)")
 
     def as_int(v: str) -> int:
+        # Skin types are "1".."6" or "-1"; some re-exports write "3.0" or leave the cell empty.
         try:
             return int(float(v))
         except (TypeError, ValueError):
             return -1
     records, found = [], 0
     for r in rows:
+        # Existence is checked here (cheap stat calls); decodability only when iterate opens the file,
+        # so loading 16k rows stays well under a second.
         path = find_image(image_dir, r["md5hash"]) if image_dir is not None else None
         found += path is not None
         records.append(Record(id=r["md5hash"], label=r["label"], nine=r["nine_partition_label"],
@@ -1231,6 +1261,8 @@ def split_random(records: list, test_fraction: float = 0.2, seed: int = 4242) ->
     by_label: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_label.setdefault(r.label, []).append(i)
+    # One generator, labels visited in sorted order: the split depends only on (records, seed), not on
+    # dict ordering or on the row order inside the CSV beyond each label's own list.
     rng = np.random.default_rng(seed)
     test_idx: set[int] = set()
     for label in sorted(by_label):
@@ -1247,6 +1279,8 @@ def split_skin_type(records: list, train_types: tuple[int, ...]) -> tuple[list, 
     (unknown -1 is dropped), both restricted to the labels present on both sides."""
     train = [r for r in records if r.fitzpatrick in train_types]
     test = [r for r in records if r.fitzpatrick > 0 and r.fitzpatrick not in train_types]
+    # A label never seen in training cannot be predicted; keeping it would measure label coverage, not
+    # the skin-type gap the protocol is about. (Groh et al. restrict the same way.)
     shared = {r.label for r in train} & {r.label for r in test}
     return [r for r in train if r.label in shared], [r for r in test if r.label in shared]
 
@@ -1265,6 +1299,7 @@ def eval_sample(records: list, n: int = 1000, seed: int = 2601) -> list:
     overlaps training) is our stand-in. Its ids can be listed with [r.id for r in eval_sample(records)].
     """
     _, test = split_random(records)
+    # Sort by id first, so the sample does not depend on the CSV's row order, only on its content.
     test = sorted(test, key=lambda r: r.id)
     idx = np.random.default_rng(seed).choice(len(test), size=min(n, len(test)), replace=False)
     return [test[i] for i in sorted(idx)]
@@ -1306,7 +1341,13 @@ def fitzpatrick17k_split(records: list, protocol: str = "random", part: str = "t
 SKINCAP_CAPTION_COLUMNS = ("caption_zh_polish_en", "caption_en", "caption")
 
 # (regex, canonical value) per field, tried in order; a matched span is blanked so that "dark brown"
-# is not also read as "brown" and "silvery scale" not also as a plain scale.
+# is not also read as "brown" and "silvery scale" not also as a plain scale. Design notes:
+# * order is specificity: multi-word and rarer terms first, generic ones ("scal", "red") last;
+# * word boundaries where a short word hides inside others ("red" in "scattered", "arc" in "search");
+# * location folds body parts onto SynthDerm's five sites (hands and feet count as limb; only the palm
+#   or sole proper is "palm or sole", since its skin looks different);
+# * a generic scale becomes "fine scale": SkinCAP says "scales" far more often than it grades them;
+# * "irregular" alone is ambiguous (shape or border); it counts only with its noun.
 _CAPTION_RULES: dict[str, list[tuple[str, str]]] = {
     "colour": [(r"dark[ -]brown", "dark brown"), (r"skin[ -]colou?red|flesh[ -]colou?red", "skin-coloured"),
                (r"blue|gr[ae]y", "blue-gray"), (r"salmon", "salmon"), (r"pink", "pink"),
@@ -1393,6 +1434,8 @@ def load_skincap(csv_path, f17k_records: list | None = None, attach: bool = True
     rows = _read_csv(csv_path, ("ori_file_path",) + ((col,) if col else SKINCAP_CAPTION_COLUMNS[:1]), "SkinCAP")
     by_id = {r.id: r for r in (f17k_records or [])}
     out = []
+    # The join key is the file stem, lower-cased: SkinCAP stores "<md5hash>.png" while Fitzpatrick17k's
+    # own dump uses .jpg, so the extension must not take part in the match.
     for row in rows:
         file = row["ori_file_path"].strip()
         stem = Path(file).stem.lower()
@@ -1435,6 +1478,8 @@ def _valid_image(path) -> bool:
 
 def _fetch(url: str, dest: Path, timeout: float, user_agent: str) -> None:
     """Stream url into dest; raise if the body is shorter than its Content-Length (truncated)."""
+    # Some image hosts refuse urllib's default agent; say who we are instead. Streaming in 64 KiB chunks
+    # keeps memory flat, and the length check catches servers that close the connection early.
     req = urllib.request.Request(url, headers={"User-Agent": user_agent})
     with urllib.request.urlopen(req, timeout=timeout) as resp, open(dest, "wb") as fh:
         expected = resp.headers.get("Content-Length")
@@ -1474,10 +1519,12 @@ def download_images(items, out_dir, timeout: float = 20.0, retries: int = 3, bac
             summary["no_url"] += 1
             summary["failures"].append((stem, url, "no url"))
             continue
+        # Resume: a complete image from an earlier run is kept; a stale or broken one is fetched again.
         existing = find_image(out, stem)
         if existing and _valid_image(existing):
             summary["skipped"] += 1
             continue
+        # Keep the source's extension when it is an image one (Atlas Dermatologico serves some PNGs).
         ext = Path(urllib.parse.urlparse(url).path).suffix.lower()
         ext = ext if ext in (".jpg", ".jpeg", ".png") else ".jpg"
         final = out / f"{stem}{ext}"
@@ -1492,6 +1539,7 @@ def download_images(items, out_dir, timeout: float = 20.0, retries: int = 3, bac
                 error = None
                 break
             except Exception as exc:                          # network, HTTP, timeout, truncation, decode
+                # One bad URL must not stop a 16k-image run: record the reason, clean up, retry or move on.
                 error = f"{type(exc).__name__}: {exc}"
                 part.unlink(missing_ok=True)
                 if attempt + 1 < retries:
@@ -1560,12 +1608,14 @@ def iterate(stage: str, split: str = "train", source: str = "synthderm", n: int 
         return
     if source != "fitzpatrick17k":
         raise ValueError(f"source must be 'synthderm' or 'fitzpatrick17k', got {source!r}")
+    # "a12/test" -> protocol a12, part test; a bare "train"/"test" means the random 80/20 protocol.
     protocol, _, part = split.partition("/") if "/" in split else ("random", "", split)
     records = load_fitzpatrick17k(csv_path, image_dir)
+    # Captions are joined BEFORE splitting, so the guard can drop captioned images from any test part.
     captioned = load_skincap(skincap_csv, records) if skincap_csv else []
     recs = fitzpatrick17k_split(records, protocol, part,
                                 exclude_from_test=[c.id for c in captioned if c.record is not None])
-    if stage == "stage1":
+    if stage == "stage1":                                     # Stage I needs a reference caption
         recs = [r for r in recs if r.fields]
     recs = recs[:n] if n is not None else recs
     yielded = missing = unreadable = 0
