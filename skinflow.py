@@ -698,7 +698,15 @@ class Attention(nn.Module):
             if T > 1:  # prefill: the new tokens only see each other (the cache holds nothing else yet)
                 k, v = K[:, :, : T], V[:, :, : T]
             else:
-                k, v = K, V                                               # [B, Hk, T_max, d]
+                # decode (one query per row): fold the H/Hk query heads that share a kv head into the
+                # query axis, [B, H, 1, d] -> [B, Hk, H/Hk, d], and attend over the cache as plain
+                # multi-head attention with Hk heads. Same numbers as GQA, but no kernel has to broadcast
+                # (or, in fallback paths, COPY) the whole [B, Hk, T_max, d] cache H/Hk times per layer,
+                # and the fused attention kernels that take a mask but not GQA can run. mask [B, 1, 1, S]
+                # broadcasts over the folded query heads.
+                qg = q.reshape(B, self.Hk, self.H // self.Hk, self.d)       # [B, Hk, H/Hk, d]
+                o = F.scaled_dot_product_attention(qg, K, V, attn_mask=mask)  # [B, Hk, H/Hk, d]
+                return self.o_proj(o.reshape(B, 1, self.H * self.d))       # [B, 1, D]
         o = _sdpa_gqa(q, k, v, mask)                                      # [B, H, T, d]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))           # [B, T, D]
 
@@ -848,6 +856,161 @@ def _hub_key(key: str) -> str:
     return key
 
 
+# ---------------------------------------------------------------------------------------------------
+# Fast rollouts (issue 7). GRPO spends most of its time here: 8 prompts x G = 8 samples x ~512 tokens,
+# one token per step. A decode step of the 3B model is tiny work per kernel ([B, 1, 2048] activations)
+# but ~600 kernel launches (36 layers x ~17 ops), so written naively it is bound by three host-side costs,
+# not by the GPU:
+#   * LAUNCH OVERHEAD: each launch costs ~5-10 us of Python + driver time; 600 of them is 3-6 ms per step,
+#     more than the ~2.6 ms it takes the H100 to stream the 7.5 GB of bf16 weights once (the physical
+#     floor of a step). A CUDA graph records the whole step once and replays it with ONE launch.
+#   * ALLOCATION: a growing cache (torch.cat per step) reallocates and copies the cache every token, and
+#     changes tensor addresses, which a graph forbids. Here every buffer is allocated ONCE per call.
+#   * SYNCHRONISATION: `if done.all():` or torch.multinomial's input check copies a value to the host,
+#     which stalls the CPU until the GPU has drained its queue, so the CPU can no longer run ahead. The
+#     step below samples on the GPU with no host read; the host checks "all rows stopped?" only every
+#     `sync_every` steps (the extra steps after the last stop only write pads with mask 0).
+# The same StaticDecoder runs without a graph on the CPU (and in the tests), so both paths share code.
+# ---------------------------------------------------------------------------------------------------
+class StaticDecoder:
+    """All state of one `VLM.generate` call, preallocated, plus the decode step that updates it in place.
+
+    Buffers (B rows, cache width T_alloc = T0 + max_new_tokens rounded up to a multiple of 16):
+      cache      per layer (K, V) [B, Hk, T_alloc, d] in the model dtype
+      bias       [B, 1, 1, T_alloc] additive attention mask (0 = visible column, -inf = not yet / pad)
+      cur_tok    [B] the last chosen token (input of the next step); pos [B] its M-RoPE position;
+      col        [1] its cache column; out_col [1] the output column the next choice is written to
+      tokens, mask, logps [B, max_new_tokens] the Generation fields; done [B] rows that emitted a stop
+    Counters live on the device, so that a graph replay (which cannot take Python arguments) advances them.
+    """
+
+    def __init__(self, model, input_ids, attention_mask, max_new_tokens, temperature, top_p, greedy,
+                 generator, stop_ids):
+        cfg, dev, dt = model.cfg, model.device, model.dtype
+        self.model, self.cfg = model, cfg
+        self.temperature, self.top_p, self.greedy, self.generator = temperature, top_p, greedy, generator
+        self.input_ids = input_ids.to(dev)
+        B, T0 = self.input_ids.shape
+        am = torch.ones_like(self.input_ids) if attention_mask is None else attention_mask.to(dev)
+        if am.shape != self.input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(am.shape)} does not match input_ids {tuple(self.input_ids.shape)}")
+        if B and bool((am[:, -1] == 0).any()):
+            raise ValueError("generate() needs LEFT padding: the last column must be a real token in every row")
+        self.attention_mask = am
+        self.B, self.T0, self.max_new = B, T0, max_new_tokens
+        self.T_alloc = -(-(T0 + max_new_tokens) // 16) * 16   # multiple of 16: aligned mask rows for SDPA kernels
+        Hk, d = cfg.num_key_value_heads, cfg.head_dim
+        self.cache = [(torch.zeros(B, Hk, self.T_alloc, d, dtype=dt, device=dev),
+                       torch.zeros(B, Hk, self.T_alloc, d, dtype=dt, device=dev)) for _ in model.model.layers]
+        self.bias = torch.full((B, 1, 1, self.T_alloc), float("-inf"), dtype=dt, device=dev)  # [B,1,1,T_alloc]
+        self.bias[:, 0, 0, :T0].masked_fill_(am.bool(), 0.0)
+        self.stops = torch.tensor(sorted({cfg.eos_token_id, *(stop_ids or ())}), device=dev)      # [S]
+        self.tokens = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
+        self.mask = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
+        self.logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.cur_tok = torch.full((B,), cfg.pad_token_id, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.col = torch.tensor([T0], device=dev)
+        self.out_col = torch.tensor([0], device=dev)
+        # RoPE frequencies once (the same float32 expression as mrope_cos_sin, so the angles are identical)
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=dev) / d))
+        self.logits = None
+        self.graph = None
+
+    def prefill(self, pixel_values, image_grid_thw, image_embeds) -> torch.Tensor:
+        """One batched causal pass over all B prompts -> float32 logits [B, V] of the last column.
+
+        Writes K/V of every prompt column into the cache and sets each row's next position to
+        max(prompt positions) + 1 (= n_real + rope_delta); pads hold position 0 so they never win the max.
+        """
+        m, cfg = self.model, self.cfg
+        x = m._embed(self.input_ids, pixel_values, image_grid_thw, image_embeds)        # [B, T0, D]
+        pos3, _ = rope_positions(self.input_ids, self.attention_mask, image_grid_thw, cfg)  # [3, B, T0]
+        cos, sin = mrope_cos_sin(pos3, cfg, x.dtype)                                  # [B, T0, d]
+        mask = causal_mask(self.attention_mask, self.B, self.T0, x.device)            # [B, 1, T0, T0]
+        write_at = torch.arange(self.T0, device=x.device)
+        for layer, kv in zip(m.model.layers, self.cache):
+            x = layer(x, cos, sin, mask, kv, write_at)
+        self.pos.copy_(pos3.amax(dim=(0, 2)) + 1)                                     # [B]
+        # only the last column matters for the first choice (left padding: it is real in every row)
+        self.logits = F.linear(m.model.norm(x[:, -1:]), m.lm_head_weight)[:, 0].float()   # [B, V]
+        return self.logits
+
+    def record(self, logits: torch.Tensor):
+        """Choose a token per row from logits [B, V] and write it (and its log-prob, mask) at out_col.
+
+        Rows that already stopped keep emitting pad with mask 0 and log-prob 0, so the three output tensors
+        stay rectangular and GRPO can multiply by `mask` without special cases. No host sync anywhere.
+        """
+        tok, lp = VLM._choose(logits, self.temperature, self.top_p, self.greedy, self.generator)  # [B], [B]
+        live = ~self.done
+        tok = torch.where(live, tok, torch.full_like(tok, self.cfg.pad_token_id))
+        self.tokens.index_copy_(1, self.out_col, tok[:, None])
+        self.mask.index_copy_(1, self.out_col, live.float()[:, None])
+        self.logps.index_copy_(1, self.out_col, torch.where(live, lp, torch.zeros_like(lp))[:, None])
+        self.done |= live & (tok[:, None] == self.stops).any(-1)
+        self.cur_tok.copy_(tok)
+        self.out_col += 1
+
+    def step(self):
+        """One decode step, fixed shapes: embed cur_tok [B, 1, D] -> all layers against the full cache ->
+        logits [B, V] -> record the next token. Advances col / pos / out_col on the device."""
+        m = self.model
+        x = m.model.embed_tokens(self.cur_tok[:, None])                               # [B, 1, D]
+        # text tokens have t = h = w, so M-RoPE is plain RoPE at `pos` (same angles as mrope_cos_sin)
+        ang = self.pos.float()[:, None] * self.inv_freq                               # [B, d/2]
+        ang = torch.cat([ang, ang], dim=-1)[:, None]                                  # [B, 1, d]
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        self.bias.index_fill_(3, self.col, 0.0)                                       # this token is visible
+        for layer, kv in zip(m.model.layers, self.cache):
+            x = layer(x, cos, sin, self.bias, kv, self.col)
+        self.logits = F.linear(m.model.norm(x), m.lm_head_weight)[:, 0].float()       # [B, V]
+        self.col += 1
+        self.pos += 1
+        self.record(self.logits)
+
+    def capture(self, warmup: int = 2) -> int:
+        """Capture `step` in a CUDA graph. Returns how many (real) steps ran eagerly before the capture.
+
+        The warm-up steps are genuine decode steps run on a side stream: they make cuBLAS and the attention
+        kernels create their handles and workspaces BEFORE capture (allocation is not allowed while
+        capturing). During capture nothing executes; kernels are only recorded. Returns 0 and leaves
+        self.graph None (eager decoding) when capture is not possible on this torch build.
+        """
+        warmup = max(0, min(warmup, self.max_new - 2))  # keep >= 1 step for the graph
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        if self.max_new - 1 - warmup <= 0:
+            return warmup
+        try:
+            g = torch.cuda.CUDAGraph()
+            if self.generator is not None and not self.greedy:
+                # a user generator's Philox seed/offset must be tracked by the graph, else every replay
+                # would redraw the same noise (the default generator is registered automatically)
+                g.register_generator_state(self.generator)
+            with torch.cuda.graph(g):
+                self.step()
+            self.graph = g
+        except Exception as exc:  # an op that cannot be captured on this build: decode eagerly instead
+            import warnings
+            warnings.warn(f"generate: CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly")
+            self.graph = None
+        return warmup
+
+    def replay(self):
+        """One decode step = one graph launch (reads and writes the same buffers as `step`)."""
+        self.graph.replay()
+
+    def release(self):
+        """Drop the graph (and its private memory pool) and the cache."""
+        self.graph, self.cache, self.logits = None, None, None
+
+
 class VLM(nn.Module):
     """Qwen2.5-VL: `visual` (VisionTower) + `model` (TextModel) + `lm_head` (None when tied).
 
@@ -944,93 +1107,65 @@ class VLM(nn.Module):
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                  generator: torch.Generator | None = None, image_embeds=None, output_logits: bool = False,
-                 stop_ids=None) -> Generation:
-        """Batched sampling with a static KV cache.
+                 stop_ids=None, cuda_graph: bool | None = None, sync_every: int = 16) -> Generation:
+        """Batched sampling with a static KV cache (and, on CUDA, a CUDA-graph decode step).
 
-        The cache is PREALLOCATED once per call: per layer K, V [B, Hk, T0 + max_new_tokens, d]. The prompt
-        (left-padded, T0 columns) is prefilled in one pass; every decode step then writes one column in place
-        and attends over the whole cache under a key-validity mask, so each step has identical shapes and
-        allocates no cache memory (ready for CUDA-graph capture). Positions continue per sample:
-        token k gets max(prompt pos) + 1 + k on all three M-RoPE axes (the per-sample rope delta).
+        The cache is PREALLOCATED once per call: per layer K, V [B, Hk, T_alloc, d] with T_alloc >=
+        T0 + max_new_tokens. The prompt (left-padded, T0 columns) is prefilled in ONE batched pass; every
+        decode step then writes one column in place and attends over the whole cache under a key-validity
+        mask, so each step has identical shapes and addresses (what CUDA-graph capture needs). Positions
+        continue per sample: token k gets max(prompt pos) + 1 + k on all three M-RoPE axes (the rope delta).
 
         Sampling: p = softmax(logits / temperature), restricted to the smallest top-p nucleus, drawn with
-        `generator`; greedy takes argmax and reports log-probs at temperature 1. Rows stop at eos
-        (<|im_end|>) or any of `stop_ids`; the loop ends when all rows stopped or after max_new_tokens.
+        `generator` on the logits' device; greedy takes argmax and reports log-probs at temperature 1. Rows
+        stop at eos (<|im_end|>) or any of `stop_ids`; the loop ends when all rows stopped or after
+        max_new_tokens.
+
+        cuda_graph: None = on when the model is on CUDA and output_logits is off; True/False forces it
+        (True on a CPU model is an error). sync_every: how many decode steps run between two "have all
+        rows stopped?" checks on CUDA (each check is one device->host sync; on the CPU it is free, so every
+        step checks). The results do not depend on either knob, only the speed does.
         """
-        # Layout of the cache along its T_max axis for one row (P = pad, p = prompt, g = generated):
-        #     P P p p p p p p | g0 g1 g2 ... g_{max_new-1}
+        # Layout of the cache along its T_alloc axis for one row (P = pad, p = prompt, g = generated):
+        #     P P p p p p p p | g0 g1 g2 ... g_{max_new-1} | (unused columns up to a multiple of 16)
         #     <---- T0 ------>  <------ max_new_tokens ---->
-        # key_valid marks which columns a query may attend to: prompt columns where attention_mask is 1,
-        # then one more column per decode step. Causality needs no extra mask in the decode phase: the
-        # columns of future tokens are simply not valid yet.
-        cfg = self.cfg
+        # Which columns a query may attend to is kept as an ADDITIVE mask (0 = visible, -inf = not):
+        # prompt columns where attention_mask is 1, then one more column per decode step. Causality needs
+        # no extra mask in the decode phase: the columns of future tokens are simply not visible yet.
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if not greedy and not temperature > 0:
             raise ValueError("temperature must be > 0 (use greedy=True for argmax decoding)")
-        dev = self.device
-        input_ids = input_ids.to(dev)
-        B, T0 = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(dev)
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generate() needs LEFT padding: the last column must be a real token in every row")
-        stops = torch.tensor(sorted({cfg.eos_token_id, *(stop_ids or ())}), device=dev)
-        T_max = T0 + max_new_tokens
-        # ---- static cache + key validity, allocated once
-        Hk, d = cfg.num_key_value_heads, cfg.head_dim
-        cache = [(torch.zeros(B, Hk, T_max, d, dtype=self.dtype, device=dev),
-                  torch.zeros(B, Hk, T_max, d, dtype=self.dtype, device=dev)) for _ in self.model.layers]
-        key_valid = torch.zeros(B, T_max, dtype=torch.bool, device=dev)        # [B, T_max]
-        key_valid[:, :T0] = attention_mask.bool()
-        # ---- prefill
-        x = self._embed(input_ids, pixel_values, image_grid_thw, image_embeds)  # [B, T0, D]
-        pos3, _ = rope_positions(input_ids, attention_mask, image_grid_thw, cfg)  # [3, B, T0]
-        cos, sin = mrope_cos_sin(pos3, cfg, x.dtype)
-        mask = causal_mask(attention_mask, B, T0, dev)
-        write_at = torch.arange(T0, device=dev)
-        for layer, kv in zip(self.model.layers, cache):
-            x = layer(x, cos, sin, mask, kv, write_at)
-        # only the last column matters for the first choice (left padding: it is real in every row)
-        logits = F.linear(self.model.norm(x[:, -1:]), self.lm_head_weight)[:, 0].float()  # [B, V]
-        # per-sample M-RoPE continuation: the largest position used by the prompt + 1 (this equals
-        # n_real + rope_delta, the reference's formula); pads hold position 0 so they never win the max
-        next_pos = pos3.amax(dim=(0, 2)) + 1                                   # [B]
-        # ---- decode loop
-        tokens = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
-        mask_out = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
-        logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
-        all_logits = [] if output_logits else None
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        step_at = torch.tensor([T0], device=dev)                               # cache column of this step
-        L = 0
-        for k in range(max_new_tokens):
-            if output_logits:
-                all_logits.append(logits)
-            tok, lp = self._choose(logits, temperature, top_p, greedy, generator)   # [B], [B]
-            # rows that already stopped keep emitting pad with mask 0 and log-prob 0, so the three output
-            # tensors stay rectangular and GRPO can multiply by `mask` without special cases
-            live = ~done
-            tokens[:, k] = torch.where(live, tok, torch.full_like(tok, cfg.pad_token_id))
-            mask_out[:, k] = live.float()
-            logps[:, k] = torch.where(live, lp, torch.zeros_like(lp))
-            done = done | (live & torch.isin(tok, stops))
-            L = k + 1
-            if bool(done.all()) or k == max_new_tokens - 1:
+        if not (0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        on_cuda = self.device.type == "cuda"
+        if cuda_graph and not on_cuda:
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        use_graph = (on_cuda and not output_logits) if cuda_graph is None else bool(cuda_graph)
+        if use_graph and output_logits:
+            raise ValueError("output_logits=True keeps every step's logits: use cuda_graph=False")
+        dec = StaticDecoder(self, input_ids, attention_mask, max_new_tokens, temperature, top_p, greedy,
+                            generator, stop_ids)
+        logits = dec.prefill(pixel_values, image_grid_thw, image_embeds)       # [B, V] float32, token 0
+        all_logits = [logits] if output_logits else None
+        dec.record(logits)                                                     # choose + store token 0
+        check = max(1, int(sync_every)) if on_cuda else 1
+        k = 1                                                                  # next output column
+        if use_graph and k < max_new_tokens and not bool(dec.done.all()):
+            k += dec.capture()                     # warm-up step(s) ran eagerly; the graph is ready
+        while k < max_new_tokens:
+            if k % check == 0 and bool(dec.done.all()):   # the only host sync of the loop
                 break
-            # one decode step: fixed shapes [B, 1, D] against the full [B, Hk, T_max, d] cache
-            x = self.model.embed_tokens(tokens[:, k:k + 1])                     # [B, 1, D]
-            p = (next_pos + k).view(1, B, 1).expand(3, B, 1)                    # [3, B, 1]
-            cos, sin = mrope_cos_sin(p, cfg, x.dtype)
-            key_valid.index_fill_(1, step_at, True)
-            mask = key_valid.view(B, 1, 1, T_max)
-            for layer, kv in zip(self.model.layers, cache):
-                x = layer(x, cos, sin, mask, kv, step_at)
-            logits = F.linear(self.model.norm(x), self.lm_head_weight)[:, 0].float()  # [B, V]
-            step_at += 1
-        return Generation(tokens[:, :L], mask_out[:, :L], logps[:, :L],
-                          torch.stack(all_logits, 1) if output_logits else None)
+            dec.replay() if dec.graph is not None else dec.step()
+            if output_logits:
+                all_logits.append(dec.logits.clone())
+            k += 1
+        # rows are 1 from column 0 up to and including their stop token: the longest row gives L
+        L = int(dec.mask.sum(1).max()) if dec.B else 0
+        out = Generation(dec.tokens[:, :L].clone(), dec.mask[:, :L].clone(), dec.logps[:, :L].clone(),
+                         torch.stack(all_logits, 1)[:, :L] if output_logits else None)
+        dec.release()
+        return out
 
     @staticmethod
     def _choose(logits, temperature, top_p, greedy, generator):
@@ -1038,6 +1173,10 @@ class VLM(nn.Module):
 
         log p = log_softmax(logits / T) of the full (unfiltered) distribution; the top-p nucleus only
         restricts WHICH tokens may be drawn: keep the most likely tokens until their mass reaches top_p.
+        The draw is the exponential race: token = argmax_v p_v / E_v with E_v ~ Exp(1) i.i.d., which picks
+        v with probability exactly p_v / sum(p) (the same rule, and with the same generator the same
+        numbers, as torch.multinomial(p, 1)). Unlike multinomial it never checks its input on the host,
+        so it runs inside a CUDA graph with no device->host synchronisation.
         """
         # GRPO (rl.py) needs log pi_old(token) of the policy that SAMPLED, i.e. with the temperature applied;
         # the nucleus cut is treated as a sampling device, not as part of pi (the usual TRL/verl convention).
@@ -1050,9 +1189,11 @@ class VLM(nn.Module):
             sp, si = probs.sort(-1, descending=True)                             # [B, V]
             keep = (sp.cumsum(-1) - sp) < top_p                                  # mass BEFORE this token < p
             sp = sp * keep
-            tok = si.gather(1, torch.multinomial(sp, 1, generator=generator))[:, 0]
+            race = sp / torch.empty_like(sp).exponential_(generator=generator)   # [B, V]
+            tok = si.gather(1, race.argmax(-1, keepdim=True))[:, 0]
         else:
-            tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            race = probs / torch.empty_like(probs).exponential_(generator=generator)
+            tok = race.argmax(-1)
         return tok, logp.gather(1, tok[:, None])[:, 0]
 
     # ------------------------------------------------------------------------------ loading / saving
