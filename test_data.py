@@ -53,6 +53,7 @@ def _data_png_bytes(seed: int, size: int = 24) -> bytes:
 
 # --------------------------------------------------------------------------------- Fitzpatrick17k CSV
 def test_data_real_csv_rows_labels_and_tree_match_row_by_row():
+    """Oracle: the CSV re-read with the csv module; TAXONOMY and the loader must agree on every row."""
     rows = _data_csv_rows()
     assert len(rows) == 16577
     assert len({r["label"] for r in rows}) == 114 == len(data.TAXONOMY)
@@ -67,6 +68,7 @@ def test_data_real_csv_rows_labels_and_tree_match_row_by_row():
 
 
 def test_data_missing_column_and_unknown_label_give_clear_errors(tmp_path):
+    """Bad input fails early with one message naming the missing column / every unknown label."""
     rows = [dict(r) for r in _data_csv_rows()[:5]]
     cols = [c for c in data.F17K_COLUMNS if c != "qc"]
     with pytest.raises(ValueError, match="qc"):
@@ -81,6 +83,7 @@ def test_data_missing_column_and_unknown_label_give_clear_errors(tmp_path):
 
 
 def test_data_random_split_is_deterministic_stratified_and_a_partition():
+    """Same seed -> same split; every label is split exactly round(0.2 n); train+test = all, disjoint."""
     recs = list(_data_records())
     train, test = data.split_random(recs)
     train2, test2 = data.split_random(recs)
@@ -97,6 +100,7 @@ def test_data_random_split_is_deterministic_stratified_and_a_partition():
 
 
 def test_data_skin_type_holdouts_contain_only_the_stated_types():
+    """Groh's a12/a34/a56: the train side holds only its two types, the test side only the other four."""
     recs = list(_data_records())
     for proto, types in (("a12", {1, 2}), ("a34", {3, 4}), ("a56", {5, 6})):
         train = data.fitzpatrick17k_split(recs, proto, "train")
@@ -109,6 +113,7 @@ def test_data_skin_type_holdouts_contain_only_the_stated_types():
 
 
 def test_data_expert_set_and_eval_sample():
+    """348 '1 Diagnostic' images; the 1,000-image sample is fixed and never leaves the random test part."""
     recs = list(_data_records())
     expert = data.fitzpatrick17k_split(recs, "expert", "test")
     assert len(expert) == 348 and all(r.qc == "1 Diagnostic" for r in expert)
@@ -122,6 +127,7 @@ def test_data_expert_set_and_eval_sample():
 
 
 def test_data_image_resolution_and_counted_skipping(tmp_path, capsys):
+    """A temp dir with .jpg/.png/.jpeg, a non-image and a truncated PNG: found, skipped, counted, summarised."""
     rows = [dict(r) for r in _data_csv_rows()[:8]]
     csv_path = _data_write_csv(tmp_path / "f.csv", rows)
     img_dir = tmp_path / "images"
@@ -190,6 +196,7 @@ def data_http_server():
 
 
 def test_data_downloader_against_local_server(tmp_path, data_http_server):
+    """A local HTTP server serves a good file, a 404, a stall past the timeout and a truncated body."""
     base = data_http_server
     items = [("aaa", f"{base}/good.png"), ("bbb", f"{base}/missing.png"), ("ccc", f"{base}/slow.png"),
              ("ddd", f"{base}/trunc.png"), ("eee", "")]
@@ -213,6 +220,7 @@ def test_data_downloader_against_local_server(tmp_path, data_http_server):
 
 # ---------------------------------------------------------------------------------------------- SkinCAP
 def test_data_skincap_mapping_join_and_test_guard(tmp_path):
+    """Hand-written captions with hand-derived expected fields; captioned images never reach a test split."""
     recs = [data.Record(**{**r.__dict__}) for r in _data_records()]            # private copies
     _, test = data.split_random(recs)
     chosen = test[:3]
@@ -249,6 +257,7 @@ def test_data_skincap_mapping_join_and_test_guard(tmp_path):
 
 # --------------------------------------------------------------------------------------------- SynthDerm
 def test_data_synthderm_is_deterministic_per_seed_and_index():
+    """sample = f(seed, split, index): equal pixels for equal keys, in any access order; splits disjoint."""
     a, b = data.SynthDerm(6, seed=3, image_size=64), data.SynthDerm(6, seed=3, image_size=64)
     x5 = b[5]                                                   # access order must not matter
     for i in range(6):
@@ -267,6 +276,7 @@ def test_data_synthderm_is_deterministic_per_seed_and_index():
 
 
 def test_data_synthderm_class_table_covers_hierarchy_and_mimicry_rate():
+    """20 real labels over all 9/3 groups; mimicry at the configured rate and only inside a cluster."""
     labels = data.SYNTH_LABELS
     assert len(labels) == 20 and all(l in data.TAXONOMY for l in labels)
     assert {data.TAXONOMY[l][1] for l in labels} == {"non-neoplastic", "benign", "malignant"}
@@ -288,6 +298,7 @@ def test_data_synthderm_class_table_covers_hierarchy_and_mimicry_rate():
 
 
 def test_data_synthderm_caption_matches_rendered_pixels():
+    """The caption is checked against the pixels it claims to describe (colour, site, layout)."""
     ds = data.SynthDerm(120, seed=2, image_size=96)
     checked = {"white": 0, "dark": 0, "limb": 0, "generalized": 0, "solitary": 0}
     for i in range(120):
@@ -318,6 +329,7 @@ def test_data_synthderm_caption_matches_rendered_pixels():
 
 
 def test_data_implicit_cue_is_a_grating_with_the_class_period():
+    """Rendering with and without the cue isolates it; an FFT must find the recorded period."""
     # Same seed with and without the cue: the pixel ratio inside the cue zone is 1 + amp * sin(k . x),
     # so its 2-D spectrum peaks at radius S / period (an FFT oracle, independent of the renderer).
     S = 112
@@ -343,6 +355,7 @@ def test_data_implicit_cue_is_a_grating_with_the_class_period():
 
 # -------------------------------------------------------------------------------- prompts and formats
 def test_data_target_formats_hand_examples():
+    """The canonical target formats, against hand-written expected strings."""
     fields = {"colour": "Erythematous, salmon", "location": "trunk", "shape": "round", "lesion type": "plaque",
               "size": "large", "border": "well-demarcated, regular", "surface": "", "distribution": "scattered"}
     assert data.format_caption(fields) == (
@@ -357,6 +370,7 @@ def test_data_target_formats_hand_examples():
 
 
 def test_data_reference_differential_and_tokenizer_corpus():
+    """Reference lists start with the truth, hold 6 distinct real labels; the corpus covers the vocabulary."""
     ref = data.reference_differential("eczema")
     assert ref[0] == "eczema" and len(ref) == len(set(ref)) == 6 and "psoriasis" in ref
     assert all(r in data.TAXONOMY for r in ref)
@@ -373,6 +387,7 @@ def test_data_reference_differential_and_tokenizer_corpus():
 
 
 def test_data_iterate_synthderm_and_reference_answers():
+    """iterate yields (image, prompt, record) whose reference answers are the canonical formats."""
     out = list(data.iterate("stage1", "val", n=3, image_size=64))
     assert len(out) == 3
     for image, prompt, rec in out:
@@ -384,6 +399,7 @@ def test_data_iterate_synthderm_and_reference_answers():
 
 
 def test_data_headroom_small_and_preview_cli(tmp_path):
+    """Headroom ordering on a small run (majority << caption oracle < 1) and the preview CLI end to end."""
     h = data.headroom(n_train=80, n_test=60, image_size=48, n_caption_train=3000, verbose=False)
     assert h["majority"] < 0.25 and h["caption_oracle_top1"] > h["majority"] + 0.25
     assert h["caption_oracle_top1"] < 0.95                        # mimicry keeps the caption from solving it
