@@ -437,10 +437,15 @@ class FDLinear(nn.Module):
         * spectral (larger K, e.g. 64 or d/2): W_b = irfft2(F * a_b[band_id]) for all images in ONE batched
           inverse FFT. Cost ~|W| log|W| per image whatever K is, and no K-fold cache.
         Both run under checkpointing (or inside the op), so training never stores per-image weights.
+        Choice by K and batch: with a frozen spectrum the band weights are cached (no FFT at all), so for
+        K <= BASIS_MAX_K mixing (K|W| per image, ~K/50 of an FFT) always wins. With a trainable spectrum the
+        bands are rebuilt every step (K inverse FFTs) against n_img FFTs for the spectral path: we take the
+        bases path only when K <= n_img as well (the "min(K, B) FFTs per step" rule).
         """
         impl = self.impl
         if impl == "auto":
-            impl = "bases" if self.K <= BASIS_MAX_K else "spectral"
+            fresh_bands = self.spectrum.requires_grad and torch.is_grad_enabled()
+            impl = "bases" if self.K <= BASIS_MAX_K and (not fresh_bands or self.K <= seg.n) else "spectral"
         if impl in ("bases", "kernel"):
             return mix_apply(xc, seg.cu, a, self.band_weights(), impl="kernel" if impl == "kernel" else "auto")
         if impl == "spectral":
