@@ -1022,6 +1022,7 @@ def render_markdown(metrics: dict, title: str = "SkinFlow clinical evaluation") 
               ", ".join(f"{k} {v}" for k, v in metrics["rank1_verdicts"].items()), ""]
     lines += _group_table(metrics["by_fitzpatrick"], "By Fitzpatrick skin type")
     lines += _group_table(metrics["by_three"], "By three-partition of the true label")
+    lines += render_lesion_focus(metrics.get("lesion_focus"))          # section 8 (SynthDerm --model runs)
     boot = metrics.get("bootstrap", {})
     lines += ["Clinical Top-k credits `correct` and `subtype` verdicts (the paper's correct + valid subclass);",
               "strict Top-k needs the exact Fitzpatrick17k label. Intervals: percentile bootstrap over cases,",
@@ -1199,12 +1200,12 @@ def _dataset_records(args) -> list[tuple[str, str, int]]:
 
 
 def _eval_items(args):
-    """Yield (id, PIL image, prompt, label, fitzpatrick) of the evaluation split, through data.iterate."""
+    """Yield (id, PIL image, prompt, label, fitzpatrick, lesion mask or None) of the split, via data.iterate."""
     import data
     for image, prompt, rec in data.iterate("stage2", args.split, source=args.data, n=args.n, seed=args.seed,
                                            image_size=args.image_size, csv_path=args.csv,
                                            image_dir=args.image_dir):
-        yield rec.id, image, prompt, rec.label, rec.fitzpatrick
+        yield rec.id, image, prompt, rec.label, rec.fitzpatrick, getattr(rec, "mask", None)
 
 
 def generate_predictions(args) -> list[dict]:
@@ -1224,9 +1225,12 @@ def generate_predictions(args) -> list[dict]:
                                     max_pixels=args.max_pixels, device=args.device)
         with torch.no_grad():
             gen = model.generate(**batch, max_new_tokens=args.max_new_tokens, greedy=True)
-        for c, toks, mask in zip(chunk, gen.tokens.tolist(), gen.mask.tolist()):
+        # section 8: one extra prompt forward reads the final-token attention -> lesion focus per image
+        focus = lesion_focus_rows(model, batch, [c[5] for c in chunk], parse_layers(args.attn_layers)) \
+            if getattr(args, "lesion_focus", False) else [{}] * len(chunk)
+        for c, toks, mask, foc in zip(chunk, gen.tokens.tolist(), gen.mask.tolist(), focus):
             ids = [t for t, m in zip(toks, mask) if m > 0 and t != tok.eos_id]   # drop padding and the stop token
-            rows.append({"id": c[0], "prediction": tok.decode(ids), "label": c[3], "fitzpatrick": c[4]})
+            rows.append({"id": c[0], "prediction": tok.decode(ids), "label": c[3], "fitzpatrick": c[4], **foc})
         bar.update(len(chunk))
     bar.close()
     return rows
@@ -1294,6 +1298,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-pixels", type=int, default=224 * 224)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--lesion-focus", action=argparse.BooleanOptionalAction, default=None,
+                   help="final-token attention on the lesion (SynthDerm masks); default: on for --model synthderm")
+    p.add_argument("--attn-layers", default="all", help="decoder layers for --lesion-focus: all | 0,3,-1 | -4:")
     p.add_argument("--out", required=True, help="output folder for report.md, metrics.json, PNG, cases.jsonl")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint (base URL or .../chat/completions)")
@@ -1308,6 +1315,11 @@ def main(argv=None) -> int:
         args.split, args.n = args.split or "test", 200 if args.n is None else args.n
     else:
         args.split = args.split or "eval1000/test"
+    if args.lesion_focus is None:   # only SynthDerm draws lesion masks, and only --model has attention to read
+        args.lesion_focus = bool(args.model) and args.data == "synthderm"
+    elif args.lesion_focus and args.data != "synthderm":
+        p.error("--lesion-focus needs --data synthderm (Fitzpatrick17k has no lesion masks)")
+    parse_layers(args.attn_layers)  # a bad spec fails here, before any model is loaded
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1330,11 +1342,549 @@ def main(argv=None) -> int:
                        if llm else "deterministic (eval.judge)", "skipped": len(skipped) + len(problems)}
     if llm:
         metrics["meta"]["judge_fallbacks"] = llm.fallbacks
+    focus = lesion_focus_summary(rows, n_boot=args.bootstrap)   # rows carry it (also rescored predictions)
+    if focus:
+        focus["layers"] = args.attn_layers
+        metrics["lesion_focus"] = focus
     paths = write_report(metrics, out)
     for msg in (problems + skipped)[:20]:
         print("skipped:", msg, file=sys.stderr)
     print(f"n={metrics['n']}  Top-1 {100 * metrics['top1']:.1f}%  Top-6 {100 * metrics['top6']:.1f}%  "
           f"(strict {100 * metrics['strict_top1']:.1f}% / {100 * metrics['strict_top6']:.1f}%)  -> {paths['markdown']}")
+    if focus:
+        print(f"lesion focus {100 * focus['focus']:.1f}% (chance {100 * focus['chance']:.1f}%, "
+              f"lift {100 * focus['lift']:+.1f} points)")
+    return 0
+
+
+# ===================================================================================================
+# 8. Seeing: final-token attention maps, the lesion-focus number, and `skinflow.py diagnose`
+#
+# The paper's qualitative claim (Sec. "Visualization"): after SkinFlow's training the model's attention
+# moves from diffuse, global scanning onto the lesion. It shows final-token attention heatmaps but, having
+# no lesion masks, no number. SynthDerm renders every lesion itself and hands out its pixel mask, so here
+# the picture becomes a measurement:
+#
+#   attention_maps(model, batch)  one [gh/2, gw/2] map per sample: how much the LAST prompt token (the one
+#                                 that produces the first answer token) attends to each merged image token
+#   draw_heatmap(image, grid, p)  that map drawn over the photo (pillow + numpy only)
+#   lesion_focus(grid, mask)      the share of the image-token attention that lies on the lesion
+#   diagnose(argv)                `python skinflow.py diagnose IMAGE --model ... [--ckpt RUN] [--heatmap x.png]`
+#
+# Where the attention comes from, without touching skinflow.py: every decoder layer calls
+# `self_attn(x, cos, sin, mask, ...)`. A forward PRE-hook on that module sees exactly those inputs, so the
+# hook can recompute the one attention row we want with the module's own projections:
+#
+#   q = RoPE(W_q x_T + b_q)            the last position only           [B, H, 1, d]
+#   k = RoPE(W_k x_t + b_k)            every position t                 [B, Hk, T, d] -> GQA repeat -> [B, H, T, d]
+#   p = softmax(q k^T / sqrt(d) + mask)                                 [B, H, T]
+#
+# The fused attention kernel (scaled_dot_product_attention) never returns p, which is why we rebuild it.
+# Cost: one extra prompt forward per image (no decoding), cut short after the deepest selected layer.
+# ===================================================================================================
+class _AttnStop(Exception):
+    """Raised inside the last needed hook: the layers above it (and the LM head) are never computed."""
+
+
+def _attn_layer_list(n_layers: int, layers) -> list[int]:
+    """None -> every decoder layer; ints may be negative (-1 = last). Returns sorted unique indices."""
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, int):
+        layers = [layers]
+    out = set()
+    for i in layers:
+        i = int(i)
+        if not -n_layers <= i < n_layers:
+            raise ValueError(f"attention layer {i} does not exist: the decoder has {n_layers} layers "
+                             f"(use 0..{n_layers - 1} or negative indices)")
+        out.add(i % n_layers)
+    if not out:
+        raise ValueError("no attention layers selected")
+    return sorted(out)
+
+
+def parse_layers(text) -> list[int] | None:
+    """CLI helper: "all" or "" -> None; "0,2,-1" -> [0, 2, -1]; "-4:" -> the slice start -4 (last four)."""
+    if text is None or str(text).strip().lower() in ("", "all"):
+        return None
+    s = str(text).strip()
+    if ":" in s:   # a Python slice over the layer list, resolved later against the real depth
+        return ["slice", s]  # type: ignore[list-item]
+    try:
+        return [int(t) for t in s.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--attn-layers wants 'all', a comma list of ints or a slice like '-4:', got {text!r}") from None
+
+
+def _attn_resolve(n_layers: int, layers) -> list[int]:
+    """Like _attn_layer_list but also accepts parse_layers' ["slice", "a:b"] form."""
+    if isinstance(layers, list) and len(layers) == 2 and layers[0] == "slice":
+        a, _, b = layers[1].partition(":")
+        picked = list(range(n_layers))[slice(int(a) if a.strip() else None, int(b) if b.strip() else None)]
+        if not picked:
+            raise ValueError(f"--attn-layers {layers[1]!r} selects no layer of {n_layers}")
+        return picked
+    return _attn_layer_list(n_layers, layers)
+
+
+def _attn_arg(args, kwargs, pos: int, name: str):
+    """Read one argument of Attention.forward(x, cos, sin, mask, ...) however the caller passed it."""
+    if len(args) > pos:
+        return args[pos]
+    return kwargs.get(name)
+
+
+def final_token_attention(model, batch: dict, layers=None) -> "torch.Tensor":
+    """Attention of the LAST prompt position over every key position, averaged over heads and layers.
+
+        A[b, t] = 1/|L| sum_{l in L} 1/H sum_h softmax_t( q_{l,h}(T) . k_{l,h}(t) / sqrt(d) + mask[b, T, t] )
+
+    q, k are the layer's rotary-embedded query/key (the module's own q_proj/k_proj and skinflow.apply_rope);
+    GQA: kv head j serves query heads j*H/Hk .. (j+1)*H/Hk - 1. Each row sums to 1 over the real tokens
+    (left padding gets exactly 0). Returns float32 [B, T]. `batch` = skinflow.make_batch output (left padded,
+    so column T-1 is every row's final prompt token: the position that emits the first answer token).
+    """
+    import torch
+    import skinflow
+
+    decoder = model.model.layers
+    picked = _attn_resolve(len(decoder), layers)
+    last = picked[-1]
+    acc: dict = {}
+
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            x = _attn_arg(args, kwargs, 0, "x")                                     # [B, T, D]
+            cos, sin = _attn_arg(args, kwargs, 1, "cos"), _attn_arg(args, kwargs, 2, "sin")   # [B, T, d]
+            mask = _attn_arg(args, kwargs, 3, "mask")                               # bool [B, 1, T, T] or None
+            B, T, _ = x.shape
+            H, Hk, d = module.H, module.Hk, module.d
+            q = module.q_proj(x[:, -1:]).view(B, 1, H, d).transpose(1, 2)           # [B, H, 1, d]
+            k = module.k_proj(x).view(B, T, Hk, d).transpose(1, 2)                  # [B, Hk, T, d]
+            c, s = cos[:, None], sin[:, None]                                       # [B, 1, T, d]
+            q = skinflow.apply_rope(q, c[:, :, -1:], s[:, :, -1:])                  # rotate at position T-1
+            k = skinflow.apply_rope(k, c, s)
+            k = k.repeat_interleave(H // Hk, dim=1)                                 # [B, H, T, d] (GQA)
+            # float32 scores: a bf16 softmax over ~1,300 keys would round small image shares to zero
+            scores = (q.float() @ k.float().transpose(-1, -2))[:, :, 0] / d ** 0.5  # [B, H, T]
+            if mask is not None:
+                row = mask[:, :, -1, -T:]                                           # [B, 1, T] last query row
+                if row.dtype == torch.bool:
+                    scores = scores.masked_fill(~row, float("-inf"))
+                else:                                                               # an additive mask
+                    scores = scores + row.float()
+            p = scores.softmax(-1).mean(1)                                          # [B, T] head average
+            acc["sum"] = p if "sum" not in acc else acc["sum"] + p
+            if i == last:
+                raise _AttnStop
+        return hook
+
+    handles = [decoder[i].self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in picked]
+    try:
+        with torch.no_grad():
+            model.hidden_states(batch["input_ids"], batch.get("attention_mask"), batch.get("pixel_values"),
+                                batch.get("image_grid_thw"))
+    except _AttnStop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return acc["sum"] / len(picked)                                                 # [B, T]
+
+
+def attention_maps(model, batch: dict, layers=None) -> list:
+    """Final-token attention over each sample's image tokens, on the merged-patch grid.
+
+    Returns a list of B float32 tensors; entry b is [gh/2, gw/2] (None for a row without an image) with
+        M_b[r, c] = A[b, position of the merged token (r, c)]      (A from `final_token_attention`)
+    i.e. the RAW share of the final token's attention (averaged over heads and `layers`) that goes to that
+    image cell. M_b.sum() <= 1: the rest goes to the text and special tokens (often a large part goes to
+    the first token, the well-known "attention sink"). Normalise with M / M.sum() to get a distribution
+    over the image; `lesion_focus` does that itself.
+
+    Why (r, c) is where it is: the <|image_pad|> tokens of one image appear in the prompt in raster order
+    of the merged grid (row r = 0..gh/2-1, then column c), exactly the order skinflow's vision tower emits
+    (block-raster) and the order rope_positions gives (h, w) = (p + r, p + c). So reshaping the image
+    columns to [gh/2, gw/2] puts each number back on its 28 x 28-pixel patch of the resized image.
+    """
+    import torch
+
+    A = final_token_attention(model, batch, layers)                                 # [B, T]
+    ids = batch["input_ids"].to(A.device)
+    is_img = ids == model.cfg.image_token_id                                        # [B, T]
+    grids = batch.get("image_grid_thw")
+    grids = [] if grids is None else torch.as_tensor(grids).view(-1, 3).tolist()
+    m = model.cfg.vision.spatial_merge_size
+    out, gi = [], 0
+    for b in range(ids.shape[0]):
+        n = int(is_img[b].sum())
+        if n == 0:
+            out.append(None)
+            continue
+        if gi >= len(grids):
+            raise ValueError("attention_maps: more rows with image tokens than images in image_grid_thw")
+        t, gh, gw = grids[gi]
+        gi += 1
+        if t * (gh // m) * (gw // m) != n:
+            raise ValueError(f"attention_maps: row {b} holds {n} image tokens but its image grid {[t, gh, gw]} "
+                             f"gives {t * (gh // m) * (gw // m)} (one image per row, as make_batch builds)")
+        cells = A[b][is_img[b]].view(t, gh // m, gw // m).sum(0)                   # [gh/2, gw/2] (t = 1 for photos)
+        out.append(cells.float().cpu())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Drawing: a small colour map (no matplotlib) and an alpha blend that leaves cold regions untouched
+# ---------------------------------------------------------------------------------------------------
+# Anchors of a perceptually ordered dark-blue -> magenta -> orange -> yellow ramp (inferno-like). Values
+# between anchors are linearly interpolated per channel.
+_HEAT_STOPS = ((0.00, (0, 0, 4)), (0.25, (87, 16, 110)), (0.50, (188, 55, 84)),
+               (0.75, (249, 142, 9)), (1.00, (252, 255, 164)))
+
+
+def colormap(v: np.ndarray) -> np.ndarray:
+    """Values in [0, 1], any shape [...] -> uint8 RGB [..., 3] along _HEAT_STOPS (piecewise linear)."""
+    v = np.clip(np.asarray(v, dtype=np.float64), 0.0, 1.0)
+    xs = np.array([s for s, _ in _HEAT_STOPS])
+    rgb = np.array([c for _, c in _HEAT_STOPS], dtype=np.float64)                  # [5, 3]
+    out = np.stack([np.interp(v, xs, rgb[:, ch]) for ch in range(3)], axis=-1)    # [..., 3]
+    return np.round(out).astype(np.uint8)
+
+
+def draw_heatmap(image, attn_grid, path, alpha: float = 0.6, smooth: bool = False):
+    """Write the image with the attention grid drawn over it as a PNG of the image's own size.
+
+    Each grid cell (r, c) covers the rectangle [c W/lw, (c+1) W/lw) x [r H/lh, (r+1) H/lh) of the ORIGINAL
+    image: the model saw the whole photo resized (never cropped) to lh*28 x lw*28 px, so the map scales back
+    exactly. v = M / max(M) in [0, 1]; the overlay weight of a pixel is alpha * v, so cells the model ignored
+    show the photo unchanged and its hottest cell is alpha-blended with the top colour:
+        out = (1 - alpha v) * photo + alpha v * colormap(v)
+    smooth=False upsamples with NEAREST (you see the token grid, the honest picture); True uses BILINEAR.
+    """
+    from PIL import Image
+
+    img = image.convert("RGB")
+    grid = np.asarray(attn_grid.detach().cpu() if hasattr(attn_grid, "detach") else attn_grid, dtype=np.float64)
+    if grid.ndim != 2 or grid.size == 0 or not np.isfinite(grid).all() or (grid < 0).any():
+        raise ValueError(f"draw_heatmap wants a non-empty 2-D grid of finite non-negative weights, got shape {grid.shape}")
+    v = grid / grid.max() if grid.max() > 0 else grid                               # [lh, lw] in [0, 1]
+    # upsample the grid itself as a float image (mode "F"), so the colour map is applied at full resolution
+    up = Image.fromarray(v.astype(np.float32), mode="F").resize(
+        img.size, resample=Image.BILINEAR if smooth else Image.NEAREST)
+    vv = np.clip(np.asarray(up, dtype=np.float64), 0.0, 1.0)                        # [H, W]
+    w = (alpha * vv)[..., None]                                                     # [H, W, 1] blend weight
+    photo = np.asarray(img, dtype=np.float64)                                       # [H, W, 3]
+    out = (1 - w) * photo + w * colormap(vv).astype(np.float64)
+    Image.fromarray(np.round(out).clip(0, 255).astype(np.uint8)).save(path, format="PNG")
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The lesion-focus number
+# ---------------------------------------------------------------------------------------------------
+def _attn_overlap(n_px: int, n_cells: int) -> np.ndarray:
+    """[n_cells, n_px]: R[i, y] = |[y, y+1) intersect [i n_px/n_cells, (i+1) n_px/n_cells)| / (n_px/n_cells),
+    the fraction of cell i's extent covered by pixel y (cell boundaries need not fall on pixel edges)."""
+    edges = np.arange(n_cells + 1) * (n_px / n_cells)                               # cell borders in px
+    lo = np.maximum(edges[:-1, None], np.arange(n_px)[None, :])                    # [n_cells, n_px]
+    hi = np.minimum(edges[1:, None], np.arange(n_px)[None, :] + 1)
+    return np.clip(hi - lo, 0.0, None) / (n_px / n_cells)
+
+
+def mask_to_grid(mask, shape) -> np.ndarray:
+    """Lesion mask bool [H, W] -> area fraction per merged cell, float64 [lh, lw] in [0, 1]:
+
+        F[r, c] = (lesion area inside cell (r, c)) / (area of cell (r, c)),
+        cell (r, c) = [c W/lw, (c+1) W/lw) x [r H/lh, (r+1) H/lh)   (the exact box average, fractional pixels
+                                                                   split by overlap: F = R_y @ mask @ R_x^T)
+    Example: a 3 x 3 mask on a 2 x 2 grid has cells 1.5 px wide; a lesion made of the centre pixel alone
+    covers 0.25 px^2 of each 2.25 px^2 cell, so F = 1/9 everywhere.
+    """
+    m = np.asarray(mask, dtype=np.float64)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"lesion mask must be a non-empty 2-D array, got shape {m.shape}")
+    lh, lw = int(shape[0]), int(shape[1])
+    return _attn_overlap(m.shape[0], lh) @ m @ _attn_overlap(m.shape[1], lw).T     # [lh, lw]
+
+
+def lesion_focus(attn_grid, mask) -> float:
+    """Fraction of the image-token attention that falls inside the lesion:
+
+        focus = sum_{r,c} M[r, c] F[r, c] / sum_{r,c} M[r, c]
+
+    M = attention grid [lh, lw] (from `attention_maps`; any non-negative weights, only ratios matter),
+    F = `mask_to_grid(mask, M.shape)`, the lesion's area share of each cell. A cell half covered by lesion
+    gives half of its attention to "inside": a token mixes its whole 28 x 28 patch, so we cannot do better
+    than proportional credit. focus is in [0, 1]; NaN when M has no mass.
+
+    Chance level: attention spread evenly over the image (M constant) gives focus = mean(F) = the lesion's
+    area fraction of the image (every cell has the same area), so a model "looks at the lesion" only
+    when its focus exceeds `lesion_area(mask)` (the report prints both).
+    """
+    M = np.asarray(attn_grid.detach().cpu() if hasattr(attn_grid, "detach") else attn_grid, dtype=np.float64)
+    if M.ndim != 2 or (M < 0).any() or not np.isfinite(M).all():
+        raise ValueError(f"lesion_focus wants a 2-D grid of finite non-negative weights, got shape {M.shape}")
+    total = M.sum()
+    if total <= 0:
+        return float("nan")
+    return float((M * mask_to_grid(mask, M.shape)).sum() / total)
+
+
+def lesion_area(mask) -> float:
+    """The chance baseline of `lesion_focus`: the lesion's area fraction of the image, mean(mask)."""
+    return float(np.asarray(mask, dtype=np.float64).mean())
+
+
+def lesion_focus_rows(model, batch: dict, masks, layers=None) -> list[dict]:
+    """One dict per sample {"lesion_focus", "lesion_area", "image_attention"} (None values without a mask).
+    image_attention = M.sum(): the share of the final token's attention that reaches the image at all."""
+    rows = []
+    for grid, mask in zip(attention_maps(model, batch, layers), masks):
+        if grid is None or mask is None:
+            rows.append({"lesion_focus": None, "lesion_area": None, "image_attention": None})
+            continue
+        rows.append({"lesion_focus": lesion_focus(grid, mask), "lesion_area": lesion_area(mask),
+                     "image_attention": float(grid.sum())})
+    return rows
+
+
+def lesion_focus_summary(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """Mean lesion focus over cases with a bootstrap 95 % CI, its chance baseline and the paired lift.
+
+        focus = mean_i focus_i        chance = mean_i area_i        lift = mean_i (focus_i - area_i)
+    The lift's CI resamples the PAIRS (same bootstrap as clinical_metrics), so it says whether the model
+    attends to lesions more than evenly spread attention would, on these very images. None if no row has one.
+    """
+    pairs = [(r["lesion_focus"], r["lesion_area"]) for r in rows
+             if r.get("lesion_focus") is not None and r.get("lesion_area") is not None
+             and not math.isnan(r["lesion_focus"])]
+    if not pairs:
+        return None
+    f = np.array([p[0] for p in pairs])
+    a = np.array([p[1] for p in pairs])
+    imgs = [r["image_attention"] for r in rows if r.get("image_attention") is not None]
+    return {"n": len(pairs), "focus": float(f.mean()), "focus_ci95": list(bootstrap_ci(f, n_boot, seed)),
+            "chance": float(a.mean()), "chance_ci95": list(bootstrap_ci(a, n_boot, seed)),
+            "lift": float((f - a).mean()), "lift_ci95": list(bootstrap_ci(f - a, n_boot, seed)),
+            "image_attention": float(np.mean(imgs)) if imgs else None}
+
+
+def render_lesion_focus(summary: dict | None) -> list[str]:
+    """Markdown lines for report.md (empty when there is no lesion-focus summary)."""
+    if not summary:
+        return []
+    ci = lambda k: f"[{_pct(summary[k][0])}, {_pct(summary[k][1])}]"  # noqa: E731
+    layers = summary.get("layers", "all")
+    return ["### Lesion focus (final-token attention on the lesion, SynthDerm masks)", "",
+            "| lesion focus (%) | 95 % CI | chance = lesion area (%) | 95 % CI | lift (points) | 95 % CI | "
+            "attention on image (%) |", "|---:|---|---:|---|---:|---|---:|",
+            f"| {_pct(summary['focus'])} | {ci('focus_ci95')} | {_pct(summary['chance'])} | {ci('chance_ci95')} | "
+            f"{_pct(summary['lift'])} | {ci('lift_ci95')} | {_pct(summary.get('image_attention'))} |", "",
+            f"n = {summary['n']} images; decoder layers: {layers}. Focus = share of the image-token attention "
+            "of the last prompt token that lies inside the lesion mask (cells credited by lesion area "
+            "fraction; eval.lesion_focus). Chance = what evenly spread attention would score.", ""]
+
+
+# ---------------------------------------------------------------------------------------------------
+# diagnose: one image -> Stage I caption, Stage II differential, optional heatmap
+# ---------------------------------------------------------------------------------------------------
+class DiagnoseError(Exception):
+    """A user error of `diagnose` (bad file, bad checkpoint): printed as one line, exit status 2."""
+
+
+def open_image(path):
+    """Open and fully decode an image file -> PIL RGB. Raises DiagnoseError with one readable line for a
+    missing path, a directory, a non-image, or a truncated/corrupt file (decoding is forced here, so a
+    broken file fails now and not deep inside preprocessing)."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise DiagnoseError(f"{path}: no such file")
+    if p.is_dir():
+        raise DiagnoseError(f"{path}: is a directory, not an image file")
+    try:
+        with Image.open(p) as im:
+            im.load()                           # a truncated JPEG/PNG fails here
+            img = im.convert("RGB")
+    except UnidentifiedImageError:
+        raise DiagnoseError(f"{path}: not an image file that pillow can read") from None
+    except PermissionError:
+        raise DiagnoseError(f"{path}: permission denied") from None
+    except (OSError, SyntaxError, ValueError) as exc:   # pillow raises these for broken data
+        raise DiagnoseError(f"{path}: corrupt or truncated image ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})") from None
+    if min(img.size) < 1:
+        raise DiagnoseError(f"{path}: image has an empty side {img.size}")
+    return img
+
+
+# Checkpoint layouts a user may point --ckpt at (what rl.py writes, in order of preference):
+#   <dir>/config.json + model.safetensors        an exported model (VLM.save_pretrained; rl.py's
+#                                                <out>/<stage>/model, LoRA merged, DVE kept, + tokenizer.json)
+#   <dir>/model/                                 a stage folder after export (<out>/<stage>)
+#   <dir>/{stage2,stage1,warmup}/model/          a whole run folder: the LATEST stage present is used
+#   <dir>/checkpoint.safetensors (+ no model/)   a stage still training: base (--model) + the saved trainable
+#                                                deltas ("param/<name>" = LoRA A/B, DVE spectra) re-applied
+_STAGE_ORDER = ("stage2", "stage1", "warmup")
+
+
+def _attn_find_ckpt(ckpt) -> tuple[str, Path]:
+    """-> ("model", dir with config.json) or ("deltas", path of checkpoint.safetensors)."""
+    root = Path(ckpt).expanduser()
+    if not root.exists():
+        raise DiagnoseError(f"--ckpt {ckpt}: no such directory")
+    if root.is_file() and root.suffix == ".safetensors":
+        return "deltas", root
+    cands = [root, root / "model"] + [root / s / "model" for s in _STAGE_ORDER]
+    for c in cands:
+        if (c / "config.json").exists():
+            return "model", c
+    for c in [root] + [root / s for s in _STAGE_ORDER]:
+        if (c / "checkpoint.safetensors").exists():
+            return "deltas", c / "checkpoint.safetensors"
+    raise DiagnoseError(f"--ckpt {ckpt}: found no model (config.json + model.safetensors) and no rl.py "
+                        "checkpoint.safetensors there, in model/, or in stage2|stage1|warmup/")
+
+
+def load_with_deltas(model, ckpt_file) -> dict:
+    """Re-apply an rl.py training checkpoint to a freshly loaded BASE model, in place; returns its config.
+
+    rl.Trainer.save_checkpoint stores the trainable tensors as "param/<parameter name>" (fp32 masters) and
+    its TrainConfig as JSON metadata. We rebuild the same module structure the trainer had (DVE FDLinears
+    when cfg.dve, LoRA adapters when "lora" was trained), then copy every saved tensor into the parameter
+    of the same name. A name that does not exist is an error (wrong base model or different options).
+    """
+    import torch
+    from safetensors import safe_open
+    import rl
+
+    with safe_open(str(ckpt_file), framework="pt") as f:
+        meta = f.metadata() or {}
+        params = {k[len("param/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("param/")}
+    if not params:
+        raise DiagnoseError(f"{ckpt_file}: holds no 'param/...' tensors (not an rl.py checkpoint)")
+    cfg = json.loads(meta.get("config", "{}"))
+    sets = {s.strip() for s in str(cfg.get("train", "lora,dve")).split(",") if s.strip()}
+    if cfg.get("stage") == "warmup":
+        sets = {"llm"}
+    names = dict(model.named_parameters())
+    if cfg.get("dve") and not any(".spectrum" in n or "fdlinear" in n.lower() for n in names):
+        import dve
+        dve.apply_dve(model, blocks=None, K=int(cfg.get("dve_k", 4)))
+    if "lora" in sets:
+        rl.apply_lora(model, int(cfg.get("lora_rank", 16)), float(cfg.get("lora_alpha", 32.0)))
+    model.to(model.device if hasattr(model, "device") else "cpu")
+    names = dict(model.named_parameters())
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise DiagnoseError(f"{ckpt_file}: {len(unknown)} saved tensors have no parameter in this model "
+                            f"(e.g. {unknown[0]}); pass the run's base model with --model")
+    with torch.no_grad():
+        for n, t in params.items():
+            if tuple(t.shape) != tuple(names[n].shape):
+                raise DiagnoseError(f"{ckpt_file}: {n} has shape {tuple(t.shape)} but the model's is "
+                                    f"{tuple(names[n].shape)}; pass the run's base model with --model")
+            names[n].copy_(t.to(names[n].dtype))
+    return cfg
+
+
+def load_for_diagnose(model_arg, ckpt=None, dtype="float32", device="cpu"):
+    """-> (model, tokenizer, description). --ckpt wins over --model for an exported model; for a training
+    checkpoint --model is the base that the deltas are applied to."""
+    import torch
+    import skinflow
+
+    dt = getattr(torch, dtype)
+    if ckpt is None:
+        model, tok = skinflow.load(model_arg, dtype=dt, device=device)
+        return model.eval(), tok, f"base model {model_arg}"
+    kind, where = _attn_find_ckpt(ckpt)
+    if kind == "model":
+        model = skinflow.VLM.from_pretrained(where, dtype=dt, device=device)
+        if (where / "tokenizer.json").exists():
+            tok = skinflow.Tokenizer.from_pretrained(where)
+        elif model_arg is not None:      # an export without tokenizer: take the base model's
+            tok = skinflow.load(model_arg, dtype=dt, device="meta" if False else device)[1]
+        else:
+            raise DiagnoseError(f"{where} has no tokenizer.json: pass the base model with --model")
+        return model.eval(), tok, f"fine-tuned model {where}"
+    if model_arg is None:
+        raise DiagnoseError(f"{where} stores only the trained deltas: pass the base model with --model")
+    model, tok = skinflow.load(model_arg, dtype=dt, device=device)
+    cfg = load_with_deltas(model, where)
+    return model.eval(), tok, f"base {model_arg} + {cfg.get('stage', '?')} deltas from {where} (step unknown)"
+
+
+def _attn_generate_text(model, tok, batch, max_new_tokens: int) -> str:
+    """Greedy completion of a one-row batch, decoded without padding and the stop token."""
+    gen = model.generate(**batch, max_new_tokens=max_new_tokens, greedy=True)
+    ids = [t for t, m in zip(gen.tokens[0].tolist(), gen.mask[0].tolist()) if m > 0 and t != tok.eos_id]
+    return tok.decode(ids)
+
+
+def diagnose(argv=None) -> int:
+    """`python skinflow.py diagnose IMAGE --model PATH_OR_PRESET [--ckpt RUN_DIR] [--heatmap out.png]`.
+
+    Prints the Stage I caption (the 8 fields of data.CAPTION_FIELDS, parsed by parse_caption from a greedy
+    answer to data.STAGE1_PROMPT) and the ranked differential (parse_ranked_list of a greedy answer to
+    data.STAGE2_PROMPT, at most 6). --heatmap also saves the final-token attention of the Stage II prompt
+    over the photo. User errors (missing/corrupt image, bad checkpoint) -> one line on stderr, exit 2.
+    """
+    import torch
+    import data
+    import skinflow
+
+    p = argparse.ArgumentParser(prog="skinflow.py diagnose",
+                                description="Caption + ranked differential for one skin photo (SkinFlow Stage I + II)")
+    p.add_argument("image", help="a photo (any format pillow reads)")
+    p.add_argument("--model", default=None, help="base model: preset (tiny|3b|7b), Hub id or local dir")
+    p.add_argument("--ckpt", default=None, help="fine-tuned weights: rl.py run/stage folder or an exported model dir")
+    p.add_argument("--heatmap", default=None, help="save the attention overlay to this PNG")
+    p.add_argument("--attn-layers", default="all", help="decoder layers to average: all | 0,3,-1 | -4:")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-pixels", type=int, default=skinflow.MAX_PIXELS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = p.parse_args(argv)
+    try:
+        if args.model is None and args.ckpt is None:
+            raise DiagnoseError("give --model (preset, Hub id or dir) and/or --ckpt (a fine-tuned run)")
+        image = open_image(args.image)                 # fail fast, before loading a 7B model
+        layers = parse_layers(args.attn_layers)
+        model, tok, what = load_for_diagnose(args.model, args.ckpt, args.dtype, args.device)
+        if args.ckpt is None:
+            print("warning: no --ckpt given: this is the base model, not a SkinFlow fine-tune; "
+                  "treat its answers as a demo, not a diagnosis", file=sys.stderr)
+        print(f"# {args.image}  ({image.width} x {image.height})  model: {what}")
+        b1 = skinflow.make_batch(tok, [image], [data.STAGE1_PROMPT], max_pixels=args.max_pixels, device=args.device)
+        fields = parse_caption(_attn_generate_text(model, tok, b1, args.max_new_tokens))
+        print("\nStage I caption:")
+        for name in data.CAPTION_FIELDS:
+            print(f"  {name}: {fields.get(name, '(not given)')}")
+        b2 = skinflow.make_batch(tok, [image], [data.STAGE2_PROMPT], max_pixels=args.max_pixels, device=args.device)
+        text2 = _attn_generate_text(model, tok, b2, args.max_new_tokens)
+        ranked = parse_ranked_list(text2)
+        print("\nStage II differential (most likely first):")
+        if ranked:
+            for i, item in enumerate(ranked, 1):
+                lab = canonical(item)
+                print(f"  {i}. {item}" + (f"   [{display_name(lab)}]" if lab and lab != item.lower() else ""))
+        else:
+            print(f"  (no ranked list could be read from the answer: {text2[:120]!r})")
+        if args.heatmap:
+            grid = attention_maps(model, b2, layers)[0]                              # [gh/2, gw/2]
+            draw_heatmap(image, grid, args.heatmap)
+            print(f"\nheatmap: {args.heatmap}  (grid {tuple(grid.shape)}, {100 * float(grid.sum()):.1f} % of the "
+                  "final token's attention is on the image)")
+    except DiagnoseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, KeyError, ValueError) as exc:   # skinflow.load / preprocessing user errors
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    del torch
     return 0
 
 
