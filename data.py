@@ -1054,6 +1054,26 @@ def _colour_features(image: Image.Image) -> np.ndarray:
     return np.concatenate([hist, flat.mean(0), flat.std(0), grads, [far]]).astype(np.float64)
 
 
+def _spectrum_features(image: Image.Image, n_bins: int = 42) -> np.ndarray:
+    """Orientation-free texture features: the radially averaged log power spectrum of the high-passed
+    luminance, P(r) = mean over |f| in [r, r+1) of |FFT(L - boxblur(L))|^2, for radii 8 .. 8 + n_bins
+    cycles per 112 px (the band of SynthDerm's implicit grating at that size; other sizes are resized).
+
+    A linear model on these sees a periodic texture's frequency wherever and at whatever angle it is,
+    which is what a model needs to resolve the implicit cue (headroom()'s "spectrum" line).
+    """
+    g = image.convert("L").resize((112, 112), Image.BILINEAR)
+    L = np.asarray(g, np.float32)
+    hp = L - np.asarray(g.filter(ImageFilter.BoxBlur(2)), np.float32)             # [112, 112] high-pass
+    power = np.abs(np.fft.fftshift(np.fft.fft2(hp))) ** 2
+    yy, xx = np.indices(power.shape) - 56
+    idx = np.digitize(np.hypot(yy, xx).ravel(), np.arange(8, 8 + n_bins, 1.0))
+    total = np.bincount(idx, weights=power.ravel(), minlength=n_bins + 1)
+    count = np.maximum(np.bincount(idx, minlength=n_bins + 1), 1)
+    f = np.log(total[1:n_bins] / count[1:n_bins] + 1e-3)
+    return f - f.mean()                                                            # overall contrast removed
+
+
 def _softmax_regression(X: np.ndarray, y: np.ndarray, n_classes: int, steps: int = 400, lr: float = 0.5,
                         l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression by full-batch gradient descent.
@@ -1100,18 +1120,21 @@ def _naive_bayes(train: list[list[str]], y: np.ndarray, n_classes: int):
 
 
 def headroom(n_train: int = 3000, n_test: int = 1000, image_size: int = 112, seed: int = 0,
-             n_caption_train: int = 20000, verbose: bool = True) -> dict[str, float]:
+             n_caption_train: int = 20000, cue_amplitude: float = CUE_AMPLITUDE,
+             verbose: bool = True) -> dict[str, float]:
     """Top-1 on the fixed SynthDerm test split (seed, split="test", items 0..n_test-1) of three models:
 
     majority class; softmax regression on colour-histogram features (_colour_features, trained on
-    n_train rendered images); and the caption oracle (naive Bayes on the TRUE caption fields, trained on
+    n_train rendered images), and the same with a radial power spectrum added (_spectrum_features: does
+    the implicit texture show up in pixels?); and the caption oracle (naive Bayes on the TRUE caption fields, trained on
     n_caption_train attribute draws). Also: the caption oracle's top-3, a caption + implicit-cue oracle
     (the period too: the ceiling for a model that also resolves the texture) and the test's mimic share.
     """
     # The test split is the same stream every model is scored on (SynthDerm(n_test, seed, split="test")),
     # so these numbers are directly comparable with eval.py's SynthDerm scores at the same seed.
     labels = {c: i for i, c in enumerate(SYNTH_LABELS)}
-    train, test = SynthDerm(n_train, seed, image_size, "train"), SynthDerm(n_test, seed, image_size, "test")
+    train = SynthDerm(n_train, seed, image_size, "train", cue_amplitude=cue_amplitude)
+    test = SynthDerm(n_test, seed, image_size, "test", cue_amplitude=cue_amplitude)
     test_specs = [test.spec(i) for i in range(n_test)]
     y_test = np.array([labels[s["label"]] for s in test_specs])
     cap_train = SynthDerm(n_caption_train, seed, image_size, "train")
@@ -1144,8 +1167,16 @@ def headroom(n_train: int = 3000, n_test: int = 1000, image_size: int = 112, see
     P = ((Xte - mu) / sd) @ W + b
     out["colour_histogram_top1"] = float((P.argmax(1) == y_test).mean())
     out["colour_histogram_top3"] = float((np.argsort(-P, 1)[:, :3] == y_test[:, None]).any(1).mean())
+    # Same model with the radial power spectrum added: the gain over the colour line is the implicit cue
+    # being picked up from pixels (with cue_amplitude=0 the two lines agree; see the README).
+    Str = np.stack([_spectrum_features(train[i].image) for i in range(n_train)])
+    Ste = np.stack([_spectrum_features(test[i].image) for i in range(n_test)])
+    Xtr2, Xte2 = np.hstack([Xtr, Str]), np.hstack([Xte, Ste])
+    mu2, sd2 = Xtr2.mean(0), Xtr2.std(0) + 1e-6
+    W2, b2 = _softmax_regression((Xtr2 - mu2) / sd2, ytr, len(labels), steps=600)
+    out["colour_spectrum_top1"] = float(((((Xte2 - mu2) / sd2) @ W2 + b2).argmax(1) == y_test).mean())
     if verbose:
-        print(f"SynthDerm headroom (test split: seed={seed}, n={n_test}, {image_size}px; "
+        print(f"SynthDerm headroom (test split: seed={seed}, n={n_test}, {image_size}px, cue {cue_amplitude}; "
               f"{n_train} rendered train images, {n_caption_train} train captions; {time.time() - t0:.0f}s)")
         for k, v in out.items():
             print(f"  {k:24s} {v:.3f}")
@@ -1701,6 +1732,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--n-test", type=int, default=1000)
     q.add_argument("--image-size", type=int, default=112)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--cue-amplitude", type=float, default=CUE_AMPLITUDE, help="0 removes the implicit cue")
     q = sub.add_parser("bench", help="SynthDerm images/second (CPU time of this process)")
     q.add_argument("--image-size", type=int, default=224)
     q.add_argument("--n", type=int, default=300)
@@ -1714,7 +1746,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "preview":
         print(preview(args.n, args.out, args.seed, args.image_size, args.split))
     elif args.cmd == "headroom":
-        headroom(args.n_train, args.n_test, args.image_size, args.seed)
+        headroom(args.n_train, args.n_test, args.image_size, args.seed, cue_amplitude=args.cue_amplitude)
     elif args.cmd == "bench":
         print(f"SynthDerm {args.image_size}px: {bench(args.image_size, args.n):.0f} images/s (one core, CPU time)")
     elif args.cmd == "download-fitzpatrick17k":
