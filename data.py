@@ -1639,6 +1639,8 @@ def iterate(stage: str, split: str = "train", source: str = "synthderm", n: int 
         return
     if source != "fitzpatrick17k":
         raise ValueError(f"source must be 'synthderm' or 'fitzpatrick17k', got {source!r}")
+    if stage == "stage1" and not skincap_csv:
+        raise ValueError("Stage I on Fitzpatrick17k needs reference captions: pass skincap_csv=<SkinCAP CSV>")
     # "a12/test" -> protocol a12, part test; a bare "train"/"test" means the random 80/20 protocol.
     protocol, _, part = split.partition("/") if "/" in split else ("random", "", split)
     records = load_fitzpatrick17k(csv_path, image_dir)

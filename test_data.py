@@ -396,6 +396,8 @@ def test_data_iterate_synthderm_and_reference_answers():
         assert data.reference_answer("stage2", rec).startswith(f"1. {rec.label}\n")
     with pytest.raises(ValueError, match="stage"):
         next(data.iterate("stage3", "train"))
+    with pytest.raises(ValueError, match="skincap_csv"):
+        next(data.iterate("stage1", "train", source="fitzpatrick17k"))
 
 
 def test_data_headroom_small_and_preview_cli(tmp_path):
