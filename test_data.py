@@ -167,7 +167,7 @@ class _DataHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(self.payload)
         elif self.path == "/slow.png":
-            time.sleep(1.5)                                    # longer than the client's timeout
+            time.sleep(2.5)                                    # longer than the client's timeout
             self.send_response(200)
             self.end_headers()
         elif self.path == "/trunc.png":
@@ -203,7 +203,7 @@ def test_data_downloader_against_local_server(tmp_path, data_http_server):
     out = tmp_path / "dl"
     out.mkdir()
     (out / "aaa.png").write_bytes(_DataHandler.payload[:40])   # a stale partial file under the final name
-    s = data.download_images(items, out, timeout=0.4, retries=2, backoff=0.0, progress=False)
+    s = data.download_images(items, out, timeout=1.0, retries=2, backoff=0.0, progress=False)
     assert (s["ok"], s["skipped"], s["failed"], s["no_url"]) == (1, 0, 3, 1)
     assert (out / "aaa.png").read_bytes() == _DataHandler.payload          # replaced by the full file
     assert sorted(p.name for p in out.iterdir()) == ["aaa.png", "download_failures.csv"]   # no partials
@@ -214,7 +214,7 @@ def test_data_downloader_against_local_server(tmp_path, data_http_server):
     with open(out / "download_failures.csv", newline="") as fh:
         assert [r["md5hash"] for r in csv.DictReader(fh)] == ["bbb", "ccc", "ddd", "eee"]
     # resume: the valid file is skipped, nothing is fetched again
-    s2 = data.download_images(items[:2], out, timeout=0.4, retries=1, backoff=0.0, progress=False)
+    s2 = data.download_images(items[:2], out, timeout=1.0, retries=1, backoff=0.0, progress=False)
     assert (s2["ok"], s2["skipped"], s2["failed"]) == (0, 1, 1)
 
 
