@@ -608,18 +608,23 @@ class MasterWeights:
             p.grad = None
 
 
-def set_trainable(model, lora: bool = True, dve_layers: bool = True, llm: bool = False) -> dict:
+def set_trainable(model, lora: bool = True, dve_layers: bool = True, llm: bool = False, vision: bool = False) -> dict:
     """Freeze everything, then unfreeze the chosen sets; returns trainable-parameter counts per set.
 
     lora: the LoRA A/B matrices; dve_layers: the KSM gate heads of every FDLinear (dve.dve_parameters;
     the spectrum it is built from stays frozen so "gates = 1" is still the reference); llm: the whole
-    language model (full fine-tuning, which then needs a frozen reference copy).
+    language model (full fine-tuning, which then needs a frozen reference copy); vision: the whole
+    vision tower incl. the merger (the tiny warm start, whose random ViT must learn to see).
     """
     import dve
 
     for p in model.parameters():
         p.requires_grad_(False)
-    counts = {"lora": 0, "dve": 0, "llm": 0}
+    counts = {"lora": 0, "dve": 0, "llm": 0, "vision": 0}
+    if vision:
+        for p in model.visual.parameters():
+            p.requires_grad_(True)
+            counts["vision"] += p.numel()
     if llm:
         for p in model.model.parameters():
             p.requires_grad_(True)
@@ -744,7 +749,7 @@ class TrainConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     micro_prompts: int = 4        # prompts (x G completions) per forward/backward
-    train: str = "lora,dve"       # trainable sets among lora, dve, llm
+    train: str = "lora,dve"       # trainable sets among lora, dve, llm, vision
     lora_rank: int = 16
     lora_alpha: float = 32.0
     dve: bool = False             # convert the vision tower's MLP linears to FDLinear before training
@@ -866,7 +871,7 @@ class Trainer:
         self.model, self.tok = skinflow.load(cfg.init, dtype=dtype, device=self.device, seed=cfg.seed)
         sets = {s.strip() for s in cfg.train.split(",") if s.strip()}
         if cfg.stage == "warmup":
-            sets = {"llm"}  # the tiny warm start is plain full-parameter SFT
+            sets = {"llm", "vision"}  # the tiny warm start is plain full-parameter SFT
         if cfg.dve and not self._has_dve():
             import dve
 
@@ -875,10 +880,14 @@ class Trainer:
         if "lora" in sets:
             apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
             self.model.to(self.device)
-        self.counts = set_trainable(self.model, lora="lora" in sets, dve_layers="dve" in sets, llm="llm" in sets)
+        unknown = sets - {"lora", "dve", "llm", "vision"}
+        if unknown:
+            raise ValueError(f"--train: unknown sets {sorted(unknown)}; choose among lora, dve, llm, vision")
+        self.counts = set_trainable(self.model, lora="lora" in sets, dve_layers="dve" in sets, llm="llm" in sets,
+                                    vision="vision" in sets)
         # full fine-tuning moves the base weights, so only then is a frozen reference copy needed
         self.ref_model = None
-        if "llm" in sets and cfg.stage != "warmup" and cfg.beta != 0:
+        if sets & {"llm", "vision"} and cfg.stage != "warmup" and cfg.beta != 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.names:
@@ -1095,6 +1104,39 @@ class Trainer:
         self.master.zero_grad()
         return float(norm)
 
+    # ---------------------------------------------------------------------------- held-out check
+    @torch.no_grad()
+    def evaluate(self, n: int, batch_size: int = 16) -> dict:
+        """Greedy answers on n held-out SynthDerm items (split "test"): the stage's mean reward, and for
+        Stage II (and the warm start) the clinical metrics of eval.py (Top-1 / Top-6 with bootstrap CIs)."""
+        import data
+        import eval as skin_eval
+
+        cfg = self.cfg
+        test = data.SynthDerm(n, seed=cfg.data_seed, image_size=cfg.image_size, split="test")
+        tasks = ["stage1", "stage2"] if cfg.stage == "warmup" else [cfg.stage]
+        self.model.eval()
+        report = {"n": n, "stage": cfg.stage, "step": self.step}
+        for task in tasks:
+            texts, items = [], []
+            for s in range(0, n, batch_size):
+                chunk = [test[i] for i in range(s, min(n, s + batch_size))]
+                batch = self._prompt_batch(chunk, [_stage_prompt(task)] * len(chunk))
+                gen = self.model.generate(**batch, max_new_tokens=cfg.max_new_tokens, greedy=True)
+                mask = cut_at_vision_tokens(self.model.cfg, gen.tokens, gen.mask)
+                texts += self._decode(gen.tokens, mask)
+                items += chunk
+            rewards = [_stage_reward(task, t, it)[0] for t, it in zip(texts, items)]
+            report[f"{task}/reward_mean"] = sum(rewards) / len(rewards)
+            if task == "stage2":
+                m = skin_eval.clinical_metrics([(t, it.label, it.fitzpatrick) for t, it in zip(texts, items)])
+                report["stage2/clinical"] = {k: m[k] for k in ("n", "top1", "top6", "mrr", "format_failure_rate",
+                                                               "safety_critical_rate", "ci95")}
+            report[f"{task}/samples"] = texts[:3]
+        with open(self.dir / "eval.json", "w") as f:
+            json.dump(report, f, indent=1)
+        return report
+
     # ---------------------------------------------------------------------------- the loop
     def run(self) -> Path:
         from tqdm import tqdm
@@ -1135,6 +1177,11 @@ class Trainer:
             print(f"\n[rl] interrupted: resumable checkpoint at {self.ckpt} (step {self.step}); rerun the same command")
             raise SystemExit(130)
         bar.close()
+        if cfg.eval_n > 0:
+            rep = self.evaluate(cfg.eval_n)
+            print("[rl] held-out:", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()
+                                     if k.endswith("reward_mean")},
+                  {k: rep["stage2/clinical"][k] for k in ("top1", "top6")} if "stage2/clinical" in rep else "")
         return self.export()
 
 
