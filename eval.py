@@ -1300,7 +1300,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--lesion-focus", action=argparse.BooleanOptionalAction, default=None,
                    help="final-token attention on the lesion (SynthDerm masks); default: on for --model synthderm")
-    p.add_argument("--attn-layers", default="all", help="decoder layers for --lesion-focus: all | 0,3,-1 | -4:")
+    p.add_argument("--attn-layers", default="all",
+                   help="decoder layers for --lesion-focus: all | 0,3 | a slice (negative: --attn-layers=-4:)")
     p.add_argument("--out", required=True, help="output folder for report.md, metrics.json, PNG, cases.jsonl")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint (base URL or .../chat/completions)")
@@ -1388,11 +1389,14 @@ class _AttnStop(Exception):
 
 def _attn_layer_list(n_layers: int, layers) -> list[int]:
     """None -> every decoder layer; ints may be negative (-1 = last). Returns sorted unique indices."""
+    # Which layers to read is a real choice: early layers of a VLM mostly attend by position (neighbours, the
+    # first token), middle layers by content. The paper does not say which layers its figure used, so the
+    # default averages all of them and the CLI lets you pick (e.g. --attn-layers=-8: for the top eight).
     if layers is None:
         return list(range(n_layers))
     if isinstance(layers, int):
         layers = [layers]
-    out = set()
+    out = set()   # a layer named twice ("0,0") still counts once: the average is over distinct layers
     for i in layers:
         i = int(i)
         if not -n_layers <= i < n_layers:
@@ -1404,30 +1408,34 @@ def _attn_layer_list(n_layers: int, layers) -> list[int]:
     return sorted(out)
 
 
-def parse_layers(text) -> list[int] | None:
-    """CLI helper: "all" or "" -> None; "0,2,-1" -> [0, 2, -1]; "-4:" -> the slice start -4 (last four)."""
+def parse_layers(text):
+    """CLI helper: "all" or "" -> None (every layer); "0,2,-1" -> [0, 2, -1]; "-4:" -> slice(-4, None), the
+    last four (a Python slice over the layer list, resolved against the real depth by `_attn_resolve`)."""
     if text is None or str(text).strip().lower() in ("", "all"):
         return None
     s = str(text).strip()
-    if ":" in s:   # a Python slice over the layer list, resolved later against the real depth
-        return ["slice", s]  # type: ignore[list-item]
     try:
+        if ":" in s:
+            a, _, b = s.partition(":")
+            return slice(int(a) if a.strip() else None, int(b) if b.strip() else None)
         return [int(t) for t in s.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--attn-layers wants 'all', a comma list of ints or a slice like '-4:', got {text!r}") from None
+        raise ValueError(f"--attn-layers wants 'all', a comma list of ints or a slice like '-4:', "
+                         f"got {text!r}") from None
 
 
 def _attn_resolve(n_layers: int, layers) -> list[int]:
-    """Like _attn_layer_list but also accepts parse_layers' ["slice", "a:b"] form."""
-    if isinstance(layers, list) and len(layers) == 2 and layers[0] == "slice":
-        a, _, b = layers[1].partition(":")
-        picked = list(range(n_layers))[slice(int(a) if a.strip() else None, int(b) if b.strip() else None)]
+    """Like _attn_layer_list but also accepts a slice object (from parse_layers)."""
+    if isinstance(layers, slice):
+        picked = list(range(n_layers))[layers]
         if not picked:
-            raise ValueError(f"--attn-layers {layers[1]!r} selects no layer of {n_layers}")
+            raise ValueError(f"attention layers {layers} select none of the {n_layers} decoder layers")
         return picked
     return _attn_layer_list(n_layers, layers)
 
 
+# The hook reads Attention.forward's arguments by position first, then by name: DecoderLayer passes them
+# positionally today, and a later refactor that switches to keywords keeps working.
 def _attn_arg(args, kwargs, pos: int, name: str):
     """Read one argument of Attention.forward(x, cos, sin, mask, ...) however the caller passed it."""
     if len(args) > pos:
@@ -1445,19 +1453,24 @@ def final_token_attention(model, batch: dict, layers=None) -> "torch.Tensor":
     (left padding gets exactly 0). Returns float32 [B, T]. `batch` = skinflow.make_batch output (left padded,
     so column T-1 is every row's final prompt token: the position that emits the first answer token).
     """
+    # Sizes for the 3B on a 448 x 448 photo: T ~ 300 prompt tokens of which 256 are image tokens, H = 16
+    # query heads sharing Hk = 2 kv heads, d = 128, 36 layers. One hook builds q [B, 16, 1, 128] and
+    # k [B, 16, T, 128]: a few MB, nothing like the [B, H, T, T] matrix that eager attention would keep.
     import torch
     import skinflow
 
     decoder = model.model.layers
     picked = _attn_resolve(len(decoder), layers)
-    last = picked[-1]
-    acc: dict = {}
+    last = picked[-1]          # the deepest layer we need; the forward stops right there
+    acc: dict = {}             # running sum over layers of the head-averaged row, [B, T]
 
     def make_hook(i):
         def hook(module, args, kwargs):
             x = _attn_arg(args, kwargs, 0, "x")                                     # [B, T, D]
             cos, sin = _attn_arg(args, kwargs, 1, "cos"), _attn_arg(args, kwargs, 2, "sin")   # [B, T, d]
             mask = _attn_arg(args, kwargs, 3, "mask")                               # bool [B, 1, T, T] or None
+            # x is already the layer's input_layernorm output: the pre-hook sits on self_attn, not the layer.
+            # q_proj / k_proj are called as modules, so a LoRA wrapper (rl.py) is included automatically.
             B, T, _ = x.shape
             H, Hk, d = module.H, module.Hk, module.d
             q = module.q_proj(x[:, -1:]).view(B, 1, H, d).transpose(1, 2)           # [B, H, 1, d]
@@ -1468,6 +1481,8 @@ def final_token_attention(model, batch: dict, layers=None) -> "torch.Tensor":
             k = k.repeat_interleave(H // Hk, dim=1)                                 # [B, H, T, d] (GQA)
             # float32 scores: a bf16 softmax over ~1,300 keys would round small image shares to zero
             scores = (q.float() @ k.float().transpose(-1, -2))[:, :, 0] / d ** 0.5  # [B, H, T]
+            # The last query row of the mask: left-pad keys are False, every real key is True (the last
+            # position may see the whole prompt). Without a mask the whole row is visible (causal, last row).
             if mask is not None:
                 row = mask[:, :, -1, -T:]                                           # [B, 1, T] last query row
                 if row.dtype == torch.bool:
@@ -1476,10 +1491,12 @@ def final_token_attention(model, batch: dict, layers=None) -> "torch.Tensor":
                     scores = scores + row.float()
             p = scores.softmax(-1).mean(1)                                          # [B, T] head average
             acc["sum"] = p if "sum" not in acc else acc["sum"] + p
-            if i == last:
+            if i == last:      # nothing above this layer can change what we measured: stop the forward
                 raise _AttnStop
         return hook
 
+    # with_kwargs=True lets the hook see keyword arguments too (see _attn_arg). The hooks are removed in
+    # `finally`, so an exception (ours or a real one) never leaves the model instrumented.
     handles = [decoder[i].self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in picked]
     try:
         with torch.no_grad():
@@ -1511,6 +1528,8 @@ def attention_maps(model, batch: dict, layers=None) -> list:
     import torch
 
     A = final_token_attention(model, batch, layers)                                 # [B, T]
+    # Walk the rows in batch order and hand them the images in image_grid_thw order: make_batch puts row b's
+    # pixel rows before row b+1's, and a row without an image (a text-only prompt) consumes no grid.
     ids = batch["input_ids"].to(A.device)
     is_img = ids == model.cfg.image_token_id                                        # [B, T]
     grids = batch.get("image_grid_thw")
@@ -1564,10 +1583,13 @@ def draw_heatmap(image, attn_grid, path, alpha: float = 0.6, smooth: bool = Fals
     """
     from PIL import Image
 
+    # Normalising by the MAX (not the sum) makes the hottest cell full colour whatever the image share
+    # is; the absolute numbers are in the attention grid and printed by `diagnose`, not in the picture.
     img = image.convert("RGB")
     grid = np.asarray(attn_grid.detach().cpu() if hasattr(attn_grid, "detach") else attn_grid, dtype=np.float64)
     if grid.ndim != 2 or grid.size == 0 or not np.isfinite(grid).all() or (grid < 0).any():
-        raise ValueError(f"draw_heatmap wants a non-empty 2-D grid of finite non-negative weights, got shape {grid.shape}")
+        raise ValueError(f"draw_heatmap wants a non-empty 2-D grid of finite non-negative weights, "
+                         f"got shape {grid.shape}")
     v = grid / grid.max() if grid.max() > 0 else grid                               # [lh, lw] in [0, 1]
     # upsample the grid itself as a float image (mode "F"), so the colour map is applied at full resolution
     up = Image.fromarray(v.astype(np.float32), mode="F").resize(
@@ -1586,6 +1608,8 @@ def draw_heatmap(image, attn_grid, path, alpha: float = 0.6, smooth: bool = Fals
 def _attn_overlap(n_px: int, n_cells: int) -> np.ndarray:
     """[n_cells, n_px]: R[i, y] = |[y, y+1) intersect [i n_px/n_cells, (i+1) n_px/n_cells)| / (n_px/n_cells),
     the fraction of cell i's extent covered by pixel y (cell boundaries need not fall on pixel edges)."""
+    # Example n_px = 3, n_cells = 2: borders 0, 1.5, 3. Pixel 1 ([1, 2)) lies half in each cell, so
+    # R = [[1, 0.5, 0], [0, 0.5, 1]] / 1.5; each row sums to 1 (the cell is fully covered by pixels).
     edges = np.arange(n_cells + 1) * (n_px / n_cells)                               # cell borders in px
     lo = np.maximum(edges[:-1, None], np.arange(n_px)[None, :])                    # [n_cells, n_px]
     hi = np.minimum(edges[1:, None], np.arange(n_px)[None, :] + 1)
@@ -1639,6 +1663,7 @@ def lesion_area(mask) -> float:
 def lesion_focus_rows(model, batch: dict, masks, layers=None) -> list[dict]:
     """One dict per sample {"lesion_focus", "lesion_area", "image_attention"} (None values without a mask).
     image_attention = M.sum(): the share of the final token's attention that reaches the image at all."""
+    # Fitzpatrick17k items carry no mask (None): their row gets None values and is left out of the summary.
     rows = []
     for grid, mask in zip(attention_maps(model, batch, layers), masks):
         if grid is None or mask is None:
@@ -1656,6 +1681,7 @@ def lesion_focus_summary(rows: list[dict], n_boot: int = 1000, seed: int = 0) ->
     The lift's CI resamples the PAIRS (same bootstrap as clinical_metrics), so it says whether the model
     attends to lesions more than evenly spread attention would, on these very images. None if no row has one.
     """
+    # A row counts only with both numbers and a finite focus (NaN = the image got no attention at all).
     pairs = [(r["lesion_focus"], r["lesion_area"]) for r in rows
              if r.get("lesion_focus") is not None and r.get("lesion_area") is not None
              and not math.isnan(r["lesion_focus"])]
@@ -1713,7 +1739,8 @@ def open_image(path):
     except PermissionError:
         raise DiagnoseError(f"{path}: permission denied") from None
     except (OSError, SyntaxError, ValueError) as exc:   # pillow raises these for broken data
-        raise DiagnoseError(f"{path}: corrupt or truncated image ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})") from None
+        why = str(exc).strip().splitlines()[0][:80] if str(exc).strip() else type(exc).__name__
+        raise DiagnoseError(f"{path}: corrupt or truncated image ({why})") from None
     if min(img.size) < 1:
         raise DiagnoseError(f"{path}: image has an empty side {img.size}")
     return img
@@ -1764,22 +1791,26 @@ def load_with_deltas(model, ckpt_file) -> dict:
         params = {k[len("param/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("param/")}
     if not params:
         raise DiagnoseError(f"{ckpt_file}: holds no 'param/...' tensors (not an rl.py checkpoint)")
+    # Mirror rl.Trainer.__init__: which sets were trained decides which modules must exist. The warm start
+    # is full-parameter SFT, so its "param/..." names are the plain model's (no LoRA wrappers).
     cfg = json.loads(meta.get("config", "{}"))
     sets = {s.strip() for s in str(cfg.get("train", "lora,dve")).split(",") if s.strip()}
     if cfg.get("stage") == "warmup":
         sets = {"llm"}
-    names = dict(model.named_parameters())
-    if cfg.get("dve") and not any(".spectrum" in n or "fdlinear" in n.lower() for n in names):
+    device = model.device
+    if cfg.get("dve"):
         import dve
-        dve.apply_dve(model, blocks=None, K=int(cfg.get("dve_k", 4)))
+        if not dve.fdlinears(model):   # a Stage II run may start from a Stage I export that already has DVE
+            dve.apply_dve(model, blocks=None, K=int(cfg.get("dve_k", 4)))
     if "lora" in sets:
         rl.apply_lora(model, int(cfg.get("lora_rank", 16)), float(cfg.get("lora_alpha", 32.0)))
-    model.to(model.device if hasattr(model, "device") else "cpu")
+    model.to(device)                   # the new adapter / DVE tensors are created on the CPU
     names = dict(model.named_parameters())
     unknown = sorted(set(params) - set(names))
     if unknown:
         raise DiagnoseError(f"{ckpt_file}: {len(unknown)} saved tensors have no parameter in this model "
                             f"(e.g. {unknown[0]}); pass the run's base model with --model")
+    # The saved tensors are fp32 masters; copy_ casts them to the model's dtype (bf16 runs included).
     with torch.no_grad():
         for n, t in params.items():
             if tuple(t.shape) != tuple(names[n].shape):
@@ -1795,6 +1826,8 @@ def load_for_diagnose(model_arg, ckpt=None, dtype="float32", device="cpu"):
     import torch
     import skinflow
 
+    # The tokenizer always travels with the weights it was trained with: an exported model folder holds
+    # its own tokenizer.json (rl.Trainer.export saves it); a deltas checkpoint uses the base's.
     dt = getattr(torch, dtype)
     if ckpt is None:
         model, tok = skinflow.load(model_arg, dtype=dt, device=device)
@@ -1805,7 +1838,7 @@ def load_for_diagnose(model_arg, ckpt=None, dtype="float32", device="cpu"):
         if (where / "tokenizer.json").exists():
             tok = skinflow.Tokenizer.from_pretrained(where)
         elif model_arg is not None:      # an export without tokenizer: take the base model's
-            tok = skinflow.load(model_arg, dtype=dt, device="meta" if False else device)[1]
+            tok = skinflow.Tokenizer.from_pretrained(skinflow.HUB_IDS.get(str(model_arg).lower(), model_arg))
         else:
             raise DiagnoseError(f"{where} has no tokenizer.json: pass the base model with --model")
         return model.eval(), tok, f"fine-tuned model {where}"
@@ -1813,7 +1846,7 @@ def load_for_diagnose(model_arg, ckpt=None, dtype="float32", device="cpu"):
         raise DiagnoseError(f"{where} stores only the trained deltas: pass the base model with --model")
     model, tok = skinflow.load(model_arg, dtype=dt, device=device)
     cfg = load_with_deltas(model, where)
-    return model.eval(), tok, f"base {model_arg} + {cfg.get('stage', '?')} deltas from {where} (step unknown)"
+    return model.eval(), tok, f"base {model_arg} + {cfg.get('stage', '?')} deltas from {where}"
 
 
 def _attn_generate_text(model, tok, batch, max_new_tokens: int) -> str:
@@ -1831,7 +1864,6 @@ def diagnose(argv=None) -> int:
     data.STAGE2_PROMPT, at most 6). --heatmap also saves the final-token attention of the Stage II prompt
     over the photo. User errors (missing/corrupt image, bad checkpoint) -> one line on stderr, exit 2.
     """
-    import torch
     import data
     import skinflow
 
@@ -1841,12 +1873,16 @@ def diagnose(argv=None) -> int:
     p.add_argument("--model", default=None, help="base model: preset (tiny|3b|7b), Hub id or local dir")
     p.add_argument("--ckpt", default=None, help="fine-tuned weights: rl.py run/stage folder or an exported model dir")
     p.add_argument("--heatmap", default=None, help="save the attention overlay to this PNG")
-    p.add_argument("--attn-layers", default="all", help="decoder layers to average: all | 0,3,-1 | -4:")
+    p.add_argument("--attn-layers", default="all",
+                   help="decoder layers to average: all | 0,3 | a slice (negative: --attn-layers=-4:)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-pixels", type=int, default=skinflow.MAX_PIXELS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args(argv)
+    # Order of work: cheap checks first (arguments, the image file) so a typo costs milliseconds, not the
+    # minute a 7B checkpoint takes to load. Both stages decode greedily: the same photo always gives the
+    # same printout, which is what a user comparing checkpoints wants.
     try:
         if args.model is None and args.ckpt is None:
             raise DiagnoseError("give --model (preset, Hub id or dir) and/or --ckpt (a fine-tuned run)")
@@ -1872,6 +1908,8 @@ def diagnose(argv=None) -> int:
                 print(f"  {i}. {item}" + (f"   [{display_name(lab)}]" if lab and lab != item.lower() else ""))
         else:
             print(f"  (no ranked list could be read from the answer: {text2[:120]!r})")
+        # The heatmap reads the Stage II prompt: the final token there is about to name the diagnosis,
+        # which is the moment the paper's figure visualises.
         if args.heatmap:
             grid = attention_maps(model, b2, layers)[0]                              # [gh/2, gw/2]
             draw_heatmap(image, grid, args.heatmap)
@@ -1884,7 +1922,6 @@ def diagnose(argv=None) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    del torch
     return 0
 
 

@@ -1740,7 +1740,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_generate)
-    p.add_subparsers(dest="command")  # subcommands (issue 8: diagnose) register here
+    sub = p.add_subparsers(dest="command")  # subcommands register here
+    # `diagnose IMAGE ...` (issue 8) lives in eval.py and is imported only when used. eval.diagnose has its
+    # own parser (and -h); prefix_chars="\x01" makes this stub pass "--model x" etc. on as plain words.
+    d = sub.add_parser("diagnose", add_help=False, prefix_chars="\x01",
+                       help="Stage I caption + top-6 differential (+ --heatmap) for one photo; diagnose -h")
+    d.add_argument("diagnose_argv", nargs="*")
+    d.set_defaults(func=lambda a: __import__("eval").diagnose(a.diagnose_argv))
     return p
 
 
