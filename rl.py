@@ -25,6 +25,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -892,8 +894,11 @@ class Trainer:
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.names:
             raise ValueError(f"nothing to train: --train {cfg.train!r} matched no parameter (dve needs --dve)")
+        # The optimizer sees the fp32 masters (the bf16 model weights are only refreshed copies).
         self.master = MasterWeights([p for _, p in self.model.named_parameters() if p.requires_grad])
+        # betas (0.9, 0.99): RL gradients are noisier than SFT's; a shorter second-moment memory adapts faster.
         self.opt = torch.optim.AdamW(self.master.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        # The sampler's own generator: its state is checkpointed, so a resumed run draws the same tokens.
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         import data
 
@@ -915,7 +920,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- checkpointing
     def save_checkpoint(self):
+        # Only what changes during the stage is saved: the trainable tensors (fp32 masters, so a bf16 run
+        # resumes without a rounding step), never the frozen base model, which --init reloads.
         tensors = {f"param/{n}": m for n, m in zip(self.names, self.master.params)}  # fp32 masters
+        # AdamW's per-parameter state (step, exp_avg, exp_avg_sq) flattened to "optim/<i>/<name>" keys;
+        # the hyper-parameters (param_groups) are small and go into the metadata as JSON.
         opt_state = self.opt.state_dict()
         for i, st in opt_state["state"].items():
             for k, v in st.items():
@@ -924,6 +933,7 @@ class Trainer:
         tensors["rng/sampler"] = self.gen.get_state()
         if torch.cuda.is_available():
             tensors["rng/cuda"] = torch.cuda.get_rng_state()
+        # safetensors metadata is str -> str; the data position makes the sample stream resume exactly.
         meta = {"step": str(self.step), "position": str(self.position),
                 "param_groups": json.dumps(opt_state["param_groups"]),
                 "config": json.dumps(dataclasses.asdict(self.cfg))}
@@ -952,7 +962,7 @@ class Trainer:
         self.gen.set_state(tensors["rng/sampler"])
         if "rng/cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng/cuda"])
-        self.step, self.position = int(meta["step"]), int(meta["position"])
+        self.step, self.position = int(meta["step"]), int(meta["position"])  # continue where we stopped
         print(f"[rl] resumed {self.ckpt} at step {self.step}, data position {self.position}")
 
     def export(self) -> Path:
@@ -971,6 +981,7 @@ class Trainer:
                                    device=self.device)
 
     def _decode(self, tokens, mask) -> list[str]:
+        """Completion ids -> text, dropping padding and the stop token (the reward reads the answer only)."""
         out = []
         for row, m in zip(tokens.tolist(), mask.tolist()):
             ids = [t for t, keep in zip(row, m) if keep > 0 and t != self.tok.eos_id]
@@ -982,6 +993,7 @@ class Trainer:
         cfg = self.cfg
         idx = _data_indices(self.position, cfg.prompts, len(self.data), cfg.data_seed)
         items = [self.data[i] for i in idx]
+        # alternate the two tasks by data position so every batch teaches both formats
         tasks = ["stage1" if (self.position + j) % 2 == 0 else "stage2" for j in range(len(items))]
         batch = self._prompt_batch(items, [_stage_prompt(t) for t in tasks])
         targets = [self.tok.encode(_warmup_target(it, t)) + [self.tok.eos_id] for it, t in zip(items, tasks)]
@@ -991,8 +1003,9 @@ class Trainer:
         for b, t in enumerate(targets):
             comp[b, :len(t)] = torch.tensor(t)
             mask[b, :len(t)] = 1
+        # teacher forcing reuses the GRPO log-prob path: same chunked lm_head, same masking rules
         logp = completion_logprobs(self.model, batch, comp, mask, chunk=cfg.chunk)  # [B, L]
-        loss = -(logp * mask).sum() / mask.sum()
+        loss = -(logp * mask).sum() / mask.sum()  # token-mean negative log-likelihood
         stats = {"loss": float(loss.detach()), "tokens": int(mask.sum())}
         return loss, stats, len(items)
 
@@ -1004,7 +1017,7 @@ class Trainer:
         items = [self.data[i] for i in idx]
         batch = self._prompt_batch(items, [_stage_prompt(cfg.stage)] * len(items))
         # b. rollouts: image features once per prompt, G samples per prompt in ONE generate call
-        model.eval()
+        model.eval()  # sampling needs no autograd graph; eval() is a no-op today but states the intent
         with torch.no_grad():
             embeds = model.encode_images(batch["pixel_values"], batch["image_grid_thw"])  # [sum M, D]
             big, big_embeds = _repeat_groups(batch, embeds, G)  # [B*G, T], [G * sum M, D]
@@ -1021,12 +1034,16 @@ class Trainer:
         adv, gstats = group_advantages(rewards, G, cfg.scale, return_stats=True)
         adv = adv.to(self.device)
         mask = gen.mask  # [B*G, L]
+        # pi_old = the sampler's own log-probs. With mu = 1 one could recompute them with the training
+        # forward instead (ratio exactly 1); using the sampler's keeps any sampler/trainer mismatch
+        # VISIBLE in ratio_min/max and lets the clip guard against it (it matters in bf16).
         old = gen.logprobs  # [B*G, L] sampler log-probs = pi_old
-        n_tok = float(mask.sum())
+        n_tok = float(mask.sum())  # GLOBAL token count: the token-mean normaliser of every micro-batch
         # d. reference log-probs (no grad; same weights with every delta off, or the frozen copy)
         ref = None
         if cfg.beta != 0:
             holder = self.ref_model if self.ref_model is not None else model
+            # same weights, deltas off: the KL anchor is the model this stage started from
             with torch.no_grad(), reference_policy(holder):
                 ref_embeds = holder.encode_images(batch["pixel_values"], batch["image_grid_thw"])
                 _, ref_big = _repeat_groups(batch, ref_embeds, G)
@@ -1036,9 +1053,11 @@ class Trainer:
         model.train()
         B = len(items)
         agg_stats, skipped = [], 0
-        for _ in range(cfg.mu):
+        for _ in range(cfg.mu):  # mu > 1 re-uses the same rollouts: here the ratio and the clip matter
             self.master.zero_grad()
             finite, loss_sum = True, 0.0
+            # micro-batches of WHOLE groups (all G completions of a prompt), so each prompt's image is
+            # encoded once per micro-batch and memory is bounded by --micro-prompts
             for b0 in range(0, B, cfg.micro_prompts):
                 b1 = min(B, b0 + cfg.micro_prompts)
                 sub, _ = _slice_batch(big, None, b0, b1, G)
@@ -1053,7 +1072,7 @@ class Trainer:
                 loss, st = grpo_loss(logp, old[rows], None if ref is None else ref[rows], adv[rows], mask[rows],
                                      cfg.eps_low, cfg.eps_high, cfg.beta, cfg.agg, num_tokens=n_tok,
                                      num_seqs=B * G, max_len=cfg.max_new_tokens)
-                if not torch.isfinite(loss):
+                if not torch.isfinite(loss):  # NaN/inf: drop the whole update rather than poison the weights
                     finite = False
                     break
                 loss.backward()
@@ -1063,6 +1082,7 @@ class Trainer:
             grad_norm = self._optimizer_step(finite)
             skipped += int(not finite)
         # stats for the log: token-weighted means of the per-micro-batch stats
+        # token-weighted so the logged numbers equal one big-batch computation, whatever the micro-batching
         w = sum(s["weight"] for s in agg_stats) or 1.0
         mean = lambda k: sum(s[k] * s["weight"] for s in agg_stats) / w  # noqa: E731
         lengths = mask.sum(1)
@@ -1086,21 +1106,23 @@ class Trainer:
         else:
             rec["hit_rank1"] = sum(int(i["rank"] == 1) for _, i in scored) / len(scored)
             rec["hit_top6"] = sum(int(i["rank"] > 0) for _, i in scored) / len(scored)
-        rec["sample"] = texts[0][:200]
+        rec["sample"] = texts[0][:200]  # one completion per step: the fastest way to see what is learned
         return rec, B
 
     def _optimizer_step(self, finite: bool) -> float:
         """Clip, step, refresh bf16 copies. A non-finite loss or gradient skips the update (logged)."""
+        self._dirty = True  # weights may change from here until run() advances step/position
         if not finite:
             self.master.zero_grad()
             return float("nan")
-        self.master.grads_to_master()
+        self.master.grads_to_master()  # bf16 grads -> fp32 master grads (no-op for fp32 parameters)
+        # clip on the masters: the norm is the whole update's, before any rounding
         norm = torch.nn.utils.clip_grad_norm_(self.master.params, self.cfg.grad_clip)
         if not torch.isfinite(norm):
             self.master.zero_grad()
             return float("nan")
         self.opt.step()
-        self.master.master_to_model()
+        self.master.master_to_model()  # round the fp32 result once into the (bf16) model weights
         self.master.zero_grad()
         return float(norm)
 
@@ -1144,6 +1166,17 @@ class Trainer:
         cfg = self.cfg
         print(f"[rl] {cfg.stage}: trainable {self.counts} on {self.device}, {cfg.steps} steps -> {self.dir}")
         bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, dynamic_ncols=True)
+        # Ctrl-C policy: the first one only sets a flag, the current step finishes, then a consistent
+        # checkpoint is written and we exit (130). A second Ctrl-C interrupts immediately.
+        self._stop_requested, self._dirty = False, False
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):
+                if self._stop_requested:
+                    raise KeyboardInterrupt
+                self._stop_requested = True
+                print("\n[rl] Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to abort now)")
+            previous_handler = signal.signal(signal.SIGINT, on_sigint)
         try:
             while self.step < cfg.steps:
                 t0 = time.time()
@@ -1160,6 +1193,7 @@ class Trainer:
                     rec, n = self._rl_step()
                 self.position += n
                 self.step += 1
+                self._dirty = False  # weights, step and data position agree again
                 rec.update({"step": self.step, "lr": cfg.lr, "step_s": round(time.time() - t0, 3),
                             "position": self.position})
                 if rec.get("skipped"):
@@ -1171,11 +1205,22 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
+                if self._stop_requested:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
-            self.save_checkpoint()
             bar.close()
-            print(f"\n[rl] interrupted: resumable checkpoint at {self.ckpt} (step {self.step}); rerun the same command")
+            if self._dirty:
+                # a second Ctrl-C landed inside an optimizer update: weights and step counter disagree,
+                # so keep the last periodic checkpoint instead of writing an inconsistent one
+                print(f"\n[rl] interrupted inside an update; last good checkpoint kept at {self.ckpt}")
+            else:
+                self.save_checkpoint()
+                print(f"\n[rl] interrupted: resumable checkpoint at {self.ckpt} (step {self.step}); "
+                      "rerun the same command to continue")
             raise SystemExit(130)
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         if cfg.eval_n > 0:
             rep = self.evaluate(cfg.eval_n)

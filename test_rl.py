@@ -528,6 +528,18 @@ def test_rl_ctrl_c_writes_resumable_checkpoint(tmp_path, monkeypatch):
     assert exc.value.code == 130
     again = rl.Trainer(_rl_cfg(tmp_path, "stage2", steps=5, save_every=100))
     assert again.step == 2 and again.position == 4
+    # a first Ctrl-C (the SIGINT handler's flag) lets the running step finish, then checkpoints
+    real2 = again._rl_step
+
+    def flagged():
+        out = real2()
+        again._stop_requested = True
+        return out
+
+    again._rl_step = flagged
+    with pytest.raises(SystemExit):
+        again.run()
+    assert rl.Trainer(_rl_cfg(tmp_path, "stage2", steps=5, save_every=100)).step == 3
 
 
 def test_rl_nonfinite_loss_skips_step(tmp_path, monkeypatch):

@@ -54,6 +54,8 @@ std::tuple<torch::Tensor, torch::Tensor> forward_cpu(const torch::Tensor& logits
   auto logits = logits_in.contiguous();  // rows must be contiguous for the single streaming pass
   auto index = index_in.contiguous();
   const int64_t N = logits.size(0), V = logits.size(1);
+  // Outputs are fp32 whatever the input dtype: log-probs feed exp(logp - old_logp) in the GRPO ratio,
+  // where a bf16 rounding of 0.4 % would already look like a policy change.
   auto opts = logits.options().dtype(torch::kFloat32);
   auto logp = torch::empty({N}, opts);
   auto lse = torch::empty({N}, opts);
@@ -100,10 +102,10 @@ torch::Tensor backward_cpu(const torch::Tensor& grad_in, const torch::Tensor& lo
                            const torch::Tensor& index_in, const torch::Tensor& lse_in) {
   auto logits = logits_in.contiguous();
   auto index = index_in.contiguous();
-  auto grad = grad_in.to(torch::kFloat32).contiguous();
-  auto lse = lse_in.to(torch::kFloat32).contiguous();
+  auto grad = grad_in.to(torch::kFloat32).contiguous();  // [N] dL/dlogp
+  auto lse = lse_in.to(torch::kFloat32).contiguous();    // [N] saved by the forward
   const int64_t N = logits.size(0), V = logits.size(1);
-  auto out = torch::empty_like(logits);
+  auto out = torch::empty_like(logits);  // [N, V] in the logits' dtype: the only big allocation
   const int64_t* idx = index.data_ptr<int64_t>();
   const float* g = grad.data_ptr<float>();
   const float* l = lse.data_ptr<float>();
@@ -113,15 +115,16 @@ torch::Tensor backward_cpu(const torch::Tensor& grad_in, const torch::Tensor& lo
     scalar_t* dx = out.data_ptr<scalar_t>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* row = x + n * V;
-        scalar_t* drow = dx + n * V;
+        const scalar_t* row = x + n * V;  // read once ...
+        scalar_t* drow = dx + n * V;      // ... written once: the backward is purely bandwidth-bound
         const acc_t gn = static_cast<acc_t>(g[n]);
         const acc_t ln = static_cast<acc_t>(l[n]);
         // d logp / d x_v = onehot_v - softmax_v ; softmax recomputed from the saved lse (no [N, V] cache).
         for (int64_t v = 0; v < V; ++v) {
           drow[v] = static_cast<scalar_t>(-gn * std::exp(static_cast<acc_t>(row[v]) - ln));
         }
-        const int64_t y = idx[n];
+        const int64_t y = idx[n];  // the sampled column gets the +g of the one-hot (rewritten, not added,
+                                   // so the value is computed in fp32 before the single rounding)
         drow[y] = static_cast<scalar_t>(gn * (acc_t(1) - std::exp(static_cast<acc_t>(row[y]) - ln)));
       }
     });
@@ -131,7 +134,8 @@ torch::Tensor backward_cpu(const torch::Tensor& grad_in, const torch::Tensor& lo
 
 }  // namespace
 
-// Device dispatch: the Python side calls these two; tensors decide where the work runs.
+// Device dispatch: the Python side calls these two; tensors decide where the work runs. Arguments are
+// validated once here, so the CPU and CUDA halves can assume well-formed inputs.
 std::tuple<torch::Tensor, torch::Tensor> logprob_forward(const torch::Tensor& logits, const torch::Tensor& index) {
   check_inputs(logits, index);
   if (logits.is_cuda()) {
@@ -159,6 +163,8 @@ torch::Tensor logprob_backward(const torch::Tensor& grad, const torch::Tensor& l
   return backward_cpu(grad, logits, index, lse);
 }
 
+// The Python module: rl._SelectiveLogSoftmaxExt (an autograd.Function) calls forward() and keeps lse
+// for backward(). TORCH_EXTENSION_NAME is set by torch.utils.cpp_extension (skinflow_logprob_cpu/cuda).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SkinFlow fused selective log-softmax (forward: logp, lse; backward: (onehot - softmax) * grad)";
   m.def("forward", &logprob_forward, "logits [N,V], index [N] -> (logp [N] f32, lse [N] f32)");
