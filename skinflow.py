@@ -1107,7 +1107,7 @@ class VLM(nn.Module):
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                  generator: torch.Generator | None = None, image_embeds=None, output_logits: bool = False,
-                 stop_ids=None, cuda_graph: bool | None = None, sync_every: int = 16) -> Generation:
+                 stop_ids=None, cuda_graph: bool | None = None, sync_every: int | None = None) -> Generation:
         """Batched sampling with a static KV cache (and, on CUDA, a CUDA-graph decode step).
 
         The cache is PREALLOCATED once per call: per layer K, V [B, Hk, T_alloc, d] with T_alloc >=
@@ -1123,8 +1123,8 @@ class VLM(nn.Module):
 
         cuda_graph: None = on when the model is on CUDA and output_logits is off; True/False forces it
         (True on a CPU model is an error). sync_every: how many decode steps run between two "have all
-        rows stopped?" checks on CUDA (each check is one device->host sync; on the CPU it is free, so every
-        step checks). The results do not depend on either knob, only the speed does.
+        rows stopped?" checks (each check is one device->host sync); None = 16 on CUDA, 1 on the CPU where
+        a check is free. The results do not depend on either knob, only the speed does.
         """
         # Layout of the cache along its T_alloc axis for one row (P = pad, p = prompt, g = generated):
         #     P P p p p p p p | g0 g1 g2 ... g_{max_new-1} | (unused columns up to a multiple of 16)
@@ -1149,7 +1149,7 @@ class VLM(nn.Module):
         logits = dec.prefill(pixel_values, image_grid_thw, image_embeds)       # [B, V] float32, token 0
         all_logits = [logits] if output_logits else None
         dec.record(logits)                                                     # choose + store token 0
-        check = max(1, int(sync_every)) if on_cuda else 1
+        check = max(1, int(sync_every)) if sync_every is not None else (16 if on_cuda else 1)
         k = 1                                                                  # next output column
         if use_graph and k < max_new_tokens and not bool(dec.done.all()):
             k += dec.capture()                     # warm-up step(s) ran eagerly; the graph is ready
