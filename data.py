@@ -1,25 +1,46 @@
 """data.py: every piece of data SkinFlow (arXiv 2601.09136) trains and tests on, in one file.
 
-SkinFlow trains Qwen2.5-VL in two reinforcement-learning stages (paper Sec. 3): Stage I rewards a
-structured *caption* of the lesion (8 fields: colour, location, shape, lesion type, size, border,
-surface, distribution), Stage II rewards a ranked *differential diagnosis* (top 6, most likely first).
-It reports Top-1 / Top-6 on 1,000 random Fitzpatrick17k images. This module provides:
+SkinFlow trains Qwen2.5-VL with two GRPO stages and one architectural change. We cite the paper by
+section title (its section numbers were not available to us):
+  * "Stage I: explicit medical captioning" rewards a structured *caption* of the lesion, scored field by
+    field over 8 fields (colour, location, shape, lesion type, size, border, surface, distribution). It
+    teaches the model to SAY what it sees before it diagnoses.
+  * "Stage II: implicit diagnosis" rewards a ranked *differential* (6 diagnoses, most likely first) by
+    the first position a judge accepts. It must use evidence a caption cannot carry (fine texture).
+  * "DVE" (the dynamic vision encoder, dve.py) gives every image its own vision-MLP weights, so that
+    image-specific fine detail is not averaged away by one static encoder.
+  * "Evaluation": Top-1 / Top-6 on 1,000 random Fitzpatrick17k images, with credit for subclasses.
+This module feeds all four, and SynthDerm (below) is built so that each of them measurably matters.
 
-1. The label tree of Fitzpatrick17k (TAXONOMY: 114 fine labels -> 9 groups -> 3 groups).
-2. The prompts of both stages and their canonical target formats (format_caption, format_differential),
-   the single home that eval.py parses and rl.py rewards.
-3. SynthDerm, a procedural stand-in for Fitzpatrick17k: 20 classes that reuse Fitzpatrick17k label
-   strings, drawn with numpy on skin of Fitzpatrick types I-VI, with a truthful caption per image, a faint
-   class-specific texture that is never captioned (the "implicit" signal Stage II and the DVE are about),
-   and confusable clusters with mimicry so neither the caption nor a colour histogram solves the task.
-   It needs no download, so `bash train.sh` and the tests run anywhere. It is NOT medically faithful.
-4. Fitzpatrick17k (Groh et al. 2021): CSV loader, image resolution, the published split protocols and an
-   image downloader; SkinCAP (Zhou et al. 2024) caption loader with a free-text -> 8-field mapper and a
-   guard that keeps captioned images out of test splits.
-5. iterate(stage, split): (PIL image, prompt, target record) for training and evaluation, and a CLI:
-   python data.py preview --n 16 --out grid.png
-   python data.py headroom
-   python data.py download-fitzpatrick17k --out DIR
+Map of this file, in file order:
+  TAXONOMY, NINE_TO_THREE         Fitzpatrick17k label tree, 114 fine -> 9 -> 3 labels (subclass credit)
+  CAPTION_FIELDS, STAGE1_PROMPT,  the prompts of both stages and their canonical targets: the one home
+  STAGE2_PROMPT, CAPTION_VOCAB,   that eval.py parses and rl.py rewards
+  format_caption, format_differential
+  SynthDerm design block          P_MIMIC, CUE_AMPLITUDE, SKIN_TYPE_PRIOR, SKIN_RGB, COLOUR_RULES (colour
+                                  relative to skin), CLASS_RULES (20 classes), CLUSTERS (confusable groups)
+  reference_differential          the Stage II reference ranking of a label
+  _noise_tile .. _relative_colour small numpy rendering helpers (sampling, blending, plane waves)
+  SynthSample, SynthDerm          the generator: spec() draws attributes, _render() draws pixels
+  tokenizer_corpus                texts for the tiny preset's byte-level BPE
+  headroom (+ tiny classifiers)   majority / colour / colour+spectrum / caption-oracle baselines
+  Record, load_fitzpatrick17k     the real CSV (Groh et al. 2021), images resolved by md5hash
+  split_random .. fitzpatrick17k_split   Groh's split protocols + the paper-style 1,000-image sample
+  caption_to_fields, load_skincap, skincap_guard   SkinCAP (Zhou et al. 2024) captions for Stage I
+  download_images, download_fitzpatrick17k         resumable, atomic image downloader
+  reference_answer, iterate       (PIL image, prompt, target record) for training and evaluation
+  preview, bench, main            the CLI:
+      python data.py preview --n 16 --out grid.png      labelled contact sheet of SynthDerm samples
+      python data.py headroom                           the baselines above on the SynthDerm test split
+      python data.py bench                              SynthDerm images/second on one core
+      python data.py download-fitzpatrick17k --out DIR
+
+SynthDerm is a procedural stand-in for Fitzpatrick17k: 20 classes that reuse Fitzpatrick17k label
+strings, drawn with numpy on skin of Fitzpatrick types I-VI, with a truthful caption per image, a faint
+class-specific texture that is never captioned (the "implicit" signal of Stage II and the DVE), and
+confusable clusters with mimicry so that neither the caption nor a colour histogram solves the task. It
+needs no download, so `bash train.sh` and the tests run anywhere. It is NOT medically faithful: it is a
+controlled task whose difficulty knobs mirror the real ones.
 """
 from __future__ import annotations
 
@@ -54,6 +75,10 @@ FITZPATRICK17K_CSV = HERE / "assets" / "fitzpatrick17k.csv.gz"
 # nine-label and every nine-label to exactly one three-label, so the table is a strict tree. The label
 # strings are kept exactly as the CSV spells them, typos included ("erythema annulare centrifigum"),
 # because they are IDs; eval.py owns the synonyms and display names.
+# Why the tree matters: the paper's evaluation gives credit for a "valid subclass" and weighs mistakes by
+# clinical consequence, and both need the hierarchy: "superficial spreading melanoma ssm" for a
+# "melanoma" image is a subtype (credit), "seborrheic keratosis" for a melanoma crosses benign/malignant
+# (the safety-critical miss eval.judge reports separately).
 # ---------------------------------------------------------------------------------------------------
 TAXONOMY: dict[str, tuple[str, str]] = {
     # non-neoplastic / genodermatoses (10 labels)
@@ -189,9 +214,23 @@ NINE_TO_THREE: dict[str, str] = {nine: three for nine, three in TAXONOMY.values(
 # eval.py (`canonical`, `judge`), which gives credit for a synonym or a valid subclass.
 
 # ---------------------------------------------------------------------------------------------------
-# Prompts and target formats (paper Sec. 3.2 Stage I "explicit medical captioning", Sec. 3.3 Stage II
-# "implicit diagnosis"). The paper does not publish its prompt text; these are ours. Both ask for a fixed,
+# Prompts and target formats (paper sections "Stage I: explicit medical captioning" and "Stage II:
+# implicit diagnosis"). The paper does not publish its prompt text; these are ours. Both ask for a fixed,
 # line-based format so that a deterministic parser (eval.py) can score the answer and rl.py can reward it.
+# Why lines and not JSON: a 3B model (and our tiny preset) emits "field: value" lines reliably after a
+# few hundred steps, one broken line costs one field instead of the whole parse, and the reward can be
+# read per field, which is exactly how the paper's Stage I reward is described (field-by-field scores).
+#
+# Worked example, one SynthDerm image (train split, seed 0, item 0; the truth is pyogenic granuloma):
+#   Stage I   prompt: STAGE1_PROMPT              target: format_caption(sample.fields) =
+#       colour: pink / location: face / shape: irregular / lesion type: papule / size: medium /
+#       border: well-demarcated, irregular / surface: telangiectasia, central ulcer / distribution: solitary
+#     (8 lines, shown here with " / "). This item is a mimic: the caption honestly describes a basal cell
+#     carcinoma look, so a perfect Stage I answer alone points to the wrong diagnosis.
+#   Stage II  prompt: STAGE2_PROMPT              target: format_differential(reference_differential(...)) =
+#       1. pyogenic granuloma / 2. basal cell carcinoma / 3. squamous cell carcinoma / 4. dermatofibroma / ...
+#     The truth is first, then what it looks like, then its confusable siblings: a ranking that earns the
+#     full position reward and still reads like a sensible clinical differential.
 # ---------------------------------------------------------------------------------------------------
 CAPTION_FIELDS = ("colour", "location", "shape", "lesion type", "size", "border", "surface", "distribution")
 
@@ -207,6 +246,13 @@ STAGE2_PROMPT = (
 
 # The closed vocabulary of each caption field. SynthDerm draws only these values; the SkinCAP mapper
 # maps free text onto them. (Listed so tokenizer_corpus and tests can see every word a target may hold.)
+# A closed vocabulary is what makes a field-by-field reward cheap and exact: "erythematous" vs "pink" is a
+# string comparison, not an LLM judgement. The words are standard dermatology morphology terms: "macule"
+# and "patch" are flat (small / large), "papule" and "nodule" raised (small / large), "plaque" raised and
+# flat-topped, "wheal" a transient oedematous swelling; the surface list holds the classic clues a
+# dermatologist names (silvery scale of psoriasis, Wickham striae of lichen planus, the rolled pearly
+# border of a basal cell carcinoma, the collarette of a pyogenic granuloma, horn cysts of a seborrheic
+# keratosis).
 CAPTION_VOCAB: dict[str, tuple[str, ...]] = {
     "colour": ("erythematous", "salmon", "pink", "violaceous", "brown", "dark brown", "black", "blue-gray",
                "white", "yellow", "pearly", "skin-coloured"),
@@ -227,10 +273,20 @@ def format_caption(fields: dict[str, str]) -> str:
     """Stage I target: exactly 8 lines `<field>: <value>` in CAPTION_FIELDS order, lower case.
 
     A value may hold several items joined by ", "; an empty or missing value is written "none".
-    Example:  {"colour": "erythematous, salmon", "location": "trunk", ...} ->
+    Example (a psoriasis plaque; fields given in any order, missing ones become "none"):
+        {"colour": "Erythematous, salmon", "location": "trunk", "shape": "round", "lesion type": "plaque",
+         "size": "large", "border": "well-demarcated, regular", "surface": "coarse silvery scale",
+         "distribution": "scattered"}  ->
         colour: erythematous, salmon
         location: trunk
-        ...
+        shape: round
+        lesion type: plaque
+        size: large
+        border: well-demarcated, regular
+        surface: coarse silvery scale
+        distribution: scattered
+    Writing "none" instead of dropping the line keeps the shape fixed (always 8 lines, always this
+    order), so a parser can tell "the model said there is no surface feature" from "it forgot the field".
     """
     lines = []
     for name in CAPTION_FIELDS:
@@ -240,7 +296,12 @@ def format_caption(fields: dict[str, str]) -> str:
 
 
 def format_differential(labels: list[str]) -> str:
-    """Stage II target: up to 6 lines `1. <label>` ... `6. <label>`, most likely first (duplicates dropped)."""
+    """Stage II target: up to 6 lines `1. <label>` ... `6. <label>`, most likely first (duplicates dropped).
+
+    Example: ["Psoriasis", "eczema", "psoriasis", "mycosis fungoides"] -> "1. psoriasis\n2. eczema\n3. mycosis
+    fungoides". Six because the paper reports Top-6; duplicates are dropped because a repeated guess adds
+    no information and must not occupy a rank that the position-based Stage II reward counts.
+    """
     seen: list[str] = []
     for label in labels:
         label = str(label).strip().lower()
@@ -250,7 +311,7 @@ def format_differential(labels: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# SynthDerm: the procedural stand-in dataset (design: README "SynthDerm"; values from a measured prototype)
+# SynthDerm: the procedural stand-in dataset (the full design is below; values from a measured prototype)
 #
 # Each class is a set of *rules* over explicit attributes, each attribute a small categorical or a range.
 # A sample draws its attributes from its class's rules, renders them, and captions exactly what it rendered,
@@ -261,21 +322,58 @@ def format_differential(labels: list[str]) -> str:
 #   * the implicit cue: a faint grating inside and around each lesion whose period is class-specific
 #     (siblings differ) and which is never captioned. Only a model that looks at fine texture can recover
 #     a mimic's true class, which is the "implicit" signal SkinFlow's Stage II and DVE are built for.
+#
+# Each design choice models a real difficulty and exercises one part of SkinFlow:
+#   choice                            real dermatology difficulty it models          exercises
+#   8 explicit, rendered attributes   a clinician's morphology description            Stage I (captions)
+#   overlap inside clusters           psoriasis / eczema / mycosis fungoides look     Stage II (ranking:
+#                                     alike; many diagnoses share one description     siblings fill the list)
+#   mimicry (P_MIMIC)                 amelanotic melanoma looks pink, a pyogenic      Stage II: the caption
+#                                     granuloma can look like a BCC                   is honest but misleading
+#   implicit grating (never written)  texture a dermatologist sees but cannot name    Stage II + DVE
+#   colour relative to skin           erythema is hard to see on dark skin            fairness (Groh a12..a56)
+#   skin-type prior of the CSV        types V-VI are rare in training data            fairness
+#   site cues, hair, lighting, noise  real photos are cluttered and uneven            robustness; no shortcut
+#   long-tailed class prior           Fitzpatrick17k has 53..653 images per label     majority baseline
+#
+# Worked example (SynthDerm(n, seed=0, split="train")[0] at 224 px): label "pyogenic granuloma", nine
+# "benign dermal", three "benign", fitzpatrick 2, looks_like "basal cell carcinoma", period 10.23 px. Its
+# caption (the Stage I target) describes what was drawn, which is the BCC look:
+#     colour: pink | location: face | shape: irregular | lesion type: papule | size: medium |
+#     border: well-demarcated, irregular | surface: telangiectasia, central ulcer | distribution: solitary
+# A caption-only classifier says BCC. The grating, though, has the pyogenic granuloma period (10.8 px
+# class value x jitter 0.95) and not the BCC one (6.0 px): the only evidence for the true label is texture.
+#
+# Measured headroom (`python data.py headroom`, seed 0, 1,000 test images at 112 px, top-1): majority
+# 0.126; colour-histogram regression 0.260; the same + radial power spectrum 0.347 (so the cue IS in the
+# pixels); caption oracle 0.734 (top-3 0.922); caption + cue-period oracle 0.849. Read: a perfect Stage I
+# caption gets a model to ~73 %, the last ~12 points need the implicit texture (23.5 % of test items are
+# mimics), and the ceiling is near 85 %, not 100 %, because the jittered cue periods of siblings overlap.
 # ---------------------------------------------------------------------------------------------------
 ZOOM = 1.3              # lesion diameters are ZOOM * the class table's "size" fraction of the image
 P_MIMIC = 0.25          # probability that a sample borrows a cluster sibling's explicit look
 CUE_AMPLITUDE = 0.05    # relative luminance amplitude of the implicit grating (faint on purpose)
 
-# Fitzpatrick17k's Scale AI skin-type distribution (types I..VI, unknowns dropped) as SynthDerm's prior.
+# Fitzpatrick17k's Scale AI skin-type distribution (types I..VI, unknowns dropped) as SynthDerm's prior:
+# the CSV's `fitzpatrick_scale` counts, i.e. 18 / 29 / 20 / 17 / 9 / 4 %. Keeping the real imbalance keeps
+# the real problem: types V-VI are 13 % of the data, so a model sees dark skin rarely and (as Groh et al.
+# found on the real images) is less accurate there. Pass skin_types=(1, 2) to reproduce their a12 holdout.
 SKIN_TYPE_PRIOR = np.array([2947, 4808, 3308, 2781, 1533, 635], dtype=np.float64)
 SKIN_TYPE_PRIOR /= SKIN_TYPE_PRIOR.sum()
 # Base sRGB of skin types I..VI (before jitter, mottling and lighting).
 SKIN_RGB = np.array([(244, 214, 190), (232, 190, 160), (208, 160, 120), (176, 124, 88), (124, 82, 56),
                      (78, 50, 36)], dtype=np.float32)
 
-# Lesion colours are defined RELATIVE to the local skin: rgb = skin * mult + add. Erythema therefore
-# turns dark red-brown and low-contrast on types V-VI (the real failure mode of derm models), while the
-# near-absolute colours (white, black, blue-gray) keep a small skin term and stay high-contrast.
+# Lesion colours are defined RELATIVE to the local skin, per channel c in (R, G, B):
+#     lesion_c = skin_c * mult_c + add_c        (then clipped to [0, 255] when the image is stored)
+# Erythema therefore turns dark red-brown and low-contrast on types V-VI (the real failure mode of derm
+# models), while the near-absolute colours (white, black, blue-gray) keep a small skin term and stay
+# high-contrast. Worked numbers for "erythematous" (mult (1, .55, .55), add (28, 0, 0)):
+#     type I  skin (244, 214, 190) -> (272 -> 255, 118, 105): difference (11, -96, -85), length ~129
+#     type VI skin ( 78,  50,  36) -> (106, 28, 20):          difference (28, -22, -16), length ~39
+# so the same disease is ~3x less visible on type VI. "white" (vitiligo) does the opposite: (242, 232, 220)
+# on type I is a difference of length ~35, (217, 208, 197) on type VI one of ~265. That is the real
+# asymmetry: vitiligo is easy on dark skin and hard on light skin, erythema the reverse.
 # The multipliers were tuned by eye on all six skin types: reds keep the R channel and cut G/B (more blood,
 # same melanin); browns scale all channels down with B most (more melanin); violaceous adds blue; pearly
 # and white are mostly absolute (scattering, not pigment); skin-coloured lesions are only visible through
@@ -306,9 +404,18 @@ def _c(*pairs):
 # tuple of 1-3 colours with its probability), sharp (border sharpness range, >= 0.55 = well-demarcated),
 # irreg (border irregularity range, >= 0.2 = irregular), surface (independent Bernoulli per feature),
 # location (body-site prior, rendered through context cues), period (implicit grating period in pixels at
-# 224 px; scaled with the image size). Values follow the team's prototype (data notes Sec. 4.4), except
-# that the implicit periods are doubled (so the cue survives at 112 px) and the largest lesion counts are
-# capped a little lower (render speed).
+# 224 px; scaled with the image size). Values follow a prototype whose difficulty was measured (see
+# headroom), except that the implicit periods are doubled (so the cue survives at 112 px) and the largest
+# lesion counts are capped a little lower (render speed).
+#
+# The periods form one ladder, 6.0 / 7.0 / 8.0 / 9.4 / 10.8 px (plus 6.4, 8.4, 9.6), and each cluster
+# spreads its members over it: A = psoriasis 6.0, actinic keratosis 7.0, eczema 8.0, urticaria 9.4,
+# mycosis fungoides 10.8; B = nevus 6.0, dermatofibroma 7.0, melanoma 8.0, halo nevus 9.4, seborrheic
+# keratosis 10.8; C = basal cell carcinoma 6.0, squamous cell carcinoma 8.4, pyogenic granuloma 10.8.
+# Neighbouring rungs differ by ~15 % (0.15 in log period) while the per-image jitter has a log-sd of 0.1,
+# so the period alone separates two NEIGHBOURING siblings with error ~ Phi(-0.15 / 2 / 0.1) = Phi(-0.75)
+# ~ 23 %, and distant ones almost always: informative, never a free answer. Classes in different
+# clusters may share a period, since there the explicit look already separates them.
 CLASS_RULES: dict[str, dict] = {
     # Cluster A (red, scaly). Psoriasis: sharply bordered salmon-red plaques with coarse silvery scale on
     # extensor limbs and scalp. Its siblings share the red colours, so the scale type carries the signal.
@@ -455,13 +562,12 @@ CLASS_RULES: dict[str, dict] = {
         location={"trunk": .7, "limb": .3}, period=10.8),
 }
 SYNTH_LABELS: tuple[str, ...] = tuple(CLASS_RULES)
-_SYNTH_PRIOR = np.array([CLASS_RULES[k]["prior"] for k in SYNTH_LABELS])
-_SYNTH_PRIOR /= _SYNTH_PRIOR.sum()
-# Confusable clusters: visual siblings (mimicry happens only inside a cluster). F and G are singletons.
-CLUSTERS: dict[str, tuple[str, ...]] = {}
-for _label, _rule in CLASS_RULES.items():
-    CLUSTERS.setdefault(_rule["cluster"], ())
-    CLUSTERS[_rule["cluster"]] += (_label,)
+# Confusable clusters: visual siblings (mimicry happens only inside a cluster). F and G are singletons,
+# so vitiligo and ichthyosis are never mimics: the control classes that a caption alone solves.
+# Clusters keep the order of their first member in CLASS_RULES; members keep table order.
+CLUSTERS: dict[str, tuple[str, ...]] = {
+    rule["cluster"]: tuple(label for label in CLASS_RULES if CLASS_RULES[label]["cluster"] == rule["cluster"])
+    for rule in CLASS_RULES.values()}
 
 
 def reference_differential(label: str, looks_like: str | None = None, k: int = 6) -> list[str]:
@@ -508,8 +614,12 @@ def _noise_tile(size: int) -> np.ndarray:
 def _pick(rng: np.random.Generator, table: dict, weights=None):
     """Draw one entry of a {value: probability} table, or of a sequence with `weights` (renormalised).
 
-    Inverse-CDF sampling with one uniform draw: plain Python is ~20x faster than rng.choice(p=...) on
-    tables this small, and spec() calls it a dozen times per image.
+    Inverse-CDF sampling with one uniform draw u ~ U[0, 1):
+        pick key k* = the first k with  u * sum_j w_j  <  w_1 + ... + w_k
+    so key k is chosen with probability w_k / sum_j w_j, and the weights need not sum to 1 (a subset of
+    classes or skin types is renormalised for free). Plain Python is ~20x faster than
+    rng.choice(p=...) on tables this small, and spec() calls it a dozen times per image. The final
+    `return keys[-1]` only guards against float round-off in the running sum.
     """
     keys = list(table)
     weights = [table[k] for k in keys] if weights is None else list(weights)
@@ -557,7 +667,11 @@ def _blob_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) -
 
 
 def _relative_colour(name: str, skin: np.ndarray) -> np.ndarray:
-    """Lesion colour NAME over the local skin pixels `skin` [3, ...]: skin * mult + add (COLOUR_RULES)."""
+    """Lesion colour NAME over the local skin pixels `skin` [3, ...]: lesion_c = skin_c * mult_c + add_c.
+
+    Applied per pixel, not per image: the lesion inherits the mottling and lighting of the skin under it,
+    as pigment and blood do, so a lesion on a shaded limb edge is darker than the same lesion in the light.
+    """
     mult, add = COLOUR_RULES[name]
     tail = (1,) * (skin.ndim - 1)
     return skin * np.asarray(mult, np.float32).reshape(3, *tail) + np.asarray(add, np.float32).reshape(3, *tail)
@@ -580,6 +694,7 @@ class SynthSample:
 
     @property
     def caption(self) -> str:
+        """The Stage I target text of this sample (format_caption of its fields)."""
         return format_caption(self.fields)
 
 
@@ -592,6 +707,15 @@ class SynthDerm:
 
     Knobs: p_mimic (0 easy, 0.25 default, 0.4 hard), cue_amplitude (implicit texture strength; 0 removes
     it), skin_types (e.g. (1, 2) to train on light skin only, Groh's a12 protocol), classes (a subset).
+    The knobs double as controls for the paper's ablations: with cue_amplitude=0 there is nothing beyond
+    the caption to learn, so Stage II and the DVE should add nothing over Stage I (if they "help", the
+    gain is noise or a shortcut); with p_mimic=0 a good caption alone nearly solves the task.
+
+    Usage:
+        ds = SynthDerm(1000, seed=0, image_size=224, split="test")
+        s = ds[7]                  # rendered now; ds[7] again gives the same pixels
+        s.label, s.fitzpatrick, s.fields["colour"], s.image.size, s.mask.shape
+        ds.spec(7)["fields"]       # the same attributes without drawing a pixel (~20 us)
     """
 
     def __init__(self, n: int, seed: int = 0, image_size: int = 224, split: str = "train",
@@ -660,12 +784,23 @@ class SynthDerm:
             count = 1
         elif count == 1 and dist != "generalized":
             dist = "solitary"
-        # The implicit cue belongs to the TRUE class (not the look), with 10 % log-normal period noise
-        # (clipped to [0.85, 1.18] so the shortest period, 6 px at 224, stays >= 2.5 px at 112).
+        # The implicit cue belongs to the TRUE class (not the look), with 10 % log-normal period noise:
+        #     period_px = P_class * j * S / 224,    j = clip(exp(0.1 z), 0.85, 1.18),  z ~ N(0, 1)
+        # S / 224 keeps the cue at the same number of cycles per image at every image size, so a model
+        # trained at 112 px and one at 448 px face the same task. The clip keeps the shortest period
+        # (6 px at 224) at >= 6 * 0.85 / 2 = 2.55 px at 112, above the 2 px Nyquist limit: a grating
+        # finer than 2 px per cycle would alias into a different, misleading frequency. For scale: a
+        # Qwen2.5-VL patch is 14 px, so one patch holds ~1.1 to ~2.7 cycles at 224 px. The cue is texture
+        # INSIDE a patch, carried only by the patch embedding and the vision MLPs, which is where
+        # dve.py makes the weights image-dependent.
         jitter = float(np.clip(np.exp(0.1 * rng.standard_normal()), 0.85, 1.18))
         period = CLASS_RULES[label]["period"] * jitter * self.size / 224
         # Caption words are thresholds on the drawn parameters, so the caption is a deterministic,
-        # checkable function of what was rendered (tests compare them with the pixels).
+        # checkable function of what was rendered (tests compare them with the pixels). Size: diameter
+        # fraction < 0.06 small, < 0.16 medium, else large (at 224 px and ZOOM 1.3: under ~17 px, under
+        # ~47 px). Border: sharpness >= 0.55 well-demarcated (the edge ramp, 0.6 + 0.4 (1 - sharp) R px
+        # wide, stays under ~0.2 R), irregularity >= 0.2 irregular (the radius wobbles by a visible share
+        # of R; see _lesion).
         size_word = "small" if size < 0.06 else "medium" if size < 0.16 else "large"
         border = ("well-demarcated" if sharp >= 0.55 else "ill-defined") + ", " + \
                  ("irregular" if irreg >= 0.2 else "regular")
@@ -770,7 +905,13 @@ class SynthDerm:
 
         # ---- implicit cue: faint grating, class-specific period, random orientation/phase, never captioned
         # It lives on the lesion AND a perilesional zone ~5 % of the image wide (a box blur of the mask), so
-        # even a 3 px acne papule carries a few periods of it at 112 px.
+        # even a 3 px acne papule carries a few periods of it at 112 px. Multiplicative luminance modulation:
+        #     I'(x, y) = I(x, y) * (1 + A * w(x, y) * sin(2 pi / P * (x cos th + y sin th) + phase))
+        # with A = cue_amplitude (0.05: +-5 %, about +-6 grey levels on mid skin, comparable to the slow
+        # +-4 % mottling and a few times the sensor noise's sigma of 2.5, so it is there when looked for
+        # and easy to overlook), w the lesion-and-surround weight in [0, 1] and P the period. A
+        # random angle and phase mean no fixed pixel pattern can be memorised: only the spatial FREQUENCY
+        # carries the class, which is what _spectrum_features (headroom) and a vision encoder must detect.
         amp = self.cue_amplitude
         th, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
         if amp > 0 and mask.any():
@@ -851,9 +992,16 @@ class SynthDerm:
     def _lesion(self, s, rng, img, mask, strokes, cx, cy, R, skin_mask) -> None:
         """Render one lesion of radius R (px) centred at (cx, cy) into img and mask, in its bounding box.
 
-        Border: signed distance d = rho - R(theta) to a radius function with harmonics 2..6 (irregularity)
-        and, for polygons, the n-gon radius R cos(pi/n) / cos(((theta - rot) mod 2pi/n) - pi/n);
-        alpha = clip(0.5 - d / softness, 0, 1) with softness growing as the border gets ill-defined.
+        The outline is a radius function of the angle theta (in the lesion's rotated frame):
+            R(theta) = R + sum_{k in 2, 3, 5} a_k cos(k theta + phi_k),   a_k = U(0.2, 1) 0.45 R irreg / sqrt(k)
+        Low harmonics only: k = 2 squashes, 3 and 5 make the lobes and notches of an irregular border (the
+        "B" of the melanoma ABCD rule); 1 / sqrt(k) keeps the finer wiggles smaller, like real outlines.
+        Polygons multiply by the n-gon radius cos(pi / n) / cos((theta mod 2 pi / n) - pi / n), n = 5..7
+        (the flat-topped polygonal papules of lichen planus). Opacity from the signed distance:
+            d = rho - R(theta)  (< 0 inside),   alpha = clip(0.5 - d / soft, 0, 1),
+            soft = 0.6 + 0.4 (1 - sharp) R  px
+        so sharp = 1 gives a sub-pixel edge and an ill-defined one fades over a good part of the radius, which
+        is what "well-demarcated" vs "ill-defined" means clinically (psoriasis vs eczema).
         """
         S = self.size
         shape = s["_shape"]
@@ -877,8 +1025,10 @@ class SynthDerm:
             v = v * np.float32(1 / rng.uniform(0.5, 0.75))                     # squash one axis
         rho = np.sqrt(u * u + v * v)                              # [h, w] distance from the centre
         Rth = np.float32(R)
-        # theta is only needed for a non-round outline (tiny harmonics below 0.3 px are skipped).
-        if half - R - 0.5 * soft - extra - 1 > 0.3 or shape in ("polygonal", "arcuate"):
+        # theta is only needed for a non-round outline: harmonics whose total bulge stays under 0.3 px
+        # cannot move an edge pixel visibly, so round regular lesions skip the arctan2 (a big share of
+        # the cost of small lesions).
+        if float(harm.sum()) > 0.3 or shape in ("polygonal", "arcuate"):
             theta = np.arctan2(v, u)
             Rth = np.full_like(rho, R)
             for k, a, p in zip((2, 3, 5), harm, hph):             # irregular border: a few harmonics
@@ -1038,6 +1188,10 @@ def tokenizer_corpus(n_captions: int = 400) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # Headroom: what a model can reach on SynthDerm from (a) nothing, (b) colours, (c) the true caption.
 # All classifiers are tiny numpy implementations so the numbers can be reproduced without sklearn.
+# How to read them against SkinFlow: "majority" is the floor; "colour histogram" is what a model gets
+# from global colour statistics (roughly a vision tower that pools everything); "caption oracle" is what
+# a PERFECT Stage I could hand to the diagnosis step; the gap between it and "caption + cue oracle" is
+# the part that only fine texture can add: the target of Stage II and of the DVE.
 # ---------------------------------------------------------------------------------------------------
 def _colour_features(image: Image.Image) -> np.ndarray:
     """Colour-histogram + texture-statistics features of one image (the "simple pixel baseline").
@@ -1190,6 +1344,26 @@ def headroom(n_train: int = 3000, n_test: int = 1000, image_size: int = 112, see
 # the fine label and its two parents, a dermatologist QC tag on a 504-image sample, and the source URL.
 # The images are not redistributable; fetch them with `python data.py download-fitzpatrick17k --out DIR`
 # (from the `url` column) or request the authors' dump. Images resolve as DIR/<md5hash>.jpg|.png|.jpeg.
+#
+# Protocol history, so the split names below mean something:
+#   * Groh et al. 2021 built the set (photos from the DermaAmin and Atlas Dermatologico atlases, skin
+#     types by Scale AI and by Centaur Labs) to ask whether classifiers are worse on darker skin. Their
+#     train.py defines the protocols reused ever since: `random_holdout` (sklearn train_test_split,
+#     test_size 0.2, random_state 4242, stratified by label: ~3.3k test images), `expert_select` (test on
+#     the 348 images a dermatologist marked "1 Diagnostic", train on the un-reviewed rest), the skin-type
+#     holdouts a12 / a34 / a56 (train on types {1,2} / {3,4} / {5,6}, test on the others) and a source
+#     holdout (train on one atlas, test on the other). Their finding: training on light skin (a12) and
+#     testing on dark skin costs the most accuracy, the fairness gap SynthDerm's relative colour mimics.
+#     (Their train.py reads `fitzpatrick` / `image_path` columns from an older CSV header; the current
+#     CSV says `fitzpatrick_scale` and has no path, which is why this loader goes by md5hash.)
+#   * Later work found the set noisy (near-duplicates, wrong labels: the atlas category -> label mapping
+#     was automatic) and published cleaned variants, e.g. Fitzpatrick17k-C (deduplicated, a 70/10/20
+#     split with seed 8888). We load the original CSV; the paper does not say which version it used.
+#   * SkinFlow ("Evaluation") reports Top-1 / Top-6 on 1,000 random Fitzpatrick17k images whose ids
+#     were not released, so its exact numbers cannot be reproduced by anyone; eval_sample is our
+#     documented stand-in (a fixed sample of random_holdout's test part), with the ids listable.
+# Implemented here: random, a12, a34, a56, expert and eval1000 (F17K_PROTOCOLS). Not implemented: the
+# source holdout (it needs the atlas of each row, recoverable from `url`; no downstream use yet).
 # ---------------------------------------------------------------------------------------------------
 F17K_COLUMNS = ("md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
                 "three_partition_label", "qc", "url", "url_alphanum")
@@ -1213,6 +1387,10 @@ class Record:
 
 
 def _open_text(path) -> io.TextIOBase:
+    """Open a CSV as text, transparently gunzipping *.gz (the shipped copy is assets/fitzpatrick17k.csv.gz).
+
+    newline="" is what the csv module asks for: it then handles quoted fields with embedded newlines.
+    """
     path = Path(path)
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
@@ -1444,6 +1622,8 @@ def caption_to_fields(text: str) -> dict[str, str]:
 
 @dataclass
 class CaptionRecord:
+    """One SkinCAP row: the free-text caption, its 8-field mapping, and the Fitzpatrick17k record it
+    describes (None when the image is not from Fitzpatrick17k, e.g. SkinCAP's DDI images)."""
     id: str               # md5hash (file stem of ori_file_path)
     file: str             # ori_file_path as given
     caption: str          # English free text
@@ -1670,6 +1850,7 @@ def iterate(stage: str, split: str = "train", source: str = "synthderm", n: int 
 
 
 def _font(size: int):
+    """A PIL font of about `size` px for the contact sheet, without shipping a font file."""
     from PIL import ImageFont
     try:
         return ImageFont.load_default(size=size)             # scalable default font (Pillow >= 10.1)
@@ -1691,8 +1872,9 @@ def preview(n: int = 16, out: str = "grid.png", seed: int = 0, image_size: int =
     roman = ["I", "II", "III", "IV", "V", "VI"]
 
     def fit(t: str) -> str:                                   # cut a line to the tile width
+        # Each step replaces the last two characters (later: the previous "…" and one letter) by "…".
         while t and draw.textlength(t, font=font) > image_size - 6:
-            t = t[:-2] + "…" if not t.endswith("…") else t[:-2] + "…"
+            t = t[:-2] + "…"
         return t
     for i in range(n):
         s = ds[i]
@@ -1721,6 +1903,7 @@ def bench(image_size: int = 224, n: int = 300, seed: int = 0) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI (subcommands in the module docstring); returns the process exit status."""
     p = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("preview", help="write a labelled contact sheet of SynthDerm samples")
