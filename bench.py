@@ -203,7 +203,7 @@ def build_hf_like(ours, dev):
             hf = Qwen2_5_VLForConditionalGeneration(hcfg)
     finally:
         torch.set_default_dtype(old)
-    hf = hf.to(device=dev, dtype=ours.dtype).eval()
+    hf = hf.eval()  # no .to(dtype): that would also round transformers' float32 RoPE buffers to bf16
     sd = {}
     for k, v in ours.state_dict().items():
         if k.startswith("visual."):
@@ -356,7 +356,13 @@ class Bench:
             return None
         if self.hf is None:
             self.log("building transformers' model with the same weights")
-            self.hf = build_hf_like(self.model(), self.dev)
+            try:
+                self.hf = build_hf_like(self.model(), self.dev)
+            except Exception as exc:  # an incompatible transformers version: go on without its columns
+                self.results["errors"]["transformers"] = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc()[-1500:]
+                self.log(f"transformers model unavailable ({type(exc).__name__}: {exc}); continuing without it")
+                self.use_hf = False
+                free(self.dev)
         return self.hf
 
     def drop_models(self):
@@ -499,7 +505,13 @@ class Bench:
         # correctness: graph replay vs eager static decoding, greedy, same prompts -> same tokens
         ids = text_ids(cfg, S["decode_batches"][0], S["prompt"], seed=5, dev=dev)
         if dev.type == "cuda":
-            a = m.generate(ids, max_new_tokens=24, greedy=True, cuda_graph=True)
+            import warnings
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                a = m.generate(ids, max_new_tokens=24, greedy=True, cuda_graph=True)
+            capture_failed = [str(w.message) for w in caught if "capture" in str(w.message)]
+            out["graph_capture_error"] = capture_failed[0] if capture_failed else None
+            self.check("decode CUDA graph captured (failures)", float(len(capture_failed)), 0, "count")
             b = m.generate(ids, max_new_tokens=24, greedy=True, cuda_graph=False)
             same = bool(torch.equal(a.tokens, b.tokens))
             self.check("decode CUDA graph vs eager: greedy tokens differ (count)", float((a.tokens != b.tokens).sum()), 0, "count")
@@ -510,12 +522,16 @@ class Bench:
             g = m.generate(ids[:2], max_new_tokens=8, greedy=True, cuda_graph=False, output_logits=True)
             full = m(torch.cat([ids[:2], g.tokens], 1)).float()[:, S["prompt"] - 1:S["prompt"] - 1 + g.tokens.shape[1]]
         self.check("decode cached logits vs full recompute", rel_err(g.logits, full),
-                   2e-2 if self.dtype == torch.bfloat16 else 1e-5)
+                   3e-2 if self.dtype == torch.bfloat16 else 1e-5)
         for B in S["decode_batches"]:
             ids = text_ids(cfg, B, S["prompt"], seed=B, dev=dev)
             row = {}
             if dev.type == "cuda":
-                row["graph_ms"] = self._ours_decode_ms(m, ids, graph=True)
+                try:
+                    row["graph_ms"] = self._ours_decode_ms(m, ids, graph=True)
+                except Exception as exc:  # keep the eager and transformers numbers of this batch size
+                    row["graph_error"] = f"{type(exc).__name__}: {exc}"
+                    self.log(f"decode B={B}: graph path failed: {row['graph_error']}")
             row["eager_ms"] = self._ours_decode_ms(m, ids, graph=False)
             best = row.get("graph_ms", row["eager_ms"])
             row["tok_s"] = B / best * 1e3
@@ -529,7 +545,8 @@ class Bench:
             row["generate_tokens"] = int(res.mask.sum())
             row["generate_tok_s"] = row["generate_tokens"] / ms * 1e3
             out[f"b{B}"] = row
-            self.log(f"decode B={B}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
+            self.log(f"decode B={B}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in row.items()))
             free(dev)
         return out
 
