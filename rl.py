@@ -1,4 +1,4 @@
-"""rl.py: the two-stage GRPO of SkinFlow (arXiv 2601.09136, Sec. 3.2-3.3), written from scratch.
+"""rl.py: the two-stage GRPO of SkinFlow (arXiv 2601.09136, "Staged RL": Stage I and Stage II), written from scratch.
 
 The paper trains with GRPO in two stages (lrs 1e-6 then 5e-7, verl): Stage I rewards a structured
 caption of the lesion (8 fields), Stage II rewards a ranked differential diagnosis by the position of

@@ -1,7 +1,7 @@
 """skinflow.py: the Qwen2.5-VL backbone of SkinFlow (arXiv 2601.09136), written from scratch.
 
-SkinFlow (paper Sec. 3) starts from Qwen2.5-VL-3B/7B-Instruct, swaps some vision MLP layers for the
-dynamic vision encoder (dve.py, Sec. 3.2) and trains with two-stage GRPO (rl.py, Sec. 3.3). This file is
+SkinFlow (paper: method section) starts from Qwen2.5-VL-3B/7B-Instruct, swaps some vision MLP layers for the
+dynamic vision encoder (dve.py, paper: "Virtual-Width Dynamic Vision Encoder") and trains with two-stage GRPO (rl.py, paper: Stage I / Stage II RL). This file is
 the foundation everything else stands on, in raw PyTorch (no `transformers` at run time):
 
   1. `Config` / `VisionConfig`   the Hub config.json (flat Hub file or nested transformers-5.x file), presets
@@ -387,7 +387,7 @@ class SwiGLU(nn.Module):
     """MLP(x) = down( silu(gate(x)) * up(x) ),  silu(z) = z * sigmoid(z).
 
     `cu_seqlens` is forwarded to linears that ask for it (`takes_cu_seqlens`): this is the hook where
-    dve.FDLinear (paper Sec. 3.2) computes per-image frequency gates.
+    dve.FDLinear (paper: the DVE) computes per-image frequency gates.
     """
 
     def __init__(self, dim: int, hidden: int, bias: bool):
@@ -425,7 +425,7 @@ def _sdpa_gqa(q, k, v, mask):
 
 
 # ===================================================================================================
-# 4. Vision tower (Qwen2.5-VL ViT, paper Sec. 3.1's frozen encoder before DVE)
+# 4. Vision tower (Qwen2.5-VL ViT, the paper's encoder before DVE)
 #
 # Worked example of the window order (window_size 56 px -> ws = 2 merged tokens, one image whose merged
 # grid is lh x lw = 3 x 5, merged tokens numbered in raster order):
@@ -1014,7 +1014,7 @@ class StaticDecoder:
 class VLM(nn.Module):
     """Qwen2.5-VL: `visual` (VisionTower) + `model` (TextModel) + `lm_head` (None when tied).
 
-    Forward pass (paper Sec. 3.1 takes it as given):
+    Forward pass (the paper takes it as given):
         img = VisionTower(pixel_values)                        [M, D]   one row per <|image_pad|>
         x   = embed_tokens[input_ids]; x[image pads] = img     [B, T, D]
         x   = DecoderLayer_L( ... DecoderLayer_1(x) )          M-RoPE positions from rope_positions()
