@@ -1,7 +1,8 @@
 """skinflow.py: the Qwen2.5-VL backbone of SkinFlow (arXiv 2601.09136), written from scratch.
 
-SkinFlow (paper: method section) starts from Qwen2.5-VL-3B/7B-Instruct, swaps some vision MLP layers for the
-dynamic vision encoder (dve.py, paper: "Virtual-Width Dynamic Vision Encoder") and trains with two-stage GRPO (rl.py, paper: Stage I / Stage II RL). This file is
+SkinFlow starts from Qwen2.5-VL-3B/7B-Instruct, swaps some vision MLP layers for the dynamic vision encoder
+(dve.py; the paper's "Virtual-Width Dynamic Vision Encoder") and trains with two-stage GRPO (rl.py; the
+paper's Stage I / Stage II RL). This file is
 the foundation everything else stands on, in raw PyTorch (no `transformers` at run time):
 
   1. `Config` / `VisionConfig`   the Hub config.json (flat Hub file or nested transformers-5.x file), presets
