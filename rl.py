@@ -10,7 +10,9 @@ the first accepted answer. This file holds everything one rollout touches, in re
   3. the rewards of both stages (`reward_caption`, `reward_differential`), in ONE marked section;
   4. LoRA written from scratch, the reference policy without a second model copy, fp32 master weights,
      chunked completion log-probs;
-  5. the trainer (`python rl.py warmup|stage1|stage2 ...`) with checkpoint / resume.
+  5. the trainer (`python rl.py warmup|stage1|stage2 ...`) with checkpoint / resume;
+  6. multi-GPU: the same trainer under `torchrun --nproc_per_node N rl.py ...` (rollouts sharded by
+     whole groups, gradients summed over ranks, FSDP2 for full fine-tuning).
 
 Notation used throughout: a prompt q (image + question) gets G sampled completions o_1..o_G; token t
 of completion i is o_{i,t}; pi_theta is the policy being trained, pi_old the policy that sampled the
@@ -769,6 +771,7 @@ class TrainConfig:
     chunk: int = 1024             # completion rows per lm_head + log-softmax chunk
     eval_n: int = 64              # held-out items scored greedily at the end (0 = skip)
     resume: bool = True
+    prompt_seeds: bool = False    # sample each prompt with a seed from its global data position (section 6)
 
 
 def _rl_caption_fields():
@@ -868,6 +871,8 @@ class Trainer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if cfg.device == "auto" else cfg.device))
+        self.dist = Distributed(self.device)  # section 6: torchrun rank / world; cuda -> cuda:LOCAL_RANK
+        self.device = self.dist.device
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
         torch.manual_seed(cfg.seed)
         self.model, self.tok = skinflow.load(cfg.init, dtype=dtype, device=self.device, seed=cfg.seed)
@@ -891,6 +896,11 @@ class Trainer:
         self.ref_model = None
         if sets & {"llm", "vision"} and cfg.stage != "warmup" and cfg.beta != 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
+        if self.dist.active and "llm" in sets:  # section 6: full fine-tuning on N ranks -> FSDP2 shards
+            self.dist.shard_layers(self.model)
+            if self.ref_model is not None:
+                self.dist.shard_layers(self.ref_model)
+        self.dist.broadcast_([p for p in self.model.parameters() if p.requires_grad])  # ranks start equal
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.names:
             raise ValueError(f"nothing to train: --train {cfg.train!r} matched no parameter (dve needs --dve)")
@@ -899,7 +909,7 @@ class Trainer:
         # betas (0.9, 0.99): RL gradients are noisier than SFT's; a shorter second-moment memory adapts faster.
         self.opt = torch.optim.AdamW(self.master.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         # The sampler's own generator: its state is checkpointed, so a resumed run draws the same tokens.
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + RANK_SEED_STRIDE * self.dist.rank)
         import data
 
         split = "val" if cfg.stage == "warmup" else "train"  # the warm start never sees the RL stream
@@ -910,7 +920,7 @@ class Trainer:
         self.log_path = self.dir / "log.jsonl"
         if cfg.resume and self.ckpt.exists():
             self.load_checkpoint()
-        elif self.log_path.exists():
+        elif self.log_path.exists() and self.dist.is_main:
             self.log_path.unlink()  # a fresh run: start a fresh log
 
     def _has_dve(self) -> bool:
@@ -937,7 +947,9 @@ class Trainer:
         meta = {"step": str(self.step), "position": str(self.position),
                 "param_groups": json.dumps(opt_state["param_groups"]),
                 "config": json.dumps(dataclasses.asdict(self.cfg))}
-        _atomic_save(tensors, self.ckpt, meta)
+        tensors = self.dist.checkpoint_tensors(tensors, self.gen)  # section 6: gathered; None off rank 0
+        if tensors is not None:
+            _atomic_save(tensors, self.ckpt, meta)
 
     def load_checkpoint(self):
         from safetensors import safe_open
@@ -950,7 +962,7 @@ class Trainer:
             raise KeyError(f"{self.ckpt}: no saved value for trainable {missing[:4]} (different --train / --dve?)")
         with torch.no_grad():
             for n, m in zip(self.names, self.master.params):
-                m.copy_(tensors[f"param/{n}"])
+                self.dist.copy_full_into(m, tensors[f"param/{n}"])
         self.master.master_to_model()
         state = {}
         for k, v in tensors.items():
@@ -958,8 +970,10 @@ class Trainer:
                 _, i, name = k.split("/", 2)
                 state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
         self.opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        self.dist.shard_optimizer_state(self.opt)
         torch.set_rng_state(tensors["rng/torch"])
         self.gen.set_state(tensors["rng/sampler"])
+        self.dist.restore_sampler(tensors, self.gen)  # this rank's own stream
         if "rng/cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng/cuda"])
         self.step, self.position = int(meta["step"]), int(meta["position"])  # continue where we stopped
@@ -969,8 +983,7 @@ class Trainer:
         """Write the stage's model (LoRA merged, DVE kept) + tokenizer to <out>/<stage>/model."""
         target = self.dir / "model"
         merge_lora(self.model)
-        self.model.save_pretrained(target)
-        self.tok.save(target)
+        self.dist.save_model(self.model, self.tok, target)  # rank 0 writes (section 6)
         return target
 
     # ---------------------------------------------------------------------------- one step
@@ -991,10 +1004,11 @@ class Trainer:
     def _warmup_step(self):
         """Supervised step: -mean log p(target tokens) over half Stage I, half Stage II targets."""
         cfg = self.cfg
-        idx = _data_indices(self.position, cfg.prompts, len(self.data), cfg.data_seed)
+        start = self.position + self.dist.rank * cfg.prompts  # this rank's slice of the global batch
+        idx = _data_indices(start, cfg.prompts, len(self.data), cfg.data_seed)
         items = [self.data[i] for i in idx]
         # alternate the two tasks by data position so every batch teaches both formats
-        tasks = ["stage1" if (self.position + j) % 2 == 0 else "stage2" for j in range(len(items))]
+        tasks = ["stage1" if (start + j) % 2 == 0 else "stage2" for j in range(len(items))]
         batch = self._prompt_batch(items, [_stage_prompt(t) for t in tasks])
         targets = [self.tok.encode(_warmup_target(it, t)) + [self.tok.eos_id] for it, t in zip(items, tasks)]
         L = max(map(len, targets))
@@ -1005,7 +1019,7 @@ class Trainer:
             mask[b, :len(t)] = 1
         # teacher forcing reuses the GRPO log-prob path: same chunked lm_head, same masking rules
         logp = completion_logprobs(self.model, batch, comp, mask, chunk=cfg.chunk)  # [B, L]
-        loss = -(logp * mask).sum() / mask.sum()  # token-mean negative log-likelihood
+        loss = -(logp * mask).sum() / self.dist.sum(mask.sum())  # token-mean negative log-likelihood
         stats = {"loss": float(loss.detach()), "tokens": int(mask.sum())}
         return loss, stats, len(items)
 
@@ -1013,7 +1027,8 @@ class Trainer:
         cfg, G, model = self.cfg, self.cfg.G, self.model
         t0 = time.time()
         # a. prompts
-        idx = _data_indices(self.position, cfg.prompts, len(self.data), cfg.data_seed)
+        start = self.position + self.dist.rank * cfg.prompts  # this rank's slice of the global batch
+        idx = _data_indices(start, cfg.prompts, len(self.data), cfg.data_seed)
         items = [self.data[i] for i in idx]
         batch = self._prompt_batch(items, [_stage_prompt(cfg.stage)] * len(items))
         # b. rollouts: image features once per prompt, G samples per prompt in ONE generate call
@@ -1021,9 +1036,7 @@ class Trainer:
         with torch.no_grad():
             embeds = model.encode_images(batch["pixel_values"], batch["image_grid_thw"])  # [sum M, D]
             big, big_embeds = _repeat_groups(batch, embeds, G)  # [B*G, T], [G * sum M, D]
-            gen = model.generate(big["input_ids"], big["attention_mask"], None, big["image_grid_thw"],
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, generator=self.gen, image_embeds=big_embeds)
+            gen = sample_rollouts(model, big, big_embeds, cfg, self.gen, start)  # section 6
         t_roll = time.time() - t0
         # c. rewards and advantages
         gen.mask = cut_at_vision_tokens(model.cfg, gen.tokens, gen.mask)  # [B*G, L]
@@ -1038,7 +1051,7 @@ class Trainer:
         # forward instead (ratio exactly 1); using the sampler's keeps any sampler/trainer mismatch
         # VISIBLE in ratio_min/max and lets the clip guard against it (it matters in bf16).
         old = gen.logprobs  # [B*G, L] sampler log-probs = pi_old
-        n_tok = float(mask.sum())  # GLOBAL token count: the token-mean normaliser of every micro-batch
+        n_tok = self.dist.sum(mask.sum())  # GLOBAL token count: the token-mean normaliser of every micro-batch
         # d. reference log-probs (no grad; same weights with every delta off, or the frozen copy)
         ref = None
         if cfg.beta != 0:
@@ -1071,8 +1084,8 @@ class Trainer:
                                            image_embeds=emb)  # [b*G, L]
                 loss, st = grpo_loss(logp, old[rows], None if ref is None else ref[rows], adv[rows], mask[rows],
                                      cfg.eps_low, cfg.eps_high, cfg.beta, cfg.agg, num_tokens=n_tok,
-                                     num_seqs=B * G, max_len=cfg.max_new_tokens)
-                if not torch.isfinite(loss):  # NaN/inf: drop the whole update rather than poison the weights
+                                     num_seqs=B * G * self.dist.world, max_len=cfg.max_new_tokens)
+                if not self.dist.all(torch.isfinite(loss)):  # NaN/inf: drop the whole update rather than poison the weights
                     finite = False
                     break
                 loss.backward()
@@ -1116,8 +1129,9 @@ class Trainer:
             self.master.zero_grad()
             return float("nan")
         self.master.grads_to_master()  # bf16 grads -> fp32 master grads (no-op for fp32 parameters)
+        self.dist.sum_grads(self.master.params)  # section 6: sum over ranks (no-op on one device)
         # clip on the masters: the norm is the whole update's, before any rounding
-        norm = torch.nn.utils.clip_grad_norm_(self.master.params, self.cfg.grad_clip)
+        norm = self.dist.clip_grad_norm_(self.master.params, self.cfg.grad_clip)
         if not torch.isfinite(norm):
             self.master.zero_grad()
             return float("nan")
@@ -1155,8 +1169,9 @@ class Trainer:
                 report["stage2/clinical"] = {k: m[k] for k in ("n", "top1", "top6", "mrr", "format_failure_rate",
                                                                "safety_critical_rate", "ci95")}
             report[f"{task}/samples"] = texts[:3]
-        with open(self.dir / "eval.json", "w") as f:
-            json.dump(report, f, indent=1)
+        if self.dist.is_main:
+            with open(self.dir / "eval.json", "w") as f:
+                json.dump(report, f, indent=1)
         return report
 
     # ---------------------------------------------------------------------------- the loop
@@ -1165,14 +1180,15 @@ class Trainer:
 
         cfg = self.cfg
         print(f"[rl] {cfg.stage}: trainable {self.counts} on {self.device}, {cfg.steps} steps -> {self.dir}")
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, dynamic_ncols=True,
+                   disable=not self.dist.is_main)
         # Ctrl-C policy: the first one only sets a flag, the current step finishes, then a consistent
         # checkpoint is written and we exit (130). A second Ctrl-C interrupts immediately.
         self._stop_requested, self._dirty = False, False
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
             def on_sigint(signum, frame):
-                if self._stop_requested:
+                if self._stop_requested and not self.dist.active:  # N ranks: only the agreed stop below
                     raise KeyboardInterrupt
                 self._stop_requested = True
                 print("\n[rl] Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to abort now)")
@@ -1184,28 +1200,30 @@ class Trainer:
                     self.model.train()
                     self.master.zero_grad()
                     loss, rec, n = self._warmup_step()
-                    finite = bool(torch.isfinite(loss))
+                    finite = self.dist.all(torch.isfinite(loss))
                     if finite:
                         loss.backward()
                     rec["grad_norm"] = self._optimizer_step(finite)
                     rec["skipped"] = int(not finite)
                 else:
                     rec, n = self._rl_step()
-                self.position += n
+                rec = self.dist.reduce_log(rec, n if cfg.stage == "warmup" else n * cfg.G)  # global numbers
+                self.position += n * self.dist.world  # the data stream advances by the GLOBAL batch
                 self.step += 1
                 self._dirty = False  # weights, step and data position agree again
                 rec.update({"step": self.step, "lr": cfg.lr, "step_s": round(time.time() - t0, 3),
                             "position": self.position})
                 if rec.get("skipped"):
                     print(f"[rl] step {self.step}: non-finite loss/gradient, update skipped")
-                with open(self.log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                if self.dist.is_main:
+                    with open(self.log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
                 key = "loss" if cfg.stage == "warmup" else "reward_mean"
                 bar.set_postfix({key: f"{rec[key]:.3f}"})
                 bar.update(1)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
-                if self._stop_requested:
+                if self.dist.any(self._stop_requested):  # all ranks stop after the same step
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
@@ -1230,6 +1248,342 @@ class Trainer:
         return self.export()
 
 
+# ===================================================================================================
+# 6. DISTRIBUTED: torchrun --nproc_per_node N rl.py warmup|stage1|stage2 ...   (issue 8, multi-GPU)
+#
+# Data-parallel GRPO with PyTorch's own distributed stack, and ONE code path for 1 and N devices:
+#   * torchrun starts N copies of this script and sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+#     MASTER_PORT. `Distributed` reads them: WORLD_SIZE > 1 -> init_process_group (nccl on CUDA, gloo on
+#     CPU), one device per rank (cuda:LOCAL_RANK). Without torchrun WORLD_SIZE is unset: no process
+#     group, every collective below returns its input, and the trainer is exactly the 1-process one.
+#   * Rollouts are sharded by WHOLE GROUPS. `--prompts B` is per rank; the global batch is the N*B
+#     prompts at data positions p .. p+N*B-1 and rank r takes p+r*B .. p+r*B+B-1. All G completions of
+#     a prompt are sampled, scored and normalised on one rank, so the group advantage
+#         A_i = (r_i - mean_g r) / (std_g r + eps)
+#     needs no communication: it depends only on the G rewards of its own group.
+#   * The loss normalisers are GLOBAL: token-mean divides by the completion-token count of ALL ranks
+#     (one all-reduce), seq-mean / Dr.GRPO by the global number of completions N*B*G. Rank r's loss is
+#     then its share of the one-process loss over the N*B prompts,
+#         L = sum_r L_r   =>   grad L = sum_r grad L_r,
+#     so gradients are SUMMED over ranks (not averaged), and N ranks x B prompts = 1 process x N*B.
+#     (With a local normaliser each rank would weight its tokens by 1/n_r instead of 1/sum_r n_r: a
+#     different, length-dependent objective. test_ddp.py would catch it.)
+#   * Per-rank sampler seeds (seed + 1 + r * RANK_SEED_STRIDE; rank 0 keeps the 1-process seed); the
+#     data position advances by the GLOBAL batch; checkpoint, log.jsonl, eval.json and the exported
+#     model are written by rank 0 only; the checkpoint stores every rank's sampler state so a resume
+#     with the same N redraws the same tokens. The stop decision after Ctrl-C is agreed by all ranks
+#     (one all-reduce per step), otherwise one rank would leave while the others wait in a collective.
+#
+# LoRA / DVE training: why an explicit all-reduce of the trainable gradients and not
+# DistributedDataParallel. DDP syncs gradients from autograd hooks that it arms inside DDP.forward().
+# This model is driven through other entry points - generate() for the rollouts, encode_images() and
+# hidden_states() (via completion_logprobs) for the loss - which all bypass the wrapper's forward, so
+# DDP would silently NOT synchronise; gradient accumulation over micro-batches would also need
+# no_sync(), and DDP AVERAGES over ranks where the globally normalised loss needs a SUM. The explicit
+# version is one flat all-reduce of the trainable gradients per optimizer step (LoRA of the 7B: 40 M
+# floats), in plain sight. What it gives up is DDP's overlap of communication with backward, which is
+# negligible next to the rollout time of GRPO. Ranks start identical: the trainable tensors are
+# broadcast from rank 0 (the frozen base comes from the same file / seed on every rank).
+#
+# Full fine-tuning (--train llm) with N > 1: FSDP2 `fully_shard` on every decoder layer. Each rank
+# keeps 1/N of the layers' weights, gradients and AdamW state (the frozen reference copy is sharded
+# the same way). A layer's __call__ all-gathers its weights and frees them again afterwards
+# (reshard_after_forward=True, set explicitly so it also holds for sampling, where every decode step
+# calls every layer); backward reduce-scatters the layer gradients with divide factor 1, i.e. it SUMS
+# like the all-reduce above. Embeddings, final norm, lm_head and the vision tower stay replicated and
+# go through the explicit all-reduce (they are called directly, e.g. `lm_head_weight`, which FSDP's
+# module hooks would not see). Sharded models sample without CUDA graphs (a graph cannot capture
+# FSDP's hook-driven all-gathers). Checkpoints gather full tensors on rank 0 and re-shard on load.
+# ===================================================================================================
+import torch.distributed as dist  # noqa: E402  (kept next to the only code that uses it)
+
+RANK_SEED_STRIDE = 1_000_003  # sampler seed of rank r: seed + 1 + r * stride (rank 0 = the 1-process seed)
+
+# How each numeric log field combines over ranks (everything else: mean over completions, e.g.
+# reward_mean, completion_len, format_mean, field/<name>, hit_rank1). loss / tokens are already each
+# rank's share of a globally normalised sum; kl and the clip fractions are token means.
+_DDP_LOG_SUM = ("loss", "tokens", "zero_std_groups", "groups", "format_failures")
+_DDP_LOG_TOKEN_MEAN = ("kl", "clip_low", "clip_high")
+_DDP_LOG_MAX = ("ratio_max", "rollout_s")
+_DDP_LOG_MIN = ("ratio_min",)
+_DDP_LOG_SAME = ("grad_norm", "skipped")  # identical on every rank (computed after the all-reduce)
+
+
+def _is_dtensor(t) -> bool:
+    """True for an FSDP2-sharded tensor (a DTensor), False for a plain one."""
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
+
+
+def prompt_seed(seed: int, position: int) -> int:
+    """Seed of the generator that samples the G completions of the prompt at global data `position`
+    (--prompt-seeds): a pure function of (seed, position), whatever rank or batch the prompt lands in."""
+    return (seed * RANK_SEED_STRIDE + 7919 * position + 17) % (2 ** 62)
+
+
+class Distributed:
+    """Rank, world size, device and the few collectives the trainer needs.
+
+    Built from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK). At world size 1 (plain `python
+    rl.py ...`) `active` is False, no process group exists and every method returns its input: the
+    single-device trainer runs unchanged.
+    """
+
+    def __init__(self, device: torch.device):
+        self.active = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        self.fsdp = False
+        if self.active and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)  # one GPU per rank
+            torch.cuda.set_device(device)
+        if self.active and not dist.is_initialized():
+            # nccl moves GPU tensors over NVLink / InfiniBand; gloo is the CPU backend (CI, tests)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.owns_group = True
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+        self.is_main = self.rank == 0
+        self.device = device
+
+    def close(self):
+        """Tear the process group down if we created it (torchrun expects a clean exit)."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    # ------------------------------------------------------------------ scalar collectives
+    def _reduce(self, values, op) -> list:
+        if not self.active:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)  # [k]
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def sum(self, x) -> float:
+        """sum over ranks of a scalar (e.g. the completion-token count: the global normaliser)."""
+        return self._reduce([float(x)], dist.ReduceOp.SUM)[0]
+
+    def all(self, flag) -> bool:
+        """True only if `flag` holds on every rank (e.g. "the loss is finite": skip the step together)."""
+        return self._reduce([float(bool(flag))], dist.ReduceOp.MIN)[0] > 0
+
+    def any(self, flag) -> bool:
+        """True if `flag` holds on some rank (e.g. "Ctrl-C was pressed": stop together)."""
+        return self._reduce([float(bool(flag))], dist.ReduceOp.MAX)[0] > 0
+
+    def barrier(self):
+        if self.active:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ parameters and gradients
+    @torch.no_grad()
+    def broadcast_(self, params):
+        """Copy rank 0's values of the (replicated) trainable tensors to every rank: a common start."""
+        if not self.active:
+            return
+        for p in params:
+            if not _is_dtensor(p):
+                dist.broadcast(p.data, src=0)
+
+    @torch.no_grad()
+    def sum_grads(self, params):
+        """grad_p <- sum_r grad_p^(r) for every replicated parameter, in ONE flat all-reduce.
+
+        FSDP-sharded parameters are skipped: FSDP reduce-scattered them during backward. A parameter
+        with no gradient on any rank keeps grad None, as in one process (AdamW then skips it); one
+        flag per parameter travels in the same buffer to decide that.
+        """
+        plain = [p for p in params if not _is_dtensor(p)]
+        if not self.active or not plain:
+            return
+        has = torch.tensor([float(p.grad is not None) for p in plain], device=self.device)  # [P]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for p in plain] + [has])  # [sum numel + P]
+        dist.all_reduce(flat)
+        off, flags = 0, flat[-len(plain):].tolist()
+        for p, h in zip(plain, flags):
+            n = p.numel()
+            p.grad = flat[off:off + n].view_as(p).to(p.dtype) if h > 0 else None
+            off += n
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        """Global gradient-norm clip. Replicated grads are identical on every rank after sum_grads, so
+        the usual clip gives the same norm everywhere; with FSDP shards the squared norms of the local
+        shards are summed over ranks first:  ||g||^2 = sum_r ||g_shard_r||^2 + ||g_replicated||^2."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not any(_is_dtensor(g) for g in grads):
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        sq_sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        sq_plain = torch.zeros((), dtype=torch.float64, device=self.device)
+        for g in grads:
+            if _is_dtensor(g):
+                sq_sharded += g.to_local().double().pow(2).sum()
+            else:
+                sq_plain += g.double().pow(2).sum()
+        dist.all_reduce(sq_sharded)
+        total = (sq_sharded + sq_plain).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            (g.to_local() if _is_dtensor(g) else g).mul_(coef.to(g.dtype))
+        return total.float()
+
+    # ------------------------------------------------------------------ FSDP2 for full fine-tuning
+    def shard_layers(self, model):
+        """FSDP2 `fully_shard` on every decoder layer (full fine-tuning, N > 1); see the section comment."""
+        from torch.distributed.fsdp import fully_shard
+
+        if any(isinstance(m, LoRALinear) for m in model.model.layers.modules()):
+            raise ValueError("--train llm with lora under torchrun is not supported: choose llm or lora")
+        for layer in model.model.layers:
+            fully_shard(layer, reshard_after_forward=True)
+            layer.set_gradient_divide_factor(1.0)  # SUM over ranks: the loss is globally normalised
+        # CUDA graphs cannot capture the hook-driven all-gathers: sharded models sample eagerly
+        model.generate = _eager_generate(model)
+        self.fsdp = True
+        return model
+
+    def full(self, t: torch.Tensor) -> torch.Tensor:
+        """The whole tensor on every rank (an all-gather for a shard; the tensor itself otherwise)."""
+        return t.full_tensor() if _is_dtensor(t) else t
+
+    @torch.no_grad()
+    def copy_full_into(self, param, full: torch.Tensor):
+        """param <- full value, re-sharding it when param is an FSDP shard (checkpoint load)."""
+        if _is_dtensor(param):
+            from torch.distributed.tensor import distribute_tensor
+
+            full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
+        param.copy_(full)
+
+    def shard_optimizer_state(self, opt):
+        """After optimizer.load_state_dict: turn full moment tensors of sharded params into shards."""
+        if not self.fsdp:
+            return
+        from torch.distributed.tensor import distribute_tensor
+
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for k, v in list(opt.state.get(p, {}).items()):
+                    if _is_dtensor(p) and torch.is_tensor(v) and v.shape == p.shape and not _is_dtensor(v):
+                        opt.state[p][k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+
+    # ------------------------------------------------------------------ checkpoints, logs, export
+    def checkpoint_tensors(self, tensors: dict, sampler: torch.Generator) -> dict | None:
+        """Every rank calls this (it may all-gather); rank 0 gets the dict to write, others None.
+
+        Adds each rank's sampler state as rng/sampler/rank<r> (rank 0's also stays in rng/sampler)."""
+        tensors = {k: self.full(v) for k, v in tensors.items()}  # FSDP shards -> full tensors
+        if not self.active:
+            return tensors
+        states = [None] * self.world
+        dist.all_gather_object(states, sampler.get_state().cpu())
+        for r, s in enumerate(states):
+            tensors[f"rng/sampler/rank{r}"] = s
+        return tensors if self.is_main else None
+
+    def restore_sampler(self, tensors: dict, sampler: torch.Generator):
+        """A resume with the same N continues every rank's own sample stream; with another N the ranks
+        above the saved ones start from their fresh seed (said once)."""
+        if not self.active:
+            return
+        key = f"rng/sampler/rank{self.rank}"
+        if key in tensors:
+            sampler.set_state(tensors[key])
+        elif self.is_main:
+            print(f"[rl] checkpoint was written with fewer ranks: ranks without a saved sampler state reseed")
+
+    def reduce_log(self, rec: dict, n_completions: int) -> dict:
+        """One step's log record over all ranks, so rank 0 logs the numbers of the GLOBAL batch
+        (sums, token-weighted means, completion means, max / min; see _DDP_LOG_*). reward_std is rebuilt
+        from each rank's sum of squares:  sum r^2 = (n - 1) std^2 + n mean^2."""
+        if not self.active:
+            return rec
+        n = float(n_completions)
+        tokens = float(rec.get("completion_len", 0.0)) * n  # this rank's completion tokens
+        keys = sorted(k for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and k not in _DDP_LOG_SAME + _DDP_LOG_MAX + _DDP_LOG_MIN)
+        weight = {k: 1.0 if k in _DDP_LOG_SUM else (tokens if k in _DDP_LOG_TOKEN_MEAN else n) for k in keys}
+        extra = [n, tokens]
+        if "reward_std" in rec:
+            mean, std = float(rec["reward_mean"]), float(rec["reward_std"])
+            extra.append((n - 1) * std ** 2 + n * mean ** 2)  # sum of r^2 on this rank
+        sums = self._reduce([float(rec[k]) * weight[k] for k in keys] + extra, dist.ReduceOp.SUM)
+        tot_n, tot_tok = sums[len(keys)], sums[len(keys) + 1]
+        out = dict(rec)
+        for k, s in zip(keys, sums):
+            out[k] = s if k in _DDP_LOG_SUM else s / max(tot_tok if k in _DDP_LOG_TOKEN_MEAN else tot_n, 1e-12)
+            if isinstance(rec[k], int) and k in _DDP_LOG_SUM:
+                out[k] = int(round(s))
+        if "reward_std" in rec:
+            ss, m = sums[-1], out["reward_mean"]
+            out["reward_std"] = math.sqrt(max(ss - tot_n * m * m, 0.0) / max(tot_n - 1, 1))
+        hi = [k for k in _DDP_LOG_MAX if k in rec] + [k for k in _DDP_LOG_MIN if k in rec]
+        vals = self._reduce([rec[k] if k in _DDP_LOG_MAX else -rec[k] for k in hi], dist.ReduceOp.MAX)
+        for k, v in zip(hi, vals):
+            out[k] = v if k in _DDP_LOG_MAX else -v
+        return out
+
+    def save_model(self, model, tok, target: Path):
+        """Export once: rank 0 writes the Hub-layout model + tokenizer (FSDP: from gathered full tensors)."""
+        if self.fsdp:
+            full = {k: self.full(v) for k, v in model.state_dict().items()}  # all ranks: all-gathers
+            if self.is_main:
+                model.state_dict = lambda: full  # save_pretrained reads state_dict(): hand it the full one
+                try:
+                    model.save_pretrained(target)
+                finally:
+                    del model.state_dict
+        elif self.is_main:
+            model.save_pretrained(target)
+        if self.is_main:
+            tok.save(target)
+        self.barrier()  # nobody reads <stage>/model (the next stage's --init) before it is complete
+
+
+def _eager_generate(model):
+    """model.generate with cuda_graph=False by default (bound to this instance only)."""
+    bound = type(model).generate
+
+    def generate(*args, **kwargs):
+        kwargs.setdefault("cuda_graph", False)
+        return bound(model, *args, **kwargs)
+
+    return generate
+
+
+def sample_rollouts(model, big: dict, big_embeds, cfg, generator, first_position: int):
+    """Sample the B*G completions of a rank's B prompts (rows prompt-major, as _repeat_groups lays them).
+
+    Default: ONE batched KV-cache generate() call with the rank's own generator (fast).
+    cfg.prompt_seeds: one call per prompt, its generator seeded by prompt_seed(cfg.seed, global data
+    position). A prompt's completions then no longer depend on which rank or batch it landed in, so a
+    run on N ranks x B prompts reproduces a 1-process run on N*B prompts token for token (the
+    reproducibility check of test_ddp.py). Costs B smaller generate calls instead of one; columns that
+    are padding in every row of the prompt are dropped so the call sees exactly the same input.
+    """
+    import skinflow
+
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    if not cfg.prompt_seeds:
+        return model.generate(big["input_ids"], big["attention_mask"], None, big["image_grid_thw"],
+                              generator=generator, image_embeds=big_embeds, **kw)
+    G = cfg.G
+    parts = []
+    for b in range(big["input_ids"].shape[0] // G):
+        sub, emb = _slice_batch(big, big_embeds, b, b + 1, G)  # [G, T] rows of prompt b
+        first = int(sub["attention_mask"].any(0).nonzero()[0])  # left padding shared by all G rows
+        g = torch.Generator(device=model.device).manual_seed(prompt_seed(cfg.seed, first_position + b))
+        parts.append(model.generate(sub["input_ids"][:, first:], sub["attention_mask"][:, first:], None,
+                                    sub["image_grid_thw"], generator=g, image_embeds=emb, **kw))
+    L = max(p.tokens.shape[1] for p in parts)
+
+    def cat(name, fill):  # right-pad every part to L columns, stack the prompts
+        return torch.cat([F.pad(getattr(p, name), (0, L - p.tokens.shape[1]), value=fill) for p in parts])
+
+    return skinflow.Generation(cat("tokens", model.cfg.pad_token_id), cat("mask", 0.0), cat("logprobs", 0.0))
+
+
+
 def main(argv=None) -> int:
     """CLI: every TrainConfig field is a flag (`--prompts 8`, `--dve`, `--no-resume`)."""
     p = argparse.ArgumentParser(description="SkinFlow staged GRPO (rl.py)")
@@ -1245,7 +1599,11 @@ def main(argv=None) -> int:
             p.add_argument(flag, type=typ, default=f.default)
     args = p.parse_args(argv)
     cfg = TrainConfig(**vars(args))
-    out = Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        out = trainer.run()
+    finally:
+        trainer.dist.close()  # section 6: leave the process group cleanly (no-op on one device)
     print(f"[rl] {cfg.stage} done: model written to {out}")
     return 0
 
