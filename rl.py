@@ -1437,6 +1437,7 @@ class Distributed:
         for layer in model.model.layers:
             fully_shard(layer, reshard_after_forward=True)
             layer.set_gradient_divide_factor(1.0)  # SUM over ranks: the loss is globally normalised
+            layer.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
         # CUDA graphs cannot capture the hook-driven all-gathers: sharded models sample eagerly
         model.generate = _eager_generate(model)
         self.fsdp = True

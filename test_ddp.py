@@ -30,6 +30,7 @@ _DDP_WORLD = 2
 _DDP_STEPS = 3
 _DDP_ATOL = 1e-5  # weights move by ~2e-3 per step (lr 1e-3, mu = 2); summation-order noise stays < 3e-6
 # (Adam amplifies it on near-zero gradient entries); a local normaliser misses by 1.4e-4 after one step
+_DDP_FSDP = dict(train="llm", steps=2, prompts=2)  # full fine-tuning run (FSDP2 on the 2 ranks)
 _DDP_DROP = ("step_s", "rollout_s", "sample")  # timing, and rank 0's first completion
 
 
@@ -57,18 +58,19 @@ def _ddp_cfg(out, **kw):
 def _ddp_train(cfg) -> dict:
     """Run one Trainer; return its trainable fp32 tensors before and after every step, and its log."""
     tr = rl.Trainer(cfg)
-    snaps = [[p.detach().clone() for p in tr.master.params]]
+    full = lambda: [tr.dist.full(p).detach().clone() for p in tr.master.params]  # noqa: E731 (FSDP: gathered)
+    snaps = [full()]
     real = tr._rl_step
 
     def step():  # _rl_step includes the optimizer update(s) of the step
         out = real()
-        snaps.append([p.detach().clone() for p in tr.master.params])
+        snaps.append(full())
         return out
 
     tr._rl_step = step
     tr.run()
     log = tr.log_path
-    return {"names": tr.names, "snaps": snaps,
+    return {"names": tr.names, "snaps": snaps, "fsdp": tr.dist.fsdp,
             "log": [json.loads(x) for x in open(log)] if log.exists() else None}
 
 
@@ -88,6 +90,7 @@ def _ddp_worker(rank, world, port, out_dir):
         res["straight"] = _ddp_train(_ddp_cfg(out / "a", **kw))["log"]
         _ddp_train(_ddp_cfg(out / "b", **{**kw, "steps": 2}))
         res["resumed"] = _ddp_train(_ddp_cfg(out / "b", **kw))["log"]
+        res["fsdp"] = _ddp_train(_ddp_cfg(out / "fsdp", **_DDP_FSDP))  # full fine-tuning: FSDP2 shards
         ck = out / "eq" / "stage2" / "checkpoint.safetensors"
         from safetensors import safe_open
 
@@ -109,10 +112,11 @@ def ddp_runs(tmp_path_factory):
     rl._stage_reward = _ddp_fake_reward
     try:
         single = _ddp_train(_ddp_cfg(out / "single", prompts=2 * _DDP_WORLD))
+        single_fsdp = _ddp_train(_ddp_cfg(out / "single_fsdp", **{**_DDP_FSDP, "prompts": 2 * _DDP_WORLD}))
     finally:
         rl._stage_reward = saved_reward
         os.environ.update(mp_env)
-    return {"ranks": ranks, "single": single, "out": out}
+    return {"ranks": ranks, "single": single, "single_fsdp": single_fsdp, "out": out}
 
 
 def test_ddp_ranks_stay_in_sync(ddp_runs):
@@ -161,3 +165,24 @@ def test_ddp_resume_continues_identically(ddp_runs):
         a = [{k: v for k, v in x.items() if k not in ("step_s", "rollout_s")} for x in r["straight"]]
         b = [{k: v for k, v in x.items() if k not in ("step_s", "rollout_s")} for x in r["resumed"]]
         assert a == b and len(a) == _DDP_STEPS
+
+
+def test_ddp_fsdp_full_finetune_equals_one_process(ddp_runs):
+    """--train llm on 2 ranks: FSDP2 shards the decoder layers; same numbers as one unsharded process."""
+    r0, r1 = (r["fsdp"] for r in ddp_runs["ranks"])
+    one = ddp_runs["single_fsdp"]
+    assert r0["fsdp"] and not one["fsdp"] and r0["names"] == one["names"]
+    assert any(".layers." in n for n in r0["names"]) and any("embed_tokens" in n for n in r0["names"])
+    for s, (a, b, c) in enumerate(zip(r0["snaps"], r1["snaps"], one["snaps"])):
+        for name, x, y, z in zip(r0["names"], a, b, c):
+            assert torch.equal(x, y), f"{name}: ranks differ after step {s}"  # replicated + gathered shards
+            err = float((x - z).abs().max())
+            assert err <= _DDP_ATOL, f"{name} after step {s}: FSDP vs 1 process differ by {err:.3g}"
+    assert max(float((x - x0).abs().max()) for x, x0 in zip(r0["snaps"][-1], r0["snaps"][0])) > 100 * _DDP_ATOL
+    # the export (gathered on rank 0) holds the trained weights in Hub layout
+    import skinflow
+
+    model, _ = skinflow.load(str(ddp_runs["out"] / "fsdp" / "stage2" / "model"))
+    state = model.state_dict()
+    for name, x in zip(r0["names"], r0["snaps"][-1]):
+        assert torch.equal(state[name], x), name
