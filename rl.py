@@ -744,6 +744,9 @@ class TrainConfig:
     G: int = 4                    # completions per prompt
     mu: int = 1                   # inner epochs (optimizer steps) per rollout batch
     lr: float = 2e-4
+    lr_schedule: str = "constant"  # constant | cosine (linear warm-up, then cosine decay to min_lr_ratio * lr)
+    lr_warmup: int = 0            # steps of linear lr warm-up (used by both schedules)
+    min_lr_ratio: float = 0.1     # cosine floor, as a fraction of lr
     beta: float = 0.01            # KL coefficient (paper: unknown; 0 .. 0.04 in the anchors)
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -770,6 +773,7 @@ class TrainConfig:
     device: str = "auto"
     chunk: int = 1024             # completion rows per lm_head + log-softmax chunk
     eval_n: int = 64              # held-out items scored greedily at the end (0 = skip)
+    sft_order: str = "shuffled"   # warm-up Stage II target: "shuffled" (cluster in random order) | "looks"
     resume: bool = True
     prompt_seeds: bool = False    # sample each prompt with a seed from its global data position (section 6)
 
@@ -792,18 +796,56 @@ def _stage_reward(stage: str, text: str, item) -> tuple[float, dict]:
     return reward_differential(text, item.label)
 
 
-def _warmup_target(item, task: str) -> str:
-    """SFT target of the tiny warm start: the caption, or the differential of what the lesion LOOKS like.
+def _warmup_target(item, task: str, order: str = "shuffled") -> str:
+    """SFT target of the tiny warm start: the caption, or a differential built from what the lesion LOOKS like.
 
-    Using `looks_like` (not the true label) makes the warm start an "explicit look" diagnostician: right
-    on ordinary images, wrong on mimics (25 % of SynthDerm) whose true class only the never-captioned
-    implicit texture reveals. That is the headroom Stage II RL (and DVE) can win back.
+    Stage II target, order="looks": data.reference_differential(looks_like) = [looks_like, its cluster
+    siblings, same nine-group, ...]. order="shuffled" (default): the same six entries, but the members
+    of looks_like's confusable cluster that open the list are put in a random order (seeded by the item
+    id, so the target of an item never changes). Why both choices:
+      * `looks_like`, not the true label: the warm start is an "explicit look" diagnostician, wrong on
+        every mimic (25 % of SynthDerm) whose true class only the never-captioned texture reveals.
+      * shuffled: the warm start learns WHICH group of diagnoses fits the picture (Top-6 high) but not
+        which one of the group to put first (Top-1 low). Ranking is exactly what the Stage II reward
+        (credit decaying with the rank of the first accepted answer) teaches, so RL has room to show it:
+        it must learn, from reward alone, which sibling to put first for which image.
     """
+    import random
+
     import data
 
     if task == "stage1":
         return data.format_caption(item.fields)
-    return data.format_differential(data.reference_differential(item.looks_like))
+    ranked = data.reference_differential(item.looks_like)
+    if order == "shuffled" and item.looks_like in data.CLASS_RULES:
+        cluster = data.CLUSTERS[data.CLASS_RULES[item.looks_like]["cluster"]]
+        head = [d for d in ranked if d in cluster]  # the cluster members, which open the reference list
+        random.Random(str(item.id)).shuffle(head)
+        ranked = head + [d for d in ranked if d not in cluster]
+    elif order not in ("shuffled", "looks"):
+        raise ValueError(f"sft_order must be 'shuffled' or 'looks', got {order!r}")
+    return data.format_differential(ranked)
+
+
+def lr_at(cfg: "TrainConfig", step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based), a pure function of the step so a resumed run
+    continues the same schedule:
+
+        warm-up  (step < W):      lr * (step + 1) / W
+        constant (after W):       lr
+        cosine   (after W):       lr * (m + (1 - m) * 0.5 * (1 + cos(pi * (step - W) / (S - W))))
+    W = cfg.lr_warmup, S = cfg.steps, m = cfg.min_lr_ratio. The tiny warm start needs the warm-up + decay
+    (a high lr of 2e-3 early, a low one late); the RL stages default to a constant lr, as in the paper.
+    """
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    W = max(0, cfg.lr_warmup)
+    if step < W:
+        return cfg.lr * (step + 1) / W
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    frac = min(1.0, (step - W) / max(1, cfg.steps - W))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def _data_indices(position: int, k: int, n: int, seed: int) -> list[int]:
@@ -973,7 +1015,7 @@ class Trainer:
         self.dist.shard_optimizer_state(self.opt)
         torch.set_rng_state(tensors["rng/torch"])
         self.gen.set_state(tensors["rng/sampler"])
-        self.dist.restore_sampler(tensors, self.gen)  # this rank's own stream
+        self.dist.restore_sampler(tensors, self.gen, self.cfg.seed + int(meta["step"]))  # this rank's stream
         if "rng/cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng/cuda"])
         self.step, self.position = int(meta["step"]), int(meta["position"])  # continue where we stopped
@@ -1010,7 +1052,7 @@ class Trainer:
         # alternate the two tasks by data position so every batch teaches both formats
         tasks = ["stage1" if (start + j) % 2 == 0 else "stage2" for j in range(len(items))]
         batch = self._prompt_batch(items, [_stage_prompt(t) for t in tasks])
-        targets = [self.tok.encode(_warmup_target(it, t)) + [self.tok.eos_id] for it, t in zip(items, tasks)]
+        targets = [self.tok.encode(_warmup_target(it, t, cfg.sft_order)) + [self.tok.eos_id] for it, t in zip(items, tasks)]
         L = max(map(len, targets))
         comp = torch.full((len(items), L), self.tok.pad_id, dtype=torch.long, device=self.device)  # [B, L]
         mask = torch.zeros(len(items), L, device=self.device)  # [B, L]
@@ -1196,6 +1238,9 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 t0 = time.time()
+                lr = lr_at(cfg, self.step)  # the schedule is a function of the step: resumes continue it
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
                 if cfg.stage == "warmup":
                     self.model.train()
                     self.master.zero_grad()
@@ -1211,7 +1256,7 @@ class Trainer:
                 self.position += n * self.dist.world  # the data stream advances by the GLOBAL batch
                 self.step += 1
                 self._dirty = False  # weights, step and data position agree again
-                rec.update({"step": self.step, "lr": cfg.lr, "step_s": round(time.time() - t0, 3),
+                rec.update({"step": self.step, "lr": lr, "step_s": round(time.time() - t0, 3),
                             "position": self.position})
                 if rec.get("skipped"):
                     print(f"[rl] step {self.step}: non-finite loss/gradient, update skipped")
@@ -1482,16 +1527,19 @@ class Distributed:
             tensors[f"rng/sampler/rank{r}"] = s
         return tensors if self.is_main else None
 
-    def restore_sampler(self, tensors: dict, sampler: torch.Generator):
-        """A resume with the same N continues every rank's own sample stream; with another N the ranks
-        above the saved ones start from their fresh seed (said once)."""
+    def restore_sampler(self, tensors: dict, sampler: torch.Generator, seed: int):
+        """Resume every rank's own sample stream (checkpoint written with the same N). A rank with no
+        saved state (the checkpoint came from fewer ranks, e.g. a 1-process run) reseeds from
+        (seed, rank) instead of sharing rank 0's restored stream, which would correlate the ranks' draws."""
         if not self.active:
             return
         key = f"rng/sampler/rank{self.rank}"
         if key in tensors:
             sampler.set_state(tensors[key])
-        elif self.is_main:
-            print(f"[rl] checkpoint was written with fewer ranks: ranks without a saved sampler state reseed")
+        elif self.rank > 0:
+            sampler.manual_seed(seed + 1 + RANK_SEED_STRIDE * self.rank)
+            if self.rank == 1:
+                print("[rl] checkpoint written with fewer ranks: ranks without a saved sampler state reseed")
 
     def reduce_log(self, rec: dict, n_completions: int) -> dict:
         """One step's log record over all ranks, so rank 0 logs the numbers of the GLOBAL batch
