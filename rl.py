@@ -1127,7 +1127,7 @@ class Trainer:
                 loss, st = grpo_loss(logp, old[rows], None if ref is None else ref[rows], adv[rows], mask[rows],
                                      cfg.eps_low, cfg.eps_high, cfg.beta, cfg.agg, num_tokens=n_tok,
                                      num_seqs=B * G * self.dist.world, max_len=cfg.max_new_tokens)
-                if not self.dist.all(torch.isfinite(loss)):  # NaN/inf: drop the whole update rather than poison the weights
+                if not self.dist.all(torch.isfinite(loss)):  # NaN/inf on any rank: drop the whole update
                     finite = False
                     break
                 loss.backward()
