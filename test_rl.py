@@ -552,3 +552,83 @@ def test_rl_nonfinite_loss_skips_step(tmp_path, monkeypatch):
     log = _rl_log(tmp_path / "run" / "stage2" / "log.jsonl")
     assert log[0]["skipped"] == 1
     assert all(torch.equal(p, q) for p, q in zip(before, tr.master.params))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. The tiny warm start's knobs and train.sh
+# ---------------------------------------------------------------------------------------------------
+def test_rl_lr_schedule_hand_values():
+    """lr_at against values worked out by hand (W = 2 warm-up steps, S = 10 steps, floor 0.1)."""
+    cfg = rl.TrainConfig(steps=10, lr=2.0, lr_warmup=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    # warm-up: 2 * 1/2, 2 * 2/2; then 2 * (0.1 + 0.9 * 0.5 * (1 + cos(pi * (s - 2) / 8)))
+    assert rl.lr_at(cfg, 0) == pytest.approx(1.0) and rl.lr_at(cfg, 1) == pytest.approx(2.0)
+    assert rl.lr_at(cfg, 2) == pytest.approx(2.0)
+    assert rl.lr_at(cfg, 6) == pytest.approx(2 * (0.1 + 0.9 * 0.5))  # half way: cos(pi/2) = 0
+    assert rl.lr_at(cfg, 10) == pytest.approx(0.2)
+    const = rl.TrainConfig(steps=10, lr=2.0, lr_warmup=4)
+    assert [rl.lr_at(const, s) for s in (0, 3, 4, 9)] == pytest.approx([0.5, 2.0, 2.0, 2.0])
+    with pytest.raises(ValueError):
+        rl.lr_at(rl.TrainConfig(lr_schedule="linear"), 0)
+
+
+def test_rl_warmup_target_shuffled_keeps_entries_changes_order():
+    import data
+    import eval as skin_eval
+
+    ds = data.SynthDerm(60, seed=3, image_size=56, split="val")
+    moved = 0
+    for it in ds:
+        looks = skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "looks"))
+        shuf = skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "shuffled"))
+        assert looks[0] == it.looks_like  # the reference starts with what the lesion looks like
+        assert sorted(shuf) == sorted(looks)  # same six entries ...
+        cluster = data.CLUSTERS[data.CLASS_RULES[it.looks_like]["cluster"]]
+        assert set(shuf[:len(cluster)]) == set(cluster)  # ... the look's cluster still opens the list
+        assert shuf == skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "shuffled"))  # fixed per item
+        moved += shuf[0] != it.looks_like
+    assert moved > 10  # the order really is shuffled for many items
+    assert rl._warmup_target(ds[0], "stage1") == data.format_caption(ds[0].fields)
+    with pytest.raises(ValueError):
+        rl._warmup_target(ds[0], "stage2", "alphabetical")
+
+
+def test_rl_warmup_probe_trains_and_is_not_exported(tmp_path):
+    from safetensors import safe_open
+
+    tr = rl.Trainer(_rl_cfg(tmp_path, "warmup", steps=2, aux_weight=1.0))
+    assert "aux_head.weight" in tr.names  # trained (and checkpointed) like any parameter
+    before = tr.model.aux_head.weight.detach().clone()
+    out = tr.run()
+    log = _rl_log(tmp_path / "run" / "warmup" / "log.jsonl")
+    assert all(r["aux_loss"] > 0 for r in log)
+    assert not torch.equal(before, tr.master.params[tr.names.index("aux_head.weight")])
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if "aux_head" in k]  # the exported VLM has the plain Hub layout
+
+
+def test_rl_cli_dry_run(capsys):
+    import json
+
+    assert rl.main(["stage2", "--lr", "5e-7", "--dtype", "bf16", "--train", "lora,dve", "--dve", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cfg["lr"] == 5e-7 and cfg["dve"] is True and cfg["stage"] == "stage2"
+    with pytest.raises(SystemExit):
+        rl.main(["stage2", "--lr-schedule", "cosine", "--no-such-flag", "--dry-run"])
+
+
+def test_rl_train_sh_dry_run_parses(tmp_path):
+    """DRY_RUN=1 prints the whole 7B chain and checks each rl.py command's flags (runs no model)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(rl.__file__).resolve().parent
+    env = dict(os.environ, DRY_RUN="1", PRESET="7b", OUT=str(tmp_path / "run"), PY=sys.executable)
+    res = subprocess.run(["bash", str(root / "train.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    cmds = [ln for ln in res.stdout.splitlines() if ln.startswith("+ ")]
+    assert any("rl.py stage1" in c and "--lr 1e-6" in c for c in cmds)
+    assert any("rl.py stage2" in c and "--lr 5e-7" in c for c in cmds)
+    assert any("eval.py summary" in c for c in cmds) and not any("rl.py warmup" in c for c in cmds)
+    assert "preset 7b" in res.stdout

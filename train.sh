@@ -57,7 +57,7 @@ tiny)
     # supervised warm start: stand-in for the pretrained instruct model (which tiny does not have)
     WARMUP="--steps 300 --prompts 8 --lr 2e-3 --lr-schedule cosine --lr-warmup 20 --aux-weight 1.0 --sft-order shuffled"
     STAGE1="--steps 15 --prompts 8 --G 8 --lr 1e-3 --max-new-tokens 96 --micro-prompts 8"
-    STAGE2="--steps 60 --prompts 8 --G 8 --lr 1e-3 --max-new-tokens 56 --micro-prompts 8"
+    STAGE2="--steps 70 --prompts 8 --G 8 --lr 3e-4 --beta 0.04 --temperature 0.7 --max-new-tokens 56 --micro-prompts 8"
     MAIN_TRAIN="--train lora"           # the main tiny run: LoRA only (DVE is the ablation's third row)
     EVAL_N=${EVAL_N:-500}
     EVAL="--image-size 112 --max-pixels 12544 --max-new-tokens 64 --batch-size 50"
