@@ -1028,7 +1028,8 @@ class Trainer:
         if "rng/cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng/cuda"])
         self.step, self.position = int(meta["step"]), int(meta["position"])  # continue where we stopped
-        print(f"[rl] resumed {self.ckpt} at step {self.step}, data position {self.position}")
+        if self.dist.is_main:  # one line per run, not one per rank (section 6)
+            print(f"[rl] resumed {self.ckpt} at step {self.step}, data position {self.position}")
 
     def export(self) -> Path:
         """Write the stage's model (LoRA merged, DVE kept) + tokenizer to <out>/<stage>/model."""
@@ -1177,7 +1178,7 @@ class Trainer:
             "clip_low": mean("clip_low") if agg_stats else 0.0, "clip_high": mean("clip_high") if agg_stats else 0.0,
             "ratio_max": max((s["ratio_max"] for s in agg_stats), default=1.0),
             "ratio_min": min((s["ratio_min"] for s in agg_stats), default=1.0),
-            "completion_len": float(lengths.mean()), "truncated": float((mask[:, -1] > 0).float().mean()),
+            "completion_len": float(lengths.mean()), "truncated": float((lengths >= cfg.max_new_tokens).float().mean()),  # hit the length cap
             "zero_std_groups": gstats["zero_std_groups"], "groups": gstats["groups"],
             "format_failures": sum(int(i["malformed"]) for _, i in scored),
             "format_mean": sum(i["format"] for _, i in scored) / len(scored),
@@ -1251,7 +1252,8 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        print(f"[rl] {cfg.stage}: trainable {self.counts} on {self.device}, {cfg.steps} steps -> {self.dir}")
+        if self.dist.is_main:
+            print(f"[rl] {cfg.stage}: trainable {self.counts} on {self.device}, {cfg.steps} steps -> {self.dir}")
         bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, dynamic_ncols=True,
                    disable=not self.dist.is_main)
         # Ctrl-C policy: the first one only sets a flag, the current step finishes, then a consistent
@@ -1317,9 +1319,10 @@ class Trainer:
         bar.close()
         if cfg.eval_n > 0:
             rep = self.evaluate(cfg.eval_n)
-            print("[rl] held-out:", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()
-                                     if k.endswith("reward_mean")},
-                  {k: rep["stage2/clinical"][k] for k in ("top1", "top6")} if "stage2/clinical" in rep else "")
+            if self.dist.is_main:
+                print("[rl] held-out:", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()
+                                         if k.endswith("reward_mean")},
+                      {k: rep["stage2/clinical"][k] for k in ("top1", "top6")} if "stage2/clinical" in rep else "")
         return self.export()
 
 
@@ -1690,7 +1693,8 @@ def main(argv=None) -> int:
         out = trainer.run()
     finally:
         trainer.dist.close()  # section 6: leave the process group cleanly (no-op on one device)
-    print(f"[rl] {cfg.stage} done: model written to {out}")
+    if trainer.dist.is_main:
+        print(f"[rl] {cfg.stage} done: model written to {out}")
     return 0
 
 
