@@ -67,16 +67,17 @@ _SF_IMG, _SF_VS, _SF_VE, _SF_EOS, _SF_PAD = 995, 992, 993, 991, 990
 _SF_GRIDS = [(1, 8, 12), (1, 6, 10)]
 
 
-def _sf_hf_config(tied: bool):
+def _sf_hf_config(tied: bool, layers: int = 2, intermediate: int = 128, rope_theta: float = 1e6, depth: int = 3):
+    """A tiny transformers Qwen2.5-VL config that exercises every path (GQA, windows + a full block)."""
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=rope_theta,
                          rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
                          max_position_embeddings=4096, bos_token_id=_SF_PAD, eos_token_id=_SF_EOS,
                          pad_token_id=_SF_PAD),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+        vision_config=dict(depth=depth, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                            window_size=56, fullatt_block_indexes=[1], tokens_per_second=2),
         image_token_id=_SF_IMG, video_token_id=996, vision_start_token_id=_SF_VS, vision_end_token_id=_SF_VE,
@@ -1743,19 +1744,9 @@ _ATTN_IMG, _ATTN_VS, _ATTN_VE, _ATTN_EOS, _ATTN_PAD = 995, 992, 993, 991, 990
 
 def _attn_hf_model(seed: int):
     """A small random transformers Qwen2.5-VL (3 decoder layers, GQA 4/2 heads), norms and biases randomised."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e4,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                         max_position_embeddings=4096, bos_token_id=_ATTN_PAD, eos_token_id=_ATTN_EOS,
-                         pad_token_id=_ATTN_PAD),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                           window_size=56, fullatt_block_indexes=[1], tokens_per_second=2),
-        image_token_id=_ATTN_IMG, video_token_id=996, vision_start_token_id=_ATTN_VS,
-        vision_end_token_id=_ATTN_VE, tie_word_embeddings=True)
+    cfg = _sf_hf_config(True, layers=3, intermediate=96, rope_theta=1e4, depth=2)  # the backbone tests' family
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     m = Qwen2_5_VLForConditionalGeneration(cfg).eval()
