@@ -2055,20 +2055,26 @@ def summarize_run(run_dir, n_boot: int = 2000) -> dict:
         ev = _stage_evals(row_dir)
         if ev:
             last = list(ev)[-1]
-            ablation[row_dir.name] = (last, ev[last][0])
+            # each row starts from the main run's warm start and is scored on the same test images, so
+            # its gain over that warm start gets the same paired interval as the main table
+            d = _delta_row(evals[ref][1], ev[last][1], n_boot=n_boot) if ref else None
+            ablation[row_dir.name] = (last, ev[last][0], d)
     if ablation:
         lines += ["", "## Ablation (paper Table: Fitzpatrick17k; ours: SynthDerm, same protocol in kind)", "",
-                  "| row | paper Top-1 | paper Top-6 | ours Top-1 | ours Top-6 |", "|---|---|---|---|---|"]
-        for key, (last, m) in ablation.items():
+                  f"| row | paper Top-1 | paper Top-6 | ours Top-1 | ours Top-6 | ours Δ Top-1 vs {ref} |",
+                  "|---|---|---|---|---|---|"]
+        for key, (last, m, d) in ablation.items():
             name, p1, p6 = PAPER_ABLATION.get(key, (key, float("nan"), float("nan")))
-            lines.append(f"| {name} | {p1:.2f} | {p6:.2f} | {_fmt_ci(m, 'top1')} | {_fmt_ci(m, 'top6')} |")
+            dtxt = f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if d else "–"
+            lines.append(f"| {name} | {p1:.2f} | {p6:.2f} | {_fmt_ci(m, 'top1')} | {_fmt_ci(m, 'top6')} | {dtxt} |")
     curves = draw_curves(run, run / "curves.png")
     if curves:
         lines += ["", "![learning curves](curves.png)"]
     text = "\n".join(lines) + "\n"
     (run / "results.md").write_text(text)
-    summary = {"rows": rows, "reference": ref, "ablation": {k: {"stage": s, "top1": m["top1"], "top6": m["top6"]}
-                                                          for k, (s, m) in ablation.items()}}
+    summary = {"rows": rows, "reference": ref,
+               "ablation": {k: {"stage": s, "top1": m["top1"], "top6": m["top6"], "delta_top1": d}
+                            for k, (s, m, d) in ablation.items()}}
     (run / "results.json").write_text(json.dumps(summary, indent=2))
     return {"markdown": text, **summary}
 

@@ -1713,6 +1713,8 @@ def test_sum_run_table_curves_and_ablation(tmp_path):
     assert out["reference"] == "warmup" and rows["warmup"]["delta_top1"] is None
     d, lo, hi = rows["stage2"]["delta_top1"]
     assert abs(d - (sum(better) - sum(warm)) / 60) < 1e-12 and lo > 0      # every case gained or tied
+    # the ablation row was scored on the same images, so it gets the same paired gain over the warm start
+    assert out["ablation"]["stage1_stage2_dve"]["delta_top1"][0] == d
     md = (tmp_path / "results.md").read_text()
     assert "Learning shown" in md and "29.19" in md and "stage2" in md
     png = Image.open(tmp_path / "curves.png")
