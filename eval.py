@@ -2051,7 +2051,9 @@ def summarize_run(run_dir, n_boot: int = 2000) -> dict:
                   + ", ".join(f"`{r['stage']}`" for r in learned) + "."]
     # the ablation table, next to the paper's numbers (which are Fitzpatrick17k, not SynthDerm)
     ablation = {}
-    for row_dir in sorted((run / "ablation").glob("*")) if (run / "ablation").is_dir() else []:
+    order = list(PAPER_ABLATION)  # the paper's row order first, any other row after it
+    rows_found = sorted((run / "ablation").glob("*")) if (run / "ablation").is_dir() else []
+    for row_dir in sorted(rows_found, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name)):
         ev = _stage_evals(row_dir)
         if ev:
             last = list(ev)[-1]
