@@ -65,6 +65,25 @@ __device__ __forceinline__ void load_mixed_tile(acc_t (*ws)[TN + 1], const scala
 }
 
 // y[t, o] = sum_i x[t, i] W_b[o, i] for the token tile blockIdx.y of image blockIdx.z, outputs tile blockIdx.x.
+// The register-tile micro-kernel all three kernels share. A thread owns a 4x4 block of the 64x64 output
+// tile (rows ty*4.., columns tx*4..) and adds TK rank-1 updates from the two staged shared-memory tiles:
+//     acc[p][q] += sum_c A[c][ty*4 + p] * B[c][tx*4 + q]
+// Per step it reads 4 + 4 values and does 16 FMAs, which keeps the CUDA cores busy without tensor cores.
+template <typename acc_t>
+__device__ __forceinline__ void tile_rank1_updates(acc_t (&acc)[4][4], const acc_t (*A)[TM + 1],
+                                                   const acc_t (*B)[TN + 1], int ty, int tx) {
+#pragma unroll
+  for (int c = 0; c < TK; ++c) {
+    acc_t av[4], bv[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) { av[q] = A[c][ty * 4 + q]; bv[q] = B[c][tx * 4 + q]; }
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[p][q] += av[p] * bv[q];
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ cu, const acc_t* __restrict__ a,
                            const scalar_t* __restrict__ bases, scalar_t* __restrict__ y,
@@ -97,16 +116,7 @@ __global__ void fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __rest
     load_mixed_tile<scalar_t, acc_t, false>(ws, bases, as, K, d_out, d_in, o0, i0);
     __syncthreads();  // both tiles complete before anyone reads them
     // rank-1 updates: each thread reads 4 x values and 4 w values per step and does 16 FMAs
-#pragma unroll
-    for (int c = 0; c < TK; ++c) {
-      acc_t xv[4], wv[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) { xv[q] = xs[c][ty * 4 + q]; wv[q] = ws[c][tx * 4 + q]; }
-#pragma unroll
-      for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[p][q] += xv[p] * wv[q];
-    }
+    tile_rank1_updates(acc, xs, ws, ty, tx);
     __syncthreads();  // everyone done reading before the next chunk overwrites the tiles
   }
   // write back, skipping rows past the image's end and columns past d_out
@@ -153,15 +163,7 @@ __global__ void dx_kernel(const scalar_t* __restrict__ dy, const int64_t* __rest
     load_mixed_tile<scalar_t, acc_t, true>(ws, bases, as, K, d_out, d_in, i0, o0);
     __syncthreads();
 #pragma unroll
-    for (int c = 0; c < TK; ++c) {
-      acc_t gv[4], wv[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) { gv[q] = gs[c][ty * 4 + q]; wv[q] = ws[c][tx * 4 + q]; }
-#pragma unroll
-      for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[p][q] += gv[p] * wv[q];
-    }
+    tile_rank1_updates(acc, gs, ws, ty, tx);
     __syncthreads();
   }
   for (int p = 0; p < 4; ++p) {
@@ -210,16 +212,7 @@ __global__ void dw_kernel(const scalar_t* __restrict__ dy, const scalar_t* __res
         xs[c][r] = (t < len && i < d_in) ? static_cast<acc_t>(x[(start + t) * d_in + i]) : acc_t(0);
       }
       __syncthreads();
-#pragma unroll
-      for (int c = 0; c < TK; ++c) {
-        acc_t gv[4], xv[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) { gv[q] = gs[c][ty * 4 + q]; xv[q] = xs[c][tx * 4 + q]; }
-#pragma unroll
-        for (int p = 0; p < 4; ++p)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[p][q] += gv[p] * xv[q];
-      }
+      tile_rank1_updates(acc, gs, xs, ty, tx);
       __syncthreads();
     }
     // epilogue: the P_b tile is complete in registers (acc[p][q] = P_b[o0 + ty*4 + p, i0 + tx*4 + q])
