@@ -1757,7 +1757,7 @@ def open_image(path):
 #   <dir>/{stage2,stage1,warmup}/model/          a whole run folder: the LATEST stage present is used
 #   <dir>/checkpoint.safetensors (+ no model/)   a stage still training: base (--model) + the saved trainable
 #                                                deltas ("param/<name>" = LoRA A/B, DVE spectra) re-applied
-_STAGE_ORDER = ("stage2", "stage1", "warmup")
+_STAGE_ORDER = ("stage2", "stage1", "warmup", "vision")
 
 
 def _attn_find_ckpt(ckpt) -> tuple[str, Path]:
@@ -1775,7 +1775,7 @@ def _attn_find_ckpt(ckpt) -> tuple[str, Path]:
         if (c / "checkpoint.safetensors").exists():
             return "deltas", c / "checkpoint.safetensors"
     raise DiagnoseError(f"--ckpt {ckpt}: found no model (config.json + model.safetensors) and no rl.py "
-                        "checkpoint.safetensors there, in model/, or in stage2|stage1|warmup/")
+                        "checkpoint.safetensors there, in model/, or in stage2|stage1|warmup|vision/")
 
 
 def load_with_deltas(model, ckpt_file) -> dict:
@@ -1799,7 +1799,7 @@ def load_with_deltas(model, ckpt_file) -> dict:
     # is full-parameter SFT, so its "param/..." names are the plain model's (no LoRA wrappers).
     cfg = json.loads(meta.get("config", "{}"))
     sets = {s.strip() for s in str(cfg.get("train", "lora,dve")).split(",") if s.strip()}
-    if cfg.get("stage") == "warmup":
+    if cfg.get("stage") in ("vision", "warmup"):
         sets = {"llm"}
     device = model.device
     if cfg.get("dve"):
@@ -2083,6 +2083,7 @@ def summarize_run(run_dir, n_boot: int = 2000) -> dict:
 
 # Which logged series each panel of curves.png shows. A panel is drawn only when its stage logged the key.
 CURVE_PANELS = (
+    ("vision", "acc", "tiny ViT: probe accuracy (batch)"),
     ("warmup", "loss", "warm-up: cross-entropy"),
     ("stage1", "reward_mean", "Stage I: caption reward"),
     ("stage2", "reward_mean", "Stage II: differential reward"),

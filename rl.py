@@ -10,7 +10,9 @@ the first accepted answer. This file holds everything one rollout touches, in re
   3. the rewards of both stages (`reward_caption`, `reward_differential`), in ONE marked section;
   4. LoRA written from scratch, the reference policy without a second model copy, fp32 master weights,
      chunked completion log-probs;
-  5. the trainer (`python rl.py warmup|stage1|stage2 ...`) with checkpoint / resume;
+  5. the trainer (`python rl.py vision|warmup|stage1|stage2 ...`) with checkpoint / resume; vision and
+     warmup are the tiny preset's supervised stand-ins for pretraining (a ViT that sees, an LLM that
+     answers), stage1 / stage2 are the paper's GRPO stages;
   6. multi-GPU: the same trainer under `torchrun --nproc_per_node N rl.py ...` (rollouts sharded by
      whole groups, gradients summed over ranks, FSDP2 for full fine-tuning).
 
@@ -718,7 +720,7 @@ def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: 
 
 
 # ===================================================================================================
-# 5. The trainer: python rl.py warmup|stage1|stage2 [--options]
+# 5. The trainer: python rl.py vision|warmup|stage1|stage2 [--options]
 #
 # One step, in the order a student should read it (see `_rl_step`):
 #   a. take B prompts (image + stage prompt) at the saved data position;
@@ -730,7 +732,8 @@ def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: 
 # Everything a resume needs (trainable weights, optimizer, step, data position, RNG states) goes to one
 # safetensors file, written atomically (tmp file + os.replace), also on Ctrl-C.
 # ===================================================================================================
-STAGES = ("warmup", "stage1", "stage2")
+STAGES = ("vision", "warmup", "stage1", "stage2")
+SUPERVISED = ("vision", "warmup")  # the tiny preset's two supervised stand-ins for pretraining (no rewards)
 
 
 @dataclasses.dataclass
@@ -774,7 +777,7 @@ class TrainConfig:
     chunk: int = 1024             # completion rows per lm_head + log-softmax chunk
     eval_n: int = 64              # held-out items scored greedily at the end (0 = skip)
     aux_weight: float = 1.0       # warm-up only: weight of the max-pooled looks_like probe loss (0 = off)
-    sft_order: str = "shuffled"   # warm-up Stage II target: "shuffled" (cluster in random order) | "looks"
+    sft_order: str = "shuffled"   # warm-up Stage II target: "shuffled" (cluster in random order) | "looks" | "alpha"
     resume: bool = True
     prompt_seeds: bool = False    # sample each prompt with a seed from its global data position (section 6)
 
@@ -810,6 +813,9 @@ def _warmup_target(item, task: str, order: str = "shuffled") -> str:
         which one of the group to put first (Top-1 low). Ranking is exactly what the Stage II reward
         (credit decaying with the rank of the first accepted answer) teaches, so RL has room to show it:
         it must learn, from reward alone, which sibling to put first for which image.
+    order="alpha": the cluster in alphabetical order, the same list for every member. Kept as a measured
+    counter-example: the warm start is then SURE of its order, sampling at T 0.7 rarely tries another
+    first entry, and Stage II has nothing to reinforce (it lowered Top-1 in our runs).
     """
     import random
 
@@ -818,13 +824,16 @@ def _warmup_target(item, task: str, order: str = "shuffled") -> str:
     if task == "stage1":
         return data.format_caption(item.fields)
     ranked = data.reference_differential(item.looks_like)
-    if order == "shuffled" and item.looks_like in data.CLASS_RULES:
+    if order not in ("shuffled", "looks", "alpha"):
+        raise ValueError(f"sft_order must be 'shuffled', 'looks' or 'alpha', got {order!r}")
+    if order != "looks" and item.looks_like in data.CLASS_RULES:
         cluster = data.CLUSTERS[data.CLASS_RULES[item.looks_like]["cluster"]]
         head = [d for d in ranked if d in cluster]  # the cluster members, which open the reference list
-        random.Random(str(item.id)).shuffle(head)
+        if order == "shuffled":
+            random.Random(str(item.id)).shuffle(head)
+        else:
+            head.sort()  # "alpha": the textbook order, the same list for every member of the cluster
         ranked = head + [d for d in ranked if d not in cluster]
-    elif order not in ("shuffled", "looks"):
-        raise ValueError(f"sft_order must be 'shuffled' or 'looks', got {order!r}")
     return data.format_differential(ranked)
 
 
@@ -920,7 +929,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model, self.tok = skinflow.load(cfg.init, dtype=dtype, device=self.device, seed=cfg.seed)
         sets = {s.strip() for s in cfg.train.split(",") if s.strip()}
-        if cfg.stage == "warmup":
+        if cfg.stage == "vision":
+            sets = {"vision"}  # the tiny ViT alone, with a throw-away probe (see _vision_step)
+        elif cfg.stage == "warmup":
             sets = {"llm", "vision"}  # the tiny warm start is plain full-parameter SFT
         if cfg.dve and not self._has_dve():
             import dve
@@ -935,17 +946,17 @@ class Trainer:
             raise ValueError(f"--train: unknown sets {sorted(unknown)}; choose among lora, dve, llm, vision")
         self.counts = set_trainable(self.model, lora="lora" in sets, dve_layers="dve" in sets, llm="llm" in sets,
                                     vision="vision" in sets)
-        if cfg.stage == "warmup" and cfg.aux_weight > 0:
-            # Tiny warm start only: a throw-away linear probe on the max-pooled image tokens (see
-            # _warmup_step). It lives on the model so checkpoint/resume treat it like any trainable, and
-            # export() removes it again: the exported model has the plain Hub layout.
+        if cfg.stage == "vision" or (cfg.stage == "warmup" and cfg.aux_weight > 0):
+            # Tiny preset only: a throw-away linear probe on the max-pooled image tokens (see _probe_loss).
+            # It lives on the model so checkpoint/resume treat it like any trainable, and export()
+            # removes it again: the exported model has the plain Hub layout.
             import data
 
             self.model.aux_head = nn.Linear(self.model.cfg.hidden_size, len(data.SYNTH_LABELS)).to(self.device)
             self.counts["aux"] = sum(p.numel() for p in self.model.aux_head.parameters())
         # full fine-tuning moves the base weights, so only then is a frozen reference copy needed
         self.ref_model = None
-        if sets & {"llm", "vision"} and cfg.stage != "warmup" and cfg.beta != 0:
+        if sets & {"llm", "vision"} and cfg.stage not in SUPERVISED and cfg.beta != 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
         if self.dist.active and "llm" in sets:  # section 6: full fine-tuning on N ranks -> FSDP2 shards
             self.dist.shard_layers(self.model)
@@ -963,7 +974,8 @@ class Trainer:
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + RANK_SEED_STRIDE * self.dist.rank)
         import data
 
-        split = "val" if cfg.stage == "warmup" else "train"  # the warm start never sees the RL stream
+        split = "val" if cfg.stage in SUPERVISED else "train"  # the warm start never sees the RL stream
+        self._pixel_cache: dict[int, tuple] = {}  # vision stage: item -> preprocessed pixels (see _pixels)
         self.data = data.SynthDerm(cfg.n_data, seed=cfg.data_seed, image_size=cfg.image_size, split=split)
         self.step = 0
         self.position = 0
@@ -1055,6 +1067,70 @@ class Trainer:
             out.append(self.tok.decode(ids))
         return out
 
+    def _probe_loss(self, embeds, grid, looks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Auxiliary probe loss (stand-in for the PRETRAINED vision encoder of the real model):
+
+            L_probe = CE(W * max_m z_m + b, looks_like),   z_m = merged image token m of the image
+
+        Why: a random tiny ViT gives lesion-blind features, and the decoder's attention starts uniform,
+        i.e. it MEAN-pools 16 image tokens of which the lesion covers one or two, so the SFT gradient into
+        the ViT is tiny and a warm start trained by SFT alone ignores the image (measured: one greedy answer
+        for every test image). Max-pooling lets the probe read the lesion token directly. The target is
+        `looks_like` (what was rendered), not the true label: the features should see the explicit look;
+        the implicit cue that separates a mimic is left for RL to find. Returns (loss, #correct).
+        """
+        import data
+
+        sizes = (grid.prod(-1) // 4).tolist()  # merged tokens per image
+        pooled = torch.stack([blk.amax(0) for blk in torch.split(embeds, sizes)])  # [B, D]
+        y = torch.tensor([data.SYNTH_LABELS.index(c) for c in looks], device=embeds.device)  # [B]
+        logits = self.model.aux_head(pooled.float())  # [B, 20]
+        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum()
+
+    def _pixels(self, i: int) -> tuple[torch.Tensor, tuple]:
+        """Preprocessed pixels of training item i, rendered once and then served from memory.
+
+        Why a cache: the vision stage reads ~20k images (300 steps x 64) from a pool of 2048; rendering
+        + preprocessing costs ~5 ms per image on one core, 4x the ViT's own forward + backward, so every
+        epoch after the first would be spent drawing the same pictures again. A row of pixel_values is
+        one patch as [C, T, ph, pw] with the still image copied over the T = 2 frames, so only frame 0 is
+        kept (half the memory: 2048 x 112 px images = 300 MB in float32) and expanded back on the way out.
+        Rendering is deterministic, so a resumed run sees exactly the same pixels.
+        """
+        import skinflow
+
+        hit = self._pixel_cache.get(i)
+        if hit is None:
+            pv, grid = skinflow.preprocess_image(self.data[i].image, max_pixels=self.cfg.max_pixels)  # [N, C*T*p*p]
+            vc = self.model.cfg.vision
+            frames = pv.view(pv.shape[0], vc.in_channels, vc.temporal_patch_size, -1)  # [N, C, T, p*p]
+            hit = (frames[:, :, 0].clone(), grid)  # [N, C, p*p]: frame 0 only
+            self._pixel_cache[i] = hit
+        frame0, grid = hit
+        T = self.model.cfg.vision.temporal_patch_size
+        pv = frame0.unsqueeze(2).expand(-1, -1, T, -1).reshape(frame0.shape[0], -1)  # [N, C*T*p*p]
+        return pv, grid
+
+    def _vision_step(self):
+        """Supervised step of the tiny ViT alone: L_probe (see _probe_loss) over `prompts` images.
+
+        The tiny preset's stand-in for the real model's PRETRAINED vision encoder. Qwen2.5-VL's ViT was
+        trained on billions of images before anyone fine-tuned it; a random tiny ViT has seen nothing, and
+        SFT on 8 image-text pairs per step gives it too little signal (the warm start ignored the image).
+        Here only the ViT and a linear probe learn, on 64 images per step; the LLM is not even run, so a
+        step costs ~0.25 s on 2 cores. The probe is dropped at export; the next stage (warmup) starts from
+        the trained ViT and a still-random LLM.
+        """
+        cfg = self.cfg
+        start = self.position + self.dist.rank * cfg.prompts  # this rank's slice of the global batch
+        idx = _data_indices(start, cfg.prompts, len(self.data), cfg.data_seed)
+        pixels = [self._pixels(i) for i in idx]
+        pv = torch.cat([p for p, _ in pixels]).to(self.device)  # [sum N, C*T*p*p]
+        grid = torch.tensor([g for _, g in pixels], device=self.device)  # [B, 3]
+        embeds = self.model.encode_images(pv, grid)  # [sum M, D]
+        loss, correct = self._probe_loss(embeds, grid, [self.data.spec(i)["looks_like"] for i in idx])
+        return loss, {"loss": float(loss.detach()), "acc": float(correct) / len(idx)}, len(idx)
+
     def _warmup_step(self):
         """Supervised step: -mean log p(target tokens) over half Stage I, half Stage II targets."""
         cfg = self.cfg
@@ -1078,20 +1154,8 @@ class Trainer:
         loss = -(logp * mask).sum() / self.dist.sum(mask.sum())  # token-mean negative log-likelihood
         stats = {"loss": float(loss.detach()), "tokens": int(mask.sum())}
         if cfg.aux_weight > 0:
-            # Auxiliary probe loss (stand-in for the PRETRAINED vision encoder of the real model):
-            #     L_aux = CE(W * max_m z_m + b, looks_like),  z_m = merged image token m of the image
-            # Why: a random tiny ViT gives lesion-blind features, and the decoder's attention starts
-            # uniform, i.e. it MEAN-pools 16 image tokens of which the lesion covers one or two, so the
-            # SFT gradient into the ViT is tiny and the warm start ignores the image (measured: one
-            # greedy answer for every test image). Max-pooling lets the probe read the lesion token
-            # directly; a linear probe on it reaches ~0.24 looks_like accuracy in 200 steps where
-            # mean-pooling stays at the 0.11 class prior. The probe is discarded after the warm-up.
-            import data
-
-            sizes = (batch["image_grid_thw"].prod(-1) // 4).tolist()  # merged tokens per image
-            pooled = torch.stack([blk.amax(0) for blk in torch.split(embeds, sizes)])  # [B, D]
-            y = torch.tensor([data.SYNTH_LABELS.index(it.looks_like) for it in items], device=self.device)  # [B]
-            aux = F.cross_entropy(self.model.aux_head(pooled.float()), y)
+            # The probe loss of the vision stage, kept on during SFT so the image features stay readable.
+            aux, _ = self._probe_loss(embeds, batch["image_grid_thw"], [it.looks_like for it in items])
             loss = loss + cfg.aux_weight * aux
             stats["aux_loss"] = float(aux.detach())
         return loss, stats, len(items)
@@ -1223,9 +1287,23 @@ class Trainer:
 
         cfg = self.cfg
         test = data.SynthDerm(n, seed=cfg.data_seed, image_size=cfg.image_size, split="test")
-        tasks = ["stage1", "stage2"] if cfg.stage == "warmup" else [cfg.stage]
+        tasks = ["stage1", "stage2"] if cfg.stage == "warmup" else ([] if cfg.stage == "vision" else [cfg.stage])
         self.model.eval()
         report = {"n": n, "stage": cfg.stage, "step": self.step}
+        if cfg.stage == "vision":
+            # The probe's accuracy on held-out images: does the ViT now see the lesion? Chance is the
+            # most frequent class (psoriasis, ~0.12); the true label is also scored, for the mimics.
+            hits = {"looks_like": 0, "label": 0}
+            for s in range(0, n, batch_size):
+                chunk = [test[i] for i in range(s, min(n, s + batch_size))]
+                batch = self._prompt_batch(chunk, [_stage_prompt("stage2")] * len(chunk))  # only the pixels are used
+                embeds = self.model.encode_images(batch["pixel_values"], batch["image_grid_thw"])  # [sum M, D]
+                sizes = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+                pooled = torch.stack([blk.amax(0) for blk in torch.split(embeds, sizes)])  # [b, D]
+                pred = [data.SYNTH_LABELS[j] for j in self.model.aux_head(pooled.float()).argmax(-1).tolist()]
+                hits["looks_like"] += sum(p == it.looks_like for p, it in zip(pred, chunk))
+                hits["label"] += sum(p == it.label for p, it in zip(pred, chunk))
+            report.update({f"probe_acc/{k}": v / n for k, v in hits.items()})
         for task in tasks:
             texts, items = [], []
             for s in range(0, n, batch_size):
@@ -1273,10 +1351,10 @@ class Trainer:
                 lr = lr_at(cfg, self.step)  # the schedule is a function of the step: resumes continue it
                 for group in self.opt.param_groups:
                     group["lr"] = lr
-                if cfg.stage == "warmup":
+                if cfg.stage in SUPERVISED:
                     self.model.train()
                     self.master.zero_grad()
-                    loss, rec, n = self._warmup_step()
+                    loss, rec, n = self._vision_step() if cfg.stage == "vision" else self._warmup_step()
                     finite = self.dist.all(torch.isfinite(loss))
                     if finite:
                         loss.backward()
@@ -1284,7 +1362,7 @@ class Trainer:
                     rec["skipped"] = int(not finite)
                 else:
                     rec, n = self._rl_step()
-                rec = self.dist.reduce_log(rec, n if cfg.stage == "warmup" else n * cfg.G)  # global numbers
+                rec = self.dist.reduce_log(rec, n if cfg.stage in SUPERVISED else n * cfg.G)  # global numbers
                 self.position += n * self.dist.world  # the data stream advances by the GLOBAL batch
                 self.step += 1
                 self._dirty = False  # weights, step and data position agree again
@@ -1295,7 +1373,7 @@ class Trainer:
                 if self.dist.is_main:
                     with open(self.log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                key = "loss" if cfg.stage == "warmup" else "reward_mean"
+                key = "loss" if cfg.stage in SUPERVISED else "reward_mean"
                 bar.set_postfix({key: f"{rec[key]:.3f}"})
                 bar.update(1)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
@@ -1321,13 +1399,13 @@ class Trainer:
             rep = self.evaluate(cfg.eval_n)
             if self.dist.is_main:
                 print("[rl] held-out:", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()
-                                         if k.endswith("reward_mean")},
+                                         if k.endswith("reward_mean") or k.startswith("probe_acc")},
                       {k: rep["stage2/clinical"][k] for k in ("top1", "top6")} if "stage2/clinical" in rep else "")
         return self.export()
 
 
 # ===================================================================================================
-# 6. DISTRIBUTED: torchrun --nproc_per_node N rl.py warmup|stage1|stage2 ...   (issue 8, multi-GPU)
+# 6. DISTRIBUTED: torchrun --nproc_per_node N rl.py vision|warmup|stage1|stage2 ...   (issue 8, multi-GPU)
 #
 # Data-parallel GRPO with PyTorch's own distributed stack, and ONE code path for 1 and N devices:
 #   * torchrun starts N copies of this script and sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /

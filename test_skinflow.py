@@ -3027,10 +3027,10 @@ def test_rl_trainer_smoke_all_stages(tmp_path, monkeypatch):
     assert dve.fdlinears(model) and not rl.lora_layers(model)
 
 
-@pytest.mark.parametrize("stage", ["warmup", "stage2"])
+@pytest.mark.parametrize("stage", ["vision", "warmup", "stage2"])
 def test_rl_resume_continues_identically(tmp_path, monkeypatch, stage):
     monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
-    kw = dict(mu=2, beta=0.05) if stage != "warmup" else {}
+    kw = dict(mu=2, beta=0.05) if stage not in rl.SUPERVISED else {}
     rl.Trainer(_rl_cfg(tmp_path / "a", stage, steps=4, **kw)).run()
     rl.Trainer(_rl_cfg(tmp_path / "b", stage, steps=2, **kw)).run()  # "interrupted" after step 2 ...
     rl.Trainer(_rl_cfg(tmp_path / "b", stage, steps=4, **kw)).run()  # ... and resumed
@@ -3118,6 +3118,8 @@ def test_rl_warmup_target_shuffled_keeps_entries_changes_order():
         assert set(shuf[:len(cluster)]) == set(cluster)  # ... the look's cluster still opens the list
         assert shuf == skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "shuffled"))  # fixed per item
         moved += shuf[0] != it.looks_like
+        alpha = skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "alpha"))
+        assert alpha[:len(cluster)] == sorted(cluster) and sorted(alpha) == sorted(looks)  # textbook order
     assert moved > 10  # the order really is shuffled for many items
     assert rl._warmup_target(ds[0], "stage1") == data.format_caption(ds[0].fields)
     with pytest.raises(ValueError):
@@ -3136,6 +3138,31 @@ def test_rl_warmup_probe_trains_and_is_not_exported(tmp_path):
     assert not torch.equal(before, tr.master.params[tr.names.index("aux_head.weight")])
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert not [k for k in f.keys() if "aux_head" in k]  # the exported VLM has the plain Hub layout
+
+
+def test_rl_vision_stage_trains_only_the_vit_and_learns(tmp_path):
+    """The tiny ViT's supervised stage: only vision weights (+ the probe) move, the LLM is untouched, the
+    pixel cache serves exactly what a fresh render gives, and on a fixed batch the probe loss falls."""
+    import skinflow
+    from safetensors import safe_open
+
+    tr = rl.Trainer(_rl_cfg(tmp_path, "vision", steps=12, prompts=8, n_data=8, lr=3e-3))
+    assert tr.names and all(n.startswith(("visual.", "aux_head.")) for n in tr.names)
+    # the cache keeps one frame of T and expands it back: equal to preprocessing the item again
+    fresh, grid = skinflow.preprocess_image(tr.data[3].image, max_pixels=tr.cfg.max_pixels)
+    for _ in range(2):  # first call renders, second is served from the cache
+        cached, cgrid = tr._pixels(3)
+        assert torch.equal(cached, fresh) and tuple(cgrid) == tuple(grid)
+    llm_before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if not n.startswith("visual.")}
+    out = tr.run()
+    log = _rl_log(tmp_path / "run" / "vision" / "log.jsonl")
+    assert log[-1]["loss"] < log[0]["loss"] and all(0 <= r["acc"] <= 1 for r in log)  # 8 items, 12 epochs
+    model, _ = skinflow.load(str(out))
+    for n, p in model.named_parameters():
+        if n in llm_before:
+            assert torch.equal(p, llm_before[n]), n  # the LLM never moved
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if "aux_head" in k]
 
 
 def test_rl_cli_dry_run(capsys):

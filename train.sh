@@ -54,18 +54,20 @@ case "$PRESET" in
 tiny)
     INIT=tiny
     IMG="--image-size 112 --max-pixels 12544"
-    # supervised warm start: stand-in for the pretrained instruct model (which tiny does not have)
-    WARMUP="--steps 300 --prompts 8 --lr 2e-3 --lr-schedule cosine --lr-warmup 20 --aux-weight 1.0 --sft-order shuffled"
-    STAGE1="--steps 15 --prompts 8 --G 8 --lr 1e-3 --max-new-tokens 96 --micro-prompts 8"
-    STAGE2="--steps 70 --prompts 8 --G 8 --lr 3e-4 --beta 0.04 --temperature 0.7 --max-new-tokens 56 --micro-prompts 8"
+    # two supervised stand-ins for what tiny lacks: a pretrained ViT (vision: the ViT alone + a probe,
+    # 64 images per step) and a pretrained instruct LLM (warmup: SFT of the whole model)
+    VISION="--steps 300 --prompts 64 --n-data 2048 --lr 3e-3 --lr-schedule cosine --lr-warmup 20"
+    WARMUP="--steps 800 --prompts 8 --lr 2e-3 --lr-schedule cosine --lr-warmup 20 --aux-weight 1.0 --sft-order shuffled"
+    STAGE1="--steps 6 --prompts 8 --G 8 --lr 1e-3 --max-new-tokens 96 --micro-prompts 8"
+    STAGE2="--steps 80 --prompts 8 --G 8 --lr 6e-4 --beta 0.04 --temperature 0.7 --max-new-tokens 56 --micro-prompts 8"
     MAIN_TRAIN="--train lora"           # the main tiny run: LoRA only (DVE is the ablation's third row)
     EVAL_N=${EVAL_N:-500}
-    EVAL="--image-size 112 --max-pixels 12544 --max-new-tokens 64 --batch-size 50"
+    EVAL="--image-size 112 --max-pixels 12544 --max-new-tokens 56 --batch-size 50"
     ;;
 3b | 7b)
     INIT=$([ "$PRESET" = 3b ] && echo Qwen/Qwen2.5-VL-3B-Instruct || echo Qwen/Qwen2.5-VL-7B-Instruct)
     IMG="--image-size 448 --max-pixels 200704 --dtype bf16"
-    WARMUP=""   # the real instruct model already answers; no warm-up
+    VISION=""; WARMUP=""   # the real instruct model already sees and answers; no warm-up
     STAGE1="--steps 300 --prompts 8 --G 8 --lr 1e-6 --max-new-tokens 160 --micro-prompts 1"
     STAGE2="--steps 300 --prompts 8 --G 8 --lr 5e-7 --max-new-tokens 96 --micro-prompts 1"
     MAIN_TRAIN="--train lora,dve --dve"  # the main run is SkinFlow: LoRA on the LLM + DVE gates
@@ -93,8 +95,10 @@ one_chain() {
         if [ "$dir" != "$OUT" ] && [ -d "$OUT/warmup/model" ]; then
             prev=$OUT/warmup/model          # ablation rows share the main run's warm start
         else
-            # 3. Warm start (tiny only): supervised, on SynthDerm's "val" split (RL uses "train", eval "test")
-            run $PY rl.py warmup --init "$INIT" --out "$dir" $IMG $WARMUP --eval-n 0
+            # 3. Warm start (tiny only), supervised, on SynthDerm's "val" split (RL uses "train", eval "test"):
+            #    first the ViT alone learns to see (probe accuracy printed), then SFT of the whole model
+            run $PY rl.py vision --init "$INIT" --out "$dir" $IMG $VISION --eval-n 500
+            run $PY rl.py warmup --init "$dir/vision/model" --out "$dir" $IMG $WARMUP --eval-n 0
             prev=$dir/warmup/model
             run $PY eval.py --model "$prev" --data synthderm --n "$EVAL_N" --out "$dir/eval/warmup" $EVAL
         fi
