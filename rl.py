@@ -1081,11 +1081,15 @@ class Trainer:
         """
         import data
 
+        logits = self._probe_logits(embeds, grid)  # [B, 20]
+        y = torch.tensor([data.SYNTH_LABELS.index(c) for c in looks], device=embeds.device)  # [B]
+        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum()
+
+    def _probe_logits(self, embeds, grid) -> torch.Tensor:
+        """[sum M, D] merged image tokens -> [B, 20] probe logits W * max_m z_m + b, one row per image."""
         sizes = (grid.prod(-1) // 4).tolist()  # merged tokens per image
         pooled = torch.stack([blk.amax(0) for blk in torch.split(embeds, sizes)])  # [B, D]
-        y = torch.tensor([data.SYNTH_LABELS.index(c) for c in looks], device=embeds.device)  # [B]
-        logits = self.model.aux_head(pooled.float())  # [B, 20]
-        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum()
+        return self.model.aux_head(pooled.float())  # [B, 20]
 
     def _pixels(self, i: int) -> tuple[torch.Tensor, tuple]:
         """Preprocessed pixels of training item i, rendered once and then served from memory.
@@ -1298,9 +1302,8 @@ class Trainer:
                 chunk = [test[i] for i in range(s, min(n, s + batch_size))]
                 batch = self._prompt_batch(chunk, [_stage_prompt("stage2")] * len(chunk))  # only the pixels are used
                 embeds = self.model.encode_images(batch["pixel_values"], batch["image_grid_thw"])  # [sum M, D]
-                sizes = (batch["image_grid_thw"].prod(-1) // 4).tolist()
-                pooled = torch.stack([blk.amax(0) for blk in torch.split(embeds, sizes)])  # [b, D]
-                pred = [data.SYNTH_LABELS[j] for j in self.model.aux_head(pooled.float()).argmax(-1).tolist()]
+                logits = self._probe_logits(embeds, batch["image_grid_thw"])  # [b, 20]
+                pred = [data.SYNTH_LABELS[j] for j in logits.argmax(-1).tolist()]
                 hits["looks_like"] += sum(p == it.looks_like for p, it in zip(pred, chunk))
                 hits["label"] += sum(p == it.label for p, it in zip(pred, chunk))
             report.update({f"probe_acc/{k}": v / n for k, v in hits.items()})
