@@ -1047,7 +1047,7 @@ class Trainer:
         """Write the stage's model (LoRA merged, DVE kept) + tokenizer to <out>/<stage>/model."""
         target = self.dir / "model"
         if hasattr(self.model, "aux_head"):
-            del self.model.aux_head  # the warm-up's probe is not part of the VLM
+            del self.model.aux_head  # the vision / warm-up probe is not part of the VLM
         merge_lora(self.model)
         self.dist.save_model(self.model, self.tok, target)  # rank 0 writes (section 6)
         return target
