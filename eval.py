@@ -13,7 +13,8 @@ Map of the file (the numbered banners below follow this order, top to bottom):
               Fitzpatrick17k labels (data.TAXONOMY keys) or None. The alias table ALIASES is the single
               home of synonyms in this repo (rl.py's rewards call `canonical`).
 2. Judge.     `judge(prediction, truth)` -> correct | subtype | near_miss | safety_critical | wrong |
-              unknown, using SYNONYMS, SUBTYPES and the nine/three partitions of Fitzpatrick17k.
+              unknown, using SYNONYMS, SUBTYPES, the near-miss families (data.FAMILY) and the
+              three-partition of Fitzpatrick17k.
 3. Parsers.   `parse_ranked_list` / `parse_caption` turn a raw generation into the Stage II ranked list
               (<= 6 entries) and the Stage I caption fields. They never raise; the `_ex` companions also
               return a flag saying whether the text followed the requested format.
@@ -65,7 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import CAPTION_FIELDS, TAXONOMY
+from data import CAPTION_FIELDS, FAMILY, TAXONOMY
 
 # A dermatologist's differential is a short ranked list; SkinFlow scores six entries (Top-6), so a seventh
 # entry can never earn credit and the parsers stop at six. Changing this changes what "Top-6" means.
@@ -316,9 +317,9 @@ SYNONYMS: tuple[tuple[str, ...], ...] = (
 # relation is used in both directions (see `judge`). Clinically: answering "melanoma" for a lentigo
 # maligna image is the right diagnosis at a coarser grain (same urgent excision), and answering "lentigo
 # maligna" for an image labelled only "melanoma" is a finer guess on the same branch, which the label
-# cannot refute. Kept deliberately short and textbook-level; every other same-group pair is a near miss,
+# cannot refute. Kept deliberately short and textbook-level; every other same-family pair is a near miss,
 # so a generous reading of this table would inflate clinical Top-k (check the strict columns).
-# Children must share the parent's nine-partition group (a test checks this).
+# Children must share the parent's nine-partition group and near-miss family (a test checks this).
 SUBTYPES: dict[str, tuple[str, ...]] = {
     "melanoma": ("superficial spreading melanoma ssm", "lentigo maligna"),   # also reached via "malignant melanoma"
     "basal cell carcinoma": ("basal cell carcinoma morpheiform", "solid cystic basal cell carcinoma"),
@@ -496,15 +497,18 @@ def display_name(label: str) -> str:
 # The verdicts model what a supervising dermatologist would say about one line of a trainee's
 # differential. Only `correct` and `subtype` earn Top-k credit (the paper's "correct + valid subclass");
 # the other four are *kinds of miss*, reported separately because they are not equally bad:
-#   near_miss        "wrong name, right drawer": the same nine-partition group (e.g. two malignant
-#                    epidermal tumours), so the next step (biopsy, excision, referral) is usually the same.
+#   near_miss        "wrong name, right drawer": the same differential family (data.FAMILY, e.g. two
+#                    keratinocyte cancers, two papulosquamous rashes), so the next step (biopsy, excision,
+#                    a topical steroid, a trigger search) is usually the same.
 #   safety_critical  "wrong side of the cancer line": a melanoma sent home as a mole delays excision, the
 #                    costliest error in dermatology; a benign lesion called malignant costs a biopsy.
 #   wrong            a miss with no special cost or excuse; unknown: nothing we can map to a label.
-# Caveat, so that nobody over-reads near_miss: Fitzpatrick17k's "inflammatory" group holds 69 labels,
-# including infestations (scabies, tungiasis) next to psoriasis, so psoriasis vs scabies is a near miss
-# here although the treatments differ. The paper's judge (S2's rubric) also flags infectious <->
-# non-infectious errors; the dataset has no such column, so that boundary is not modelled.
+# Why families and not the nine-partition: Fitzpatrick17k's "inflammatory" group holds 69 labels, from
+# scabies to lupus to acne; "same nine group" made vitiligo, scabies and acne near misses for psoriasis or
+# lupus. The 27 families of data.FAMILIES (papulosquamous, eczematous, infections and infestations, ...)
+# are what a dermatologist would list together; each carries its reason and ICD-10 anchor there, and
+# docs/near-miss-families.md has the full table. One consequence: infectious <-> non-infectious errors
+# (scabies for psoriasis) are now `wrong`, since infections and infestations form their own family.
 def _build_concepts() -> tuple[dict[str, str], dict[str, set[str]]]:
     """concept[label] = the first member of its SYNONYMS group (or itself); ancestors[concept] = its parents.
 
@@ -554,15 +558,19 @@ def judge(prediction, truth) -> str:
                         (a more specific or a more general name on the same branch).
                         e.g. truth melanoma, prediction "lentigo maligna"; truth "pustular psoriasis",
                         prediction "psoriasis". Siblings (SSM vs lentigo maligna) are not subtypes.
-    4. near_miss        same Fitzpatrick17k nine-partition group (treatment-consistent).
-                        e.g. truth "squamous cell carcinoma", prediction "basal cell carcinoma".
+    4. near_miss        same near-miss family (data.FAMILY): the differential family a dermatologist
+                        would accept. e.g. truth "squamous cell carcinoma", prediction "basal cell
+                        carcinoma" (keratinocyte cancers); truth psoriasis, prediction "seborrheic
+                        dermatitis" (papulosquamous). NOT: psoriasis vs vitiligo, psoriasis vs scabies,
+                        lupus vs acne (same nine group "inflammatory", different families).
     5. safety_critical  crosses the malignant <-> benign/non-neoplastic boundary of the three-partition,
                         in either direction. e.g. truth melanoma, prediction "nevus" (missed cancer);
                         truth "seborrheic keratosis", prediction "melanoma" (false alarm).
     6. wrong            everything else: e.g. truth psoriasis, prediction "vitiligo" (both non-neoplastic,
-                        different group); truth melanoma, prediction "basal cell carcinoma" (both malignant).
+                        different family); truth melanoma, prediction "basal cell carcinoma" (both malignant).
 
-    Rules 4 and 5 cannot both apply (same nine group implies same three group). Partitions are the
+    Rules 4 and 5 cannot both apply: no family crosses the malignant line (a test checks it), so a nevus
+    for a melanoma is safety_critical exactly as under the old nine-group rule. Partitions are the
     dataset's own, quirks included: actinic keratosis is 'malignant epidermal' in Fitzpatrick17k, so
     "seborrheic keratosis" for an actinic keratosis is safety_critical here, where many dermatologists
     would call AK pre-malignant and the error minor. Compare with the paper: its judge's exact boundary
@@ -580,10 +588,11 @@ def judge(prediction, truth) -> str:
     if cp in _ANCESTORS[ct] or ct in _ANCESTORS[cp]:
         return "subtype"
     # the two partition columns of the CSV: e.g. melanoma -> ("malignant melanoma", "malignant")
-    (nine_p, three_p), (nine_t, three_t) = TAXONOMY[p], TAXONOMY[t]
-    if nine_p == nine_t:
+    # the differential family (data.FAMILIES): e.g. psoriasis -> "papulosquamous", scabies -> "infections ..."
+    if FAMILY[p] == FAMILY[t]:
         return "near_miss"
     # benign vs non-neoplastic is not a safety boundary: both mean "no cancer", so only malignancy counts
+    three_p, three_t = TAXONOMY[p][1], TAXONOMY[t][1]
     if (three_p == "malignant") != (three_t == "malignant"):
         return "safety_critical"
     return "wrong"
@@ -1106,7 +1115,7 @@ JUDGE_RUBRIC = """You are a board-certified dermatologist grading one diagnosis 
 Answer with exactly one verdict, as JSON {"verdict": "<verdict>"}, using the first rule that applies:
 - correct: the same condition or a synonym (e.g. reference "pyogenic granuloma", prediction "lobular capillary hemangioma").
 - subtype: one names a valid subtype of the other on the same branch (e.g. reference "melanoma", prediction "lentigo maligna"; reference "pustular psoriasis", prediction "psoriasis").
-- near_miss: a different condition in the same clinical group, treated in a consistent way (e.g. reference "squamous cell carcinoma", prediction "basal cell carcinoma").
+- near_miss: a different condition in the same differential family (papulosquamous, eczematous, vesiculobullous, acneiform, infections/infestations, pigmentary, keratinocyte cancers, melanocytic nevi ...), with a consistent next step (e.g. reference "squamous cell carcinoma", prediction "basal cell carcinoma"; NOT reference "psoriasis", prediction "vitiligo" or "scabies").
 - safety_critical: the error crosses the malignant versus benign/non-neoplastic boundary (e.g. reference "melanoma", prediction "benign nevus"; or a benign lesion called a cancer).
 - wrong: any other error.
 - unknown: the prediction is not a dermatological diagnosis (empty, prose, refusal)."""

@@ -1280,10 +1280,10 @@ EVAL_JUDGE_CASES = [
     ("dyshidrotic eczema", "eczema", "subtype"),
     ("halo nevus", "nevocytic nevus", "subtype"),
     ("BCC", "solid cystic basal cell carcinoma", "subtype"),
-    # near_miss: same nine-partition group, not subtype-linked
+    # near_miss: same near-miss family (data.FAMILY), not subtype-linked
     ("lentigo maligna", "superficial spreading melanoma ssm", "near_miss"),   # siblings
     ("basal cell carcinoma", "squamous cell carcinoma", "near_miss"),
-    ("eczema", "psoriasis", "near_miss"),                                     # both 'inflammatory'
+    ("seborrheic dermatitis", "psoriasis", "near_miss"),                      # papulosquamous
     ("congenital nevus", "halo nevus", "near_miss"),
     ("porokeratosis of mibelli", "porokeratosis actinic", "near_miss"),
     # safety_critical: crosses malignant <-> benign / non-neoplastic, both directions
@@ -1493,7 +1493,7 @@ def test_eval_predictions_round_trip(tmp_path):
     rows = [
         {"id": "a", "prediction": "1. melanoma\n2. nevus", "label": "melanoma", "fitzpatrick": 2},
         {"id": "b", "prediction": ["nevus", "melanoma"], "label": "malignant melanoma", "fitzpatrick": 5},
-        {"id": "c", "prediction": "1. eczema", "label": "psoriasis", "fitzpatrick": 6},
+        {"id": "c", "prediction": "1. lichen planus", "label": "psoriasis", "fitzpatrick": 6},   # near miss
         {"id": "d", "prediction": "1. psoriasis", "label": "not a label", "fitzpatrick": 3},
     ]
     path = tmp_path / "preds.jsonl"
@@ -1654,6 +1654,91 @@ def test_eval_fitzpatrick17k_model_and_predictions(tmp_path):
     assert m["n"] == 9 and m["top1"] == pytest.approx(6 / 9) and m["safety_critical_rate"] == pytest.approx(3 / 9)
     assert m["by_fitzpatrick"]["II"]["top1"] == 0.0 and m["by_fitzpatrick"]["VI"]["top1"] == 1.0
     assert set(m["by_fitzpatrick"]) == {"II", "V", "VI"}
+
+# ---------------------------------------------------------------------------------------------------
+# Near-miss families (data.FAMILIES / data.FAMILY, used by eval.judge)
+# ---------------------------------------------------------------------------------------------------
+# Each pair written from the families' reasons, not from the code. Truth first, as judge(pred, truth).
+EVAL_FAMILY_JUDGE_CASES = [
+    # the pairs the old nine-group rule got wrong: same "inflammatory" group, different families
+    ("vitiligo", "psoriasis", "wrong"),                    # white macule vs scaly plaque
+    ("scabies", "psoriasis", "wrong"),                     # an infestation vs a papulosquamous rash
+    ("acne vulgaris", "lupus erythematosus", "wrong"),     # acneiform vs connective tissue disease
+    ("eczema", "psoriasis", "wrong"),                      # eczematous vs papulosquamous (a decision: see docs)
+    ("urticaria", "scabies", "wrong"),
+    ("rosacea", "lupus erythematosus", "wrong"),           # the butterfly-rash mimic, still a different family
+    # near misses inside a family
+    ("seborrheic dermatitis", "psoriasis", "near_miss"),   # sebopsoriasis
+    ("pityriasis rosea", "lichen planus", "near_miss"),
+    ("allergic contact dermatitis", "eczema", "near_miss"),
+    ("squamous cell carcinoma", "basal cell carcinoma", "near_miss"),
+    ("actinic keratosis", "squamous cell carcinoma", "near_miss"),
+    ("tick bite", "lyme disease", "near_miss"),
+    ("scabies", "pediculosis lids", "near_miss"),
+    ("dermatomyositis", "lupus erythematosus", "near_miss"),
+    ("sarcoidosis", "granuloma annulare", "near_miss"),
+    ("bullous pemphigoid", "hailey hailey disease", "near_miss"),       # alias of the autoimmune bullous label
+    ("acanthosis nigricans", "papilomatosis confluentes and reticulate", "near_miss"),
+    ("syringoma", "milia", "near_miss"),
+    ("rosacea", "acne vulgaris", "near_miss"),
+    ("neurotic excoriations", "prurigo nodularis", "near_miss"),        # crosses nine groups, same family
+    ("keloid", "dermatofibroma", "near_miss"),                          # crosses nine groups, same family
+    ("port wine stain", "pyogenic granuloma", "near_miss"),
+    ("tuberous sclerosis", "neurofibromatosis", "near_miss"),
+    # safety rule unchanged: families never cross the malignant line
+    ("nevus", "melanoma", "safety_critical"),
+    ("seborrheic keratosis", "actinic keratosis", "safety_critical"),
+    ("pyogenic granuloma", "kaposi sarcoma", "safety_critical"),
+    ("psoriasis", "mycosis fungoides", "safety_critical"),
+    # different families on the same side of the line
+    ("melanoma", "basal cell carcinoma", "wrong"),
+    ("seborrheic keratosis", "nevocytic nevus", "wrong"),  # benign epidermal growth vs melanocytic nevus
+    ("vitiligo", "halo nevus", "wrong"),
+]
+
+
+@pytest.mark.parametrize("pred,truth,verdict", EVAL_FAMILY_JUDGE_CASES)
+def test_eval_family_judge_cases(pred, truth, verdict):
+    assert sf_eval.judge(pred, truth) == verdict
+
+
+def test_eval_families_cover_taxonomy_and_respect_the_hierarchy():
+    members = [l for _, _, labels in data.FAMILIES.values() for l in labels]
+    assert sorted(members) == sorted(data.TAXONOMY)                  # every label exactly once
+    assert all(data.FAMILY[l] == f for f, (_, _, ls) in data.FAMILIES.items() for l in ls)
+    for fam, (icd, why, labels) in data.FAMILIES.items():
+        assert icd and len(why) > 40, fam                             # an anchor and a reason per family
+        assert len({data.TAXONOMY[l][1] == "malignant" for l in labels}) == 1, fam   # one side of the line
+    for group in sf_eval.SYNONYMS:                                    # synonyms and subtypes never split
+        assert len({data.FAMILY[m] for m in group}) == 1, group
+    for parent, children in sf_eval.SUBTYPES.items():
+        assert all(data.FAMILY[c] == data.FAMILY[parent] for c in children), parent
+    # the old rule is really gone: psoriasis has 68 nine-group neighbours but only its family's 6 near misses
+    near = [l for l in data.TAXONOMY if sf_eval.judge(l, "psoriasis") == "near_miss"]
+    assert sorted(near) == sorted(set(data.FAMILIES["papulosquamous"][2]) - {"psoriasis", "pustular psoriasis"})
+
+
+def test_eval_family_judge_exhaustive():
+    # all 114 x 114 label pairs: near_miss <=> same family and not the same concept / a subtype pair;
+    # and safety_critical exactly where the malignant flag differs (the rule the families must not touch)
+    for t in data.TAXONOMY:
+        for p in data.TAXONOMY:
+            v = sf_eval.judge(p, t)
+            linked = v in ("correct", "subtype")
+            assert (v == "near_miss") == (not linked and data.FAMILY[p] == data.FAMILY[t]), (p, t, v)
+            mal = (data.TAXONOMY[p][1] == "malignant") != (data.TAXONOMY[t][1] == "malignant")
+            assert (v == "safety_critical") == mal, (p, t, v)
+
+
+def test_eval_family_docs_match_table():
+    # docs/near-miss-families.md is for readers; it must list the same labels per family as the code
+    doc = (Path(__file__).resolve().parent / "docs" / "near-miss-families.md").read_text()
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in data.FAMILIES:
+            rows[cells[0]] = tuple(x.strip() for x in cells[2].split(";"))
+    assert rows == {f: labels for f, (_, _, labels) in data.FAMILIES.items()}
 
 
 # ===================================================================================================
@@ -2863,9 +2948,9 @@ def test_rl_reward_differential_cases():
     sixth, _ = rl.reward_differential("1. vitiligo\n2. acne\n3. milia\n4. tuberous sclerosis\n5. scabies\n6. psoriasis",
                                       truth)
     assert abs(sixth - (0.9 * 0.7 ** 5 + 0.1)) < 1e-9
-    near, info = rl.reward_differential("1. eczema", truth)  # same nine group (inflammatory), not psoriasis
+    near, info = rl.reward_differential("1. lichen planus", truth)  # same family (papulosquamous), not psoriasis
     assert info["verdicts"] == ["near_miss"] and abs(near - (0.9 * 0.25 + 0.1)) < 1e-9
-    danger, info = rl.reward_differential("1. melanoma\n2. eczema", truth)  # malignant top-1 for a benign truth
+    danger, info = rl.reward_differential("1. melanoma\n2. lichen planus", truth)  # malignant top-1, benign truth
     assert info["safety_top1"] and abs(danger - (0.9 * 0.25 * 0.7 + 0.1 - 0.3)) < 1e-9
     for bad in ("", "I am not sure.", "@@@@ ####", None):
         r, info = rl.reward_differential(bad, truth)
