@@ -1897,6 +1897,10 @@ EVAL_ANSWER_CORPUS += [
      ["psoriasis", "eczema", "pityriasis rosea"]),
     ("prose", "Could this be scabies? The burrows suggest so, but it is unlikely to be psoriasis.", ["scabies"]),
     ("prose", "1.5 cm yellow plaque on the shin; likely necrobiosis lipoidica", ["necrobiosis lipoidica"]),
+    ("after-name", "1. Eczema. Psoriasis is less likely here.\n2. Contact dermatitis. Check for nickel.",
+     ["eczema", "allergic contact dermatitis"]),
+    ("think", "Final answer: melanoma?\nWait, the network is regular.\nFinal answer:\n1. Nevus\n2. Seborrheic keratosis",
+     ["nevocytic nevus", "seborrheic keratosis"]),                  # a model that revises: the last marker wins
 ]
 
 
