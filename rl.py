@@ -410,7 +410,7 @@ def reward_differential(text: str, truth: str) -> tuple[float, dict]:
         k*    = first rank whose diagnosis eval.judge accepts ("correct" or "subtype")
         c_k   = 0.7 ** (k - 1)                          (1 at rank 1, 0.17 at rank 6)
         hit   = c_{k*}                                  if some rank is accepted
-              = 0.25 * c_{k'}                           else, k' = first "near_miss" rank (same nine group)
+              = 0.25 * c_{k'}                           else, k' = first "near_miss" rank (same family)
               = 0                                       else
         r     = 0.9 * hit + 0.1 * format - 0.3 * [judge(rank 1) == "safety_critical"]
         format = 1 for 1..6 numbered lines "1. ..", "2. .." and nothing else; 0.5 for a looser list
