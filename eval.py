@@ -796,6 +796,15 @@ _JSON_NAME_KEYS = ("diagnosis", "name", "label", "condition", "disease", "dx", "
 _JSON_RANK_KEYS = ("rank", "position", "order", "#", "no", "number")
 
 
+def _json_span(text: str) -> int:
+    """Length of the outermost [...] / {...} span that `_from_json` reads (0 when there is none)."""
+    starts = [i for i in (text.find("["), text.find("{")) if i >= 0]
+    if not starts:
+        return 0
+    i = min(starts)
+    return max(0, text.rfind("]" if text[i] == "[" else "}") - i + 1)
+
+
 def _from_json(text: str):
     """The ranked entries of a JSON answer, or None when the text holds no JSON list.
 
@@ -1036,7 +1045,9 @@ def _parse_ranked_core(text) -> tuple[list[str], bool]:
             else:
                 flat.append(e)
         items = _dedupe(_clean_item(x) for x in flat)
-        if items:
+        # JSON is the answer when it names a diagnosis or is most of the text; a stray '["high", "low"]'
+        # after a numbered list ("Confidence: [...]") is not
+        if items and (any(canonical(x) for x in items) or 2 * _json_span(text) >= len(text.strip())):
             return items, True
     lines = text.splitlines()
     table = _from_table(lines)

@@ -1853,6 +1853,8 @@ EVAL_ANSWER_CORPUS = [
      ["rosacea", "acne vulgaris", "seborrheic dermatitis"]),
     ("json", '{"1": "scabies", "2": "pediculosis", "3": "tungiasis"}', ["scabies", "pediculosis lids", "tungiasis"]),
     ("json", '{"answer": "1. melanoma 2. nevus"}', ["melanoma", "nevocytic nevus"]),
+    ("json", '1. Lichen planus\n2. Lichenoid keratosis\n\nConfidence: ["high", "low"]', ["lichen planus", None]),
+    ("json", '["tinea corporis", "pityriasis alba"]', [None, None]),
     # --- tags and code fences ---
     ("tags", "<answer>1. Dermatofibroma\n2. Keloid</answer>", ["dermatofibroma", "keloid"]),
     ("tags", "```\n1. Milia\n2. Syringoma\n```", ["milia", "syringoma"]),
