@@ -1081,9 +1081,12 @@ def _parse_ranked_core(text) -> tuple[list[str], bool]:
 def parse_ranked_list_ex(text) -> tuple[list[str], bool]:
     """Parse a ranked differential: (entries most likely first, <= 6, lower case; format_ok).
 
-    format_ok is True when the text used numbered or bulleted entries (the requested format, possibly
-    truncated); False for an empty result or a bare comma/line list. Never raises.
-    Example: "Most likely:\\n1. **Psoriasis** (70%)\\n2) Eczema - itchy\\n3. psoriasis" -> (["psoriasis", "eczema"], True)
+    format_ok is True when the text used a list: numbered or bulleted entries (the requested format,
+    possibly truncated), a markdown table or JSON; False for an empty result, a header with a comma list,
+    a bare comma/line list or prose. Never raises. The styles read are listed at the top of section 3.
+    Examples:
+      "Most likely:\\n1. **Psoriasis** (70%)\\n2) Eczema - itchy\\n3. psoriasis" -> (["psoriasis", "eczema"], True)
+      "Most likely diagnosis: Psoriasis.\\nOther possibilities: eczema, tinea." -> (["psoriasis", "eczema", "tinea"], False)
     """
     try:
         return _parse_ranked_core(text)
