@@ -1144,8 +1144,9 @@ def _caption_lines(text: str) -> str:
         if len(cells) >= 2 and field(cells[0]):
             out.append(f"{cells[0]}: {', '.join(c for c in cells[1:] if c)}")
             continue
-        if field(line.strip().rstrip(":")):
-            out.append(line.strip().rstrip(":") + ":")              # a heading: the value follows on the next line
+        bare = re.sub(r"[\s*_`:]+$", "", re.sub(r"^[\s*_#`>-]+", "", line))   # "## **Colour:**" -> "Colour"
+        if field(bare):
+            out.append(bare + ":")                                   # a heading: the value follows on the next line
             continue
         m = re.match(r"^\s*(?:[-*\u2022]\s+)?([\w *_#-]+?)\s+[-\u2013\u2014]\s+(.*)$", line)
         if m and field(m.group(1)):

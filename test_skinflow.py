@@ -2006,12 +2006,25 @@ def test_eval_predictions_cli_on_answer_styles(tmp_path):
     assert [c["first_hit"] for c in cases] == [1, 2, 2, 2, 1, 2, None, 1]
 
 
+def test_eval_reward_reads_answers_like_the_metric():
+    # the Stage II reward and the metric must never disagree on what an answer says: on every corpus
+    # answer, reward_differential's per-rank verdicts are the judge's verdicts on parse_ranked_list's
+    # entries, and its accepted rank is score_case's first hit (truth: the corpus answer's first label)
+    for _, text, labels in EVAL_ANSWER_CORPUS:
+        truth = next((l for l in labels if l is not None), "psoriasis")
+        r, info = rl.reward_differential(text, truth)
+        items = sf_eval.parse_ranked_list(text)
+        assert info["verdicts"] == [sf_eval.judge(x, truth) for x in items], text
+        assert info["rank"] == (sf_eval.score_case(text, truth)["first_hit"] or 0), text
+
+
 def test_eval_caption_parser_answer_styles():
     P = sf_eval.parse_caption
     assert P("**Colour:** Red, pink\n**LOCATION:** trunk") == {"colour": "red, pink", "location": "trunk"}
     assert P("COLOUR: Red\nLESION TYPE: plaque") == {"colour": "red", "lesion type": "plaque"}
     assert P("Colour:\nred, pink\nLocation:\ntrunk") == {"colour": "red, pink", "location": "trunk"}   # next line
     assert P("## Colour\nbrown\n## Shape\noval") == {"colour": "brown", "shape": "oval"}             # headings
+    assert P("**Colour:**\nbrown\n### **Border**\nirregular") == {"colour": "brown", "border": "irregular"}
     assert P("- **Lesion type**: papule\n- **Border**: irregular") == {"lesion type": "papule", "border": "irregular"}
     assert P('```json\n{"Colour": "red", "Lesion Type": ["plaque"], "size": "2 cm"}\n```') == \
         {"colour": "red", "lesion type": "plaque", "size": "2 cm"}
