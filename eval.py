@@ -641,13 +641,17 @@ def judge(prediction, truth) -> str:
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.S | re.I)           # an unterminated think block eats the rest
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
 # Bullet glyphs models use: ASCII - * +, and the unicode bullets, middle dot, squares, arrows, en/em dash.
-_GLYPHS = "-*+\u2022\u00b7\u25aa\u25ab\u25cf\u25cb\u25e6\u2023\u2043\u25a0\u25a1\u27a4\u2192\u2013\u2014\u25ba\u2219"
+_GLYPHS = ("-*+\u2022\u00b7\u25aa\u25ab\u25cf\u25cb\u25e6\u2023\u2043\u25a0\u25a1\u27a4\u2192\u2013\u2014\u25ba\u2219"
+           "\u2714\u2705\u25c6\u25c7\u2756\u2794\U0001F539\U0001F538")        # + check marks, diamonds, emoji
 _G = "[" + re.escape(_GLYPHS) + "]"
 # A list number: "1." "1)" "(1)" "[1]" "#1" "1:" "**1.**". The marker must be followed by a space, the line
 # end, or a letter/markup ("1.Psoriasis", a style seen in the wild), never by a digit: "1.5 cm" is no entry.
 _NUM = r"(?:\(\s*\d{1,2}\s*\)|\[\s*\d{1,2}\s*\]|#\s*\d{1,2}\s*[.):]?|\d{1,2}\s*[.):\]])"
 # _LEAD: a list number at the start of a line, optionally after a bullet or bold markers: "1. x", "- 2) x".
-_LEAD = re.compile(r"^\s*(?:" + _G + r"\s*)?[*_]{0,2}\s*" + _NUM + r"[*_]{0,2}(?=\s|$|[^\W\d_]|[*_])\s*(.*)$")
+# A letter marker ("a) psoriasis", "B. nevus") also counts at line start, but only before a space, so that
+# "e.g. psoriasis" is no entry "g".
+_LEAD = re.compile(r"^\s*(?:" + _G + r"\s*)?[*_]{0,2}\s*(?:" + _NUM + r"[*_]{0,2}(?=\s|$|[^\W\d_]|[*_])|"
+                   r"[a-hA-H][.)][*_]{0,2}(?=\s))\s*(.*)$")
 # _INLINE: the same markers inside a line ("1. psoriasis 2. eczema"), used to split such a line. Inline
 # markers need a space (or line start / comma) before them, so "type 2 diabetes" or "v1.2" never split.
 _INLINE = re.compile(r"(?:^|(?<=\s)|(?<=[,;]))(?:\(\d{1,2}\)|\d{1,2}[.)])(?=\s|$|[^\W\d_])\s*")
@@ -968,6 +972,12 @@ def _line_items(text: str) -> tuple[list[str], bool]:
             listed, ctx, ctx_indent = True, "num", indent
             continue
         bullet = _BULLET.match(line)
+        head = re.sub(r"[*_`]", "", bullet.group(2) if bullet else "").partition(":")
+        if bullet and head[1] and _is_header(head[0]):
+            # "- Most likely:" / "- Others: nevus": a header written as a bullet; what follows is entries
+            section, ctx, ctx_indent = "dx", "header", indent
+            main += _split_list(head[2]) if head[2].strip() else []
+            continue
         if bullet:
             if ctx in ("num", "bullet", "item") and indent > ctx_indent:
                 continue                                             # an indented sub-bullet: explanation

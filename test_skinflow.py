@@ -1776,6 +1776,8 @@ EVAL_ANSWER_CORPUS = [
     ("numbered", "#1 rosacea\n#2 acne vulgaris\n#3 perioral dermatitis", ["rosacea", "acne vulgaris", "perioral dermatitis"]),
     ("numbered", "[1] Scabies\n[2] Insect bite reaction\n[3] Eczema", ["scabies", "tick bite", "eczema"]),
     ("numbered", "1: vitiligo\n2: halo nevus", ["vitiligo", "halo nevus"]),
+    ("numbered", "a) pityriasis rosea\nb) guttate psoriasis\nc) secondary syphilis", ["pityriasis rosea", "psoriasis", None]),
+    ("numbered", "e.g. nothing yet\nA. Melanoma\nB. Blue nevus", ["melanoma", "nevocytic nevus"]),   # "e.g." is no marker
     # --- one-line numbering ---
     ("one-line", "1. Kaposi sarcoma 2. Pyogenic granuloma 3. Hemangioma", ["kaposi sarcoma", "pyogenic granuloma", None]),
     ("one-line", "Answer: 1) tinea corporis 2) granuloma annulare 3) nummular eczema",
@@ -1790,6 +1792,7 @@ EVAL_ANSWER_CORPUS = [
     ("bullets", "\u00b7 Pilar cyst \u00b7 would be first\n\u00b7 Pilomatricoma\n\u00b7 Lipoma", ["pilar cyst", "pilomatricoma", None]),
     ("bullets", "\u25aa Telangiectasia\n\u25aa Port-wine stain\n\u25aa Spider angioma", ["telangiectases", "port wine stain"]),
     ("bullets", "\u2192 Ichthyosis vulgaris\n\u2192 Xerosis", ["ichthyosis vulgaris", None]),
+    ("bullets", "\u2705 Urticaria\n\U0001F539 Angioedema\n\U0001F539 Urticarial vasculitis", ["urticaria", None, None]),
     ("bullets", "+ Hidradenitis suppurativa\n+ Folliculitis\n+ Furunculosis", ["hidradenitis", "folliculitis", None]),
     # --- sub-bullets explain an entry ---
     ("sub-bullets", "1. **Psoriasis**\n   - silvery scale on the elbows\n   - nail pitting\n2. **Eczema**\n   - flexural, itchy",
@@ -1814,6 +1817,9 @@ EVAL_ANSWER_CORPUS = [
      ["papilomatosis confluentes and reticulate", "acanthosis nigricans"]),
     ("header", "DDx: (1) stasis dermatitis (2) cellulitis (3) lipodermatosclerosis", ["stasis edema", None, None]),
     ("header", "Final answer:\n1. Tuberous sclerosis\n2. Neurofibromatosis", ["tuberous sclerosis", "neurofibromatosis"]),
+    ("header", "- Most likely:\n  1. Melanoma\n- Others:\n  1. Nevus\n  2. Seborrheic keratosis",
+     ["melanoma", "nevocytic nevus", "seborrheic keratosis"]),                 # headers written as bullets
+    ("header", "Option 1: scabies\nOption 2: dyshidrotic eczema", ["scabies", "dyshidrotic eczema"]),
     # --- probabilities and explanations after a name ---
     ("after-name", "1. Psoriasis \u2013 60 %\n2. Eczema \u2013 25 %\n3. Tinea corporis \u2013 15 %",
      ["psoriasis", "eczema", None]),
