@@ -1817,7 +1817,7 @@ EVAL_ANSWER_CORPUS = [
      ["papilomatosis confluentes and reticulate", "acanthosis nigricans"]),
     ("header", "DDx: (1) stasis dermatitis (2) cellulitis (3) lipodermatosclerosis", ["stasis edema", None, None]),
     ("header", "Final answer:\n1. Tuberous sclerosis\n2. Neurofibromatosis", ["tuberous sclerosis", "neurofibromatosis"]),
-    ("header", "- Most likely:\n  1. Melanoma\n- Others:\n  1. Nevus\n  2. Seborrheic keratosis",
+    ("header", "- Most likely:\n  1. Melanoma, given the irregular network\n- Others:\n  1. Nevus\n  2. Seborrheic keratosis",
      ["melanoma", "nevocytic nevus", "seborrheic keratosis"]),                 # headers written as bullets
     ("header", "Option 1: scabies\nOption 2: dyshidrotic eczema", ["scabies", "dyshidrotic eczema"]),
     # --- probabilities and explanations after a name ---
