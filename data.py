@@ -2266,15 +2266,21 @@ class Fitzpatrick17kData:
         self.skips = {"missing": len(recs) - len(have), "unreadable": 0, "files": []}
         self._bad: set[int] = set()
         if not self.records:
-            raise ValueError(f"Fitzpatrick17k {stage} {split}: no image found in {image_dir} "
-                             f"({len(recs)} rows wanted; run python data.py fetch --out DIR)")
+            raise ImageError(f"Fitzpatrick17k {stage} {split}: no image found in {image_dir} "
+                             f"({len(recs)} rows wanted; run python data.py fetch --out DIR)", "missing")
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _resolve(self, i: int) -> int:
+        """The index actually served for i: i itself, or the next one not known to be undecodable."""
+        n = len(self.records)
+        return next(((i + k) % n for k in range(n) if (i + k) % n not in self._bad), i % n)
+
     def spec(self, i: int) -> dict:
-        """Metadata without opening the image (rl.py's vision stage reads the probe target from here)."""
-        r = self.records[i]
+        """Metadata without opening the image (rl.py's vision stage reads the probe target from here).
+        It follows the substitution of a known-undecodable item, so label and pixels stay paired."""
+        r = self.records[self._resolve(i)]
         return {"id": r.id, "label": r.label, "looks_like": r.label, "fitzpatrick": r.fitzpatrick,
                 "fields": r.fields}
 
@@ -2431,6 +2437,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--no-skincap", action="store_true", help="do not try the gated SkinCAP dataset")
     q.add_argument("--no-images", action="store_true", help="skip the Fitzpatrick17k images")
     q.add_argument("--limit", type=int, default=None, help="first N CSV rows only (a quick trial)")
+    q.add_argument("--dry-run", action="store_true", help="check the flags and exit (train.sh DRY_RUN=1)")
     q.add_argument("--timeout", type=float, default=20.0)
     q.add_argument("--retries", type=int, default=3)
     q = sub.add_parser("near-duplicates", help="pHash groups of an image folder (timed, cached)")
@@ -2446,6 +2453,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "download-fitzpatrick17k":
         s = download_fitzpatrick17k(args.out, args.csv, args.limit, timeout=args.timeout, retries=args.retries)
         return 1 if s["failed"] and not (s["ok"] or s["skipped"]) else 0
+    elif args.cmd == "fetch" and args.dry_run:
+        return 0
     elif args.cmd == "fetch":
         s = fetch(args.out, args.csv, None if args.backbone.lower() == "none" else args.backbone,
                   skincap=not args.no_skincap, images=not args.no_images, limit=args.limit,
