@@ -1189,6 +1189,230 @@ def test_data_headroom_small_and_preview_cli(tmp_path):
         assert im.size[0] == 4 * 64 and im.size[1] > 64
 
 
+# ------------------------------------------------------------------- real photos (issue 12): the fixture
+# A miniature Fitzpatrick17k built at test time in the real layouts: rows of the repo's CSV, one image per
+# row saved as <md5hash>.jpg in one of the awkward kinds real atlases serve, one truncated file, some rows
+# without a file, one near-duplicate copy, and a SkinCAP-format CSV. Pixels are SynthDerm renders (distinct
+# photos: their pHashes differ by >= 12 bits over 19,900 pairs, measured), so nothing is downloaded.
+_REAL_LABELS = ("psoriasis", "melanoma", "acne vulgaris", "basal cell carcinoma")
+_REAL_KINDS = ("rgb", "gray", "rgba", "cmyk", "16bit", "exif", "png_as_jpg", "tiny60", "wide", "palette",
+               "truncated", "missing", "missing", "dup_of_0", "rgb", "rgb", "rgb", "rgb", "rgb", "rgb")
+
+
+def _real_save(kind: str, img: Image.Image, path: Path) -> None:
+    """Write `img` to `path` as one awkward kind (the opener must turn every one into upright RGB)."""
+    if kind == "gray":
+        img.convert("L").save(path, "JPEG", quality=90)
+    elif kind == "rgba":                                       # PNG bytes, half transparent
+        rgba = img.convert("RGBA")
+        a = np.asarray(rgba).copy()
+        a[:, : a.shape[1] // 2, 3] = 0
+        Image.fromarray(a, "RGBA").save(path, "PNG")
+    elif kind == "cmyk":
+        img.convert("CMYK").save(path, "JPEG", quality=90)
+    elif kind == "16bit":                                      # 16-bit greyscale PNG
+        g = np.asarray(img.convert("L"), np.uint16) * 257
+        im16 = Image.fromarray(g.astype(np.uint16))              # uint16 -> mode "I;16"
+        assert im16.mode.startswith("I;16"), im16.mode
+        im16.save(path, "PNG")
+    elif kind == "exif":                                       # stored sideways, EXIF says "rotate 90 CW"
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img.transpose(Image.Transpose.ROTATE_90).save(path, "JPEG", quality=90, exif=exif)
+    elif kind == "png_as_jpg":
+        img.save(path, "PNG")
+    elif kind == "tiny60":
+        img.resize((60, 60)).save(path, "JPEG", quality=90)
+    elif kind == "wide":                                       # a long strip, 2,400 px wide
+        img.resize((2400, 160)).save(path, "JPEG", quality=85)
+    elif kind == "palette":
+        p = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+        p.info["transparency"] = 0
+        p.save(path, "PNG", transparency=0)
+    else:
+        img.save(path, "JPEG", quality=90)
+
+
+def _real_fixture(tmp_path: Path, url_base: str = "") -> dict:
+    """-> {"csv", "images", "skincap", "rows", "kinds", "captioned", "dup"}; see the block above."""
+    by_label: dict = {}
+    for r in _data_csv_rows():
+        if r["label"] in _REAL_LABELS and len(by_label.setdefault(r["label"], [])) < 5:
+            by_label[r["label"]].append(dict(r))
+    rows = [r for lab in _REAL_LABELS for r in by_label[lab]]            # 20 real rows, 5 per label
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    synth = data.SynthDerm(len(rows), seed=12, image_size=96, split="test")
+    kinds = {}
+    for i, (r, kind) in enumerate(zip(rows, _REAL_KINDS)):
+        r["url"] = f"{url_base}/img/{r['md5hash']}.jpg" if url_base else r["url"]
+        kinds[r["md5hash"]] = kind
+        path = img_dir / f"{r['md5hash']}.jpg"
+        if kind == "missing":
+            continue
+        if kind == "truncated":
+            full = io.BytesIO()
+            synth[i].image.save(full, "JPEG", quality=90)
+            path.write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+            continue
+        if kind == "dup_of_0":                                  # row 0's photo, resized + re-compressed
+            src = synth[0].image.resize((80, 80))
+            src.save(path, "JPEG", quality=40)
+            continue
+        _real_save(kind, synth[i].image.resize((120, 90)), path)
+    csv_path = _data_write_csv(tmp_path / "f17k.csv", rows)
+    # SkinCAP: captions on 5 images (one missing on disk, one truncated) + one DDI row (no F17k match)
+    captioned = [rows[i]["md5hash"] for i in (1, 5, 10, 11, 15)]
+    cap = tmp_path / "skincap.csv"
+    with open(cap, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "ori_file_path", "caption_zh_polish_en", "disease"])
+        for j, md5 in enumerate(captioned):
+            w.writerow([j, f"{md5}.png", "A solitary erythematous plaque with silvery scale on the trunk, "
+                        "well-demarcated.", "psoriasis"])
+        w.writerow([99, "ddi_000123.png", "Multiple small brown papules on the face.", "nevus"])
+    return {"csv": csv_path, "images": img_dir, "skincap": cap, "rows": rows, "kinds": kinds,
+            "captioned": captioned, "dup": (rows[0]["md5hash"], rows[13]["md5hash"])}
+
+
+def test_data_open_image_awkward_kinds_become_rgb_within_max_pixels(tmp_path):
+    """Every awkward kind -> upright 8-bit RGB with the expected size and pixels; broken ones -> ImageError."""
+    src = data.SynthDerm(1, seed=5, image_size=96, split="test")[0].image.resize((120, 90))
+    ref = np.asarray(src, np.float64)
+    for kind in ("rgb", "gray", "rgba", "cmyk", "16bit", "exif", "png_as_jpg", "tiny60", "wide", "palette"):
+        p = tmp_path / f"{kind}.jpg"
+        _real_save(kind, src, p)
+        im = data.open_image(p)
+        assert im.mode == "RGB", kind
+        want = {"tiny60": (60, 60), "wide": (2400, 160)}.get(kind, (120, 90))
+        assert im.size == want, (kind, im.size)             # EXIF: stored 90 x 120, shown 120 x 90
+        a = np.asarray(im, np.float64)
+        if kind in ("rgb", "exif", "png_as_jpg", "cmyk"):
+            # the same picture (JPEG noise aside): an unapplied EXIF turn or a wrong CMYK path is far off
+            assert np.abs(a - ref).mean() < 6, kind
+        if kind in ("gray", "16bit"):
+            # 16-bit is SCALED to 8 bits (PIL's own convert would clip it to white): equals the L image
+            grey = np.asarray(src.convert("L"), np.float64)
+            assert np.abs(a[..., 0] - grey).mean() < 3 and np.array_equal(a[..., 0], a[..., 2]), kind
+        if kind in ("rgba", "palette"):
+            # the transparent half is white, the opaque half the photo
+            assert (a[:, :60] == 255).all() if kind == "rgba" else (a == 255).all(-1).any(), kind
+            if kind == "rgba":
+                assert np.abs(a[:, 60:] - ref[:, 60:]).mean() < 1
+        pv, (t, gh, gw) = sf.preprocess_image(im, max_pixels=112 * 112)
+        assert gh * gw * 14 * 14 <= 112 * 112 and gh % 2 == 0 and gw % 2 == 0 and pv.shape[0] == gh * gw
+    (tmp_path / "trunc.jpg").write_bytes((tmp_path / "rgb.jpg").read_bytes()[:300])
+    (tmp_path / "text.jpg").write_bytes(b"<html>404</html>")
+    for name, reason, words in (("trunc.jpg", "unreadable", "corrupt or truncated"),
+                                ("text.jpg", "unreadable", "not an image"), ("nope.jpg", "missing", "no such file"),
+                                (".", "missing", "directory")):
+        with pytest.raises(data.ImageError, match=words) as ei:
+            data.open_image(tmp_path / name)
+        assert ei.value.reason == reason and "\n" not in str(ei.value)
+    # eval.open_image is kept and shares the opener (its own error type, same message)
+    with pytest.raises(sf_eval.DiagnoseError, match="corrupt or truncated"):
+        sf_eval.open_image(tmp_path / "trunc.jpg")
+    assert sf_eval.open_image(tmp_path / "exif.jpg").size == (120, 90)
+
+
+def test_data_single_image_clis_give_one_line_and_exit_2(tmp_path, capsys):
+    """skinflow.py --image and diagnose on a corrupt / missing file: one 'error:' line, exit 2, no traceback."""
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    for argv in (["--image", str(tmp_path / "bad.jpg"), "--max-new-tokens", "1"],
+                 ["--image", str(tmp_path / "none.jpg")],
+                 ["diagnose", str(tmp_path / "bad.jpg"), "--model", "tiny"]):
+        assert sf.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and "Traceback" not in err[0], err
+
+
+def test_data_near_duplicate_groups_edits_merge_distinct_photos_do_not(tmp_path):
+    """Resized, re-compressed, cropped, brightened and exact copies share a group; 40 distinct photos do not."""
+    from PIL import ImageEnhance
+
+    ds = data.SynthDerm(42, seed=21, image_size=160, split="train")
+    base = [ds[0].image, ds[1].image]
+    files = []
+    for b, img in enumerate(base):
+        W, H = img.size
+        # "slightly cropped" = 5 px (3 %) off one side: the tolerance measured in data.py's pHash notes
+        edits = {"orig": img, "resize": img.resize((W // 2, H // 2)),
+                 "crop": img.crop((5, 0, W, H) if b == 0 else (0, 0, W, H - 5)),
+                 "bright": ImageEnhance.Brightness(img).enhance(1.15 if b == 0 else 0.85)}
+        for name, e in edits.items():
+            p = tmp_path / f"b{b}_{name}.jpg"
+            e.save(p, "JPEG", quality=30 if name == "resize" else 90)        # re-compressed hard
+            files.append(p)
+        exact = tmp_path / f"b{b}_exact.jpg"
+        shutil.copy(tmp_path / f"b{b}_orig.jpg", exact)
+        files.append(exact)
+    for i in range(2, 42):                                     # distinct photos
+        p = tmp_path / f"d{i}.png"
+        ds[i].image.save(p)
+        files.append(p)
+    files.append(tmp_path / "missing.jpg")                     # never found: a group of its own
+    flat = tmp_path / "flat.png"                               # two flat cards: no structure, never merged
+    Image.new("RGB", (50, 50), (200, 150, 120)).save(flat)
+    flat2 = tmp_path / "flat2.png"
+    Image.new("RGB", (50, 50), (90, 60, 40)).save(flat2)
+    files += [flat, flat2]
+    st: dict = {}
+    cache = tmp_path / "cache.json"
+    g = data.near_duplicate_groups(files, cache_path=cache, stats=st)
+    assert len(g) == len(files) and g[:5] == [0] * 5 and g[5:10] == [1] * 5
+    assert len(set(g[10:])) == len(files) - 10 and not set(g[10:]) & {0, 1}
+    assert g == sorted(g)                                      # ids in order of first appearance
+    assert st == {"images": len(files), "groups": len(files) - 8, "merged_groups": 2, "merged_images": 10,
+                  "unreadable": 1}
+    # the cache is per image: a second call hashes nothing (phash made to fail) and gives the same groups
+    import unittest.mock as um
+    with um.patch.object(data, "phash", side_effect=AssertionError("hashed again")):
+        assert data.near_duplicate_groups(files, cache_path=cache) == g
+    # the hash itself against an independent DCT (scipy-free: the textbook double sum) on one image
+    gray = np.asarray(base[0].convert("L").resize((32, 32), Image.BOX), np.float64)
+    n = np.arange(32)
+    C = np.array([[np.sum(gray * np.outer(np.cos(np.pi * (2 * n + 1) * u / 64), np.cos(np.pi * (2 * n + 1) * v / 64)))
+                   * (np.sqrt(1 / 32) if u == 0 else np.sqrt(2 / 32)) * (np.sqrt(1 / 32) if v == 0 else np.sqrt(2 / 32))
+                   for v in range(8)] for u in range(8)]).ravel()
+    bits = C > np.median(C[1:])
+    bits[0] = False
+    assert data.phash(base[0]) == sum(1 << i for i in np.flatnonzero(bits).tolist())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 11), min_size=30, max_size=80), st.integers(0, 2 ** 16))
+def test_data_group_aware_split_never_separates_a_group(group_of, seed):
+    """Random records and random groups: every group lands on ONE side; fractions stay near 20 %."""
+    labels = ("psoriasis", "melanoma", "acne")
+    rng = np.random.default_rng(seed)
+    recs = [data.Record(id=f"r{i}", label=labels[int(rng.integers(3))], nine="", three="", fitzpatrick=1)
+            for i in range(len(group_of))]
+    groups = {r.id: g for r, g in zip(recs, group_of)}
+    train, test = data.split_random(recs, groups=groups, seed=seed)
+    assert sorted(r.id for r in train + test) == sorted(r.id for r in recs)
+    side = {}
+    for part, rs in (("train", train), ("test", test)):
+        for r in rs:
+            assert side.setdefault(groups[r.id], part) == part, "a group was split"
+    # singleton groups reproduce the plain split exactly (same generator calls, same membership)
+    single = {r.id: i for i, r in enumerate(recs)}
+    assert [r.id for r in data.split_random(recs, groups=single, seed=seed)[1]] == \
+        [r.id for r in data.split_random(recs, seed=seed)[1]]
+
+
+def test_data_fitzpatrick17k_split_drops_copies_of_train_and_captioned_images():
+    """Skin-type protocol: a test image grouped with a train image goes; so does a copy of a captioned one."""
+    mk = lambda i, lab, fz: data.Record(id=f"r{i}", label=lab, nine="", three="", fitzpatrick=fz)  # noqa: E731
+    recs = [mk(0, "acne", 1), mk(1, "acne", 5), mk(2, "acne", 6), mk(3, "acne", 2), mk(4, "acne", 4)]
+    groups = {"r0": 0, "r1": 0, "r2": 1, "r3": 2, "r4": 3}      # r1 (type V, test) copies r0 (type I, train)
+    assert [r.id for r in data.fitzpatrick17k_split(recs, "a12", "test")] == ["r1", "r2", "r4"]
+    assert [r.id for r in data.fitzpatrick17k_split(recs, "a12", "test", groups=groups)] == ["r2", "r4"]
+    groups["r4"] = 1                                           # r4 copies r2, which is captioned
+    assert [r.id for r in data.fitzpatrick17k_split(recs, "a12", "test", groups=groups,
+                                                    exclude_from_test=["r2"])] == []
+
+
+
 # ===================================================================================================
 # Clinical evaluation (eval.py): vocabulary, judge, parsers, metrics, report, LLM judge
 #
