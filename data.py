@@ -1822,7 +1822,9 @@ def open_image(path, draft: int | None = None) -> Image.Image:
 # Distinct photos sit near 32 bits apart (independent bits; the closest of 19,900 SynthDerm pairs: 12).
 # Edited copies (measured: one smooth 300 px photo, and 60 SynthDerm images at 160 px): a third of the
 # size 2 bits, JPEG q=30 0, brightness x0.8 / x1.1 / +30 levels <= 6, x1.2 mean 2.5 but 14 once (the
-# highlights clip), a crop of 3 % off one side <= 10 (mean 5). The limit of a global hash: 8 px (5 %) off
+# highlights clip), a crop of 3 % off one side <= 10 (mean 5); re-encoded at 2x q=75 <= 6, but shrunk to
+# 80 px at q=40-60 mean 3 and max 12-14 (1 of 40 images missed: a few coefficients sit on the median and
+# flip). The limit of a global hash: 8 px (5 %) off
 # two sides moves it up to 22 bits, so such copies are NOT found. We tried matching each hash against 9
 # cropped variants of the other image: every crop was found, but 10 of 7,140 distinct SynthDerm pairs
 # merged too, and a false merge costs more than a missed copy (it drags whole groups across the split).

@@ -1245,7 +1245,7 @@ def _real_fixture(tmp_path: Path, url_base: str = "") -> dict:
     synth = data.SynthDerm(len(rows), seed=12, image_size=96, split="test")
     kinds = {}
     for i, (r, kind) in enumerate(zip(rows, _REAL_KINDS)):
-        r["url"] = f"{url_base}/img/{r['md5hash']}.jpg" if url_base else r["url"]
+        r["url"] = f"{url_base}/images/{r['md5hash']}.jpg" if url_base else r["url"]
         kinds[r["md5hash"]] = kind
         path = img_dir / f"{r['md5hash']}.jpg"
         if kind == "missing":
@@ -1255,9 +1255,9 @@ def _real_fixture(tmp_path: Path, url_base: str = "") -> dict:
             synth[i].image.save(full, "JPEG", quality=90)
             path.write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
             continue
-        if kind == "dup_of_0":                                  # row 0's photo, resized + re-compressed
-            src = synth[0].image.resize((80, 80))
-            src.save(path, "JPEG", quality=40)
+        if kind == "dup_of_0":                                  # row 0's photo re-uploaded: 2x, JPEG q=75
+            with Image.open(img_dir / f"{rows[0]['md5hash']}.jpg") as im0:
+                im0.convert("RGB").resize((240, 180)).save(path, "JPEG", quality=75)
             continue
         _real_save(kind, synth[i].image.resize((120, 90)), path)
     csv_path = _data_write_csv(tmp_path / "f17k.csv", rows)
@@ -1410,6 +1410,72 @@ def test_data_fitzpatrick17k_split_drops_copies_of_train_and_captioned_images():
     groups["r4"] = 1                                           # r4 copies r2, which is captioned
     assert [r.id for r in data.fitzpatrick17k_split(recs, "a12", "test", groups=groups,
                                                     exclude_from_test=["r2"])] == []
+
+
+
+def test_data_fetch_against_local_server_resume_and_offline_hub(tmp_path):
+    """`data.py fetch`: images from a local HTTP server (failures listed, resume), then HF_HUB_OFFLINE=1
+    with a local HF cache holding the backbone and no SkinCAP: backbone reused, loud Stage I notice."""
+    import functools as ft
+
+    src = tmp_path / "site"
+    src.mkdir()
+    handler = ft.partial(http.server.SimpleHTTPRequestHandler, directory=str(src))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fx = _real_fixture(src, url_base=f"http://127.0.0.1:{server.server_address[1]}")
+        out = tmp_path / "data"
+        s = data.fetch(out, csv_path=fx["csv"], backbone=None, skincap=False, timeout=5, retries=1, progress=False)
+        kinds = fx["kinds"]
+        bad = {m for m, k in kinds.items() if k in ("missing", "truncated")}
+        assert s["images"] == {"ok": len(kinds) - len(bad), "skipped": 0, "failed": len(bad), "no_url": 0,
+                               "dir": str(out / "images")}
+        with open(out / "images" / "download_failures.csv", newline="") as fh:
+            assert {r["md5hash"] for r in csv.DictReader(fh)} == bad
+        for m in set(kinds) - bad:                          # byte-exact copies of what the server holds
+            got = data.find_image(out / "images", m)
+            assert got and Path(got).read_bytes() == (fx["images"] / f"{m}.jpg").read_bytes()
+        s2 = data.fetch(out, csv_path=fx["csv"], backbone=None, skincap=False, timeout=5, retries=1, progress=False)
+        assert (s2["images"]["ok"], s2["images"]["skipped"]) == (0, len(kinds) - len(bad))   # resume
+    finally:
+        server.shutdown()
+        server.server_close()
+    # HF_HUB_OFFLINE=1: a local cache in the Hub layout (refs/main -> snapshots/<rev>/) holds the backbone
+    hub = tmp_path / "hub"
+    snap = hub / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (hub / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "refs").mkdir()
+    (hub / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "refs" / "main").write_text("a" * 40)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub), HF_HOME=str(tmp_path / "hfhome"))
+    env.pop("HF_TOKEN", None)
+    root = Path(data.__file__).resolve().parent
+    res = subprocess.run([sys.executable, str(root / "data.py"), "fetch", "--out", str(out), "--csv", str(fx["csv"]),
+                          "--backbone", "3b"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "fetch_summary.json").read_text())
+    assert Path(summary["backbone"]["path"]).resolve() == snap.resolve() and summary["offline"] is True
+    assert summary["images"]["skipped"] == len(kinds) - len(bad) and summary["images"]["offline_missing"] == len(bad)
+    assert summary["skincap"]["path"] is None and "HF_HUB_OFFLINE=1" in summary["skincap"]["error"]
+    assert "NOTICE" in res.stderr and "Stage I will be SKIPPED" in res.stderr
+    assert "Stage I" in (out / data.SKINCAP_MISSING).read_text()
+    # a backbone that is not on disk: exit 1 with one clear line (no traceback)
+    res = subprocess.run([sys.executable, str(root / "data.py"), "fetch", "--out", str(out), "--no-images",
+                          "--no-skincap", "--backbone", "7b"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "Qwen/Qwen2.5-VL-7B-Instruct: not on disk and HF_HUB_OFFLINE=1" in res.stderr
+    # the gated-dataset and no-token messages say exactly what to do (exception classes matched by name)
+    gated = type("GatedRepoError", (Exception,), {})("403")
+    assert "accept the dataset's terms" in data._hub_problem(gated, data.SKINCAP_REPO, "dataset")
+    no_token = type("LocalTokenNotFoundError", (Exception,), {})("no token")
+    env_off = os.environ.pop("HF_HUB_OFFLINE", None)
+    try:
+        assert "hf auth login" in data._hub_problem(no_token, data.SKINCAP_REPO, "dataset")
+    finally:
+        if env_off is not None:
+            os.environ["HF_HUB_OFFLINE"] = env_off
 
 
 
@@ -3415,6 +3481,87 @@ def test_rl_train_sh_dry_run_parses(tmp_path):
     assert any("rl.py stage2" in c and "--lr 5e-7" in c for c in cmds)
     assert any("eval.py summary" in c for c in cmds) and not any("rl.py warmup" in c for c in cmds)
     assert "preset 7b" in res.stdout
+
+
+def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path, capsys):
+    """Issue 12 end to end on the real-layout fixture (awkward kinds, a truncated file, missing rows, a
+    near-duplicate, SkinCAP captions): Stage I -> Stage II -> eval with the tiny model, via the CLI flags."""
+    fx = _real_fixture(tmp_path)
+    run = tmp_path / "run"
+    common = ["--out", str(run), "--image-size", "112", "--max-pixels", "12544", "--G", "2", "--micro-prompts", "3",
+              "--max-new-tokens", "8", "--train", "lora", "--save-every", "100", "--data", "fitzpatrick17k",
+              "--csv", str(fx["csv"]), "--image-dir", str(fx["images"])]
+    # Stage I: the 5 captioned images, one without a file (missing) and one truncated (unreadable); 2 steps
+    # x 3 prompts = 6 draws from a permutation of the 4 with a file, so every one of them is opened once.
+    assert rl.main(["stage1", "--init", "tiny", "--steps", "2", "--prompts", "3", "--eval-n", "0",
+                    "--skincap", str(fx["skincap"])] + common) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 image(s) with no file and 1 undecodable image(s)" in out
+    skips = json.loads((run / "stage1" / "skipped.json").read_text())
+    assert (skips["images_missing"], skips["images_unreadable"]) == (1, 1)
+    assert "corrupt or truncated" in skips["unreadable_files"][0]
+    logs = [json.loads(x) for x in (run / "stage1" / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and logs[-1]["images_missing"] == 1 and "images_unreadable" in logs[-1]
+    # Stage I without captions is refused with one line (argparse: exit status 2)
+    with pytest.raises(SystemExit) as ei:
+        rl.main(["stage1", "--init", "tiny", "--steps", "1"] + common)
+    assert ei.value.code == 2 and "--skincap" in capsys.readouterr().err
+    # Stage II on the train part, with a held-out check on the test part of the same protocol
+    assert rl.main(["stage2", "--init", str(run / "stage1" / "model"), "--steps", "2", "--prompts", "3",
+                    "--eval-n", "4", "--split", "train"] + common) == 0
+    train = data.fitzpatrick17k_records("stage2", "train", fx["csv"], fx["images"], verbose=False)
+    skips = json.loads((run / "stage2" / "skipped.json").read_text())
+    assert skips["images_missing"] == sum(r.image_path is None for r in train)
+    assert json.loads((run / "stage2" / "eval.json").read_text())["stage2/clinical"]["n"] == 4
+    # eval on the test part: no captioned image, no copy of a train image, and every readable one scored
+    ev = run / "eval" / "stage2"
+    assert sf_eval.main(["--model", str(run / "stage2" / "model"), "--data", "fitzpatrick17k", "--csv", str(fx["csv"]),
+                         "--image-dir", str(fx["images"]), "--skincap", str(fx["skincap"]), "--split", "test",
+                         "--max-new-tokens", "4", "--bootstrap", "20", "--image-size", "112",
+                         "--max-pixels", "12544", "--out", str(ev)]) == 0
+    ids = [json.loads(x)["id"] for x in (ev / "predictions.jsonl").read_text().splitlines()]
+    train_ids = {r.id for r in train}
+    assert ids and not set(ids) & set(fx["captioned"]) and not set(ids) & train_ids
+    a, b = fx["dup"]
+    g = data.near_duplicate_groups([fx["images"] / f"{a}.jpg", fx["images"] / f"{b}.jpg"])
+    assert g == [0, 0]                                          # the pair IS one group ...
+    assert not ({a, b} & train_ids and {a, b} & set(ids)), "a near-duplicate pair straddles the split"
+    kinds = [fx["kinds"][i] for i in ids]
+    assert not {"missing", "truncated"} & set(kinds)
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["n"] == len(ids)
+    # results.md: the loud notice first, the paper's Fitzpatrick17k numbers beside ours, per skin type
+    (run / "NOTICE.md").write_text("Stage I was SKIPPED: no SkinCAP CSV.\n")
+    text = sf_eval.summarize_run(run, n_boot=20)["markdown"]
+    assert text.splitlines()[2].startswith("> **NOTICE** Stage I was SKIPPED")
+    assert "held-out Fitzpatrick17k photos" in text and "| paper: Stage I + DVE (SkinFlow) | 29.19 | 71.16 |" in text
+    assert "Per skin type" in text
+
+
+def test_rl_train_sh_dry_run_real_data_chain(tmp_path):
+    """DRY_RUN=1 PRESET=7b DATA=fitzpatrick17k: fetch -> base -> Stage I (SkinCAP) -> Stage II -> eval, every
+    rl.py / eval.py / data.py flag checked; DATA=synthderm keeps the SynthDerm chain; a bad DATA is refused."""
+    root = Path(rl.__file__).resolve().parent
+    base = dict(os.environ, DRY_RUN="1", PRESET="7b", OUT=str(tmp_path / "run"), PY=sys.executable, DATA_DIR="/d")
+    res = subprocess.run(["bash", str(root / "train.sh")], env=dict(base, DATA="fitzpatrick17k"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    cmds = [ln[2:] for ln in res.stdout.splitlines() if ln.startswith("+ ")]
+    assert "data.py fetch --out /d --backbone 7b" in cmds[0]
+    s1 = next(c for c in cmds if "rl.py stage1" in c)
+    s2 = next(c for c in cmds if "rl.py stage2" in c)
+    assert "--data fitzpatrick17k --image-dir /d/images --split train --skincap /d/skincap/skincap_v240623.csv" in s1
+    assert "--data fitzpatrick17k --image-dir /d/images --split train" in s2 and "--skincap" not in s2
+    evals = [c for c in cmds if c.split()[1] == "eval.py" and "summary" not in c]
+    assert [c.split("--out ")[1].split()[0].rsplit("/", 1)[1] for c in evals] == ["base", "stage1", "stage2"]
+    assert all("--split eval1000/test --n 1000 --skincap /d/skincap/skincap_v240623.csv" in c for c in evals)
+    res = subprocess.run(["bash", str(root / "train.sh")], env=dict(base, DATA="synthderm"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "fitzpatrick17k" not in res.stdout.split("\n", 1)[1] and "data.py fetch" not in res.stdout
+    res = subprocess.run(["bash", str(root / "train.sh")], env=dict(base, DATA="imagenet"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "unknown DATA=imagenet" in res.stderr
+
 
 
 # ===================================================================================================
