@@ -3491,6 +3491,14 @@ def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path
     common = ["--out", str(run), "--image-size", "112", "--max-pixels", "12544", "--G", "2", "--micro-prompts", "3",
               "--max-new-tokens", "8", "--train", "lora", "--save-every", "100", "--data", "fitzpatrick17k",
               "--csv", str(fx["csv"]), "--image-dir", str(fx["images"])]
+    # the tiny preset's supervised stages on photos: the probe over all 114 labels, the warm-up mixing
+    # captioned images (both tasks) with uncaptioned ones (Stage II target only)
+    assert rl.main(["vision", "--init", "tiny", "--steps", "1", "--prompts", "4", "--eval-n", "3"] + common) == 0
+    rep = json.loads((run / "vision" / "eval.json").read_text())
+    assert rep["n"] == 3 and 0 <= rep["probe_acc/label"] <= 1
+    assert rl.main(["warmup", "--init", str(run / "vision" / "model"), "--steps", "1", "--prompts", "4",
+                    "--eval-n", "0", "--skincap", str(fx["skincap"])] + common) == 0
+    capsys.readouterr()
     # Stage I: the 5 captioned images, one without a file (missing) and one truncated (unreadable); 2 steps
     # x 3 prompts = 6 draws from a permutation of the 4 with a file, so every one of them is opened once.
     assert rl.main(["stage1", "--init", "tiny", "--steps", "2", "--prompts", "3", "--eval-n", "0",
