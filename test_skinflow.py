@@ -1261,8 +1261,9 @@ def _real_fixture(tmp_path: Path, url_base: str = "") -> dict:
             continue
         _real_save(kind, synth[i].image.resize((120, 90)), path)
     csv_path = _data_write_csv(tmp_path / "f17k.csv", rows)
-    # SkinCAP: captions on 5 images (one missing on disk, one truncated) + one DDI row (no F17k match)
-    captioned = [rows[i]["md5hash"] for i in (1, 5, 10, 11, 15)]
+    # SkinCAP: captions on 5 images (one missing on disk, one truncated, one that the plain random split
+    # puts in the test part) + one DDI row (no F17k match)
+    captioned = [rows[i]["md5hash"] for i in (1, 2, 10, 11, 15)]         # row 2 lies in the random test part
     cap = tmp_path / "skincap.csv"
     with open(cap, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
@@ -1351,10 +1352,10 @@ def test_data_near_duplicate_groups_edits_merge_distinct_photos_do_not(tmp_path)
         ds[i].image.save(p)
         files.append(p)
     files.append(tmp_path / "missing.jpg")                     # never found: a group of its own
-    flat = tmp_path / "flat.png"                               # two flat cards: no structure, never merged
-    Image.new("RGB", (50, 50), (200, 150, 120)).save(flat)
-    flat2 = tmp_path / "flat2.png"
-    Image.new("RGB", (50, 50), (90, 60, 40)).save(flat2)
+    flat = tmp_path / "flat.png"                               # two blank placeholders: their raw hashes are
+    Image.new("RGB", (50, 50), (0, 0, 0)).save(flat)           # both 0 (every DCT term is 0), yet they are
+    flat2 = tmp_path / "flat2.png"                             # not evidence of one photo: never merged
+    Image.new("RGB", (80, 40), (0, 0, 0)).save(flat2)
     files += [flat, flat2]
     st: dict = {}
     cache = tmp_path / "cache.json"
@@ -1398,6 +1399,17 @@ def test_data_group_aware_split_never_separates_a_group(group_of, seed):
     single = {r.id: i for i, r in enumerate(recs)}
     assert [r.id for r in data.split_random(recs, groups=single, seed=seed)[1]] == \
         [r.id for r in data.split_random(recs, seed=seed)[1]]
+
+
+def test_data_group_split_files_a_group_under_its_majority_label():
+    """A group of 2 "acne" + 1 "melanoma" photos is an acne unit: acne's only unit, so round(3 * 0.2) = 1
+    sends it to test on every seed; filed under melanoma (5 more units) it would go there only sometimes."""
+    mk = lambda i, lab: data.Record(id=f"r{i}", label=lab, nine="", three="", fitzpatrick=1)  # noqa: E731
+    recs = [mk(0, "acne"), mk(1, "melanoma"), mk(2, "acne")] + [mk(i, "melanoma") for i in range(3, 8)]
+    groups = {"r0": 0, "r1": 0, "r2": 0}
+    for seed in range(20):
+        _, test = data.split_random(recs, groups=groups, seed=seed)
+        assert {"r0", "r1", "r2"} <= {r.id for r in test}, seed
 
 
 def test_data_fitzpatrick17k_split_drops_copies_of_train_and_captioned_images():
@@ -3499,6 +3511,12 @@ def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path
     assert rl.main(["warmup", "--init", str(run / "vision" / "model"), "--steps", "1", "--prompts", "4",
                     "--eval-n", "0", "--skincap", str(fx["skincap"])] + common) == 0
     capsys.readouterr()
+    # Stage I trains on EVERY captioned image, also the one the random split would test on (it is barred
+    # from testing instead); without captions the test part holds that image, with them it does not
+    plain_test = {r.id for r in data.fitzpatrick17k_records("stage2", "test", fx["csv"], fx["images"], verbose=False)}
+    assert fx["rows"][2]["md5hash"] in plain_test
+    assert {r.id for r in data.fitzpatrick17k_records("stage1", "train", fx["csv"], fx["images"], fx["skincap"],
+                                                      verbose=False)} == set(fx["captioned"])
     # Stage I: the 5 captioned images, one without a file (missing) and one truncated (unreadable); 2 steps
     # x 3 prompts = 6 draws from a permutation of the 4 with a file, so every one of them is opened once.
     assert rl.main(["stage1", "--init", "tiny", "--steps", "2", "--prompts", "3", "--eval-n", "0",
