@@ -1497,6 +1497,8 @@ def split_random(records: list, test_fraction: float = 0.2, seed: int = 4242,
     test_idx: set[int] = set()
     for label in sorted(by_label):
         label_units = by_label[label]
+        # the label's test share counts IMAGES, not units, so a label with one big group of copies does
+        # not send five times its share to test
         target = int(round(sum(map(len, label_units)) * test_fraction))
         taken = 0
         for j in rng.permutation(len(label_units)):
@@ -1757,6 +1759,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
     if im.mode == "P":
+        # a palette image may mark one index transparent (GIF-style); only then does it need the alpha path
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = im.convert("RGBA")
@@ -1874,6 +1877,8 @@ def _hash_files(paths: list, cache_path=None, stats: dict | None = None) -> list
             cache = json.loads(cp.read_text())
         except (OSError, ValueError):
             cache = {}                                       # a torn cache is rebuilt, never fatal
+    # dirty: whether any hash was computed (only then is the cache rewritten; a fully cached call
+    # touches no file, so a read-only image folder works once it has been hashed)
     out, dirty = [], False
     stats = {} if stats is None else stats
     stats.setdefault("unreadable", 0)
@@ -1888,6 +1893,7 @@ def _hash_files(paths: list, cache_path=None, stats: dict | None = None) -> list
             stats["unreadable"] += 1
             out.append(None)
             continue
+        # size + mtime in the key: a re-download under the same name must not reuse the old hash
         key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key in cache:
             out.append(None if cache[key] is None else int(cache[key], 16))
@@ -1932,8 +1938,11 @@ def near_duplicate_groups(paths, threshold: int = NEAR_DUP_BITS, cache_path=None
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
+    # Only images with a hash take part; idx maps a position among the hashes back to its path index.
     idx = np.array([i for i, h in enumerate(hashes) if h is not None], dtype=np.int64)     # [m]
     hv = np.array([hashes[i] for i in idx.tolist()], dtype=np.uint64)                      # [m]
+    # Blocks of 1,024 rows bound the temporary [b, m] matrix (16k hashes: 16 M uint8 = 16 MB per block)
+    # while keeping each numpy call large enough to be fast.
     block = 1024
     for s in range(0, len(hv), block):
         # [b, m] Hamming distances of this block against every LATER hash (upper triangle only)
@@ -2148,10 +2157,14 @@ def fetch(out_dir, csv_path=None, backbone: str | None = "3b", skincap: bool = T
     out.mkdir(parents=True, exist_ok=True)
     offline = _hf_offline()
     summary: dict = {"out": str(out), "offline": offline}
+    # 1. The backbone first: it is the biggest download and the one a run cannot start without, so a
+    #    user who lacks network or disk finds out in the first minute, not after 20 minutes of images.
     if backbone:
         repo = {"3b": "Qwen/Qwen2.5-VL-3B-Instruct", "7b": "Qwen/Qwen2.5-VL-7B-Instruct"}.get(backbone.lower(), backbone)
         path, why = fetch_backbone(repo)
         summary["backbone"] = {"repo": repo, "path": path, "error": why}
+    # 2. The images. Offline, a HEAD request per URL would still be network traffic, so nothing is
+    #    fetched: the count of files already on disk is the whole report.
     if images:
         img_dir = out / "images"
         rows = _read_csv(FITZPATRICK17K_CSV if csv_path is None else csv_path, ("md5hash", "url"), "Fitzpatrick17k")
@@ -2165,6 +2178,8 @@ def fetch(out_dir, csv_path=None, backbone: str | None = "3b", skincap: bool = T
                                 retries=retries, progress=progress, workers=workers)
             summary["images"] = {k: s[k] for k in ("ok", "skipped", "failed", "no_url")}
         summary["images"]["dir"] = str(img_dir)
+    # 3. SkinCAP last: the only gated part, the one most likely to fail for a first-time user, and the
+    #    one whose failure must not cost the other two (Stage II runs without it).
     if skincap:
         path, why = fetch_skincap(out)
         summary["skincap"] = {"path": path, "error": why}
@@ -2234,6 +2249,8 @@ def fitzpatrick17k_records(stage: str, split: str = "train", csv_path=None, imag
     captioned = load_skincap(skincap_csv, records) if skincap_csv else []
     groups = None
     if dedup and image_dir is not None:
+        # Only files on disk can be hashed; a row without its image is a singleton (and skipped later
+        # anyway). The cache lives beside the images, so every stage and eval.py share one hashing pass.
         found = [r for r in records if r.image_path]
         st: dict = {}
         ids = near_duplicate_groups([r.image_path for r in found], cache_path=Path(image_dir) / PHASH_CACHE,
@@ -2247,6 +2264,9 @@ def fitzpatrick17k_records(stage: str, split: str = "train", csv_path=None, imag
     recs = fitzpatrick17k_split(records, protocol, part, groups=groups,
                                 exclude_from_test=[c.id for c in captioned if c.record is not None])
     if stage == "stage1":                                     # Stage I needs a reference caption
+        # ALL captioned rows, not only those the split put in train: the guard above already keeps each
+        # of them (and its copies) out of every test part, so dropping the ~20 % that the random split
+        # would have tested on would only waste a fifth of the 3,345 captions.
         recs = [r for r in (records if part == "train" else recs) if r.fields]
     return recs
 
@@ -2306,6 +2326,9 @@ class Fitzpatrick17kData:
                 "fields": r.fields}
 
     def __getitem__(self, i: int) -> RealSample:
+        # Walk forward from i to the first decodable image. Deterministic (no random substitute), so a
+        # resumed run (same data positions) sees exactly the same images; a known-bad index is skipped
+        # without touching the disk again, so one corrupt file costs one failed decode per run.
         n = len(self.records)
         for k in range(n):
             j = (i + k) % n

@@ -1206,6 +1206,8 @@ def _dataset_records(args) -> list[tuple[str, str, int]]:
 def _eval_items(args):
     """Yield (id, PIL image, prompt, label, fitzpatrick, lesion mask or None) of the split, via data.iterate."""
     import data
+    # iterate fills `stats` (yielded / missing / unreadable) when it finishes; main() copies the counts
+    # into metrics.json, so a report always says how many test photos could not be scored and why.
     stats = getattr(args, "_image_stats", {})
     for image, prompt, rec in data.iterate("stage2", args.split, source=args.data, n=args.n, seed=args.seed,
                                            image_size=args.image_size, csv_path=args.csv,

@@ -12,7 +12,9 @@ the first accepted answer. This file holds everything one rollout touches, in re
      chunked completion log-probs;
   5. the trainer (`python rl.py vision|warmup|stage1|stage2 ...`) with checkpoint / resume; vision and
      warmup are the tiny preset's supervised stand-ins for pretraining (a ViT that sees, an LLM that
-     answers), stage1 / stage2 are the paper's GRPO stages;
+     answers), stage1 / stage2 are the paper's GRPO stages; every stage trains on SynthDerm (default) or
+     on real photos with `--data fitzpatrick17k --image-dir DIR [--skincap CSV] [--split train]`
+     (data.Fitzpatrick17kData: undecodable images skipped, counted and logged; docs/real-data.md);
   6. multi-GPU: the same trainer under `torchrun --nproc_per_node N rl.py ...` (rollouts sharded by
      whole groups, gradients summed over ranks, FSDP2 for full fine-tuning).
 
@@ -1010,6 +1012,8 @@ class Trainer:
             raise ValueError(f"--data must be synthderm or fitzpatrick17k, got {cfg.data!r}")
         # Stage I needs captions; the warm start mixes captioned (both tasks) and uncaptioned (Stage II
         # target only) images, so it reads the captions too when given, from the same split.
+        # Every rank builds the same list (same CSV, same hash cache, same split seed), so the data
+        # positions of section 6 index the same images on every rank.
         task = "stage1" if cfg.stage == "stage1" else "stage2"
         ds = data.Fitzpatrick17kData(task, cfg.split, cfg.csv or None, cfg.image_dir or None, cfg.skincap or None)
         print(f"[rl] {cfg.stage}: Fitzpatrick17k {cfg.split!r}: {len(ds)} images, {ds.skips['missing']} rows "
@@ -1018,6 +1022,7 @@ class Trainer:
 
     def _skip_report(self) -> dict:
         """How many training images this stage skipped and why (missing file / undecodable), for the log."""
+        # SynthDerm renders every item, so it never skips: no keys, and its log lines stay as they were
         s = getattr(self.data, "skips", None)
         return {} if s is None else {"images_missing": s["missing"], "images_unreadable": s["unreadable"]}
 
