@@ -3590,6 +3590,35 @@ def test_rl_train_sh_dry_run_real_data_chain(tmp_path):
 
 
 
+def test_rl_train_sh_skips_stage1_loudly_without_skincap(tmp_path):
+    """train.sh with DATA=fitzpatrick17k and no SkinCAP CSV: Stage I is skipped, the console says so and
+    NOTICE.md (the first line of results.md) records it; with the CSV, Stage I runs and the notice goes.
+    PY is a stub that only logs its arguments, so the real chain's control flow runs without a model."""
+    root = Path(rl.__file__).resolve().parent
+    stub = tmp_path / "py"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\nexit 0\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PRESET="3b", DATA="fitzpatrick17k", DATA_DIR=str(tmp_path / "d"),
+               OUT=str(tmp_path / "run"), PY=str(stub))
+    env.pop("DRY_RUN", None)
+    res = subprocess.run(["bash", str(root / "train.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("data.py fetch") and not any(c.startswith("rl.py stage1") for c in calls)
+    s2 = next(c for c in calls if c.startswith("rl.py stage2"))
+    assert "--init Qwen/Qwen2.5-VL-3B-Instruct" in s2                 # Stage II starts from the base model
+    assert "!! NOTICE: Stage I was SKIPPED" in res.stdout
+    assert "Stage I was SKIPPED" in (tmp_path / "run" / "NOTICE.md").read_text()
+    (tmp_path / "d" / "skincap").mkdir(parents=True)
+    (tmp_path / "d" / "skincap" / "skincap_v240623.csv").write_text("ori_file_path,caption_zh_polish_en\n")
+    (tmp_path / "calls").unlink()
+    res = subprocess.run(["bash", str(root / "train.sh")], env=env, capture_output=True, text=True, timeout=120)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert res.returncode == 0 and any(c.startswith("rl.py stage1") for c in calls) and "NOTICE" not in res.stdout
+    assert not (tmp_path / "run" / "NOTICE.md").exists()
+
+
+
 # ===================================================================================================
 # Multi-GPU (rl.py DISTRIBUTED): two gloo ranks equal one process
 #

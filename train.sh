@@ -119,7 +119,7 @@ if [ "$DATA" = fitzpatrick17k ]; then
     if [ "$DRY_RUN" != 1 ] && [ ! -f "$SKINCAP" ]; then
         STAGE1_ON=0
         mkdir -p "$OUT"
-        MSG="Stage I was SKIPPED: no SkinCAP CSV at $SKINCAP ($(cat "$DATA_DIR/SKINCAP_MISSING.txt" 2>/dev/null | head -1)). This run is base -> Stage II only, not the full SkinFlow chain."
+        MSG="Stage I was SKIPPED: no SkinCAP CSV at $SKINCAP ($(head -n 1 "$DATA_DIR/SKINCAP_MISSING.txt" 2>/dev/null || echo "see data.py fetch")). This run is base -> Stage II only, not the full SkinFlow chain."
         echo "$MSG" > "$OUT/NOTICE.md"
         printf '%.0s!' {1..100}; echo; echo "!! NOTICE: $MSG"; printf '%.0s!' {1..100}; echo
     else
