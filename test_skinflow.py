@@ -1365,6 +1365,11 @@ def test_data_near_duplicate_groups_edits_merge_distinct_photos_do_not(tmp_path)
     assert g == sorted(g)                                      # ids in order of first appearance
     assert st == {"images": len(files), "groups": len(files) - 8, "merged_groups": 2, "merged_images": 10,
                   "unreadable": 1}
+    # the CLI over the folder (.jpg/.png only; the missing file is not listed, the cache json is ignored)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert data.main(["near-duplicates", str(tmp_path)]) == 0
+    assert f"{len(files) - 1} images -> {len(files) - 9} groups; 2 merged groups hold 10 images" in buf.getvalue()
     # the cache is per image: a second call hashes nothing (phash made to fail) and gives the same groups
     import unittest.mock as um
     with um.patch.object(data, "phash", side_effect=AssertionError("hashed again")):
