@@ -28,13 +28,18 @@ Map of this file, in file order:
   Record, load_fitzpatrick17k     the real CSV (Groh et al. 2021), images resolved by md5hash
   split_random .. fitzpatrick17k_split   Groh's split protocols + the paper-style 1,000-image sample
   caption_to_fields, load_skincap, skincap_guard   SkinCAP (Zhou et al. 2024) captions for Stage I
+  ImageError, open_image, phash, near_duplicate_groups   the one opener of real photos; copies found
   download_images, download_fitzpatrick17k         resumable, atomic image downloader
+  fetch                           backbone + Fitzpatrick17k images + SkinCAP CSV in one command
+  fitzpatrick17k_records, Fitzpatrick17kData       one stage's real records / rl.py's indexable stream
   reference_answer, iterate       (PIL image, prompt, target record) for training and evaluation
   preview, bench, main            the CLI:
       python data.py preview --n 16 --out grid.png      labelled contact sheet of SynthDerm samples
       python data.py headroom                           the baselines above on the SynthDerm test split
       python data.py bench                              SynthDerm images/second on one core
       python data.py download-fitzpatrick17k --out DIR
+      python data.py fetch --out DIR                    backbone + images + SkinCAP, resumable (issue 12)
+      python data.py near-duplicates DIR                pHash groups of an image folder, timed
 
 SynthDerm is a procedural stand-in for Fitzpatrick17k: 20 classes that reuse Fitzpatrick17k label
 strings, drawn with numpy on skin of Fitzpatrick types I-VI, with a truthful caption per image, a faint
@@ -1657,21 +1662,44 @@ def load_fitzpatrick17k(csv_path=None, image_dir=None, allow_unknown: bool = Fal
 
 
 # --- split protocols (Groh et al.'s train.py, plus the paper's 1,000-image evaluation sample) -----------
-def split_random(records: list, test_fraction: float = 0.2, seed: int = 4242) -> tuple[list, list]:
+def split_random(records: list, test_fraction: float = 0.2, seed: int = 4242,
+                 groups: dict | None = None) -> tuple[list, list]:
     """Stratified random split: within every label, shuffle (seeded) and send round(n * test_fraction)
     to test. Same protocol and seed as Groh et al. (their exact indices came from sklearn; ours come from
-    numpy, so the membership differs but the recipe, sizes and per-label balance are the same)."""
-    by_label: dict[str, list[int]] = {}
+    numpy, so the membership differs but the recipe, sizes and per-label balance are the same).
+
+    groups (optional, {record id: group id}, e.g. from near_duplicate_groups): the unit that is shuffled
+    and assigned is then a GROUP, so near-duplicate copies always land on the same side. A group is
+    filed under its "home" label (the label of most of its members, ties to the alphabetically first),
+    and within a label whole groups go to test, in shuffled order, until the label's test share reaches
+    round(n * test_fraction) (it may overshoot by less than one group). With no groups, or only
+    singleton groups, the split is exactly the plain one (same generator calls, same membership).
+    """
+    # Units: lists of record indices that must stay together (a singleton per record without groups).
+    units: dict = {}
     for i, r in enumerate(records):
-        by_label.setdefault(r.label, []).append(i)
+        key = groups.get(r.id, ("row", i)) if groups else ("row", i)
+        units.setdefault(key, []).append(i)
+    by_label: dict[str, list[list[int]]] = {}
+    for members in units.values():                           # in order of first member: deterministic
+        labels = [records[i].label for i in members]
+        home = min(set(labels), key=lambda lab: (-labels.count(lab), lab))
+        by_label.setdefault(home, []).append(members)
     # One generator, labels visited in sorted order: the split depends only on (records, seed), not on
     # dict ordering or on the row order inside the CSV beyond each label's own list.
     rng = np.random.default_rng(seed)
     test_idx: set[int] = set()
     for label in sorted(by_label):
-        idx = by_label[label]
-        perm = rng.permutation(len(idx))
-        test_idx.update(idx[j] for j in perm[:int(round(len(idx) * test_fraction))])
+        label_units = by_label[label]
+        # the label's test share counts IMAGES, not units, so a label with one big group of copies does
+        # not send five times its share to test
+        target = int(round(sum(map(len, label_units)) * test_fraction))
+        taken = 0
+        for j in rng.permutation(len(label_units)):
+            if taken >= target:
+                break
+            test_idx.update(label_units[j])
+            taken += len(label_units[j])
     train = [r for i, r in enumerate(records) if i not in test_idx]
     test = [r for i, r in enumerate(records) if i in test_idx]
     return train, test
@@ -1694,14 +1722,14 @@ def split_expert(records: list) -> tuple[list, list]:
     return [r for r in records if not r.qc], [r for r in records if r.qc.startswith("1")]
 
 
-def eval_sample(records: list, n: int = 1000, seed: int = 2601) -> list:
+def eval_sample(records: list, n: int = 1000, seed: int = 2601, groups: dict | None = None) -> list:
     """A fixed random n-image sample of the random split's test part, like SkinFlow's 1,000-image test.
 
     SkinFlow evaluates on 1,000 random Fitzpatrick17k images whose ids were NOT published, so no one can
     reproduce that exact set; this sample (seed 2601, drawn from split_random's test part so it never
     overlaps training) is our stand-in. Its ids can be listed with [r.id for r in eval_sample(records)].
     """
-    _, test = split_random(records)
+    _, test = split_random(records, groups=groups)
     # Sort by id first, so the sample does not depend on the CSV's row order, only on its content.
     test = sorted(test, key=lambda r: r.id)
     idx = np.random.default_rng(seed).choice(len(test), size=min(n, len(test)), replace=False)
@@ -1712,26 +1740,44 @@ F17K_PROTOCOLS = ("random", "a12", "a34", "a56", "expert", "eval1000")
 
 
 def fitzpatrick17k_split(records: list, protocol: str = "random", part: str = "test",
-                         exclude_from_test=()) -> list:
+                         exclude_from_test=(), groups: dict | None = None) -> list:
     """One part ("train" / "test") of a split protocol (F17K_PROTOCOLS). `exclude_from_test` holds image
     ids that must never be tested on, e.g. the SkinCAP-captioned images used in Stage I (see
-    skincap_guard); they are removed from the test part (and reported)."""
+    skincap_guard); they are removed from the test part (and reported).
+
+    groups ({record id: near-duplicate group id}, see near_duplicate_groups) makes every protocol
+    leak-free: the random split (and eval1000, drawn from its test part) assigns whole groups; for the
+    protocols whose sides are fixed by metadata (skin type, expert QC) a test image whose group has a
+    member in train is dropped; and a near-duplicate of an excluded (captioned) image is excluded too.
+    """
     if protocol == "random":
-        train, test = split_random(records)
+        train, test = split_random(records, groups=groups)
     elif protocol in ("a12", "a34", "a56"):
         train, test = split_skin_type(records, tuple(int(c) for c in protocol[1:]))
     elif protocol == "expert":
         train, test = split_expert(records)
     elif protocol == "eval1000":
-        train, _ = split_random(records)
-        test = eval_sample(records)
+        train, _ = split_random(records, groups=groups)
+        test = eval_sample(records, groups=groups)
     else:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {F17K_PROTOCOLS}")
     if part not in ("train", "test"):
         raise ValueError(f"part must be 'train' or 'test', got {part!r}")
     if part == "train":
         return train
-    return skincap_guard(test, exclude_from_test)[0] if exclude_from_test else test
+    excluded = {c.id if hasattr(c, "id") else str(c) for c in exclude_from_test}
+    if excluded:
+        test = skincap_guard(test, excluded)[0]
+    if groups:
+        # a near-duplicate of a captioned image is as good as the captioned image itself; a group with a
+        # member in train must not also be tested on (a no-op for the group-aware random split)
+        bad = {groups[i] for i in excluded if i in groups} | {groups[r.id] for r in train if r.id in groups}
+        kept = [r for r in test if groups.get(r.id) not in bad]
+        if len(kept) < len(test):
+            print(f"near-duplicates: removed {len(test) - len(kept)} test image(s) that copy a train or "
+                  "captioned image", file=sys.stderr)
+        test = kept
+    return test
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1869,6 +1915,248 @@ def skincap_guard(test_records: list, caption_ids) -> tuple[list, int]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Real photos: ONE opener for every entry point, and near-duplicate groups (issue 12)
+#
+# Fitzpatrick17k is two web atlases scraped in 2021, so its files are whatever the atlases served: JPEGs
+# from 60 px thumbnails to multi-megapixel scans, grayscale, palette PNGs, RGBA, the odd CMYK or 16-bit
+# file, phone photos whose orientation lives only in the EXIF tag, and PNG bytes saved under a .jpg name.
+# Every one of them must reach the model as the same thing: an 8-bit RGB PIL image, upright, that
+# skinflow.preprocess_image then resizes within max_pixels exactly like a SynthDerm image. open_image is
+# the one place that knows how; skinflow.py --image, `diagnose`, eval.py and rl.py (through iterate /
+# Fitzpatrick17kData) all call it, so a broken file gives the same one-line ImageError everywhere.
+# ---------------------------------------------------------------------------------------------------
+class ImageError(ValueError):
+    """An image file that cannot be used: missing, a directory, not an image, truncated or corrupt.
+
+    A ValueError, so the CLIs that already turn ValueError into "error: ..." + exit 2 need no new code;
+    `reason` is a short machine-readable cause ("missing", "unreadable") used by the skip counters."""
+
+    def __init__(self, message: str, reason: str = "unreadable"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB.
+
+    * 16-bit / 32-bit integer and float greyscale ("I;16", "I", "F"): scaled by the range the mode can
+      hold (65535 for 16-bit, the image's own max for I/F when it exceeds 255), because PIL's own
+      convert("L") CLIPS at 255 and would turn almost every 16-bit photo pure white;
+    * transparency (RGBA, LA, PA, P with a transparent index): composited onto WHITE. convert("RGB")
+      would keep whatever colour the fully transparent pixels happen to store (often black), i.e. paint
+      a frame that is not in the photo; white is what a viewer shows;
+    * CMYK, YCbCr, LAB, 1-bit, palette, L: PIL's own conversion (CMYK through its naive inverse).
+    """
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)                                     # [H, W]
+        top = 65535.0 if im.mode.startswith("I;16") else max(255.0, float(a.max()) if a.size else 255.0)
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode == "P":
+        # a palette image may mark one index transparent (GIF-style); only then does it need the alpha path
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def open_image(path, draft: int | None = None) -> Image.Image:
+    """Open and FULLY decode an image file -> upright 8-bit RGB PIL image, or raise ImageError (one line).
+
+    * the format is read from the bytes, never from the extension (PNG bytes under .jpg just work);
+    * the EXIF orientation tag is applied (ImageOps.exif_transpose), so a phone photo stored sideways
+      reaches the model upright, exactly as any image viewer shows it;
+    * modes are normalised by _to_rgb (16-bit scaled, transparency on white, CMYK/greyscale -> RGB);
+    * decoding is forced here: a truncated JPEG fails now with "corrupt or truncated", not deep inside
+      preprocessing three stages later;
+    * draft=N (optional) lets a JPEG decode at a reduced scale whose shorter side stays >= N px (libjpeg's
+      1/2, 1/4, 1/8 IDCT): used by the near-duplicate hash, which needs 32 px, not 12 Mpx.
+    Pillow's decompression-bomb guard stays on (an image over ~179 Mpx is refused with a clear line).
+    """
+    from PIL import ImageOps, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise ImageError(f"{path}: no such file", "missing")
+    if p.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image file", "missing")
+    try:
+        with Image.open(p) as im:
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))               # decode at 1/2..1/8 scale: far faster
+            im.load()                                         # a truncated JPEG/PNG fails here
+            im = ImageOps.exif_transpose(im)                  # upright, as a viewer shows it
+            img = _to_rgb(im)
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file that pillow can read", "unreadable") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied", "unreadable") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        why = str(exc).strip().splitlines()[0][:80] if str(exc).strip() else type(exc).__name__
+        raise ImageError(f"{path}: corrupt or truncated image ({why})", "unreadable") from None
+    if min(img.size) < 1:
+        raise ImageError(f"{path}: image has an empty side {img.size}", "unreadable")
+    return img
+
+
+# --- near-duplicate groups --------------------------------------------------------------------------
+# About a fifth of Fitzpatrick17k are near-duplicates (the same clinical photo uploaded twice, resized,
+# re-compressed, cropped a little, brightened; the cleaned variants in the literature remove them). A
+# random split then puts one copy in train and the other in test, and the test score measures memory.
+# We find the copies with a perceptual hash (pHash) and keep each group on one side of every split.
+#
+# pHash of an image (numpy + pillow only):
+#   g   = 32 x 32 greyscale thumbnail (box filter: every source pixel counts, so resampling noise of a
+#         resized copy averages out)
+#   C   = D g D^T,  D the 32 x 32 orthonormal DCT-II matrix  D[k, n] = s_k cos(pi (2n + 1) k / 64)
+#   h   = the 64 bits  C[u, v] > median(C[0:8, 0:8] without C[0, 0])  for u, v in 0..7
+# The low 8 x 8 frequencies are the photo's coarse layout: what survives resizing, re-compression and a
+# small crop. The DC term (mean brightness) is left out and the threshold is the median, so a brightened
+# copy (which shifts DC and scales every coefficient alike) keeps its bits. Two images are copies when
+#   hamming(h_a, h_b) <= NEAR_DUP_BITS (10 of 64)
+# Distinct photos sit near 32 bits apart (independent bits; the closest of 19,900 SynthDerm pairs: 12).
+# Edited copies (measured: one smooth 300 px photo, and 60 SynthDerm images at 160 px): a third of the
+# size 2 bits, JPEG q=30 0, brightness x0.8 / x1.1 / +30 levels <= 6, x1.2 mean 2.5 but 14 once (the
+# highlights clip), a crop of 3 % off one side <= 10 (mean 5); re-encoded at 2x q=75 <= 6, but shrunk to
+# 80 px at q=40-60 mean 3 and max 12-14 (1 of 40 images missed: a few coefficients sit on the median and
+# flip). The limit of a global hash: 8 px (5 %) off
+# two sides moves it up to 22 bits, so such copies are NOT found. We tried matching each hash against 9
+# cropped variants of the other image: every crop was found, but 10 of 7,140 distinct SynthDerm pairs
+# merged too, and a false merge costs more than a missed copy (it drags whole groups across the split).
+# Groups are the connected components of "is a copy of" (union-find): A~B and B~C put A, B, C together.
+# A flat image (no structure above 2 grey levels: a colour card, a blank placeholder) has a hash of
+# pure noise and would match other flat ones by chance; it stays alone.
+# ---------------------------------------------------------------------------------------------------
+NEAR_DUP_BITS = 10       # Hamming threshold on the 64-bit pHash
+_PHASH_SIZE = 32         # thumbnail side (px)
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix [n, n]: D[k, j] = sqrt((1 + (k > 0)) / n) cos(pi (2j + 1) k / (2n))."""
+    k, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    d = np.cos(np.pi * (2 * j + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    d[0] /= np.sqrt(2.0)
+    return d
+
+
+_DCT32 = _dct_matrix(_PHASH_SIZE)
+
+
+def phash(image: Image.Image) -> int | None:
+    """64-bit perceptual hash of a PIL image (see the block above), or None for a flat image."""
+    g = np.asarray(image.convert("L").resize((_PHASH_SIZE, _PHASH_SIZE), Image.BOX), np.float64)  # [32, 32]
+    if g.std() < 2.0:                                       # no structure: a hash would be noise
+        return None
+    c = (_DCT32 @ g @ _DCT32.T)[:8, :8].ravel()             # [64] lowest frequencies, DC first
+    bits = c > np.median(c[1:])                              # DC excluded from the threshold ...
+    bits[0] = False                                          # ... and from the hash (brightness-free)
+    return int(sum(1 << i for i in np.flatnonzero(bits).tolist()))
+
+
+def _hash_files(paths: list, cache_path=None, stats: dict | None = None) -> list[int | None]:
+    """pHash of every file (None: flat, missing or unreadable), cached per image in a JSON file.
+
+    The cache key is (absolute path, size, mtime in ns): a file replaced by a new download is hashed
+    again. Hashing 16k photos costs minutes once (README, "Near-duplicate groups"); the cache makes
+    every later split instant.
+    """
+    import json
+
+    cache: dict = {}
+    cp = Path(cache_path) if cache_path else None
+    if cp is not None and cp.is_file():
+        try:
+            cache = json.loads(cp.read_text())
+        except (OSError, ValueError):
+            cache = {}                                       # a torn cache is rebuilt, never fatal
+    # dirty: whether any hash was computed (only then is the cache rewritten; a fully cached call
+    # touches no file, so a read-only image folder works once it has been hashed)
+    out, dirty = [], False
+    stats = {} if stats is None else stats
+    stats.setdefault("unreadable", 0)
+    for path in paths:
+        if path is None:
+            out.append(None)
+            continue
+        p = Path(path)
+        try:
+            st = p.stat()
+        except OSError:
+            stats["unreadable"] += 1
+            out.append(None)
+            continue
+        # size + mtime in the key: a re-download under the same name must not reuse the old hash
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key in cache:
+            out.append(None if cache[key] is None else int(cache[key], 16))
+            continue
+        try:
+            h = phash(open_image(p, draft=2 * _PHASH_SIZE))
+        except ImageError:
+            stats["unreadable"] += 1
+            h = None
+        cache[key] = None if h is None else f"{h:016x}"
+        dirty = True
+        out.append(h)
+    if cp is not None and dirty:
+        try:
+            tmp = cp.with_name(cp.name + ".tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cp)                              # atomic: a crash never leaves half a cache
+        except OSError as exc:                               # a read-only image folder: hash again next time
+            print(f"near-duplicates: could not write the hash cache {cp} ({exc})", file=sys.stderr)
+    return out
+
+
+def near_duplicate_groups(paths, threshold: int = NEAR_DUP_BITS, cache_path=None,
+                          stats: dict | None = None) -> list[int]:
+    """One group id per path: images whose pHashes differ by <= threshold bits share an id.
+
+    Ids are 0, 1, 2, ... in order of first appearance, so the result is a canonical labelling (two runs
+    over the same files give the same list). A missing, unreadable or flat image gets a group of its
+    own. `cache_path` (optional JSON file) stores each image's hash; `stats` receives the counts
+    {"images", "groups", "merged_groups" (groups of >= 2 images), "merged_images", "unreadable"}.
+    Cost: hashing (decode at <= 1/8 scale + a 32 x 32 DCT) dominates; the all-pairs comparison is
+    blockwise XOR + popcount in numpy, ~n^2 / 2 64-bit operations (16k images: ~1.3e8, about a second).
+    """
+    paths = list(paths)
+    stats = {} if stats is None else stats
+    hashes = _hash_files(paths, cache_path, stats)
+    n = len(paths)
+    parent = list(range(n))
+
+    def find(i: int) -> int:                                 # union-find with path halving
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    # Only images with a hash take part; idx maps a position among the hashes back to its path index.
+    idx = np.array([i for i, h in enumerate(hashes) if h is not None], dtype=np.int64)     # [m]
+    hv = np.array([hashes[i] for i in idx.tolist()], dtype=np.uint64)                      # [m]
+    # Blocks of 1,024 rows bound the temporary [b, m] matrix (16k hashes: 16 M uint8 = 16 MB per block)
+    # while keeping each numpy call large enough to be fast.
+    block = 1024
+    for s in range(0, len(hv), block):
+        # [b, m] Hamming distances of this block against every LATER hash (upper triangle only)
+        d = np.bitwise_count(hv[s:s + block, None] ^ hv[None, s:])                       # [b, m - s]
+        rows, cols = np.nonzero(d <= threshold)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            if c > r:                                        # column c is hash s + c; skip self and lower
+                a, b = find(int(idx[s + r])), find(int(idx[s + c]))
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    ids, out = {}, []
+    for i in range(n):
+        out.append(ids.setdefault(find(i), len(ids)))
+    sizes = np.bincount(np.array(out, dtype=np.int64), minlength=len(ids)) if n else np.zeros(0, np.int64)
+    stats.update(images=n, groups=len(ids), merged_groups=int((sizes > 1).sum()),
+                 merged_images=int(sizes[sizes > 1].sum()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # Image downloader (Fitzpatrick17k `url` column)
 # ---------------------------------------------------------------------------------------------------
 def _valid_image(path) -> bool:
@@ -1900,35 +2188,35 @@ def _fetch(url: str, dest: Path, timeout: float, user_agent: str) -> None:
 
 
 def download_images(items, out_dir, timeout: float = 20.0, retries: int = 3, backoff: float = 1.0,
-                    progress: bool = True, user_agent: str = "skinflow-from-scratch/0.1 (research)") -> dict:
+                    progress: bool = True, user_agent: str = "skinflow-from-scratch/0.1 (research)",
+                    workers: int = 8) -> dict:
     """Download (stem, url) pairs to out_dir/<stem><ext>; returns a summary dict.
 
     * resume: a file already present and fully decodable is skipped;
     * atomic: bytes go to <name>.part and are renamed only after the image decodes, so an interrupted or
       failed download never leaves a partial file under the final name;
     * retries with exponential backoff (backoff * 2^attempt seconds) and a per-request timeout;
-    * failures are listed in out_dir/download_failures.csv and summarised on one line.
+    * `workers` downloads at once (threads: the work is waiting on the network, so the GIL is no limit).
+      16.5k images one at a time at ~0.5 s each would take ~2.3 h; 8 at once ~20 min. Two hosts serve
+      all of Fitzpatrick17k, so we stay polite: 8 connections, not 100;
+    * failures are listed in out_dir/download_failures.csv (in the input's order) and summarised.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items = list(items)
     summary = {"ok": 0, "skipped": 0, "failed": 0, "no_url": 0, "failures": []}
-    try:
-        from tqdm import tqdm
-        bar = tqdm(items, desc="download", unit="img", disable=not progress)
-    except ImportError:                                       # tqdm is a listed dependency; be lenient anyway
-        bar = items
-    for stem, url in bar:
+
+    def one(stem: str, url: str) -> tuple[str, str | None]:
+        """-> (outcome, error): outcome is "no_url", "skipped", "ok" or "failed"."""
         url = (url or "").strip()
         if not url:
-            summary["no_url"] += 1
-            summary["failures"].append((stem, url, "no url"))
-            continue
+            return "no_url", "no url"
         # Resume: a complete image from an earlier run is kept; a stale or broken one is fetched again.
         existing = find_image(out, stem)
         if existing and _valid_image(existing):
-            summary["skipped"] += 1
-            continue
+            return "skipped", None
         # Keep the source's extension when it is an image one (Atlas Dermatologico serves some PNGs).
         ext = Path(urllib.parse.urlparse(url).path).suffix.lower()
         ext = ext if ext in (".jpg", ".jpeg", ".png") else ".jpg"
@@ -1941,19 +2229,32 @@ def download_images(items, out_dir, timeout: float = 20.0, retries: int = 3, bac
                 if not _valid_image(part):
                     raise ValueError("downloaded file is not a decodable image")
                 os.replace(part, final)
-                error = None
-                break
+                return "ok", None
             except Exception as exc:                          # network, HTTP, timeout, truncation, decode
                 # One bad URL must not stop a 16k-image run: record the reason, clean up, retry or move on.
                 error = f"{type(exc).__name__}: {exc}"
                 part.unlink(missing_ok=True)
                 if attempt + 1 < retries:
                     time.sleep(backoff * 2 ** attempt)
-        if error is None:
-            summary["ok"] += 1
-        else:
-            summary["failed"] += 1
-            summary["failures"].append((stem, url, error))
+        return "failed", error
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), desc="download", unit="img", disable=not progress)
+    except ImportError:                                       # tqdm is a listed dependency; be lenient anyway
+        bar = None
+    # results are collected in submission order, so the failure list is ordered like the CSV
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(one, stem, url) for stem, url in items]
+        for (stem, url), fut in zip(items, futures):
+            outcome, error = fut.result()
+            summary[outcome] += 1
+            if error is not None:
+                summary["failures"].append((stem, (url or "").strip(), error))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     if summary["failures"]:
         with open(out / "download_failures.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
@@ -1973,6 +2274,131 @@ def download_fitzpatrick17k(out_dir, csv_path=None, limit: int | None = None, **
 
 
 # ---------------------------------------------------------------------------------------------------
+# `python data.py fetch --out DIR`: everything a GPU run needs, in one command (issue 12)
+#
+#   DIR/images/<md5hash>.jpg|png     Fitzpatrick17k, from the CSV's url column (download_images: retries,
+#                                    resume, atomic writes, failures listed in images/download_failures.csv)
+#   DIR/skincap/skincap_v240623.csv  SkinCAP captions for Stage I (gated Hub dataset, needs a token)
+#   DIR/SKINCAP_MISSING.txt          written instead when SkinCAP could not be had, with the reason;
+#                                    train.sh then skips Stage I loudly and says so in results.md
+#   the backbone                     Qwen2.5-VL-3B/7B-Instruct into the Hugging Face cache (where
+#                                    skinflow.load finds it by repo id), *.json + *.safetensors only
+# HF_HUB_OFFLINE=1 touches no network: Hub files come from the cache, images are only counted.
+# ---------------------------------------------------------------------------------------------------
+SKINCAP_REPO = "joshuachou/SkinCAP"
+SKINCAP_FILE = "skincap_v240623.csv"
+SKINCAP_MISSING = "SKINCAP_MISSING.txt"
+
+
+def _hf_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1 / true / yes / on)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_problem(exc: Exception, repo: str, kind: str) -> str:
+    """One actionable sentence for a failed Hub download (gated, no token, offline, not found, network)."""
+    name = type(exc).__name__
+    page = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{repo}"
+    if name == "GatedRepoError":
+        return (f"{repo} is gated and this token has not been granted access: open {page}, log in, accept "
+                "the dataset's terms, wait for the approval, then rerun (the token must be of that account)")
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or _hf_offline():
+        return (f"{repo}: not on disk and HF_HUB_OFFLINE=1 forbids downloading it; rerun without "
+                "HF_HUB_OFFLINE=1 on a machine with network access")
+    if name in ("RepositoryNotFoundError", "LocalTokenNotFoundError") or "401" in str(exc):
+        return (f"{repo}: no access without a Hugging Face token: accept the terms at {page}, then run "
+                "`hf auth login` (or export HF_TOKEN=hf_...) and rerun")
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return f"{repo}: {name}: {first}"
+
+
+def fetch_backbone(repo: str) -> tuple[str | None, str | None]:
+    """snapshot_download(repo, *.json + *.safetensors) into the HF cache -> (local path, None) or (None, why)."""
+    try:
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"])
+        return path, None
+    except Exception as exc:                                  # every failure becomes one line, never a trace
+        return None, _hub_problem(exc, repo, "model")
+
+
+def fetch_skincap(out_dir, repo: str = SKINCAP_REPO, filename: str = SKINCAP_FILE) -> tuple[str | None, str | None]:
+    """The SkinCAP CSV into out_dir/skincap/ -> (path, None), or (None, why) + out_dir/SKINCAP_MISSING.txt."""
+    out = Path(out_dir)
+    marker = out / SKINCAP_MISSING
+    try:
+        from huggingface_hub import hf_hub_download
+        path = hf_hub_download(repo, filename, repo_type="dataset", local_dir=str(out / "skincap"))
+        marker.unlink(missing_ok=True)
+        return path, None
+    except Exception as exc:
+        why = _hub_problem(exc, repo, "dataset")
+        marker.write_text(why + "\nStage I (SkinCAP captions) will be skipped until this is fixed.\n")
+        return None, why
+
+
+def fetch(out_dir, csv_path=None, backbone: str | None = "3b", skincap: bool = True, images: bool = True,
+          limit: int | None = None, timeout: float = 20.0, retries: int = 3, progress: bool = True,
+          workers: int = 8) -> dict:
+    """Download the backbone, the Fitzpatrick17k images and the SkinCAP CSV; print and return a summary.
+
+    Each part is independent: one failing (a gated dataset, a dead image host) never stops the others.
+    The summary is also written to DIR/fetch_summary.json for train.sh and for the record.
+    """
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    offline = _hf_offline()
+    summary: dict = {"out": str(out), "offline": offline}
+    # 1. The backbone first: it is the biggest download and the one a run cannot start without, so a
+    #    user who lacks network or disk finds out in the first minute, not after 20 minutes of images.
+    if backbone:
+        repo = {"3b": "Qwen/Qwen2.5-VL-3B-Instruct", "7b": "Qwen/Qwen2.5-VL-7B-Instruct"}.get(backbone.lower(), backbone)
+        path, why = fetch_backbone(repo)
+        summary["backbone"] = {"repo": repo, "path": path, "error": why}
+    # 2. The images. Offline, a HEAD request per URL would still be network traffic, so nothing is
+    #    fetched: the count of files already on disk is the whole report.
+    if images:
+        img_dir = out / "images"
+        rows = _read_csv(FITZPATRICK17K_CSV if csv_path is None else csv_path, ("md5hash", "url"), "Fitzpatrick17k")
+        rows = rows[:limit]
+        if offline:                                           # no network: report what is already there
+            img_dir.mkdir(parents=True, exist_ok=True)
+            have = sum(find_image(img_dir, r["md5hash"]) is not None for r in rows)
+            summary["images"] = {"ok": 0, "skipped": have, "failed": 0, "no_url": 0, "offline_missing": len(rows) - have}
+        else:
+            s = download_images([(r["md5hash"], r["url"]) for r in rows], img_dir, timeout=timeout,
+                                retries=retries, progress=progress, workers=workers)
+            summary["images"] = {k: s[k] for k in ("ok", "skipped", "failed", "no_url")}
+        summary["images"]["dir"] = str(img_dir)
+    # 3. SkinCAP last: the only gated part, the one most likely to fail for a first-time user, and the
+    #    one whose failure must not cost the other two (Stage II runs without it).
+    if skincap:
+        path, why = fetch_skincap(out)
+        summary["skincap"] = {"path": path, "error": why}
+    (out / "fetch_summary.json").write_text(json.dumps(summary, indent=1))
+    # The summary, one line per part, and the loud notice when Stage I cannot run.
+    print("fetch summary:", file=sys.stderr)
+    if "backbone" in summary:
+        b = summary["backbone"]
+        print(f"  backbone  {b['repo']}: " + (f"ok ({b['path']})" if b["path"] else f"FAILED: {b['error']}"),
+              file=sys.stderr)
+    if "images" in summary:
+        s = summary["images"]
+        print(f"  images    {s['ok']} downloaded, {s['skipped']} already on disk, {s['failed']} failed, "
+              f"{s['no_url']} without url" + (f", {s['offline_missing']} missing (offline)" if offline else "")
+              + f" -> {s['dir']}", file=sys.stderr)
+    if "skincap" in summary:
+        c = summary["skincap"]
+        print("  skincap   " + (f"ok ({c['path']})" if c["path"] else f"MISSING: {c['error']}"), file=sys.stderr)
+        if not c["path"]:
+            print("!" * 100 + f"\n!! NOTICE: no SkinCAP captions, so Stage I will be SKIPPED (Stage II only). "
+                  f"Fix: {c['error']}\n" + "!" * 100, file=sys.stderr)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
 # Training / evaluation iterator and the preview contact sheet
 # ---------------------------------------------------------------------------------------------------
 def reference_answer(stage: str, record) -> str:
@@ -1987,9 +2413,139 @@ def reference_answer(stage: str, record) -> str:
     raise ValueError(f"stage must be 'stage1' or 'stage2', got {stage!r}")
 
 
+PHASH_CACHE = ".skinflow_phash.json"   # per-image hash cache, written into the image folder
+
+
+def fitzpatrick17k_records(stage: str, split: str = "train", csv_path=None, image_dir=None, skincap_csv=None,
+                           dedup: bool = True, verbose: bool = True, info: dict | None = None) -> list:
+    """The Records of one stage and split of Fitzpatrick17k (images not opened yet; see iterate).
+
+    split: "train" / "test" (the random protocol) or "<protocol>/<part>", protocol in F17K_PROTOCOLS.
+    * skincap_csv attaches SkinCAP captions (`.fields`) BEFORE splitting, so every captioned image can be
+      removed from every test part (skincap_guard);
+    * Stage I ("stage1") trains on the captioned images: with part "train" it takes ALL of them (each is
+      already barred from every test part, so none is wasted), with part "test" only the captioned ones
+      left in the test part (none, by construction: a Stage I test part is empty);
+    * dedup (default on when image_dir is given): near_duplicate_groups over the images found, cached in
+      <image_dir>/.skinflow_phash.json, makes the split group-aware (fitzpatrick17k_split); the report
+      line says how many groups were merged. `info` receives {"near_duplicates": stats}.
+    """
+    if stage not in ("stage1", "stage2"):
+        raise ValueError(f"stage must be 'stage1' or 'stage2', got {stage!r}")
+    if stage == "stage1" and not skincap_csv:
+        raise ValueError("Stage I on Fitzpatrick17k needs reference captions: pass skincap_csv=<SkinCAP CSV> "
+                         "(python data.py fetch downloads it once you have accepted its terms on the Hub)")
+    info = {} if info is None else info
+    # "a12/test" -> protocol a12, part test; a bare "train"/"test" means the random 80/20 protocol.
+    protocol, _, part = split.partition("/") if "/" in split else ("random", "", split)
+    records = load_fitzpatrick17k(csv_path, image_dir, verbose=verbose)
+    # Captions are joined BEFORE splitting, so the guard can drop captioned images from any test part.
+    captioned = load_skincap(skincap_csv, records) if skincap_csv else []
+    groups = None
+    if dedup and image_dir is not None:
+        # Only files on disk can be hashed; a row without its image is a singleton (and skipped later
+        # anyway). The cache lives beside the images, so every stage and eval.py share one hashing pass.
+        found = [r for r in records if r.image_path]
+        st: dict = {}
+        ids = near_duplicate_groups([r.image_path for r in found], cache_path=Path(image_dir) / PHASH_CACHE,
+                                    stats=st)
+        groups = {r.id: g for r, g in zip(found, ids)}
+        info["near_duplicates"] = st
+        if verbose:
+            print(f"near-duplicates: {st['merged_groups']} group(s) merged {st['merged_images']} of "
+                  f"{st['images']} images (pHash, <= {NEAR_DUP_BITS} of 64 bits); each group stays on one "
+                  "side of the split", file=sys.stderr)
+    recs = fitzpatrick17k_split(records, protocol, part, groups=groups,
+                                exclude_from_test=[c.id for c in captioned if c.record is not None])
+    if stage == "stage1":                                     # Stage I needs a reference caption
+        # ALL captioned rows, not only those the split put in train: the guard above already keeps each
+        # of them (and its copies) out of every test part, so dropping the ~20 % that the random split
+        # would have tested on would only waste a fifth of the 3,345 captions.
+        recs = [r for r in (records if part == "train" else recs) if r.fields]
+    return recs
+
+
+@dataclass
+class RealSample:
+    """One opened Fitzpatrick17k image with the fields rl.py reads from a SynthSample (duck typing):
+    `.image`, `.label`, `.fields` (None without a caption), `.looks_like` (= label: a real photo has no
+    separate "rendered look"), `.id`, `.fitzpatrick`."""
+    id: str
+    label: str
+    fitzpatrick: int
+    image: Image.Image
+    fields: dict[str, str] | None = None
+    looks_like: str = ""
+    nine: str = ""
+    three: str = ""
+
+
+class Fitzpatrick17kData:
+    """Indexable Fitzpatrick17k stream for rl.py: the same interface as SynthDerm (len, [i], spec(i)).
+
+    Records without an image file are dropped when the dataset is built ("missing"); a file that fails
+    to decode is found when item i is first opened ("unreadable"), remembered, counted once, and the next
+    readable item (i + 1, i + 2, ... mod n) is served instead, so a corrupt JPEG costs one substitution,
+    never a crash in the middle of a run. `skips` holds the counts and the first offending files.
+    """
+
+    def __init__(self, stage: str, split: str = "train", csv_path=None, image_dir=None, skincap_csv=None,
+                 dedup: bool = True, n: int | None = None, verbose: bool = True):
+        if image_dir is None:
+            raise ValueError("Fitzpatrick17k needs --image-dir (the folder of <md5hash>.jpg files; "
+                             "python data.py fetch --out DIR downloads them)")
+        self.info: dict = {}
+        recs = fitzpatrick17k_records(stage, split, csv_path, image_dir, skincap_csv, dedup, verbose, self.info)
+        have = [r for r in recs if r.image_path]
+        self.records = have[:n] if n is not None else have
+        self.skips = {"missing": len(recs) - len(have), "unreadable": 0, "files": []}
+        self._bad: set[int] = set()
+        if not self.records:
+            raise ImageError(f"Fitzpatrick17k {stage} {split}: no image found in {image_dir} "
+                             f"({len(recs)} rows wanted; run python data.py fetch --out DIR)", "missing")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _resolve(self, i: int) -> int:
+        """The index actually served for i: i itself, or the next one not known to be undecodable."""
+        n = len(self.records)
+        return next(((i + k) % n for k in range(n) if (i + k) % n not in self._bad), i % n)
+
+    def spec(self, i: int) -> dict:
+        """Metadata without opening the image (rl.py's vision stage reads the probe target from here).
+        It follows the substitution of a known-undecodable item, so label and pixels stay paired."""
+        r = self.records[self._resolve(i)]
+        return {"id": r.id, "label": r.label, "looks_like": r.label, "fitzpatrick": r.fitzpatrick,
+                "fields": r.fields}
+
+    def __getitem__(self, i: int) -> RealSample:
+        # Walk forward from i to the first decodable image. Deterministic (no random substitute), so a
+        # resumed run (same data positions) sees exactly the same images; a known-bad index is skipped
+        # without touching the disk again, so one corrupt file costs one failed decode per run.
+        n = len(self.records)
+        for k in range(n):
+            j = (i + k) % n
+            if j in self._bad:
+                continue
+            r = self.records[j]
+            try:
+                image = open_image(r.image_path)
+            except ImageError as exc:
+                self._bad.add(j)
+                self.skips["unreadable"] += 1
+                if len(self.skips["files"]) < 20:
+                    self.skips["files"].append(str(exc))
+                print(f"skipped: {exc}", file=sys.stderr)
+                continue
+            return RealSample(id=r.id, label=r.label, fitzpatrick=r.fitzpatrick, image=image, fields=r.fields,
+                              looks_like=r.label, nine=r.nine, three=r.three)
+        raise ImageError(f"none of the {n} images of this split can be decoded", "unreadable")
+
+
 def iterate(stage: str, split: str = "train", source: str = "synthderm", n: int | None = None, seed: int = 0,
             image_size: int = 224, csv_path=None, image_dir=None, skincap_csv=None,
-            stats: dict | None = None) -> Iterator[tuple[Image.Image, str, object]]:
+            stats: dict | None = None, dedup: bool = True) -> Iterator[tuple[Image.Image, str, object]]:
     """Yield (PIL image, prompt text, target record) for a stage ("stage1" captions, "stage2" diagnosis).
 
     source="synthderm": split is "train" / "val" / "test"; n items (default 2000 train, 500 otherwise)
@@ -1997,8 +2553,9 @@ def iterate(stage: str, split: str = "train", source: str = "synthderm", n: int 
     source="fitzpatrick17k": split is "train" / "test" (random protocol) or "<protocol>/<part>" with a
       protocol from F17K_PROTOCOLS, e.g. "a12/test", "expert/test", "eval1000/test". image_dir holds the
       images; skincap_csv (optional) attaches captions, which Stage I needs, and removes every captioned
-      image from test parts. Missing or unreadable images are counted and skipped; a summary line is
-      printed at the end and the counts are written into `stats` if given.
+      image from test parts; dedup keeps near-duplicate groups on one side (fitzpatrick17k_records).
+      Images are opened with open_image; missing or unreadable ones are counted and skipped; a summary
+      line is printed at the end and the counts are written into `stats` if given.
     The record carries the target: reference_answer(stage, record) gives its canonical text.
     """
     if stage not in ("stage1", "stage2"):
@@ -2013,17 +2570,7 @@ def iterate(stage: str, split: str = "train", source: str = "synthderm", n: int 
         return
     if source != "fitzpatrick17k":
         raise ValueError(f"source must be 'synthderm' or 'fitzpatrick17k', got {source!r}")
-    if stage == "stage1" and not skincap_csv:
-        raise ValueError("Stage I on Fitzpatrick17k needs reference captions: pass skincap_csv=<SkinCAP CSV>")
-    # "a12/test" -> protocol a12, part test; a bare "train"/"test" means the random 80/20 protocol.
-    protocol, _, part = split.partition("/") if "/" in split else ("random", "", split)
-    records = load_fitzpatrick17k(csv_path, image_dir)
-    # Captions are joined BEFORE splitting, so the guard can drop captioned images from any test part.
-    captioned = load_skincap(skincap_csv, records) if skincap_csv else []
-    recs = fitzpatrick17k_split(records, protocol, part,
-                                exclude_from_test=[c.id for c in captioned if c.record is not None])
-    if stage == "stage1":                                     # Stage I needs a reference caption
-        recs = [r for r in recs if r.fields]
+    recs = fitzpatrick17k_records(stage, split, csv_path, image_dir, skincap_csv, dedup)
     recs = recs[:n] if n is not None else recs
     yielded = missing = unreadable = 0
     for rec in recs:
@@ -2031,10 +2578,10 @@ def iterate(stage: str, split: str = "train", source: str = "synthderm", n: int 
             missing += 1
             continue
         try:
-            with Image.open(rec.image_path) as im:
-                image = im.convert("RGB")                     # forces a full decode: truncation shows here
-        except Exception:
+            image = open_image(rec.image_path)                # forces a full decode: truncation shows here
+        except ImageError as exc:
             unreadable += 1
+            print(f"skipped: {exc}", file=sys.stderr)
             continue
         yielded += 1
         yield image, prompt, rec
@@ -2121,6 +2668,20 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--limit", type=int, default=None)
     q.add_argument("--timeout", type=float, default=20.0)
     q.add_argument("--retries", type=int, default=3)
+    q = sub.add_parser("fetch", help="backbone + Fitzpatrick17k images + SkinCAP CSV, one command (resumable)")
+    q.add_argument("--out", required=True, help="images go to OUT/images, SkinCAP to OUT/skincap")
+    q.add_argument("--csv", default=None, help="default: assets/fitzpatrick17k.csv.gz (all 16,577 rows)")
+    q.add_argument("--backbone", default="3b", help="3b | 7b | a Hub repo id | none")
+    q.add_argument("--no-skincap", action="store_true", help="do not try the gated SkinCAP dataset")
+    q.add_argument("--no-images", action="store_true", help="skip the Fitzpatrick17k images")
+    q.add_argument("--limit", type=int, default=None, help="first N CSV rows only (a quick trial)")
+    q.add_argument("--workers", type=int, default=8, help="parallel image downloads")
+    q.add_argument("--dry-run", action="store_true", help="check the flags and exit (train.sh DRY_RUN=1)")
+    q.add_argument("--timeout", type=float, default=20.0)
+    q.add_argument("--retries", type=int, default=3)
+    q = sub.add_parser("near-duplicates", help="pHash groups of an image folder (timed, cached)")
+    q.add_argument("image_dir")
+    q.add_argument("--limit", type=int, default=None)
     args = p.parse_args(argv)
     if args.cmd == "preview":
         print(preview(args.n, args.out, args.seed, args.image_size, args.split))
@@ -2131,6 +2692,25 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "download-fitzpatrick17k":
         s = download_fitzpatrick17k(args.out, args.csv, args.limit, timeout=args.timeout, retries=args.retries)
         return 1 if s["failed"] and not (s["ok"] or s["skipped"]) else 0
+    elif args.cmd == "fetch" and args.dry_run:
+        return 0
+    elif args.cmd == "fetch":
+        s = fetch(args.out, args.csv, None if args.backbone.lower() == "none" else args.backbone,
+                  skincap=not args.no_skincap, images=not args.no_images, limit=args.limit,
+                  timeout=args.timeout, retries=args.retries, workers=args.workers)
+        # failure = the run cannot start: no backbone, or not a single image; a missing SkinCAP only
+        # costs Stage I (the loud notice above), so it is not an error
+        no_images = "images" in s and not (s["images"]["ok"] or s["images"]["skipped"])
+        return 1 if (s.get("backbone") or {}).get("error") or no_images else 0
+    elif args.cmd == "near-duplicates":
+        files = sorted(str(f) for f in Path(args.image_dir).iterdir()
+                       if f.suffix in IMAGE_EXTENSIONS)[:args.limit]
+        st: dict = {}
+        t0 = time.perf_counter()
+        near_duplicate_groups(files, cache_path=Path(args.image_dir) / PHASH_CACHE, stats=st)
+        dt = time.perf_counter() - t0
+        print(f"{st['images']} images -> {st['groups']} groups; {st['merged_groups']} merged groups hold "
+              f"{st['merged_images']} images; {dt:.2f} s ({1000 * dt / max(1, st['images']):.2f} ms/image)")
     return 0
 
 

@@ -12,7 +12,9 @@ the first accepted answer. This file holds everything one rollout touches, in re
      chunked completion log-probs;
   5. the trainer (`python rl.py vision|warmup|stage1|stage2 ...`) with checkpoint / resume; vision and
      warmup are the tiny preset's supervised stand-ins for pretraining (a ViT that sees, an LLM that
-     answers), stage1 / stage2 are the paper's GRPO stages;
+     answers), stage1 / stage2 are the paper's GRPO stages; every stage trains on SynthDerm (default) or
+     on real photos with `--data fitzpatrick17k --image-dir DIR [--skincap CSV] [--split train]`
+     (data.Fitzpatrick17kData: undecodable images skipped, counted and logged; docs/real-data.md);
   6. multi-GPU: the same trainer under `torchrun --nproc_per_node N rl.py ...` (rollouts sharded by
      whole groups, gradients summed over ranks, FSDP2 for full fine-tuning).
 
@@ -30,6 +32,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -767,6 +770,15 @@ class TrainConfig:
     image_size: int = 112
     max_pixels: int = 112 * 112
     n_data: int = 4096            # SynthDerm items in the training stream (cycled, reshuffled per epoch)
+    # Real data (issue 12). --data fitzpatrick17k trains on photos: --image-dir holds <md5hash>.jpg (from
+    # `python data.py fetch`), --csv defaults to the repo's full CSV (assets/), --skincap is the SkinCAP
+    # CSV that Stage I needs, --split a data.py protocol ("train" = the random, near-duplicate-aware 80 %;
+    # "a12/train", "expert/train", ...). SynthDerm ignores these four; Fitzpatrick17k ignores n_data.
+    data: str = "synthderm"       # synthderm | fitzpatrick17k
+    csv: str = ""                 # Fitzpatrick17k CSV ("" = assets/fitzpatrick17k.csv.gz)
+    image_dir: str = ""
+    skincap: str = ""             # SkinCAP CSV (skincap_v240623.csv)
+    split: str = "train"          # Fitzpatrick17k split this stage trains on; evaluate() uses its test part
     data_seed: int = 0
     seed: int = 0
     save_every: int = 10
@@ -946,13 +958,15 @@ class Trainer:
             raise ValueError(f"--train: unknown sets {sorted(unknown)}; choose among lora, dve, llm, vision")
         self.counts = set_trainable(self.model, lora="lora" in sets, dve_layers="dve" in sets, llm="llm" in sets,
                                     vision="vision" in sets)
+        # The data first: a bad --image-dir or a missing --skincap fails here, before any weights move.
+        self.data, self.probe_labels = self._build_data(cfg)
         if cfg.stage == "vision" or (cfg.stage == "warmup" and cfg.aux_weight > 0):
             # Tiny preset only: a throw-away linear probe on the max-pooled image tokens (see _probe_loss).
             # It lives on the model so checkpoint/resume treat it like any trainable, and export()
             # removes it again: the exported model has the plain Hub layout.
             import data
 
-            self.model.aux_head = nn.Linear(self.model.cfg.hidden_size, len(data.SYNTH_LABELS)).to(self.device)
+            self.model.aux_head = nn.Linear(self.model.cfg.hidden_size, len(self.probe_labels)).to(self.device)
             self.counts["aux"] = sum(p.numel() for p in self.model.aux_head.parameters())
         # full fine-tuning moves the base weights, so only then is a frozen reference copy needed
         self.ref_model = None
@@ -972,11 +986,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.master.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         # The sampler's own generator: its state is checkpointed, so a resumed run draws the same tokens.
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + RANK_SEED_STRIDE * self.dist.rank)
-        import data
-
-        split = "val" if cfg.stage in SUPERVISED else "train"  # the warm start never sees the RL stream
         self._pixel_cache: dict[int, tuple] = {}  # vision stage: item -> preprocessed pixels (see _pixels)
-        self.data = data.SynthDerm(cfg.n_data, seed=cfg.data_seed, image_size=cfg.image_size, split=split)
         self.step = 0
         self.position = 0
         self.ckpt = self.dir / "checkpoint.safetensors"
@@ -985,6 +995,36 @@ class Trainer:
             self.load_checkpoint()
         elif self.log_path.exists() and self.dist.is_main:
             self.log_path.unlink()  # a fresh run: start a fresh log
+
+    @staticmethod
+    def _build_data(cfg: "TrainConfig"):
+        """-> (training stream, probe label list). SynthDerm: rendered on demand, the warm start on its
+        "val" split so it never sees the RL stream; Fitzpatrick17k: data.Fitzpatrick17kData over the
+        --split part (Stage I: the SkinCAP-captioned images), opened lazily with data.open_image, and
+        the probe of the vision / warm-up stages reads all 114 labels instead of SynthDerm's 20."""
+        import data
+
+        if cfg.data == "synthderm":
+            split = "val" if cfg.stage in SUPERVISED else "train"  # the warm start never sees the RL stream
+            ds = data.SynthDerm(cfg.n_data, seed=cfg.data_seed, image_size=cfg.image_size, split=split)
+            return ds, data.SYNTH_LABELS
+        if cfg.data != "fitzpatrick17k":
+            raise ValueError(f"--data must be synthderm or fitzpatrick17k, got {cfg.data!r}")
+        # Stage I needs captions; the warm start mixes captioned (both tasks) and uncaptioned (Stage II
+        # target only) images, so it reads the captions too when given, from the same split.
+        # Every rank builds the same list (same CSV, same hash cache, same split seed), so the data
+        # positions of section 6 index the same images on every rank.
+        task = "stage1" if cfg.stage == "stage1" else "stage2"
+        ds = data.Fitzpatrick17kData(task, cfg.split, cfg.csv or None, cfg.image_dir or None, cfg.skincap or None)
+        print(f"[rl] {cfg.stage}: Fitzpatrick17k {cfg.split!r}: {len(ds)} images, {ds.skips['missing']} rows "
+              "skipped (image file missing)")
+        return ds, tuple(data.TAXONOMY)
+
+    def _skip_report(self) -> dict:
+        """How many training images this stage skipped and why (missing file / undecodable), for the log."""
+        # SynthDerm renders every item, so it never skips: no keys, and its log lines stay as they were
+        s = getattr(self.data, "skips", None)
+        return {} if s is None else {"images_missing": s["missing"], "images_unreadable": s["unreadable"]}
 
     def _has_dve(self) -> bool:
         import dve
@@ -1079,10 +1119,8 @@ class Trainer:
         `looks_like` (what was rendered), not the true label: the features should see the explicit look;
         the implicit cue that separates a mimic is left for RL to find. Returns (loss, #correct).
         """
-        import data
-
         logits = self._probe_logits(embeds, grid)  # [B, 20]
-        y = torch.tensor([data.SYNTH_LABELS.index(c) for c in looks], device=embeds.device)  # [B]
+        y = torch.tensor([self.probe_labels.index(c) for c in looks], device=embeds.device)  # [B]
         return F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum()
 
     def _probe_logits(self, embeds, grid) -> torch.Tensor:
@@ -1142,7 +1180,8 @@ class Trainer:
         idx = _data_indices(start, cfg.prompts, len(self.data), cfg.data_seed)
         items = [self.data[i] for i in idx]
         # alternate the two tasks by data position so every batch teaches both formats
-        tasks = ["stage1" if (start + j) % 2 == 0 else "stage2" for j in range(len(items))]
+        # (a real photo without a SkinCAP caption has no Stage I target: it always gets the Stage II one)
+        tasks = ["stage1" if (start + j) % 2 == 0 and it.fields else "stage2" for j, it in enumerate(items)]
         batch = self._prompt_batch(items, [_stage_prompt(t) for t in tasks])
         targets = [self.tok.encode(_warmup_target(it, t, cfg.sft_order)) + [self.tok.eos_id] for it, t in zip(items, tasks)]
         L = max(map(len, targets))
@@ -1290,8 +1329,18 @@ class Trainer:
         import eval as skin_eval
 
         cfg = self.cfg
-        test = data.SynthDerm(n, seed=cfg.data_seed, image_size=cfg.image_size, split="test")
+        if cfg.data == "fitzpatrick17k":
+            # the test part of the same protocol ("a12/train" -> "a12/test"; "train" -> "test"); Stage I
+            # has no test part (every captioned image is barred from testing), so it is scored on Stage II
+            protocol = cfg.split.rpartition("/")[0]
+            test = data.Fitzpatrick17kData("stage2", f"{protocol}/test" if protocol else "test", cfg.csv or None,
+                                           cfg.image_dir or None, cfg.skincap or None, n=n)
+            n = len(test)
+        else:
+            test = data.SynthDerm(n, seed=cfg.data_seed, image_size=cfg.image_size, split="test")
         tasks = ["stage1", "stage2"] if cfg.stage == "warmup" else ([] if cfg.stage == "vision" else [cfg.stage])
+        if cfg.data == "fitzpatrick17k":
+            tasks = [] if cfg.stage == "vision" else ["stage2"]
         self.model.eval()
         report = {"n": n, "stage": cfg.stage, "step": self.step}
         if cfg.stage == "vision":
@@ -1303,7 +1352,7 @@ class Trainer:
                 batch = self._prompt_batch(chunk, [_stage_prompt("stage2")] * len(chunk))  # only the pixels are used
                 embeds = self.model.encode_images(batch["pixel_values"], batch["image_grid_thw"])  # [sum M, D]
                 logits = self._probe_logits(embeds, batch["image_grid_thw"])  # [b, 20]
-                pred = [data.SYNTH_LABELS[j] for j in logits.argmax(-1).tolist()]
+                pred = [self.probe_labels[j] for j in logits.argmax(-1).tolist()]
                 hits["looks_like"] += sum(p == it.looks_like for p, it in zip(pred, chunk))
                 hits["label"] += sum(p == it.label for p, it in zip(pred, chunk))
             report.update({f"probe_acc/{k}": v / n for k, v in hits.items()})
@@ -1370,7 +1419,7 @@ class Trainer:
                 self.step += 1
                 self._dirty = False  # weights, step and data position agree again
                 rec.update({"step": self.step, "lr": lr, "step_s": round(time.time() - t0, 3),
-                            "position": self.position})
+                            "position": self.position, **self._skip_report()})
                 if rec.get("skipped"):
                     print(f"[rl] step {self.step}: non-finite loss/gradient, update skipped")
                 if self.dist.is_main:
@@ -1398,6 +1447,13 @@ class Trainer:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
         bar.close()
+        skips = self._skip_report()
+        if skips and self.dist.is_main:
+            # one line on the console, one file beside the log: how many images were skipped and why
+            print(f"[rl] {cfg.stage}: skipped {skips['images_missing']} image(s) with no file and "
+                  f"{skips['images_unreadable']} undecodable image(s)")
+            (self.dir / "skipped.json").write_text(json.dumps({**skips, "unreadable_files": self.data.skips["files"]},
+                                                              indent=1))
         if cfg.eval_n > 0:
             rep = self.evaluate(cfg.eval_n)
             if self.dist.is_main:
@@ -1765,11 +1821,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dry = args.__dict__.pop("dry_run")
     cfg = TrainConfig(**vars(args))
+    if cfg.data not in ("synthderm", "fitzpatrick17k"):
+        p.error(f"--data must be synthderm or fitzpatrick17k, got {cfg.data!r}")
+    if cfg.data == "fitzpatrick17k" and not cfg.image_dir:
+        p.error("--data fitzpatrick17k needs --image-dir (python data.py fetch --out DIR puts images in DIR/images)")
+    if cfg.data == "fitzpatrick17k" and cfg.stage == "stage1" and not cfg.skincap:
+        p.error("stage1 on --data fitzpatrick17k needs --skincap (the SkinCAP CSV; python data.py fetch)")
     if dry:  # train.sh uses this to check the 3b/7b commands on machines that cannot run them
         lr_at(cfg, 0)  # validates the schedule name
         print(json.dumps(dataclasses.asdict(cfg)))
         return 0
-    trainer = Trainer(cfg)
+    import data
+
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # bad data paths / options: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         out = trainer.run()
     finally:

@@ -1709,12 +1709,17 @@ def load(name_or_path_or_preset="tiny", dtype=torch.float32, device="cpu", seed:
 
 
 def _cmd_generate(args) -> int:
-    from PIL import Image
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    image = None
+    if args.image:
+        # the project's one image opener (data.open_image; lazy: skinflow.py imports no project module at
+        # top level). A missing or corrupt file raises data.ImageError, a ValueError: main() prints it as
+        # one line and exits 2, before any weights are loaded.
+        import data
+
+        image = data.open_image(args.image)
     model, tok = load(args.model or args.preset, dtype=dtype, device=device)
-    image = Image.open(args.image) if args.image else None
     batch = make_batch(tok, [image], [args.prompt], max_pixels=args.max_pixels, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

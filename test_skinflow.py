@@ -1189,6 +1189,313 @@ def test_data_headroom_small_and_preview_cli(tmp_path):
         assert im.size[0] == 4 * 64 and im.size[1] > 64
 
 
+# ------------------------------------------------------------------- real photos (issue 12): the fixture
+# A miniature Fitzpatrick17k built at test time in the real layouts: rows of the repo's CSV, one image per
+# row saved as <md5hash>.jpg in one of the awkward kinds real atlases serve, one truncated file, some rows
+# without a file, one near-duplicate copy, and a SkinCAP-format CSV. Pixels are SynthDerm renders (distinct
+# photos: their pHashes differ by >= 12 bits over 19,900 pairs, measured), so nothing is downloaded.
+_REAL_LABELS = ("psoriasis", "melanoma", "acne vulgaris", "basal cell carcinoma")
+_REAL_KINDS = ("rgb", "gray", "rgba", "cmyk", "16bit", "exif", "png_as_jpg", "tiny60", "wide", "palette",
+               "truncated", "missing", "missing", "dup_of_0", "rgb", "rgb", "rgb", "rgb", "rgb", "rgb")
+
+
+def _real_save(kind: str, img: Image.Image, path: Path) -> None:
+    """Write `img` to `path` as one awkward kind (the opener must turn every one into upright RGB)."""
+    if kind == "gray":
+        img.convert("L").save(path, "JPEG", quality=90)
+    elif kind == "rgba":                                       # PNG bytes, half transparent
+        rgba = img.convert("RGBA")
+        a = np.asarray(rgba).copy()
+        a[:, : a.shape[1] // 2, 3] = 0
+        Image.fromarray(a, "RGBA").save(path, "PNG")
+    elif kind == "cmyk":
+        img.convert("CMYK").save(path, "JPEG", quality=90)
+    elif kind == "16bit":                                      # 16-bit greyscale PNG
+        g = np.asarray(img.convert("L"), np.uint16) * 257
+        im16 = Image.fromarray(g.astype(np.uint16))              # uint16 -> mode "I;16"
+        assert im16.mode.startswith("I;16"), im16.mode
+        im16.save(path, "PNG")
+    elif kind == "exif":                                       # stored sideways, EXIF says "rotate 90 CW"
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img.transpose(Image.Transpose.ROTATE_90).save(path, "JPEG", quality=90, exif=exif)
+    elif kind == "png_as_jpg":
+        img.save(path, "PNG")
+    elif kind == "tiny60":
+        img.resize((60, 60)).save(path, "JPEG", quality=90)
+    elif kind == "wide":                                       # a long strip, 2,400 px wide
+        img.resize((2400, 160)).save(path, "JPEG", quality=85)
+    elif kind == "palette":
+        p = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+        p.info["transparency"] = 0
+        p.save(path, "PNG", transparency=0)
+    else:
+        img.save(path, "JPEG", quality=90)
+
+
+def _real_fixture(tmp_path: Path, url_base: str = "") -> dict:
+    """-> {"csv", "images", "skincap", "rows", "kinds", "captioned", "dup"}; see the block above."""
+    by_label: dict = {}
+    for r in _data_csv_rows():
+        if r["label"] in _REAL_LABELS and len(by_label.setdefault(r["label"], [])) < 5:
+            by_label[r["label"]].append(dict(r))
+    rows = [r for lab in _REAL_LABELS for r in by_label[lab]]            # 20 real rows, 5 per label
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    synth = data.SynthDerm(len(rows), seed=12, image_size=96, split="test")
+    kinds = {}
+    for i, (r, kind) in enumerate(zip(rows, _REAL_KINDS)):
+        r["url"] = f"{url_base}/images/{r['md5hash']}.jpg" if url_base else r["url"]
+        kinds[r["md5hash"]] = kind
+        path = img_dir / f"{r['md5hash']}.jpg"
+        if kind == "missing":
+            continue
+        if kind == "truncated":
+            full = io.BytesIO()
+            synth[i].image.save(full, "JPEG", quality=90)
+            path.write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+            continue
+        if kind == "dup_of_0":                                  # row 0's photo re-uploaded: 2x, JPEG q=75
+            with Image.open(img_dir / f"{rows[0]['md5hash']}.jpg") as im0:
+                im0.convert("RGB").resize((240, 180)).save(path, "JPEG", quality=75)
+            continue
+        _real_save(kind, synth[i].image.resize((120, 90)), path)
+    csv_path = _data_write_csv(tmp_path / "f17k.csv", rows)
+    # SkinCAP: captions on 5 images (one missing on disk, one truncated, one that the plain random split
+    # puts in the test part) + one DDI row (no F17k match)
+    captioned = [rows[i]["md5hash"] for i in (1, 2, 10, 11, 15)]         # row 2 lies in the random test part
+    cap = tmp_path / "skincap.csv"
+    with open(cap, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "ori_file_path", "caption_zh_polish_en", "disease"])
+        for j, md5 in enumerate(captioned):
+            w.writerow([j, f"{md5}.png", "A solitary erythematous plaque with silvery scale on the trunk, "
+                        "well-demarcated.", "psoriasis"])
+        w.writerow([99, "ddi_000123.png", "Multiple small brown papules on the face.", "nevus"])
+    return {"csv": csv_path, "images": img_dir, "skincap": cap, "rows": rows, "kinds": kinds,
+            "captioned": captioned, "dup": (rows[0]["md5hash"], rows[13]["md5hash"])}
+
+
+def test_data_open_image_awkward_kinds_become_rgb_within_max_pixels(tmp_path):
+    """Every awkward kind -> upright 8-bit RGB with the expected size and pixels; broken ones -> ImageError."""
+    src = data.SynthDerm(1, seed=5, image_size=96, split="test")[0].image.resize((120, 90))
+    ref = np.asarray(src, np.float64)
+    for kind in ("rgb", "gray", "rgba", "cmyk", "16bit", "exif", "png_as_jpg", "tiny60", "wide", "palette"):
+        p = tmp_path / f"{kind}.jpg"
+        _real_save(kind, src, p)
+        im = data.open_image(p)
+        assert im.mode == "RGB", kind
+        want = {"tiny60": (60, 60), "wide": (2400, 160)}.get(kind, (120, 90))
+        assert im.size == want, (kind, im.size)             # EXIF: stored 90 x 120, shown 120 x 90
+        a = np.asarray(im, np.float64)
+        if kind in ("rgb", "exif", "png_as_jpg", "cmyk"):
+            # the same picture (JPEG noise aside): an unapplied EXIF turn or a wrong CMYK path is far off
+            assert np.abs(a - ref).mean() < 6, kind
+        if kind in ("gray", "16bit"):
+            # 16-bit is SCALED to 8 bits (PIL's own convert would clip it to white): equals the L image
+            grey = np.asarray(src.convert("L"), np.float64)
+            assert np.abs(a[..., 0] - grey).mean() < 3 and np.array_equal(a[..., 0], a[..., 2]), kind
+        if kind in ("rgba", "palette"):
+            # the transparent half is white, the opaque half the photo
+            assert (a[:, :60] == 255).all() if kind == "rgba" else (a == 255).all(-1).any(), kind
+            if kind == "rgba":
+                assert np.abs(a[:, 60:] - ref[:, 60:]).mean() < 1
+        pv, (t, gh, gw) = sf.preprocess_image(im, max_pixels=112 * 112)
+        assert gh * gw * 14 * 14 <= 112 * 112 and gh % 2 == 0 and gw % 2 == 0 and pv.shape[0] == gh * gw
+    (tmp_path / "trunc.jpg").write_bytes((tmp_path / "rgb.jpg").read_bytes()[:300])
+    (tmp_path / "text.jpg").write_bytes(b"<html>404</html>")
+    for name, reason, words in (("trunc.jpg", "unreadable", "corrupt or truncated"),
+                                ("text.jpg", "unreadable", "not an image"), ("nope.jpg", "missing", "no such file"),
+                                (".", "missing", "directory")):
+        with pytest.raises(data.ImageError, match=words) as ei:
+            data.open_image(tmp_path / name)
+        assert ei.value.reason == reason and "\n" not in str(ei.value)
+    # eval.open_image is kept and shares the opener (its own error type, same message)
+    with pytest.raises(sf_eval.DiagnoseError, match="corrupt or truncated"):
+        sf_eval.open_image(tmp_path / "trunc.jpg")
+    assert sf_eval.open_image(tmp_path / "exif.jpg").size == (120, 90)
+
+
+def test_data_single_image_clis_give_one_line_and_exit_2(tmp_path, capsys):
+    """skinflow.py --image and diagnose on a corrupt / missing file: one 'error:' line, exit 2, no traceback."""
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    for argv in (["--image", str(tmp_path / "bad.jpg"), "--max-new-tokens", "1"],
+                 ["--image", str(tmp_path / "none.jpg")],
+                 ["diagnose", str(tmp_path / "bad.jpg"), "--model", "tiny"]):
+        assert sf.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and "Traceback" not in err[0], err
+
+
+def test_data_near_duplicate_groups_edits_merge_distinct_photos_do_not(tmp_path):
+    """Resized, re-compressed, cropped, brightened and exact copies share a group; 40 distinct photos do not."""
+    from PIL import ImageEnhance
+
+    ds = data.SynthDerm(42, seed=21, image_size=160, split="train")
+    base = [ds[0].image, ds[1].image]
+    files = []
+    for b, img in enumerate(base):
+        W, H = img.size
+        # "slightly cropped" = 5 px (3 %) off one side: the tolerance measured in data.py's pHash notes
+        edits = {"orig": img, "resize": img.resize((W // 2, H // 2)),
+                 "crop": img.crop((5, 0, W, H) if b == 0 else (0, 0, W, H - 5)),
+                 "bright": ImageEnhance.Brightness(img).enhance(1.15 if b == 0 else 0.85)}
+        for name, e in edits.items():
+            p = tmp_path / f"b{b}_{name}.jpg"
+            e.save(p, "JPEG", quality=30 if name == "resize" else 90)        # re-compressed hard
+            files.append(p)
+        exact = tmp_path / f"b{b}_exact.jpg"
+        shutil.copy(tmp_path / f"b{b}_orig.jpg", exact)
+        files.append(exact)
+    for i in range(2, 42):                                     # distinct photos
+        p = tmp_path / f"d{i}.png"
+        ds[i].image.save(p)
+        files.append(p)
+    files.append(tmp_path / "missing.jpg")                     # never found: a group of its own
+    flat = tmp_path / "flat.png"                               # two blank placeholders: their raw hashes are
+    Image.new("RGB", (50, 50), (0, 0, 0)).save(flat)           # both 0 (every DCT term is 0), yet they are
+    flat2 = tmp_path / "flat2.png"                             # not evidence of one photo: never merged
+    Image.new("RGB", (80, 40), (0, 0, 0)).save(flat2)
+    files += [flat, flat2]
+    st: dict = {}
+    cache = tmp_path / "cache.json"
+    g = data.near_duplicate_groups(files, cache_path=cache, stats=st)
+    assert len(g) == len(files) and g[:5] == [0] * 5 and g[5:10] == [1] * 5
+    assert len(set(g[10:])) == len(files) - 10 and not set(g[10:]) & {0, 1}
+    assert g == sorted(g)                                      # ids in order of first appearance
+    assert st == {"images": len(files), "groups": len(files) - 8, "merged_groups": 2, "merged_images": 10,
+                  "unreadable": 1}
+    # the CLI over the folder (.jpg/.png only; the missing file is not listed, the cache json is ignored)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert data.main(["near-duplicates", str(tmp_path)]) == 0
+    assert f"{len(files) - 1} images -> {len(files) - 9} groups; 2 merged groups hold 10 images" in buf.getvalue()
+    # the cache is per image: a second call hashes nothing (phash made to fail) and gives the same groups
+    import unittest.mock as um
+    with um.patch.object(data, "phash", side_effect=AssertionError("hashed again")):
+        assert data.near_duplicate_groups(files, cache_path=cache) == g
+    # the hash itself against an independent DCT (scipy-free: the textbook double sum) on one image
+    gray = np.asarray(base[0].convert("L").resize((32, 32), Image.BOX), np.float64)
+    n = np.arange(32)
+    C = np.array([[np.sum(gray * np.outer(np.cos(np.pi * (2 * n + 1) * u / 64), np.cos(np.pi * (2 * n + 1) * v / 64)))
+                   * (np.sqrt(1 / 32) if u == 0 else np.sqrt(2 / 32)) * (np.sqrt(1 / 32) if v == 0 else np.sqrt(2 / 32))
+                   for v in range(8)] for u in range(8)]).ravel()
+    bits = C > np.median(C[1:])
+    bits[0] = False
+    assert data.phash(base[0]) == sum(1 << i for i in np.flatnonzero(bits).tolist())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 11), min_size=30, max_size=80), st.integers(0, 2 ** 16))
+def test_data_group_aware_split_never_separates_a_group(group_of, seed):
+    """Random records and random groups: every group lands on ONE side; fractions stay near 20 %."""
+    labels = ("psoriasis", "melanoma", "acne")
+    rng = np.random.default_rng(seed)
+    recs = [data.Record(id=f"r{i}", label=labels[int(rng.integers(3))], nine="", three="", fitzpatrick=1)
+            for i in range(len(group_of))]
+    groups = {r.id: g for r, g in zip(recs, group_of)}
+    train, test = data.split_random(recs, groups=groups, seed=seed)
+    assert sorted(r.id for r in train + test) == sorted(r.id for r in recs)
+    side = {}
+    for part, rs in (("train", train), ("test", test)):
+        for r in rs:
+            assert side.setdefault(groups[r.id], part) == part, "a group was split"
+    # singleton groups reproduce the plain split exactly (same generator calls, same membership)
+    single = {r.id: i for i, r in enumerate(recs)}
+    assert [r.id for r in data.split_random(recs, groups=single, seed=seed)[1]] == \
+        [r.id for r in data.split_random(recs, seed=seed)[1]]
+
+
+def test_data_group_split_files_a_group_under_its_majority_label():
+    """A group of 2 "acne" + 1 "melanoma" photos is an acne unit: acne's only unit, so round(3 * 0.2) = 1
+    sends it to test on every seed; filed under melanoma (5 more units) it would go there only sometimes."""
+    mk = lambda i, lab: data.Record(id=f"r{i}", label=lab, nine="", three="", fitzpatrick=1)  # noqa: E731
+    recs = [mk(0, "acne"), mk(1, "melanoma"), mk(2, "acne")] + [mk(i, "melanoma") for i in range(3, 8)]
+    groups = {"r0": 0, "r1": 0, "r2": 0}
+    for seed in range(20):
+        _, test = data.split_random(recs, groups=groups, seed=seed)
+        assert {"r0", "r1", "r2"} <= {r.id for r in test}, seed
+
+
+def test_data_fitzpatrick17k_split_drops_copies_of_train_and_captioned_images():
+    """Skin-type protocol: a test image grouped with a train image goes; so does a copy of a captioned one."""
+    mk = lambda i, lab, fz: data.Record(id=f"r{i}", label=lab, nine="", three="", fitzpatrick=fz)  # noqa: E731
+    recs = [mk(0, "acne", 1), mk(1, "acne", 5), mk(2, "acne", 6), mk(3, "acne", 2), mk(4, "acne", 4)]
+    groups = {"r0": 0, "r1": 0, "r2": 1, "r3": 2, "r4": 3}      # r1 (type V, test) copies r0 (type I, train)
+    assert [r.id for r in data.fitzpatrick17k_split(recs, "a12", "test")] == ["r1", "r2", "r4"]
+    assert [r.id for r in data.fitzpatrick17k_split(recs, "a12", "test", groups=groups)] == ["r2", "r4"]
+    groups["r4"] = 1                                           # r4 copies r2, which is captioned
+    assert [r.id for r in data.fitzpatrick17k_split(recs, "a12", "test", groups=groups,
+                                                    exclude_from_test=["r2"])] == []
+
+
+
+def test_data_fetch_against_local_server_resume_and_offline_hub(tmp_path):
+    """`data.py fetch`: images from a local HTTP server (failures listed, resume), then HF_HUB_OFFLINE=1
+    with a local HF cache holding the backbone and no SkinCAP: backbone reused, loud Stage I notice."""
+    import functools as ft
+
+    src = tmp_path / "site"
+    src.mkdir()
+    handler = ft.partial(http.server.SimpleHTTPRequestHandler, directory=str(src))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fx = _real_fixture(src, url_base=f"http://127.0.0.1:{server.server_address[1]}")
+        out = tmp_path / "data"
+        s = data.fetch(out, csv_path=fx["csv"], backbone=None, skincap=False, timeout=5, retries=1, progress=False)
+        kinds = fx["kinds"]
+        bad = {m for m, k in kinds.items() if k in ("missing", "truncated")}
+        assert s["images"] == {"ok": len(kinds) - len(bad), "skipped": 0, "failed": len(bad), "no_url": 0,
+                               "dir": str(out / "images")}
+        with open(out / "images" / "download_failures.csv", newline="") as fh:
+            assert {r["md5hash"] for r in csv.DictReader(fh)} == bad
+        for m in set(kinds) - bad:                          # byte-exact copies of what the server holds
+            got = data.find_image(out / "images", m)
+            assert got and Path(got).read_bytes() == (fx["images"] / f"{m}.jpg").read_bytes()
+        s2 = data.fetch(out, csv_path=fx["csv"], backbone=None, skincap=False, timeout=5, retries=1, progress=False)
+        assert (s2["images"]["ok"], s2["images"]["skipped"]) == (0, len(kinds) - len(bad))   # resume
+    finally:
+        server.shutdown()
+        server.server_close()
+    # HF_HUB_OFFLINE=1: a local cache in the Hub layout (refs/main -> snapshots/<rev>/) holds the backbone
+    hub = tmp_path / "hub"
+    snap = hub / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (hub / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "refs").mkdir()
+    (hub / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "refs" / "main").write_text("a" * 40)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub), HF_HOME=str(tmp_path / "hfhome"))
+    env.pop("HF_TOKEN", None)
+    root = Path(data.__file__).resolve().parent
+    res = subprocess.run([sys.executable, str(root / "data.py"), "fetch", "--out", str(out), "--csv", str(fx["csv"]),
+                          "--backbone", "3b"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "fetch_summary.json").read_text())
+    assert Path(summary["backbone"]["path"]).resolve() == snap.resolve() and summary["offline"] is True
+    assert summary["images"]["skipped"] == len(kinds) - len(bad) and summary["images"]["offline_missing"] == len(bad)
+    assert summary["skincap"]["path"] is None and "HF_HUB_OFFLINE=1" in summary["skincap"]["error"]
+    assert "NOTICE" in res.stderr and "Stage I will be SKIPPED" in res.stderr
+    assert "Stage I" in (out / data.SKINCAP_MISSING).read_text()
+    # a backbone that is not on disk: exit 1 with one clear line (no traceback)
+    res = subprocess.run([sys.executable, str(root / "data.py"), "fetch", "--out", str(out), "--no-images",
+                          "--no-skincap", "--backbone", "7b"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "Qwen/Qwen2.5-VL-7B-Instruct: not on disk and HF_HUB_OFFLINE=1" in res.stderr
+    # the gated-dataset and no-token messages say exactly what to do (exception classes matched by name)
+    gated = type("GatedRepoError", (Exception,), {})("403")
+    assert "accept the dataset's terms" in data._hub_problem(gated, data.SKINCAP_REPO, "dataset")
+    no_token = type("LocalTokenNotFoundError", (Exception,), {})("no token")
+    env_off = os.environ.pop("HF_HUB_OFFLINE", None)
+    try:
+        assert "hf auth login" in data._hub_problem(no_token, data.SKINCAP_REPO, "dataset")
+    finally:
+        if env_off is not None:
+            os.environ["HF_HUB_OFFLINE"] = env_off
+
+
+
 # ===================================================================================================
 # Clinical evaluation (eval.py): vocabulary, judge, parsers, metrics, report, LLM judge
 #
@@ -3578,6 +3885,130 @@ def test_rl_train_sh_dry_run_parses(tmp_path):
     assert any("rl.py stage2" in c and "--lr 5e-7" in c for c in cmds)
     assert any("eval.py summary" in c for c in cmds) and not any("rl.py warmup" in c for c in cmds)
     assert "preset 7b" in res.stdout
+
+
+def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path, capsys):
+    """Issue 12 end to end on the real-layout fixture (awkward kinds, a truncated file, missing rows, a
+    near-duplicate, SkinCAP captions): Stage I -> Stage II -> eval with the tiny model, via the CLI flags."""
+    fx = _real_fixture(tmp_path)
+    run = tmp_path / "run"
+    common = ["--out", str(run), "--image-size", "112", "--max-pixels", "12544", "--G", "2", "--micro-prompts", "3",
+              "--max-new-tokens", "8", "--train", "lora", "--save-every", "100", "--data", "fitzpatrick17k",
+              "--csv", str(fx["csv"]), "--image-dir", str(fx["images"])]
+    # the tiny preset's supervised stages on photos: the probe over all 114 labels, the warm-up mixing
+    # captioned images (both tasks) with uncaptioned ones (Stage II target only)
+    assert rl.main(["vision", "--init", "tiny", "--steps", "1", "--prompts", "4", "--eval-n", "3"] + common) == 0
+    rep = json.loads((run / "vision" / "eval.json").read_text())
+    assert rep["n"] == 3 and 0 <= rep["probe_acc/label"] <= 1
+    assert rl.main(["warmup", "--init", str(run / "vision" / "model"), "--steps", "1", "--prompts", "4",
+                    "--eval-n", "0", "--skincap", str(fx["skincap"])] + common) == 0
+    capsys.readouterr()
+    # Stage I trains on EVERY captioned image, also the one the random split would test on (it is barred
+    # from testing instead); without captions the test part holds that image, with them it does not
+    plain_test = {r.id for r in data.fitzpatrick17k_records("stage2", "test", fx["csv"], fx["images"], verbose=False)}
+    assert fx["rows"][2]["md5hash"] in plain_test
+    assert {r.id for r in data.fitzpatrick17k_records("stage1", "train", fx["csv"], fx["images"], fx["skincap"],
+                                                      verbose=False)} == set(fx["captioned"])
+    # Stage I: the 5 captioned images, one without a file (missing) and one truncated (unreadable); 2 steps
+    # x 3 prompts = 6 draws from a permutation of the 4 with a file, so every one of them is opened once.
+    assert rl.main(["stage1", "--init", "tiny", "--steps", "2", "--prompts", "3", "--eval-n", "0",
+                    "--skincap", str(fx["skincap"])] + common) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 image(s) with no file and 1 undecodable image(s)" in out
+    skips = json.loads((run / "stage1" / "skipped.json").read_text())
+    assert (skips["images_missing"], skips["images_unreadable"]) == (1, 1)
+    assert "corrupt or truncated" in skips["unreadable_files"][0]
+    logs = [json.loads(x) for x in (run / "stage1" / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and logs[-1]["images_missing"] == 1 and "images_unreadable" in logs[-1]
+    # Stage I without captions is refused with one line (argparse: exit status 2)
+    with pytest.raises(SystemExit) as ei:
+        rl.main(["stage1", "--init", "tiny", "--steps", "1"] + common)
+    assert ei.value.code == 2 and "--skincap" in capsys.readouterr().err
+    # Stage II on the train part, with a held-out check on the test part of the same protocol
+    assert rl.main(["stage2", "--init", str(run / "stage1" / "model"), "--steps", "2", "--prompts", "3",
+                    "--eval-n", "4", "--split", "train"] + common) == 0
+    train = data.fitzpatrick17k_records("stage2", "train", fx["csv"], fx["images"], verbose=False)
+    skips = json.loads((run / "stage2" / "skipped.json").read_text())
+    assert skips["images_missing"] == sum(r.image_path is None for r in train)
+    assert json.loads((run / "stage2" / "eval.json").read_text())["stage2/clinical"]["n"] == 4
+    # eval on the test part: no captioned image, no copy of a train image, and every readable one scored
+    ev = run / "eval" / "stage2"
+    assert sf_eval.main(["--model", str(run / "stage2" / "model"), "--data", "fitzpatrick17k", "--csv", str(fx["csv"]),
+                         "--image-dir", str(fx["images"]), "--skincap", str(fx["skincap"]), "--split", "test",
+                         "--max-new-tokens", "4", "--bootstrap", "20", "--image-size", "112",
+                         "--max-pixels", "12544", "--out", str(ev)]) == 0
+    ids = [json.loads(x)["id"] for x in (ev / "predictions.jsonl").read_text().splitlines()]
+    train_ids = {r.id for r in train}
+    assert ids and not set(ids) & set(fx["captioned"]) and not set(ids) & train_ids
+    a, b = fx["dup"]
+    g = data.near_duplicate_groups([fx["images"] / f"{a}.jpg", fx["images"] / f"{b}.jpg"])
+    assert g == [0, 0]                                          # the pair IS one group ...
+    assert not ({a, b} & train_ids and {a, b} & set(ids)), "a near-duplicate pair straddles the split"
+    kinds = [fx["kinds"][i] for i in ids]
+    assert not {"missing", "truncated"} & set(kinds)
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["n"] == len(ids)
+    # results.md: the loud notice first, the paper's Fitzpatrick17k numbers beside ours, per skin type
+    (run / "NOTICE.md").write_text("Stage I was SKIPPED: no SkinCAP CSV.\n")
+    text = sf_eval.summarize_run(run, n_boot=20)["markdown"]
+    assert text.splitlines()[2].startswith("> **NOTICE** Stage I was SKIPPED")
+    assert "held-out Fitzpatrick17k photos" in text and "| paper: Stage I + DVE (SkinFlow) | 29.19 | 71.16 |" in text
+    assert "Per skin type" in text
+
+
+def test_rl_train_sh_dry_run_real_data_chain(tmp_path):
+    """DRY_RUN=1 PRESET=7b DATA=fitzpatrick17k: fetch -> base -> Stage I (SkinCAP) -> Stage II -> eval, every
+    rl.py / eval.py / data.py flag checked; DATA=synthderm keeps the SynthDerm chain; a bad DATA is refused."""
+    root = Path(rl.__file__).resolve().parent
+    base = dict(os.environ, DRY_RUN="1", PRESET="7b", OUT=str(tmp_path / "run"), PY=sys.executable, DATA_DIR="/d")
+    res = subprocess.run(["bash", str(root / "train.sh")], env=dict(base, DATA="fitzpatrick17k"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    cmds = [ln[2:] for ln in res.stdout.splitlines() if ln.startswith("+ ")]
+    assert "data.py fetch --out /d --backbone 7b" in cmds[0]
+    s1 = next(c for c in cmds if "rl.py stage1" in c)
+    s2 = next(c for c in cmds if "rl.py stage2" in c)
+    assert "--data fitzpatrick17k --image-dir /d/images --split train --skincap /d/skincap/skincap_v240623.csv" in s1
+    assert "--data fitzpatrick17k --image-dir /d/images --split train" in s2 and "--skincap" not in s2
+    evals = [c for c in cmds if c.split()[1] == "eval.py" and "summary" not in c]
+    assert [c.split("--out ")[1].split()[0].rsplit("/", 1)[1] for c in evals] == ["base", "stage1", "stage2"]
+    assert all("--split eval1000/test --n 1000 --skincap /d/skincap/skincap_v240623.csv" in c for c in evals)
+    res = subprocess.run(["bash", str(root / "train.sh")], env=dict(base, DATA="synthderm"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "fitzpatrick17k" not in res.stdout.split("\n", 1)[1] and "data.py fetch" not in res.stdout
+    res = subprocess.run(["bash", str(root / "train.sh")], env=dict(base, DATA="imagenet"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "unknown DATA=imagenet" in res.stderr
+
+
+
+def test_rl_train_sh_skips_stage1_loudly_without_skincap(tmp_path):
+    """train.sh with DATA=fitzpatrick17k and no SkinCAP CSV: Stage I is skipped, the console says so and
+    NOTICE.md (the first line of results.md) records it; with the CSV, Stage I runs and the notice goes.
+    PY is a stub that only logs its arguments, so the real chain's control flow runs without a model."""
+    root = Path(rl.__file__).resolve().parent
+    stub = tmp_path / "py"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\nexit 0\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PRESET="3b", DATA="fitzpatrick17k", DATA_DIR=str(tmp_path / "d"),
+               OUT=str(tmp_path / "run"), PY=str(stub))
+    env.pop("DRY_RUN", None)
+    res = subprocess.run(["bash", str(root / "train.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("data.py fetch") and not any(c.startswith("rl.py stage1") for c in calls)
+    s2 = next(c for c in calls if c.startswith("rl.py stage2"))
+    assert "--init Qwen/Qwen2.5-VL-3B-Instruct" in s2                 # Stage II starts from the base model
+    assert "!! NOTICE: Stage I was SKIPPED" in res.stdout
+    assert "Stage I was SKIPPED" in (tmp_path / "run" / "NOTICE.md").read_text()
+    (tmp_path / "d" / "skincap").mkdir(parents=True)
+    (tmp_path / "d" / "skincap" / "skincap_v240623.csv").write_text("ori_file_path,caption_zh_polish_en\n")
+    (tmp_path / "calls").unlink()
+    res = subprocess.run(["bash", str(root / "train.sh")], env=env, capture_output=True, text=True, timeout=120)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert res.returncode == 0 and any(c.startswith("rl.py stage1") for c in calls) and "NOTICE" not in res.stdout
+    assert not (tmp_path / "run" / "NOTICE.md").exists()
+
 
 
 # ===================================================================================================

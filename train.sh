@@ -4,7 +4,9 @@
 #   bash train.sh                      # picks a preset from the hardware (no CUDA -> tiny, on CPU)
 #   PRESET=3b OUT=runs/my3b bash train.sh
 #   ABLATION=1 bash train.sh           # + the paper's three ablation rows on SynthDerm
-#   DRY_RUN=1 PRESET=7b bash train.sh  # print every command and check the rl.py flags, run nothing
+#   DRY_RUN=1 PRESET=7b bash train.sh  # print every command and check every flag, run nothing
+#   DATA=fitzpatrick17k DATA_DIR=data  # real photos (default for 3b/7b): data.py fetch -> base -> Stage I
+#                                      # (SkinCAP) -> Stage II (Fitzpatrick17k train) -> 1,000 held-out photos
 #
 # Everything goes into one run folder ($OUT, default runs/<preset>):
 #   $OUT/<stage>/log.jsonl        one JSON line per optimizer step (reward, KL, clip, lengths, lr, ...)
@@ -40,7 +42,11 @@ else
     WHY="PRESET=$PRESET set by the caller"
 fi
 OUT=${OUT:-runs/$PRESET}
-echo "[train.sh] preset $PRESET ($WHY); run folder $OUT"
+# Data (issue 12): real photos by default on a GPU, SynthDerm on the CPU (no download, same chain).
+DATA=${DATA:-$([ "$PRESET" = tiny ] && echo synthderm || echo fitzpatrick17k)}
+DATA_DIR=${DATA_DIR:-data}                                  # what `python data.py fetch --out DIR` fills
+SKINCAP=${SKINCAP:-$DATA_DIR/skincap/skincap_v240623.csv}
+echo "[train.sh] preset $PRESET ($WHY); data $DATA; run folder $OUT"
 
 # -----------------------------------------------------------------------------------------------
 # 2. Per-preset settings.
@@ -78,15 +84,48 @@ tiny)
     echo "[train.sh] unknown PRESET=$PRESET (use tiny, 3b or 7b)" >&2; exit 2 ;;
 esac
 
-# run CMD...: print it, then run it (DRY_RUN=1: rl.py only checks its flags, everything else is skipped)
+# Data flags of every command. SynthDerm: none for rl.py (its default) and the unchanged eval flags.
+# Fitzpatrick17k: images and captions from $DATA_DIR; Stage II trains on the near-duplicate-aware random
+# 80 % ("train"), evaluation reads data.eval_sample's 1,000 held-out photos ("eval1000/test"), from which
+# every SkinCAP-captioned image (and its near-duplicates) is removed.
+case "$DATA" in
+synthderm)
+    RL_DATA=""; RL_STAGE1_DATA=""
+    EVAL_DATA="--data synthderm --n $EVAL_N" ;;
+fitzpatrick17k)
+    RL_DATA="--data fitzpatrick17k --image-dir $DATA_DIR/images --split train"
+    RL_STAGE1_DATA="$RL_DATA --skincap $SKINCAP"
+    EVAL_DATA="--data fitzpatrick17k --image-dir $DATA_DIR/images --split eval1000/test --n $EVAL_N --skincap $SKINCAP" ;;
+*)
+    echo "[train.sh] unknown DATA=$DATA (use synthderm or fitzpatrick17k)" >&2; exit 2 ;;
+esac
+
+# run CMD...: print it, then run it (DRY_RUN=1: rl.py, eval.py and data.py only check their flags)
 run() {
     echo "+ $*"
     if [ "$DRY_RUN" = 1 ]; then
-        if [ "$2" = rl.py ]; then "$@" --dry-run > /dev/null; fi
+        case "$2" in rl.py | eval.py | data.py) "$@" --dry-run > /dev/null ;; esac
         return 0
     fi
     "$@"
 }
+
+# Real data: fetch it (resumable; a no-op when everything is on disk), and decide on Stage I. Without
+# the SkinCAP CSV (no token, terms not accepted) Stage I is skipped LOUDLY: on the console and as a
+# NOTICE at the top of results.md, so no table is ever mistaken for the full SkinFlow chain.
+STAGE1_ON=1
+if [ "$DATA" = fitzpatrick17k ]; then
+    run $PY data.py fetch --out "$DATA_DIR" --backbone "$([ "$PRESET" = tiny ] && echo none || echo "$PRESET")"
+    if [ "$DRY_RUN" != 1 ] && [ ! -f "$SKINCAP" ]; then
+        STAGE1_ON=0
+        mkdir -p "$OUT"
+        MSG="Stage I was SKIPPED: no SkinCAP CSV at $SKINCAP ($(head -n 1 "$DATA_DIR/SKINCAP_MISSING.txt" 2>/dev/null || echo "see data.py fetch")). This run is base -> Stage II only, not the full SkinFlow chain."
+        echo "$MSG" > "$OUT/NOTICE.md"
+        printf '%.0s!' {1..100}; echo; echo "!! NOTICE: $MSG"; printf '%.0s!' {1..100}; echo
+    else
+        rm -f "$OUT/NOTICE.md"
+    fi
+fi
 
 # one_chain DIR STAGE1_ON STAGE2_EXTRA: warm start (tiny) -> [Stage I] -> Stage II, each evaluated
 one_chain() {
@@ -97,26 +136,26 @@ one_chain() {
         else
             # 3. Warm start (tiny only), supervised, on SynthDerm's "val" split (RL uses "train", eval "test"):
             #    first the ViT alone learns to see (probe accuracy printed), then SFT of the whole model
-            run $PY rl.py vision --init "$INIT" --out "$dir" $IMG $VISION --eval-n 500
-            run $PY rl.py warmup --init "$dir/vision/model" --out "$dir" $IMG $WARMUP --eval-n 0
+            run $PY rl.py vision --init "$INIT" --out "$dir" $IMG $VISION $RL_DATA --eval-n 500
+            run $PY rl.py warmup --init "$dir/vision/model" --out "$dir" $IMG $WARMUP $RL_DATA --eval-n 0
             prev=$dir/warmup/model
-            run $PY eval.py --model "$prev" --data synthderm --n "$EVAL_N" --out "$dir/eval/warmup" $EVAL
+            run $PY eval.py --model "$prev" $EVAL_DATA --out "$dir/eval/warmup" $EVAL
         fi
     else
         prev=$INIT
         if [ "$dir" = "$OUT" ]; then    # the instruct model itself is the "before" row of the table
-            run $PY eval.py --model "$prev" --data synthderm --n "$EVAL_N" --out "$dir/eval/base" $EVAL
+            run $PY eval.py --model "$prev" $EVAL_DATA --out "$dir/eval/base" $EVAL
         fi
     fi
-    if [ "$with_stage1" = 1 ]; then
+    if [ "$with_stage1" = 1 ] && [ "$STAGE1_ON" = 1 ]; then
         # 4. Stage I: GRPO on structured captions (rl.reward_caption)
-        run $PY rl.py stage1 --init "$prev" --out "$dir" $IMG $STAGE1 $extra --eval-n 0
+        run $PY rl.py stage1 --init "$prev" --out "$dir" $IMG $STAGE1 $extra $RL_STAGE1_DATA --eval-n 0
         prev=$dir/stage1/model
-        run $PY eval.py --model "$prev" --data synthderm --n "$EVAL_N" --out "$dir/eval/stage1" $EVAL
+        run $PY eval.py --model "$prev" $EVAL_DATA --out "$dir/eval/stage1" $EVAL
     fi
     # 5. Stage II: GRPO on the ranked differential (rl.reward_differential)
-    run $PY rl.py stage2 --init "$prev" --out "$dir" $IMG $STAGE2 $extra --eval-n 0
-    run $PY eval.py --model "$dir/stage2/model" --data synthderm --n "$EVAL_N" --out "$dir/eval/stage2" $EVAL
+    run $PY rl.py stage2 --init "$prev" --out "$dir" $IMG $STAGE2 $extra $RL_DATA --eval-n 0
+    run $PY eval.py --model "$dir/stage2/model" $EVAL_DATA --out "$dir/eval/stage2" $EVAL
 }
 
 # -----------------------------------------------------------------------------------------------
