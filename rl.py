@@ -554,12 +554,49 @@ def adapters_disabled(model):
             m.enabled = e
 
 
-@contextlib.contextmanager
-def reference_policy(model):
-    """pi_ref = the same weights with every trainable delta off: LoRA adapters off AND DVE gates = 1."""
+def dve_start_state(model) -> dict | None:
+    """Snapshot of the DVE gate heads a stage STARTS from, for `reference_policy`; None when "gates = 1" is it.
+
+    A fresh apply_dve has zero KSM heads, so every gate is exactly 2 sigmoid(0) = 1 and dve.dve_static is the
+    starting policy (and cheaper: no KSM at all). After a checkpoint whose gates were trained (Stage II from
+    a Stage I export), "gates = 1" is the vision tower from BEFORE Stage I: the KL would anchor Stage II to a
+    policy it never started from (KL > 0 at step 1, before any update). Then we keep an fp32 copy of the
+    KSM parameters (a few M numbers for the 3B, ~25 MB) and swap them in for the reference pass.
+    """
     import dve
 
-    with adapters_disabled(model), dve.dve_static(model):
+    named = [(n, p) for n, p in model.named_parameters() if ".ksm." in n]
+    if not any(".ksm." in n and "_head." in n and bool(p.detach().ne(0).any()) for n, p in named):
+        return None  # no layer, or all heads zero: gates = 1 exactly
+    assert len(named) == len(dve.dve_parameters(model))  # the snapshot covers every trainable of the DVE
+    return {n: p.detach().clone() for n, p in named}
+
+
+@contextlib.contextmanager
+def _swap_parameters(model, values: dict):
+    """Within the block the named parameters hold `values`; their own values come back afterwards."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        saved = {n: params[n].detach().clone() for n in values}
+        for n, v in values.items():
+            params[n].copy_(v)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+
+
+@contextlib.contextmanager
+def reference_policy(model, dve_start: dict | None = None):
+    """pi_ref = the policy this stage STARTED from, computed with the same weights: the trainable LoRA
+    adapters off (an adapter loaded with --init, `LoRALinear.start_*`, stays on) and the DVE gates as they
+    were at the start: `dve_start` (from dve_start_state) swapped in, or, when None, gates forced to 1."""
+    import dve
+
+    gates = _swap_parameters(model, dve_start) if dve_start else dve.dve_static(model)
+    with adapters_disabled(model), gates:
         yield model
 
 
@@ -669,6 +706,22 @@ def cut_at_vision_tokens(cfg, tokens: torch.Tensor, mask: torch.Tensor) -> torch
     return mask * (~after).to(mask.dtype)
 
 
+def truncated_rows(cfg, tokens: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Bool [B]: completions that hit the length cap WITHOUT stopping (the "truncated" share of the log).
+
+    A row is truncated when its kept length equals max_new_tokens AND its last kept token is not a stop.
+    Stops are eos (<|im_end|>, which VLM.generate keeps in the mask) and the vision specials that
+    cut_at_vision_tokens treats as a stop. Counting length alone would call an answer whose <|im_end|> landed
+    exactly in the last slot "truncated", although it is complete and its reward is fully earned.
+    """
+    lengths = mask.sum(1).long()  # [B] kept tokens per row (mask is 1 up to and including the stop)
+    if tokens.shape[1] < max_new_tokens:  # no row of this batch reached the cap
+        return torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # [B] last kept token
+    stopped = (last == cfg.eos_token_id) | vision_token_mask(cfg, last)  # [B]
+    return (lengths >= max_new_tokens) & ~stopped
+
+
 def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: torch.Tensor,
                         chunk: int = 1024, temperature: float = 1.0, impl: str = "auto", image_embeds=None):
     """log pi(o_t | q, o_<t) / T for every completion token -> [B, L] float32 (0 where mask = 0).
@@ -704,7 +757,11 @@ def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: 
     def chunk_logp(h_c, y_c):
         logits = F.linear(h_c, W)  # [c, V] in the model dtype
         if temperature != 1.0:
-            logits = logits / temperature
+            # Divide in fp32, exactly like the sampler (VLM._choose works on float32 logits): in bf16 the
+            # quotient is rounded to 8 significant bits (|x / T| ~ 10 -> steps of 0.06), a log-prob error the
+            # PPO ratio would read as a policy change. The fp32 [c, V] chunk is recomputed in backward
+            # (the chunk is checkpointed), so it costs one chunk of memory, not [B*L, V].
+            logits = logits.float() / temperature  # [c, V] fp32
         return selective_log_softmax(logits, y_c, impl=impl)  # [c] float32
 
     out = []
@@ -954,6 +1011,9 @@ class Trainer:
 
             self.model.aux_head = nn.Linear(self.model.cfg.hidden_size, len(data.SYNTH_LABELS)).to(self.device)
             self.counts["aux"] = sum(p.numel() for p in self.model.aux_head.parameters())
+        # The reference policy is the policy this stage starts from. DVE gates loaded from a checkpoint
+        # are not "gates = 1": snapshot them now, before any update (see dve_start_state).
+        self.ref_dve = dve_start_state(self.model)
         # full fine-tuning moves the base weights, so only then is a frozen reference copy needed
         self.ref_model = None
         if sets & {"llm", "vision"} and cfg.stage not in SUPERVISED and cfg.beta != 0:
@@ -1197,8 +1257,10 @@ class Trainer:
         ref = None
         if cfg.beta != 0:
             holder = self.ref_model if self.ref_model is not None else model
-            # same weights, deltas off: the KL anchor is the model this stage started from
-            with torch.no_grad(), reference_policy(holder):
+            # same weights, deltas off: the KL anchor is the model this stage started from. The frozen copy
+            # of full fine-tuning IS that model (taken before step 1, gates included): use it as it is.
+            ref_ctx = contextlib.nullcontext() if self.ref_model is not None else reference_policy(model, self.ref_dve)
+            with torch.no_grad(), ref_ctx:
                 ref_embeds = holder.encode_images(batch["pixel_values"], batch["image_grid_thw"])
                 _, ref_big = _repeat_groups(batch, ref_embeds, G)
                 ref = completion_logprobs(holder, big, gen.tokens, mask, cfg.chunk, cfg.temperature,
@@ -1246,7 +1308,7 @@ class Trainer:
             "clip_low": mean("clip_low") if agg_stats else 0.0, "clip_high": mean("clip_high") if agg_stats else 0.0,
             "ratio_max": max((s["ratio_max"] for s in agg_stats), default=1.0),
             "ratio_min": min((s["ratio_min"] for s in agg_stats), default=1.0),
-            "completion_len": float(lengths.mean()), "truncated": float((lengths >= cfg.max_new_tokens).float().mean()),  # hit the length cap
+            "completion_len": float(lengths.mean()), "truncated": float(truncated_rows(model.cfg, gen.tokens, mask, cfg.max_new_tokens).float().mean()),
             "zero_std_groups": gstats["zero_std_groups"], "groups": gstats["groups"],
             "format_failures": sum(int(i["malformed"]) for _, i in scored),
             "format_mean": sum(i["format"] for _, i in scored) / len(scored),

@@ -1255,6 +1255,16 @@ class VLM(nn.Module):
         # Peak memory is therefore the model plus one tensor, never two models.
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
+        # DVE layers own their precision: FDLinear builds its spectrum and KSM gate heads in fp32 even in a
+        # bf16 model (the FFT needs fp32, and the gate heads are what trains). Loading them in `dtype` would
+        # round the trained gates to bf16 and make a bf16 Stage II train them in bf16 (no fp32 master,
+        # see rl.MasterWeights), unlike Stage I. So a tensor whose meta placeholder is fp32 inside an
+        # FDLinear keeps fp32 whenever `dtype` is narrower.
+        keep32 = set()
+        if cfg.dve and dtype in (torch.bfloat16, torch.float16):
+            import dve
+            keep32 = {f"{mn}.{pn}" for mn, m in dve.fdlinears(model) for pn, p in m.named_parameters()
+                      if p.dtype == torch.float32}
         for fname in files:
             with safe_open(str(path / fname), framework="pt") as f:
                 for key in f.keys():
@@ -1262,7 +1272,8 @@ class VLM(nn.Module):
                     if name not in expected:
                         continue
                     t = f.get_tensor(key)
-                    t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    want = torch.float32 if name in keep32 else dtype
+                    t = t.to(device=device, dtype=want if t.is_floating_point() else t.dtype)
                     mod_name, _, attr = name.rpartition(".")
                     mod = model.get_submodule(mod_name)
                     if name in params:

@@ -3193,6 +3193,107 @@ def test_rl_train_sh_dry_run_parses(tmp_path):
     assert "preset 7b" in res.stdout
 
 
+# ---------------------------------------------------------------------------------------------------
+# 7. The GPU presets' chain (issue 15): bf16 + DVE + T != 1 + checkpoints between stages, on the CPU
+# ---------------------------------------------------------------------------------------------------
+def _rl_dve_export(tmp_path, std=0.3, seed=0):
+    """A tiny model with DVE whose KSM gate heads are random (std `std`, i.e. gates far from 1), exported
+    like a finished Stage I: <tmp>/stage1/model. Returns (dir, {gate-head name: fp32 value})."""
+    model, tok = skinflow.load("tiny", seed=seed)
+    dve.apply_dve(model, blocks=None, K=4)
+    g = torch.Generator().manual_seed(seed + 11)
+    heads = {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".ksm." in n and "_head." in n:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+                heads[n] = p.detach().clone()
+    out = tmp_path / "stage1" / "model"
+    model.save_pretrained(out)
+    tok.save(out)
+    return out, heads
+
+
+def test_rl_chain_reference_is_the_stage_start_policy(tmp_path, monkeypatch):
+    """Stage II from a Stage I export with trained DVE gates: before any update the policy IS the reference,
+    so the first step's KL (computed before the optimizer moves anything) must be 0, not KL(gates, gates=1)."""
+    monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
+    init, _ = _rl_dve_export(tmp_path)
+    tr = rl.Trainer(_rl_cfg(tmp_path, "stage2", init=str(init), dve=True, train="lora,dve", beta=0.04, steps=1,
+                            max_new_tokens=12))
+    with torch.no_grad():  # the gates really are far from 1 here, so "gates = 1" would be a different policy
+        batch = tr._prompt_batch([tr.data[0]], ["look"])
+        on = tr.model.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+        with dve.dve_static(tr.model):
+            off = tr.model.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+        assert (on - off).abs().max() > 3e-4
+        assert tr.ref_dve is not None  # trained gates were loaded: the trainer snapshotted them
+        with rl.reference_policy(tr.model, tr.ref_dve):  # the stage's starting policy: gates exactly as loaded
+            torch.testing.assert_close(tr.model.encode_images(batch["pixel_values"], batch["image_grid_thw"]), on,
+                                       rtol=0, atol=0)
+    tr.run()
+    log = _rl_log(tmp_path / "run" / "stage2" / "log.jsonl")
+    assert log[0]["completion_len"] > 0 and abs(log[0]["kl"]) < 1e-7, log[0]["kl"]
+
+
+def test_rl_chain_bf16_temperature_divides_in_fp32(tmp_path):
+    """bf16 model, T = 0.7: the training log-probs must equal log_softmax(float(logits) / T) of the SAME bf16
+    logits (what the sampler computes), not a bf16 division (2^-8 relative error on every logit)."""
+    torch.manual_seed(4)
+    model = _rl_tiny(seed=4).to(torch.bfloat16)
+    with torch.no_grad():  # logits of a few units, as in a trained model (the tiny init gives ~0.1)
+        model.model.embed_tokens.weight.mul_(8)
+    batch = _rl_prompt(seed=4)
+    T = 0.7
+    comp = torch.randint(10, 300, (3, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(3, 7)
+    with torch.no_grad():
+        logp = rl.completion_logprobs(model, batch, comp, mask, chunk=5, temperature=T)
+        full = torch.cat([batch["input_ids"], comp], 1)
+        attn = torch.cat([batch["attention_mask"], mask.long()], 1)
+        T0 = batch["input_ids"].shape[1]
+        logits = model(full, attn)[:, T0 - 1:-1]  # [B, L, V] bf16, the same ops as the training pass
+        assert float(logits.float().abs().max()) > 2
+        ref = torch.log_softmax(logits.double() / T, -1).gather(-1, comp[..., None]).squeeze(-1)  # float64 oracle
+    err = float((logp.double() - ref).abs().max())
+    assert err < 2e-5, err
+
+
+def test_rl_chain_dve_gate_heads_load_and_train_in_fp32(tmp_path):
+    """A DVE checkpoint loaded in bf16: the KSM gate heads (and the spectrum they gate) stay fp32, bit-exact
+    to what was saved, exactly as Stage I builds them; the trainer's optimizer then owns them directly."""
+    init, heads = _rl_dve_export(tmp_path)
+    model, _ = skinflow.load(str(init), dtype=torch.bfloat16)
+    params = dict(model.named_parameters())
+    assert model.dtype == torch.bfloat16
+    for n, v in heads.items():
+        assert params[n].dtype == torch.float32 and torch.equal(params[n].detach(), v), n
+    assert all(m.spectrum.dtype == torch.float32 for _, m in dve.fdlinears(model))
+    tr = rl.Trainer(_rl_cfg(tmp_path, "stage2", init=str(init), dve=True, train="dve", dtype="bf16", steps=1))
+    gate_names = [n for n in tr.names if ".ksm." in n]
+    assert gate_names
+    for n, m in zip(tr.names, tr.master.params):
+        if n in gate_names:
+            assert m.dtype == torch.float32 and m is dict(tr.model.named_parameters())[n]  # no bf16 copy
+
+
+def test_rl_chain_truncated_ignores_a_stop_in_the_last_slot():
+    """truncated = the completion hit the length cap WITHOUT stopping; a stop token (eos, or a sampled vision
+    special, which cut_at_vision_tokens treats as a stop) in the last slot is a finished answer."""
+    cfg = skinflow.Config.preset("tiny")
+    eos, pad, img = cfg.eos_token_id, cfg.pad_token_id, cfg.image_token_id
+    tokens = torch.tensor([[5, 6, 7, eos],     # stop in the last slot: NOT truncated
+                           [5, 6, 7, 8],       # cap reached, no stop: truncated
+                           [5, eos, pad, pad],  # stopped early
+                           [5, 6, 7, img],     # vision special in the last slot: a stop
+                           [5, 6, 7, 9]])      # truncated
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.float)
+    got = rl.truncated_rows(cfg, tokens, mask, max_new_tokens=4)
+    assert got.tolist() == [False, True, False, False, True]
+    # a batch whose longest row is shorter than the cap truncates nothing
+    assert not rl.truncated_rows(cfg, tokens[:, :3], mask[:, :3], max_new_tokens=4).any()
+
+
 # ===================================================================================================
 # Multi-GPU (rl.py DISTRIBUTED): two gloo ranks equal one process
 #
