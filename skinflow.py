@@ -135,7 +135,8 @@ def extension_ok(name: str, device, ext=None) -> bool:
         return True
     ext = ext if ext is not None else build_extension(name)
     try:
-        res = dict(fn(ext, dev))
+        with torch.enable_grad():  # the first use may sit inside torch.no_grad() (a rollout); the check needs autograd
+            res = dict(fn(ext, dev))
         res["ok"] = bool(res["max_err"] <= res["tol"])  # NaN fails too
     except Exception as exc:  # a kernel that crashes on a tiny input is as untrustworthy as a wrong one
         res = {"ok": False, "max_err": float("nan"), "tol": float("nan"), "what": f"{type(exc).__name__}: {exc}"}

@@ -694,6 +694,31 @@ def test_perf_bench_cpu_smoke(tmp_path, monkeypatch):
     assert "| decode step" in (tmp_path / "bench.md").read_text()
 
 
+def test_perf_gpu_check_cpu_smoke_writes_json_and_verdicts(tmp_path, monkeypatch):
+    """`python bench.py --gpu-check --cpu-smoke` (issue 15's GPU script in its CI form): every section incl.
+    the 3B-recipe GRPO step (LoRA + DVE + fp32 masters) and the kernels-vs-float64 section run at tiny shapes
+    with the real compiled twins, and it writes gpu_check.json + gpu_check.md with the verdict rows; no speed
+    target is judged on toy shapes, correctness is."""
+    import bench
+
+    monkeypatch.setattr(sf, "EXT_CHECKS", {})
+    assert bench.main(["--gpu-check", "--cpu-smoke", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(res["sections"]) == set(bench.Bench.SECTIONS) and not res["errors"]
+    assert res["sections"]["grpo"]["dve_params"] > 0 and res["sections"]["grpo"]["step_ms"] > 0
+    verdicts = {r["what"]: r for r in res["gpu_check"]}
+    assert verdicts["correctness checks passed"]["met"] is True
+    assert verdicts["sections without error"]["met"] is True
+    assert verdicts["kernels passed their first-use check"]["met"] is True
+    assert all(r["met"] is None for r in res["gpu_check"] if r["target"] not in ("all",))  # toy shapes: no speed verdict
+    kern = res["sections"]["kernels"]
+    for name in ("logprob", "fdlinear"):
+        assert not kern[name]["built"] or kern[name]["max_err"] <= kern[name]["tol"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "## GPU check (issue 15)" in md and "| decode speed-up vs transformers" in md
+    assert not (tmp_path / "bench.json").exists()  # one JSON, one table
+
+
 # ---------------------------------------------------------------------------------------------------
 # CUDA only (skipped on CPU): kernels vs float64, CUDA-graph decoding vs eager
 # ---------------------------------------------------------------------------------------------------
@@ -2564,15 +2589,18 @@ def test_dve_kernel_self_check_falls_back_on_a_wrong_backward(monkeypatch):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(9, 72, generator=g, requires_grad=True)
     cu, a, bases = torch.tensor([0, 4, 9]), torch.rand(2, 3, generator=g), torch.randn(3, 40, 72, generator=g)
-    with pytest.warns(RuntimeWarning, match=r"csrc/fdlinear on cpu disagrees.*dx"):
-        y = dve.mix_apply(x, cu, a, bases)
+    # first use inside no_grad (a rollout's vision pass): the check still differentiates, and still catches dx
+    with pytest.warns(RuntimeWarning, match=r"csrc/fdlinear on cpu disagrees.*dx"), torch.no_grad():
+        dve.mix_apply(x, cu, a, bases)
+    y = dve.mix_apply(x, cu, a, bases)
     y_ref = dve.mix_apply(x, cu, a, bases, impl="torch")
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)  # the PyTorch path, bit for bit
     rec = skinflow.EXT_CHECKS["fdlinear/cpu"]
     assert rec["ok"] is False and rec["max_err"] > rec["tol"]
-    monkeypatch.setattr(dve, "_EXT", ext)  # the genuine twin passes
+    monkeypatch.setattr(dve, "_EXT", ext)  # the genuine twin passes, also when first used under no_grad
     monkeypatch.setattr(skinflow, "EXT_CHECKS", {})
-    dve.mix_apply(x, cu, a, bases)
+    with torch.no_grad():
+        dve.mix_apply(x, cu, a, bases)
     assert skinflow.EXT_CHECKS["fdlinear/cpu"]["ok"] is True
 
 
