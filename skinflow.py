@@ -497,16 +497,28 @@ class LoRALinear(nn.Linear):
         self.start_B = B.detach().to(device=dev, dtype=torch.float32).contiguous()  # [d_out, r0]
 
     def _apply(self, fn, *args, **kwargs):
-        # model.to(torch.bfloat16) must not round the adapter: whatever fn did, keep it fp32 (or wider)
-        super()._apply(fn, *args, **kwargs)
-        for name in ("lora_A", "lora_B"):
-            p = getattr(self, name)
-            if p.dtype in (torch.bfloat16, torch.float16):
-                p.data = p.data.float()
-        for name in ("start_A", "start_B"):
-            b = getattr(self, name)
-            if b is not None and b.dtype in (torch.bfloat16, torch.float16):
-                setattr(self, name, b.float())
+        # model.to(torch.bfloat16) must not round the adapter (casting back afterwards would be too late:
+        # the low bits are gone). So the adapter tensors are taken out while nn.Module applies fn to the
+        # base weights, then moved by fn themselves, except that a cast to a narrower float is refused
+        # (they follow fn's device only). They are re-inserted in place: parameter order and identity
+        # (what an optimizer holds) are unchanged.
+        def keep(new, old):
+            narrower = new.dtype in (torch.bfloat16, torch.float16) and old.dtype not in (torch.bfloat16, torch.float16)
+            return old.to(new.device) if narrower else new
+
+        params = {n: self._parameters.pop(n) for n in ("lora_A", "lora_B")}
+        buffers = {n: self._buffers.pop(n) for n in ("start_A", "start_B")}
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:
+            self._parameters.update(params)
+            self._buffers.update(buffers)
+        with torch.no_grad():
+            for p in params.values():
+                p.data = keep(fn(p.data), p.data)
+            for n, b in buffers.items():
+                if b is not None:
+                    self._buffers[n] = keep(fn(b), b)
         return self
 
     def delta(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -3395,6 +3395,24 @@ def test_rl_lora_scaling_matches_hand_arithmetic():
     torch.testing.assert_close(lin(x).double() - y0, start, rtol=1e-5, atol=1e-4)
 
 
+def test_rl_lora_bf16_add_rounds_once():
+    """In a bf16 layer, y + delta is summed in fp32 and rounded ONCE. Hand case: y = 1 and
+    delta = 2^-8 + 2^-20, just over half of bf16's spacing at 1 (2^-7): the true sum rounds UP to 1 + 2^-7.
+    Rounding delta to bf16 first gives exactly 2^-8, a tie that rounds to even, i.e. back to 1."""
+    base = torch.nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        base.weight.fill_(1.0)
+    lin = rl.LoRALinear(base, rank=1, alpha=1.0)  # scaling 1
+    with torch.no_grad():
+        lin.lora_A.fill_(1.0)
+        lin.lora_B.fill_(2.0 ** -8 + 2.0 ** -20)
+    out = lin(torch.ones(1, 1, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and float(out) == 1.0 + 2.0 ** -7
+    # and the adapter stays fp32 when the model is cast (a bf16 adapter could not hold 2^-8 + 2^-20)
+    lin.to(torch.bfloat16)
+    assert lin.lora_A.dtype == lin.lora_B.dtype == torch.float32 and float(lin(torch.ones(1, 1, dtype=torch.bfloat16))) == 1.0 + 2.0 ** -7
+
+
 def _rl_preset_lr(stage: str) -> float:
     """The 3b/7b preset's --lr for `stage` ("STAGE1" / "STAGE2"), read from train.sh itself."""
     import re
