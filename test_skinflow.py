@@ -3525,6 +3525,13 @@ def test_rl_export_bf16_keeps_adapter_unmerged_and_every_loader_reads_it(tmp_pat
         assert not torch.equal(model(**batch), logits)
         with rl.reference_policy(model):
             torch.testing.assert_close(model(**batch), logits, rtol=0, atol=0)
+    # rl.py --init with that export (the chain Stage I -> Stage II in bf16): the loaded adapter is the start,
+    # so before any update the policy IS the reference and the first step's KL is exactly 0
+    tr = rl.Trainer(_rl_cfg(tmp_path / "next", "stage2", init=str(out), steps=1, dtype="bf16", train="lora", beta=0.04))
+    assert all(m.start_A is not None and m.rank == 16 for m in rl.lora_layers(tr.model))
+    tr.run()
+    first = _rl_log(tmp_path / "next" / "run" / "stage2" / "log.jsonl")[0]
+    assert first["completion_len"] > 0 and abs(first["kl"]) < 1e-7, first["kl"]
     # an fp32 run merges as before: no adapter file, plain layers after loading
     out32 = rl.Trainer(_rl_cfg(tmp_path / "f", "stage2", steps=1, train="lora")).run()
     assert not (out32 / skinflow.LORA_FILE).exists()
