@@ -13,6 +13,8 @@ THE COMMANDS (run from the repository root):
     PYTHONUNBUFFERED=1 python bench.py                    # every section, prints one table, writes JSON
     python bench.py --sections decode,logprob --quick     # a subset, fewer repetitions
     python bench.py --cpu-smoke                           # tiny shapes on the CPU (also automatic without CUDA)
+    OUT=/tmp/gc python bench.py --gpu-check                # issue 15's one-shot GPU check (< 8 min on one H200):
+                                                          # every section + verdicts -> gpu_check.json / .md
     python bench.py --no-hf --out /tmp/b                  # without the transformers columns, elsewhere
 
 Output: the table on stdout and in OUT/bench.md, every raw number in OUT/bench.json (OUT = --out, else
@@ -32,7 +34,9 @@ What is measured (the rows of the README's performance table):
             policy log-probs + loss + backward per prompt, optimizer step; LoRA r = 64 trains;
   lora7b    peak memory of one 7B LoRA (r = 64) training micro-step (8 x 512 tokens) + optimizer step;
   fdlinear  FDLinear (DVE, K = 4) vs the static linear it replaces at real shapes (8 images x 1024
-            tokens, 1280 -> 3420 and 3420 -> 1280), forward and forward + backward.
+            tokens, 1280 -> 3420 and 3420 -> 1280), forward and forward + backward;
+  kernels   both csrc ops vs float64 on the device, forward and every gradient (the same functions that
+            check each op on its first use in training, skinflow.extension_ok).
 
 HOW TO MEASURE GPU CODE HONESTLY (the rules every section follows; each is explained where it is used):
   1. Correctness first. Every fast path is compared with its reference on fresh random inputs BEFORE it
@@ -495,6 +499,8 @@ class Bench:
         self.dtype = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
         self.use_hf = _transformers() is not None and not args.no_hf
         self.out_dir = Path(args.out or os.environ.get("OUT") or "bench_out")
+        # --gpu-check writes gpu_check.json / gpu_check.md (the bench table + issue 15's verdicts), else bench.*
+        self.stem = "gpu_check" if getattr(args, "gpu_check", False) else "bench"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
         self.results = {"meta": self.meta(), "sections": {}, "checks": [], "errors": {}}
@@ -532,7 +538,7 @@ class Bench:
 
     def save(self):
         """Write everything measured so far (called after each section, so partial runs keep data)."""
-        (self.out_dir / "bench.json").write_text(json.dumps(self.results, indent=1, default=str))
+        (self.out_dir / f"{self.stem}.json").write_text(json.dumps(self.results, indent=1, default=str))
 
     def model(self):
         """Our 3B-shaped model (tiny in the smoke run), built on first use and shared by the sections."""
@@ -910,7 +916,8 @@ class Bench:
 
     # ----------------------------------------------------------------------------- one GRPO step
     def sec_grpo(self):
-        """One whole GRPO step of the 3B with LoRA r = 64: 8 prompts with a 448 px image, G = 8 completions
+        """One whole GRPO step of the 3B with LoRA r = 64 + DVE gates (bf16 weights, AdamW on fp32 masters,
+        the trainer's recipe): 8 prompts with a 448 px image, G = 8 completions
         each (64 rollouts of up to 256 tokens), reference log-probs, then per prompt the policy log-probs,
         the clipped GRPO loss and backward, then one AdamW step. No floor: this row is the budget that
         the other rows explain. It is split into phases (rollout / reference / train) so that the
@@ -922,19 +929,29 @@ class Bench:
         S, dev = self.S, self.dev
         self.hf = None  # the step needs the memory; transformers is not part of it
         free(dev)
+        import dve
+
         m = self.model()
         P, G = S["grpo_prompts"], S["grpo_G"]
         if not any(isinstance(x, rl.LoRALinear) for x in m.modules()):
+            # the 3b preset's trainable sets: DVE (FDLinear, K = 4, in the full-attention vision blocks)
+            # + LoRA on the LLM; this section runs after every other user of the shared 3B model
+            dve.apply_dve(m, blocks=None, K=dve.DEFAULT_K)
             rl.apply_lora(m, rank=S["lora_rank"], alpha=2.0 * S["lora_rank"])
             m.to(dev)
-            # lora_B = 0 (the standard init) would make policy == reference, so the KL term and the
-            # ratio would be trivially exact: draw it too, as after some training
+            # lora_B = 0 and zero gate heads (the standard inits) would make policy == reference, so the KL
+            # term and the ratio would be trivially exact: draw them too, as after some training
             with torch.no_grad():
                 for lyr in rl.lora_layers(m):
                     lyr.lora_B.normal_(0, 0.01)
-        counts = rl.set_trainable(m, lora=True, dve_layers=False, llm=False)
-        params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-6)
+                for p in dve.dve_parameters(m):
+                    p.normal_(0, 0.02)
+        counts = rl.set_trainable(m, lora=True, dve_layers=True, llm=False)
+        # the trainer's recipe: AdamW on fp32 masters (LoRA and the DVE gate heads already are fp32, so the
+        # masters are the parameters themselves; bf16 trainables would get an fp32 copy)
+        master = rl.MasterWeights([p for p in m.parameters() if p.requires_grad])
+        opt = torch.optim.AdamW(master.params, lr=5e-6)
+        ref_dve = rl.dve_start_state(m)  # the reference policy = the gates the step starts from
         batch = image_batch(m.cfg, P, S["grpo_image_px"], seed=21, dev=dev)
         batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         gen = torch.Generator(device=dev).manual_seed(1)
@@ -959,8 +976,10 @@ class Bench:
             adv = rl.group_advantages(rewards, G).to(dev)                                # [P*G]
             mask = roll.mask                                                             # [P*G, L]
             # phase 2, reference: log-probs of the same tokens under the frozen reference (adapters off)
-            with torch.no_grad(), rl.reference_policy(m):
-                ref = rl.completion_logprobs(m, big, roll.tokens, mask, image_embeds=big_emb)
+            with torch.no_grad(), rl.reference_policy(m, ref_dve):
+                ref_emb = m.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+                _, ref_big = rl._repeat_groups(batch, ref_emb, G)
+                ref = rl.completion_logprobs(m, big, roll.tokens, mask, image_embeds=ref_big)
             sync(dev)
             phases["reference_ms"] = (time.perf_counter() - t) * 1e3
             # phase 3, train: one micro-batch per prompt (G rows) keeps activation memory at 1/P of the
@@ -969,16 +988,23 @@ class Bench:
             t = time.perf_counter()
             m.train()
             n_tok = float(mask.sum())
+            pv_rows = batch["image_grid_thw"].prod(-1).tolist()
             for b0 in range(P):  # micro-batch = one prompt's G completions
-                sub, sub_emb = rl._slice_batch(big, big_emb, b0, b0 + 1, G)
+                sub, _ = rl._slice_batch(big, None, b0, b0 + 1, G)
+                # the image features WITH grad (the DVE gates train through them), once per prompt
+                p0, p1 = sum(pv_rows[:b0]), sum(pv_rows[:b0 + 1])
+                emb_b = m.encode_images(batch["pixel_values"][p0:p1], batch["image_grid_thw"][b0:b0 + 1])
+                _, sub_emb = rl._repeat_groups({"image_grid_thw": batch["image_grid_thw"][b0:b0 + 1]}, emb_b, G)
                 rows = slice(b0 * G, (b0 + 1) * G)
                 with layer_checkpointing(m):
                     lp = rl.completion_logprobs(m, sub, roll.tokens[rows], mask[rows], image_embeds=sub_emb)
                 loss, _ = rl.grpo_loss(lp, roll.logprobs[rows], ref[rows], adv[rows], mask[rows],
                                        num_tokens=n_tok, num_seqs=P * G, max_len=S["grpo_new"])
                 loss.backward()
+            master.grads_to_master()
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            master.master_to_model()
+            master.zero_grad()
             sync(dev)
             phases["train_ms"] = (time.perf_counter() - t) * 1e3
             return roll
@@ -989,7 +1015,7 @@ class Bench:
         first = dict(phases)
         ms, _ = wall_ms(step, dev)
         out = {"prompts": P, "G": G, "max_new_tokens": S["grpo_new"], "lora_rank": S["lora_rank"],
-               "trainable_params": counts["lora"], "step_ms": ms, **phases,
+               "trainable_params": counts["lora"] + counts["dve"], "dve_params": counts["dve"], "step_ms": ms, **phases,
                "first_step": first, "peak_gib": None if extra is None else extra + param_gib(m) - 0.0}
         self.log("grpo: " + ", ".join(f"{k} {v}" for k, v in out.items()))
         m.eval()
@@ -1125,13 +1151,34 @@ class Bench:
             free(dev)
         return out
 
+    # ----------------------------------------------------------------------------- kernels vs float64
+    def sec_kernels(self):
+        """Both csrc ops against float64 on THIS device, forward and every gradient: exactly the first-use
+        self-checks that guard training (rl._check_logprob: log-probs + logit gradient; dve._check_fdlinear:
+        y, dx, da, dbases), fp32 and, on CUDA, bf16. A kernel that did not build is reported with the
+        reason (no ninja / compiler on the image: the PyTorch paths are used, nothing fails)."""
+        import dve
+        import rl
+
+        out = {}
+        for name, ext, fn in (("logprob", rl._logprob_ext(), rl._check_logprob),
+                              ("fdlinear", dve._extension(), dve._check_fdlinear)):
+            if ext is None:
+                out[name] = {"built": False, "why": sf.EXTENSION_ERRORS.get(name, "SKINFLOW_NO_EXT")}
+                continue
+            res = fn(ext, self.dev)
+            out[name] = {"built": True, **res}
+            self.check(f"kernel {name} vs float64 ({res['what']})", res["max_err"], res["tol"], kind="max_abs")
+        out["first_use_checks"] = dict(sf.EXT_CHECKS)  # what the ops' automatic checks found in this process
+        return out
+
     # ----------------------------------------------------------------------------- driver
     # Model sections first; the two csrc kernels last: a kernel that faults (illegal address) poisons the
     # CUDA context of the whole process, so it must not be able to take the other numbers with it.
     # parity opens the run: the end-to-end correctness oracle before any model is timed. grpo drops
     # transformers' copy of the weights, and lora7b drops the 3B for the 7B, so those come after the
     # sections that share the 3B pair.
-    SECTIONS = ("parity", "vision", "decode", "policy", "grpo", "lora7b", "logprob", "fdlinear")
+    SECTIONS = ("parity", "vision", "decode", "policy", "grpo", "lora7b", "logprob", "fdlinear", "kernels")
 
     def run(self, sections):
         """Run the named sections in the given order, each guarded: an exception (or an out-of-memory
@@ -1154,10 +1201,82 @@ class Bench:
             self.results["sections"].setdefault(name, {})["section_s"] = round(time.time() - t, 1)
             self.save()
         table = self.table()
+        if self.stem == "gpu_check":
+            self.results["gpu_check"] = self.verdicts()
+            table += "\n\n" + self.verdict_table(self.results["gpu_check"])
         print(table, flush=True)
-        (self.out_dir / "bench.md").write_text(table + "\n")
+        (self.out_dir / f"{self.stem}.md").write_text(table + "\n")
         self.save()
         return self.results
+
+    # ----------------------------------------------------------------------------- issue 15's verdicts
+    def verdicts(self) -> list:
+        """The GPU check's answer, one row per claim: [{"what", "value", "target", "met"}], met None where
+        there is no target (a number to record) or nothing was measured. Targets (issue 15): decode >= 10x
+        transformers at the larger batch, fused log-prob <= 1.5 ms and <= 1.3 GiB extra, vision <= 30 ms,
+        policy fwd+bwd <= 200 ms and <= 16 GiB; plus: every correctness check passed (kernels vs float64,
+        CUDA-graph tokens = eager tokens, ours vs transformers), every kernel passed its first-use check,
+        no section crashed. In the CPU smoke run the shapes are tiny, so no speed target is judged."""
+        s, smoke = self.results["sections"], self.smoke
+
+        def get(sec, *keys):
+            v = s.get(sec, {})
+            for k in keys:
+                v = v.get(k) if isinstance(v, dict) else None
+            return v
+
+        def row(what, value, target=None, ok=None):
+            return {"what": what, "value": value, "target": target,
+                    "met": None if smoke or value is None or ok is None else bool(ok)}
+
+        B = self.S["decode_batches"][1]
+        ours = get("decode", f"b{B}", "graph_ms") or get("decode", f"b{B}", "eager_ms")
+        hf = get("decode", f"b{B}", "hf_ms")
+        speedup = hf / ours if hf and ours else None
+        lp = s.get("logprob", {})
+        best = lp.get("ext") or lp.get("torch") or {}
+        checks = self.results["checks"]
+        graph = [c for c in checks if "graph" in c["name"]]
+        first_use = {k: v for k, v in sf.EXT_CHECKS.items()}
+        rows = [
+            row(f"decode speed-up vs transformers, batch {B}", speedup, ">= 10x", speedup is not None and speedup >= 10),
+            row("fused log-prob fwd+bwd ms", best.get("ms"), "<= 1.5 ms",
+                best.get("ms") is not None and best["ms"] <= TARGETS["logprob_ms"]),
+            row("fused log-prob extra GiB", best.get("extra_gib"), "<= 1.3 GiB",
+                best.get("extra_gib") is not None and best["extra_gib"] <= TARGETS["logprob_extra_gib"]),
+            row("vision tower ms", get("vision", "ours_ms"), "<= 30 ms",
+                get("vision", "ours_ms") is not None and get("vision", "ours_ms") <= TARGETS["vision_ms"]),
+            row("policy fwd+bwd ms", get("policy", "ours_ms"), "<= 200 ms",
+                get("policy", "ours_ms") is not None and get("policy", "ours_ms") <= TARGETS["policy_ms"]),
+            row("policy fwd+bwd peak GiB", get("policy", "ours_peak_gib"), "<= 16 GiB",
+                get("policy", "ours_peak_gib") is not None and get("policy", "ours_peak_gib") <= TARGETS["policy_peak_gib"]),
+            row("GRPO step s (3B, LoRA + DVE, bf16 + fp32 masters)",
+                None if get("grpo", "step_ms") is None else get("grpo", "step_ms") / 1e3),
+            row("GRPO step peak GiB", get("grpo", "peak_gib")),
+            row("7B LoRA train step peak GiB", get("lora7b", "peak_gib")),
+        ]
+        # correctness is judged in the smoke run too: it is what CI can prove without a GPU
+        for what, value, ok in (
+                ("correctness checks passed", f"{sum(c['ok'] for c in checks)}/{len(checks)}", all(c["ok"] for c in checks)),
+                ("CUDA-graph tokens = eager tokens", f"{sum(c['ok'] for c in graph)}/{len(graph)}",
+                 all(c["ok"] for c in graph) if graph else None),
+                ("kernels passed their first-use check", ", ".join(f"{k} {'ok' if v['ok'] else 'FAILED'}"
+                                                                   for k, v in sorted(first_use.items())) or "none ran",
+                 all(v["ok"] for v in first_use.values())),
+                ("sections without error", f"{len(s) - len(self.results['errors'])}/{len(s)}",
+                 not self.results["errors"])):
+            rows.append({"what": what, "value": value, "target": "all", "met": ok})
+        return rows
+
+    @staticmethod
+    def verdict_table(rows) -> str:
+        """The verdict rows as Markdown: what | value | target | met."""
+        def fmt(v):
+            return "n/a" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+        lines = ["## GPU check (issue 15)", "", "| what | value | target | met |", "|---|---|---|---|"]
+        lines += [f"| {r['what']} | {fmt(r['value'])} | {r['target'] or ''} | "
+                  f"{'' if r['met'] is None else ('yes' if r['met'] else 'NO')} |" for r in rows]
+        return "\n".join(lines)
 
     # ----------------------------------------------------------------------------- the table
     def table(self) -> str:
@@ -1266,6 +1385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: $OUT, else ./bench_out)")
     p.add_argument("--budget-s", type=float, default=float("inf"),
                    help="skip the remaining sections once this many seconds have passed")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="issue 15's one-shot GPU check: every section, --quick, a 400 s budget for starting "
+                        "sections (fits 8 minutes on one H200), writes OUT/gpu_check.json + gpu_check.md with "
+                        "the verdicts; with --cpu-smoke it is the tiny CI version")
     return p
 
 
@@ -1273,6 +1396,12 @@ def main(argv=None) -> int:
     """Run the benchmark; 0 when every check passed and no section crashed, 1 otherwise, 2 on bad usage.
     (test_skinflow.py calls main(["--cpu-smoke", ...]) directly, so everything it touches must run on a CPU.)"""
     args = build_parser().parse_args(argv)
+    if args.gpu_check:
+        # every section (kernels last: a faulting kernel must not take the other numbers with it), fewer
+        # repetitions, and no section STARTS after 400 s, so the run ends within ~8 minutes on one H200
+        args.quick = True
+        args.budget_s = min(args.budget_s, 400.0)
+        args.sections = ",".join(Bench.SECTIONS)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in Bench.SECTIONS]
     if bad:

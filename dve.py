@@ -258,11 +258,52 @@ class _MixApply(torch.autograd.Function):
                 dbases if ctx.needs_input_grad[3] else None)
 
 
+def _extension_ok(ext, device) -> bool:
+    """skinflow.extension_ok for csrc/fdlinear (registers the check on first call)."""
+    import skinflow
+
+    skinflow.register_extension_check("fdlinear", _check_fdlinear)
+    return skinflow.extension_ok("fdlinear", device, ext)
+
+
+def _check_fdlinear(ext, device) -> dict:
+    """First-use self-check of csrc/fdlinear on `device` (see skinflow.extension_ok): y = (sum_k a_bk W_k) x_t
+    and its three gradients (dx, da, dbases) against float64 autograd on small random inputs (two images of
+    unequal length, sizes that are not multiples of a tile), fp32, and also bf16 on CUDA.
+    Returns the worst case as {"max_err", "tol", "what"}."""
+    import skinflow
+
+    g = torch.Generator().manual_seed(15)
+    cases = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    found = []
+    for dtype in cases:
+        T, d_in, d_out, K = 37, 72, 40, 3
+        x = torch.randn(T, d_in, generator=g).to(device=device, dtype=dtype)             # [T, d_in]
+        cu = torch.tensor([0, 15, T], dtype=torch.int64, device=device)                  # two images
+        a = (2 * torch.rand(2, K, generator=g)).to(device)                               # [n, K] fp32 gains
+        bases = (0.1 * torch.randn(K, d_out, d_in, generator=g)).to(device=device, dtype=dtype)  # [K, d_out, d_in]
+        dy = torch.randn(T, d_out, generator=g).to(device=device, dtype=dtype)           # [T, d_out]
+        y = ext.mix_apply_forward(x.contiguous(), cu, a.contiguous(), bases.contiguous())
+        dx, da, db = ext.mix_apply_backward(dy.contiguous(), x.contiguous(), cu, a.contiguous(), bases.contiguous(), True)
+        # float64 oracle with autograd: W_b = sum_k a_bk W_k, y_t = W_b x_t
+        x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, a, bases))
+        seg = torch.tensor([0] * 15 + [1] * (T - 15), device=device)                      # [T] image of token t
+        W = torch.einsum("nk,koi->noi", a64, b64)                                        # [n, d_out, d_in]
+        ref = torch.einsum("toi,ti->to", W[seg], x64)                                    # [T, d_out]
+        rdx, rda, rdb = torch.autograd.grad(ref, (x64, a64, b64), dy.double())
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        for what, got, want in (("y", y, ref), ("dx", dx, rdx), ("da", da, rda), ("dbases", db, rdb)):
+            err = float((got.double() - want.detach()).abs().max() / (1 + want.detach().abs().max()))
+            found.append((err / tol if err == err else math.inf, err, tol, f"{what} {dtype} (relative)"))
+    return skinflow.worst_check(found)
+
+
 def mix_apply(x: torch.Tensor, cu_seqlens: torch.Tensor, a: torch.Tensor, bases: torch.Tensor, impl: str = "auto"):
     """y_t = (sum_k a_bk W_k) x_t for a packed sequence: x [T, d_in], a [n, K], bases [K, d_out, d_in].
 
     impl: "kernel" (the csrc op; error if it cannot run), "torch" (batched einsum + bmm under activation
-    checkpointing), "auto" (kernel when it builds and the dtype/device/K fit, else torch).
+    checkpointing), "auto" (kernel when it builds, the dtype/device/K fit and it passed its first-use
+    self-check on this device, skinflow.extension_ok; else torch).
     """
     if impl not in ("auto", "kernel", "torch"):
         raise ValueError(f"impl must be auto|kernel|torch, got {impl!r}")
@@ -271,7 +312,8 @@ def mix_apply(x: torch.Tensor, cu_seqlens: torch.Tensor, a: torch.Tensor, bases:
         ok_dtype = x.dtype in ((torch.float32, torch.float64) if x.device.type == "cpu"
                                else (torch.float32, torch.float64, torch.float16, torch.bfloat16))
         ext = _extension() if ok_dtype and a.shape[1] <= KERNEL_MAX_K else None
-        if ext is not None and (x.device.type == "cpu" or hasattr(ext, "has_cuda") and ext.has_cuda()):
+        if ext is not None and (x.device.type == "cpu" or hasattr(ext, "has_cuda") and ext.has_cuda()) and \
+                (impl == "kernel" or _extension_ok(ext, x.device)):  # "auto": only after its first-use check
             bases = bases.to(x.dtype).contiguous()
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             return _MixApply.apply(x.contiguous(), seg.cu, a.to(acc).contiguous(), bases)

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+import skinflow as _skinflow  # rl.py may import every module; LoRALinear lives there (section 4)
+
 # ===================================================================================================
 # 1. Log-probabilities of the sampled tokens
 #
@@ -141,12 +143,46 @@ def _logprob_ext(required: bool = False):
     return ext
 
 
+def _check_logprob(ext, device) -> dict:
+    """First-use self-check of csrc/logprob on `device` (see skinflow.extension_ok): the op's log-probs and
+    logit gradients against a float64 PyTorch computation on small random inputs, fp32 everywhere and also
+    bf16 on CUDA (the training dtype there). Two widths: one below a CUDA block, one over many blocks.
+    Returns the worst case as {"max_err", "tol", "what"} (err / tol is the comparison that decides)."""
+    g = torch.Generator().manual_seed(15)
+    cases = [(torch.float32, 5, 1000), (torch.float32, 3, 33001)]
+    if device.type == "cuda":
+        cases.append((torch.bfloat16, 4, 33001))
+    found = []  # (err / tol, err, tol, what) per output and case; NaN counts as infinitely wrong
+    for dtype, N, V in cases:
+        logits = (4 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype)  # [N, V]
+        index = torch.randint(0, V, (N,), generator=g).to(device)  # [N]
+        gout = torch.randn(N, generator=g).to(device)  # [N] upstream gradient
+        logp, lse = ext.forward(logits.contiguous(), index)  # [N], [N]
+        dx = ext.backward(gout.contiguous(), logits.contiguous(), index, lse)  # [N, V] in the logits' dtype
+        x64 = logits.double()
+        ref = torch.log_softmax(x64, -1).gather(-1, index[:, None]).squeeze(-1)  # [N] float64 oracle
+        dref = gout.double()[:, None] * (F.one_hot(index, V).double() - torch.softmax(x64, -1))  # [N, V]
+        # fp32: ~10x what a correct kernel shows (CPU twin: 7e-6 on the gradient, 1.7e-6 relative on logp);
+        # bf16: the gradient is written in bf16 (8-bit mantissa), the log-probs still accumulate in fp32
+        tol_f, tol_b = (2e-5, 1e-4) if dtype == torch.float32 else (2e-4, 1e-2)
+        # log-probs: relative to their size (|logp| ~ 25 here, fp32 keeps ~7 digits), gradients absolute (<= |g|)
+        logp_err = float((logp.double() - ref).abs().max() / (1 + ref.abs().max()))
+        for what, err, tol in ((f"logp {dtype} {N}x{V} (relative)", logp_err, tol_f),
+                               (f"grad {dtype} {N}x{V}", float((dx.double() - dref).abs().max()), tol_b)):
+            found.append((err / tol if err == err else math.inf, err, tol, what))
+    return _skinflow.worst_check(found)
+
+
+_skinflow.register_extension_check("logprob", _check_logprob)
+
+
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """log pi(y_n) = x[n, y_n] - logsumexp_v x[n, v] for each row n, as float32, differentiable.
 
     logits: [N, V] float32 / bfloat16 / float16 (float64 allowed, for tests); index: [N] int64 in [0, V).
     impl: "ext" = fused kernel (error if it cannot be built), "torch" = chunked PyTorch twin,
-          "auto" = the extension when it builds (and SKINFLOW_NO_EXT is not set), else PyTorch.
+          "auto" = the extension when it builds (and SKINFLOW_NO_EXT is not set) and passed its first-use
+          self-check on this device (skinflow.extension_ok), else PyTorch.
     Returns logp [N] float32. The gradient w.r.t. logits has the logits' dtype.
     """
     if impl not in ("auto", "torch", "ext"):
@@ -159,7 +195,11 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, impl: str =
     index = index.long()
     if index.device.type == "cpu" and index.numel() and (int(index.min()) < 0 or int(index.max()) >= logits.shape[1]):
         raise IndexError(f"selective_log_softmax: index outside [0, {logits.shape[1]})")
-    use_ext = impl == "ext" or (impl == "auto" and _logprob_ext() is not None)
+    # "auto" takes the extension only if it passed its first-use self-check on this device (it falls back
+    # to the PyTorch twin for the rest of the run otherwise); "ext" insists and skips the check (the tests'
+    # way to exercise the kernel itself).
+    ext = _logprob_ext() if impl == "auto" else None
+    use_ext = impl == "ext" or (ext is not None and _skinflow.extension_ok("logprob", logits.device, ext))
     fn = _SelectiveLogSoftmaxExt if use_ext else _SelectiveLogSoftmaxTorch
     return fn.apply(logits, index)
 
@@ -471,50 +511,18 @@ def reward_differential(text: str, truth: str) -> tuple[float, dict]:
 #
 # LoRA (Hu et al. 2021): a frozen linear W gets a trainable low-rank delta, y = W x + (alpha/r) B A x,
 # A [r, d_in], B [d_out, r], B = 0 at start so training begins exactly at the pretrained model.
-# GRPO's KL term needs pi_ref = the policy before RL. With LoRA that is simply "adapters off", and with
-# DVE it is "gates forced to 1" (dve.dve_static): the SAME weights serve as policy and reference, so no
-# second 3B/7B copy sits in memory. Only full fine-tuning of the LLM needs a frozen copy.
+# GRPO's KL term needs pi_ref = the policy this STAGE started from. With LoRA that is "trainable adapter
+# off" (an adapter loaded with --init stays on), and with DVE it is "gates as loaded" (gates = 1 after a
+# fresh apply_dve; the loaded gate heads after a Stage I checkpoint, see dve_start_state): the SAME weights
+# serve as policy and reference, so no second 3B/7B copy sits in memory. Only full fine-tuning of the LLM
+# needs a frozen copy. bf16 presets: the adapter is computed, added and exported in fp32 (skinflow.LoRALinear).
 # ===================================================================================================
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class LoRALinear(nn.Linear):
-    """nn.Linear + low-rank delta:  y = x W^T + b + (alpha / r) * (x A^T) B^T.
-
-    Subclasses nn.Linear and keeps the base `weight` / `bias` under their own names, so the state-dict
-    keys of the base weights stay Hub-shaped. A, B are float32 even when W is bf16 (see MasterWeights for
-    why): the delta is computed in fp32 and cast to the activation dtype.
-    `enabled = False` turns the adapter off (the reference policy).
-    """
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        nn.Module.__init__(self)  # skip nn.Linear.__init__: reuse the base tensors, allocate nothing
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # like nn.Linear's init; B = 0 -> delta = 0
-        self.enabled = True
-
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)  # [..., d_out] frozen path, in the model dtype
-        if not self.enabled:
-            return y
-        delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # [..., d_out] fp32
-        return y + (self.scaling * delta).to(y.dtype)
-
-    def merged_weight(self) -> torch.Tensor:
-        """W' = W + (alpha / r) B A, in W's dtype (for export)."""
-        return (self.weight.float() + self.scaling * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
-
-    def extra_repr(self):
-        return f"{self.in_features} -> {self.out_features}, rank={self.rank}, alpha={self.alpha}"
+# LoRALinear itself is defined in skinflow.py (every loader must rebuild an exported fp32 adapter, and
+# skinflow.py is the lowest import floor); rl.LoRALinear is the same class.
+LoRALinear = _skinflow.LoRALinear
 
 
 def apply_lora(model, rank: int = 16, alpha: float = 32.0, targets=LORA_TARGETS) -> dict:
@@ -531,11 +539,20 @@ def apply_lora(model, rank: int = 16, alpha: float = 32.0, targets=LORA_TARGETS)
         for parent in (layer.self_attn, layer.mlp):
             for name in targets:
                 lin = getattr(parent, name, None)
-                if isinstance(lin, nn.Linear) and not isinstance(lin, LoRALinear):
+                if isinstance(lin, LoRALinear):
+                    if lin.rank:
+                        continue  # already has a trainable adapter (apply_lora ran twice): leave it
+                    # a layer loaded with an exported adapter (rank 0, start adapter on): that adapter stays
+                    # the frozen start of this stage, and a fresh trainable one is added on top
+                    lin.new_adapter(rank, alpha)
+                    wrapped = lin
+                elif isinstance(lin, nn.Linear):
                     wrapped = LoRALinear(lin, rank, alpha)
                     setattr(parent, name, wrapped)
-                    n_layers += 1
-                    n_params += wrapped.lora_A.numel() + wrapped.lora_B.numel()
+                else:
+                    continue
+                n_layers += 1
+                n_params += wrapped.lora_A.numel() + wrapped.lora_B.numel()
     return {"layers": n_layers, "params": n_params}
 
 
@@ -557,25 +574,66 @@ def adapters_disabled(model):
             m.enabled = e
 
 
-@contextlib.contextmanager
-def reference_policy(model):
-    """pi_ref = the same weights with every trainable delta off: LoRA adapters off AND DVE gates = 1."""
+def dve_start_state(model) -> dict | None:
+    """Snapshot of the DVE gate heads a stage STARTS from, for `reference_policy`; None when "gates = 1" is it.
+
+    A fresh apply_dve has zero KSM heads, so every gate is exactly 2 sigmoid(0) = 1 and dve.dve_static is the
+    starting policy (and cheaper: no KSM at all). After a checkpoint whose gates were trained (Stage II from
+    a Stage I export), "gates = 1" is the vision tower from BEFORE Stage I: the KL would anchor Stage II to a
+    policy it never started from (KL > 0 at step 1, before any update). Then we keep an fp32 copy of the
+    KSM parameters (a few M numbers for the 3B, ~25 MB) and swap them in for the reference pass.
+    """
     import dve
 
-    with adapters_disabled(model), dve.dve_static(model):
+    named = [(n, p) for n, p in model.named_parameters() if ".ksm." in n]
+    if not any(".ksm." in n and "_head." in n and bool(p.detach().ne(0).any()) for n, p in named):
+        return None  # no layer, or all heads zero: gates = 1 exactly
+    assert len(named) == len(dve.dve_parameters(model))  # the snapshot covers every trainable of the DVE
+    return {n: p.detach().clone() for n, p in named}
+
+
+@contextlib.contextmanager
+def _swap_parameters(model, values: dict):
+    """Within the block the named parameters hold `values`; their own values come back afterwards."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        saved = {n: params[n].detach().clone() for n in values}
+        for n, v in values.items():
+            params[n].copy_(v)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+
+
+@contextlib.contextmanager
+def reference_policy(model, dve_start: dict | None = None):
+    """pi_ref = the policy this stage STARTED from, computed with the same weights: the trainable LoRA
+    adapters off (an adapter loaded with --init, `LoRALinear.start_*`, stays on) and the DVE gates as they
+    were at the start: `dve_start` (from dve_start_state) swapped in, or, when None, gates forced to 1."""
+    import dve
+
+    gates = _swap_parameters(model, dve_start) if dve_start else dve.dve_static(model)
+    with adapters_disabled(model), gates:
         yield model
 
 
 @torch.no_grad()
 def merge_lora(model):
     """Fold every adapter into its base weight and put plain nn.Linear layers back (Hub layout again,
-    so VLM.save_pretrained writes a checkpoint any Qwen2.5-VL loader reads). In place; returns model."""
+    so VLM.save_pretrained writes a checkpoint any Qwen2.5-VL loader reads). In place; returns model.
+
+    The sum W + B A is taken in fp32 and then rounded ONCE to W's dtype. For an fp32 model that is exact
+    up to fp32 round-off; for a bf16 model it rounds most of a small update away (|B A| << ulp(W) / 2),
+    which is why Trainer.export keeps bf16 adapters unmerged (docs/gpu.md)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                 device=child.weight.device, dtype=child.weight.dtype)
-                lin.weight.copy_(child.merged_weight() if child.enabled else child.weight)
+                lin.weight.copy_(child.merged_weight())  # W + start adapter + trained one if enabled, in fp32
                 if child.bias is not None:
                     lin.bias.copy_(child.bias)
                 setattr(parent, name, lin)
@@ -672,6 +730,22 @@ def cut_at_vision_tokens(cfg, tokens: torch.Tensor, mask: torch.Tensor) -> torch
     return mask * (~after).to(mask.dtype)
 
 
+def truncated_rows(cfg, tokens: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Bool [B]: completions that hit the length cap WITHOUT stopping (the "truncated" share of the log).
+
+    A row is truncated when its kept length equals max_new_tokens AND its last kept token is not a stop.
+    Stops are eos (<|im_end|>, which VLM.generate keeps in the mask) and the vision specials that
+    cut_at_vision_tokens treats as a stop. Counting length alone would call an answer whose <|im_end|> landed
+    exactly in the last slot "truncated", although it is complete and its reward is fully earned.
+    """
+    lengths = mask.sum(1).long()  # [B] kept tokens per row (mask is 1 up to and including the stop)
+    if tokens.shape[1] < max_new_tokens:  # no row of this batch reached the cap
+        return torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # [B] last kept token
+    stopped = (last == cfg.eos_token_id) | vision_token_mask(cfg, last)  # [B]
+    return (lengths >= max_new_tokens) & ~stopped
+
+
 def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: torch.Tensor,
                         chunk: int = 1024, temperature: float = 1.0, impl: str = "auto", image_embeds=None):
     """log pi(o_t | q, o_<t) / T for every completion token -> [B, L] float32 (0 where mask = 0).
@@ -707,7 +781,11 @@ def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: 
     def chunk_logp(h_c, y_c):
         logits = F.linear(h_c, W)  # [c, V] in the model dtype
         if temperature != 1.0:
-            logits = logits / temperature
+            # Divide in fp32, exactly like the sampler (VLM._choose works on float32 logits): in bf16 the
+            # quotient is rounded to 8 significant bits (|x / T| ~ 10 -> steps of 0.06), a log-prob error the
+            # PPO ratio would read as a policy change. The fp32 [c, V] chunk is recomputed in backward
+            # (the chunk is checkpointed), so it costs one chunk of memory, not [B*L, V].
+            logits = logits.float() / temperature  # [c, V] fp32
         return selective_log_softmax(logits, y_c, impl=impl)  # [c] float32
 
     out = []
@@ -968,6 +1046,9 @@ class Trainer:
 
             self.model.aux_head = nn.Linear(self.model.cfg.hidden_size, len(self.probe_labels)).to(self.device)
             self.counts["aux"] = sum(p.numel() for p in self.model.aux_head.parameters())
+        # The reference policy is the policy this stage starts from. DVE gates loaded from a checkpoint
+        # are not "gates = 1": snapshot them now, before any update (see dve_start_state).
+        self.ref_dve = dve_start_state(self.model)
         # full fine-tuning moves the base weights, so only then is a frozen reference copy needed
         self.ref_model = None
         if sets & {"llm", "vision"} and cfg.stage not in SUPERVISED and cfg.beta != 0:
@@ -1084,11 +1165,17 @@ class Trainer:
             print(f"[rl] resumed {self.ckpt} at step {self.step}, data position {self.position}")
 
     def export(self) -> Path:
-        """Write the stage's model (LoRA merged, DVE kept) + tokenizer to <out>/<stage>/model."""
+        """Write the stage's model (DVE kept) + tokenizer to <out>/<stage>/model.
+
+        LoRA: an fp32 model merges its adapters (W + B A in fp32: the Hub layout any loader reads). A bf16
+        model keeps them UNMERGED, in fp32, in <model>/lora.safetensors next to the untouched bf16 base
+        weights: a bf16 merge would round most of a small update away (docs/gpu.md measures it), and every
+        loader of this project (skinflow.load, eval.py, diagnose, rl.py --init) re-attaches the file."""
         target = self.dir / "model"
         if hasattr(self.model, "aux_head"):
             del self.model.aux_head  # the vision / warm-up probe is not part of the VLM
-        merge_lora(self.model)
+        if self.model.dtype == torch.float32:
+            merge_lora(self.model)
         self.dist.save_model(self.model, self.tok, target)  # rank 0 writes (section 6)
         return target
 
@@ -1236,8 +1323,10 @@ class Trainer:
         ref = None
         if cfg.beta != 0:
             holder = self.ref_model if self.ref_model is not None else model
-            # same weights, deltas off: the KL anchor is the model this stage started from
-            with torch.no_grad(), reference_policy(holder):
+            # same weights, deltas off: the KL anchor is the model this stage started from. The frozen copy
+            # of full fine-tuning IS that model (taken before step 1, gates included): use it as it is.
+            ref_ctx = contextlib.nullcontext() if self.ref_model is not None else reference_policy(model, self.ref_dve)
+            with torch.no_grad(), ref_ctx:
                 ref_embeds = holder.encode_images(batch["pixel_values"], batch["image_grid_thw"])
                 _, ref_big = _repeat_groups(batch, ref_embeds, G)
                 ref = completion_logprobs(holder, big, gen.tokens, mask, cfg.chunk, cfg.temperature,
@@ -1285,7 +1374,7 @@ class Trainer:
             "clip_low": mean("clip_low") if agg_stats else 0.0, "clip_high": mean("clip_high") if agg_stats else 0.0,
             "ratio_max": max((s["ratio_max"] for s in agg_stats), default=1.0),
             "ratio_min": min((s["ratio_min"] for s in agg_stats), default=1.0),
-            "completion_len": float(lengths.mean()), "truncated": float((lengths >= cfg.max_new_tokens).float().mean()),  # hit the length cap
+            "completion_len": float(lengths.mean()), "truncated": float(truncated_rows(model.cfg, gen.tokens, mask, cfg.max_new_tokens).float().mean()),
             "zero_std_groups": gstats["zero_std_groups"], "groups": gstats["groups"],
             "format_failures": sum(int(i["malformed"]) for _, i in scored),
             "format_mean": sum(i["format"] for _, i in scored) / len(scored),
@@ -1389,6 +1478,7 @@ class Trainer:
         # Ctrl-C policy: the first one only sets a flag, the current step finishes, then a consistent
         # checkpoint is written and we exit (130). A second Ctrl-C interrupts immediately.
         self._stop_requested, self._dirty = False, False
+        self._ext_logged: set[str] = set()  # kernel self-check outcomes already written to log.jsonl
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
             def on_sigint(signum, frame):
@@ -1420,6 +1510,16 @@ class Trainer:
                 self._dirty = False  # weights, step and data position agree again
                 rec.update({"step": self.step, "lr": lr, "step_s": round(time.time() - t0, 3),
                             "position": self.position, **self._skip_report()})
+                # kernels check themselves on first use (skinflow.extension_ok): every outcome this Trainer
+                # has not logged yet goes into this step's record, a failure also to stdout
+                new = {k: v for k, v in _skinflow.EXT_CHECKS.items() if k not in self._ext_logged}
+                if new:
+                    rec["ext_check"] = new
+                    self._ext_logged.update(new)
+                    for k, v in new.items():
+                        if not v["ok"] and self.dist.is_main:
+                            print(f"[rl] csrc kernel {k} failed its self-check (max |err| {v['max_err']:.3g} > "
+                                  f"{v['tol']:.3g}, {v['what']}): PyTorch path for the rest of the run")
                 if rec.get("skipped"):
                     print(f"[rl] step {self.step}: non-finite loss/gradient, update skipped")
                 if self.dist.is_main:

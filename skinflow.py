@@ -91,6 +91,65 @@ def build_extension(name: str, verbose: bool = False):
     _EXTENSIONS[name] = module
     return module
 
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels check themselves on first use (issue 15)
+#
+# A compiled kernel can be wrong on a machine we never tested (another GPU architecture, another compiler,
+# --use_fast_math): the first time an op runs on a device in this process, `extension_ok(name, device)`
+# compares it with the PyTorch path on a small random input ON THAT DEVICE, forward AND backward (the check
+# functions live next to each op: rl._check_logprob, dve._check_fdlinear). On a mismatch it warns once
+# with the numbers and returns False from then on, so the caller falls back to PyTorch for the rest of the
+# run; rl.py writes every check's outcome into the stage's log.jsonl ("ext_check"). The CPU twin goes
+# through the same machinery, so CI exercises it. SKINFLOW_EXT_CHECK=0 skips the checks (the op is trusted).
+# ---------------------------------------------------------------------------------------------------
+EXT_CHECKS: dict[str, dict] = {}  # "name/device type" -> {"ok", "max_err", "tol", "what"} of the first use
+_EXT_CHECK_FNS: dict[str, object] = {}  # name -> fn(ext, device) -> {"max_err": float, "tol": float, "what": str}
+
+
+def register_extension_check(name: str, fn) -> None:
+    """Register the self-check of the csrc op `name`: fn(ext, device) runs the op and the PyTorch path on a
+    small random input and returns {"max_err": worst |op - torch| over outputs and gradients, "tol": ...,
+    "what": which output was worst}."""
+    _EXT_CHECK_FNS[name] = fn
+
+
+def worst_check(found) -> dict:
+    """[(err / tol, err, tol, what), ...] of a self-check -> the worst one as {"max_err", "tol", "what"}."""
+    _, err, tol, what = max(found, key=lambda t: t[0])
+    return {"max_err": err, "tol": tol, "what": what}
+
+
+def extension_ok(name: str, device, ext=None) -> bool:
+    """True if the op `name` may be used on `device`: its self-check passed (run now if this is its first
+    use on that device type), or SKINFLOW_EXT_CHECK=0, or no check is registered. False after a mismatch
+    (warned once; callers then take their PyTorch path) or if the check itself crashed."""
+    if os.environ.get("SKINFLOW_EXT_CHECK", "1") == "0":
+        return True
+    dev = torch.device(device)
+    key = f"{name}/{dev.type}"
+    if key in EXT_CHECKS:
+        return EXT_CHECKS[key]["ok"]
+    fn = _EXT_CHECK_FNS.get(name)
+    if fn is None:
+        return True
+    ext = ext if ext is not None else build_extension(name)
+    try:
+        with torch.enable_grad():  # the first use may sit inside torch.no_grad() (a rollout); the check needs autograd
+            res = dict(fn(ext, dev))
+        res["ok"] = bool(res["max_err"] <= res["tol"])  # NaN fails too
+    except Exception as exc:  # a kernel that crashes on a tiny input is as untrustworthy as a wrong one
+        res = {"ok": False, "max_err": float("nan"), "tol": float("nan"), "what": f"{type(exc).__name__}: {exc}"}
+    EXT_CHECKS[key] = res
+    if not res["ok"]:
+        import warnings
+
+        warnings.warn(f"[skinflow] csrc/{name} on {dev.type} disagrees with the PyTorch path on its first-use check "
+                      f"(max |err| {res['max_err']:.3g} > tol {res['tol']:.3g}, worst: {res['what']}); using "
+                      "PyTorch for the rest of this run. Rebuild the extension, or set SKINFLOW_EXT_CHECK=0 "
+                      "to trust it anyway.", RuntimeWarning, stacklevel=2)
+    return res["ok"]
+
 # ===================================================================================================
 # 1. Configuration
 #
@@ -370,6 +429,176 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021) lives here, on the lowest import floor, because every LOADER needs it: a bf16 run
+# exports its adapter unmerged (see `LoRALinear` and VLM.save_pretrained), so skinflow.load, eval.py,
+# diagnose and rl.py --init must all rebuild the wrapper. rl.py (apply_lora, merge_lora) is what trains it.
+# ---------------------------------------------------------------------------------------------------
+LORA_FILE = "lora.safetensors"  # the unmerged fp32 adapter next to model.safetensors (bf16 exports)
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear + low-rank deltas, all computed and ADDED in fp32:
+
+        y = round_dtype( float(x W^T + b)  +  (x A0^T) B0^T  +  (alpha / r) (x A^T) B^T )
+
+    * A [r, d_in], B [d_out, r]: the adapter being trained (fp32 parameters `lora_A`, `lora_B`; B = 0 at the
+      start, so a fresh adapter is exactly the wrapped layer). `enabled = False` turns it off: that is the
+      reference policy of GRPO (rl.reference_policy) with no second copy of the model.
+    * A0, B0 (`start_A` [r0, d_in], `start_B` [d_out, r0], fp32 buffers, None if absent): an adapter LOADED
+      with the checkpoint (a previous stage's export, scaling already folded into B0). It is part of the
+      model this stage starts from, so it stays on when `enabled` is False, and it is never trained.
+
+    Why fp32 for A, B, the adapter's matmuls and the add: in a bf16 model the update is tiny against the
+    frozen output (Stage II at lr 5e-7 moves B by ~1e-4), and bf16 keeps 8 significant bits, so rounding
+    delta to bf16 and then adding it to y in bf16 rounds twice; adding in fp32 rounds the SUM once. The
+    bf16 activations still round the result: docs/gpu.md measures how much of the update survives, which is
+    why the presets' LoRA learning rates are 10x the paper's full fine-tuning rates (see train.sh).
+    Subclasses nn.Linear and keeps the base `weight` / `bias` under their own names, so the state-dict keys
+    of the base weights stay Hub-shaped; rank 0 means "no trainable adapter" (a loaded model, say).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        nn.Module.__init__(self)  # skip nn.Linear.__init__: reuse the base tensors, allocate nothing
+        if rank < 0:
+            raise ValueError(f"LoRALinear: rank must be >= 0, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        # not persistent: the state dict stays "base weights + trainable A, B"; save_pretrained writes the
+        # start adapter (folded with the trained one) to LORA_FILE itself
+        self.register_buffer("start_A", None, persistent=False)
+        self.register_buffer("start_B", None, persistent=False)
+        self.new_adapter(rank, alpha)
+
+    def new_adapter(self, rank: int, alpha: float):
+        """A fresh trainable adapter (A Kaiming-uniform like nn.Linear, B = 0 -> delta 0), replacing any
+        previous trainable one; the start adapter is kept."""
+        dev = self.weight.device
+        self.rank, self.alpha, self.scaling = rank, alpha, (alpha / rank if rank else 0.0)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
+        if rank:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.enabled = True
+
+    def set_start_adapter(self, A: torch.Tensor, B: torch.Tensor):
+        """Install a loaded adapter (delta = B @ A, scaling folded in) as the frozen start, in fp32."""
+        if A.shape[1] != self.in_features or B.shape[0] != self.out_features or A.shape[0] != B.shape[1]:
+            raise ValueError(f"adapter A {tuple(A.shape)} / B {tuple(B.shape)} does not fit a "
+                             f"{self.out_features} x {self.in_features} layer")
+        dev = self.weight.device
+        self.start_A = A.detach().to(device=dev, dtype=torch.float32).contiguous()  # [r0, d_in]
+        self.start_B = B.detach().to(device=dev, dtype=torch.float32).contiguous()  # [d_out, r0]
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(torch.bfloat16) must not round the adapter (casting back afterwards would be too late:
+        # the low bits are gone). So the adapter tensors are taken out while nn.Module applies fn to the
+        # base weights, then moved by fn themselves, except that a cast to a narrower float is refused
+        # (they follow fn's device only). They are re-inserted in place: parameter order and identity
+        # (what an optimizer holds) are unchanged.
+        def keep(new, old):
+            narrower = new.dtype in (torch.bfloat16, torch.float16) and old.dtype not in (torch.bfloat16, torch.float16)
+            return old.to(new.device) if narrower else new
+
+        params = {n: self._parameters.pop(n) for n in ("lora_A", "lora_B")}
+        buffers = {n: self._buffers.pop(n) for n in ("start_A", "start_B")}
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:
+            self._parameters.update(params)
+            self._buffers.update(buffers)
+        with torch.no_grad():
+            for p in params.values():
+                p.data = keep(fn(p.data), p.data)
+            for n, b in buffers.items():
+                if b is not None:
+                    self._buffers[n] = keep(fn(b), b)
+        return self
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The adapters' output change for input x [..., d_in] -> [..., d_out] in fp32 (None if none is on)."""
+        x32 = x.to(self.lora_A.dtype)  # [..., d_in] fp32 (fp64 when a test made the adapter fp64)
+        d = None
+        if self.start_A is not None:
+            d = F.linear(F.linear(x32, self.start_A.to(x32.dtype)), self.start_B.to(x32.dtype))  # [..., d_out]
+        if self.enabled and self.rank:
+            t = self.scaling * F.linear(F.linear(x32, self.lora_A), self.lora_B)  # [..., d_out]
+            d = t if d is None else d + t
+        return d
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)  # [..., d_out] frozen path, in the model dtype
+        d = self.delta(x)
+        if d is None:
+            return y
+        return (y.to(d.dtype) + d).to(y.dtype)  # ONE rounding of the sum into the model dtype
+
+    def export_adapter(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A_exp [R, d_in], B_exp [d_out, R]) fp32 with B_exp @ A_exp = B0 A0 + (alpha / r) B A: the start
+        adapter and the trained one (when enabled) stacked along the rank, scaling folded into B."""
+        As, Bs = [], []
+        if self.start_A is not None:
+            As.append(self.start_A.float())
+            Bs.append(self.start_B.float())
+        if self.enabled and self.rank:
+            As.append(self.lora_A.detach().float())
+            Bs.append(self.scaling * self.lora_B.detach().float())
+        if not As:
+            return None
+        return torch.cat(As, 0), torch.cat(Bs, 1)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W' = W + B0 A0 + (alpha / r) B A, summed in fp32, returned in W's dtype (fp32 exports merge)."""
+        W = self.weight.float()
+        ad = self.export_adapter()
+        if ad is not None:
+            W = W + ad[1] @ ad[0]
+        return W.to(self.weight.dtype)
+
+    def extra_repr(self):
+        r0 = 0 if self.start_A is None else self.start_A.shape[0]
+        return f"{self.in_features} -> {self.out_features}, rank={self.rank}, alpha={self.alpha}, start_rank={r0}"
+
+
+def lora_state(model) -> dict:
+    """{"<module>.lora_A": A_exp, "<module>.lora_B": B_exp} (fp32, see LoRALinear.export_adapter) of every
+    adapter of the model: what VLM.save_pretrained writes to LORA_FILE."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            ad = m.export_adapter()
+            if ad is not None:
+                out[f"{name}.lora_A"], out[f"{name}.lora_B"] = (t.contiguous().cpu() for t in ad)
+    return out
+
+
+def attach_lora_state(model, tensors: dict) -> int:
+    """Wrap each named layer in a LoRALinear whose START adapter is the saved one (rank-0 trainable part).
+    Inverse of lora_state; returns the number of layers. Unknown or unpaired names are an error."""
+    mods = {k.rsplit(".", 1)[0] for k in tensors}
+    for mod_name in sorted(mods):
+        A, B = tensors.get(f"{mod_name}.lora_A"), tensors.get(f"{mod_name}.lora_B")
+        if A is None or B is None:
+            raise KeyError(f"{LORA_FILE}: {mod_name} needs both lora_A and lora_B")
+        parent_name, _, attr = mod_name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            lin = getattr(parent, attr)
+        except AttributeError as e:
+            raise KeyError(f"{LORA_FILE}: the model has no layer {mod_name}") from e
+        if not isinstance(lin, LoRALinear):
+            if not isinstance(lin, nn.Linear):
+                raise KeyError(f"{LORA_FILE}: {mod_name} is a {type(lin).__name__}, not a Linear")
+            lin = LoRALinear(lin, 0, 1.0)
+            setattr(parent, attr, lin)
+        lin.set_start_adapter(A, B)
+    return len(mods)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -1255,6 +1484,16 @@ class VLM(nn.Module):
         # Peak memory is therefore the model plus one tensor, never two models.
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
+        # DVE layers own their precision: FDLinear builds its spectrum and KSM gate heads in fp32 even in a
+        # bf16 model (the FFT needs fp32, and the gate heads are what trains). Loading them in `dtype` would
+        # round the trained gates to bf16 and make a bf16 Stage II train them in bf16 (no fp32 master,
+        # see rl.MasterWeights), unlike Stage I. So a tensor whose meta placeholder is fp32 inside an
+        # FDLinear keeps fp32 whenever `dtype` is narrower.
+        keep32 = set()
+        if cfg.dve and dtype in (torch.bfloat16, torch.float16):
+            import dve
+            keep32 = {f"{mn}.{pn}" for mn, m in dve.fdlinears(model) for pn, p in m.named_parameters()
+                      if p.dtype == torch.float32}
         for fname in files:
             with safe_open(str(path / fname), framework="pt") as f:
                 for key in f.keys():
@@ -1262,7 +1501,8 @@ class VLM(nn.Module):
                     if name not in expected:
                         continue
                     t = f.get_tensor(key)
-                    t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    want = torch.float32 if name in keep32 else dtype
+                    t = t.to(device=device, dtype=want if t.is_floating_point() else t.dtype)
                     mod_name, _, attr = name.rpartition(".")
                     mod = model.get_submodule(mod_name)
                     if name in params:
@@ -1275,10 +1515,14 @@ class VLM(nn.Module):
         for name, b in list(model.named_buffers()) + list(model.named_parameters()):
             if b.device.type == "meta":
                 raise RuntimeError(f"{name} was not loaded from the checkpoint (still on the meta device)")
+        if (path / LORA_FILE).exists():  # an unmerged fp32 adapter (a bf16 export): the frozen start adapter
+            with safe_open(str(path / LORA_FILE), framework="pt") as f:
+                attach_lora_state(model, {k: f.get_tensor(k) for k in f.keys()})
         return model.eval()
 
     def save_pretrained(self, directory) -> Path:
-        """Write config.json (flat Hub layout) + model.safetensors (Hub key names; no lm_head when tied)."""
+        """Write config.json (flat Hub layout) + model.safetensors (Hub key names; no lm_head when tied),
+        and, when the model carries LoRA adapters, LORA_FILE with them in fp32 (from_pretrained re-attaches it)."""
         from safetensors.torch import save_file
 
         d = Path(directory)
@@ -1286,8 +1530,17 @@ class VLM(nn.Module):
         conf = self.cfg.to_dict()
         conf["torch_dtype"] = str(self.dtype).replace("torch.", "")
         (d / "config.json").write_text(json.dumps(conf, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        # LoRA adapters (bf16 exports keep them unmerged, see rl.Trainer.export) go to their own fp32 file:
+        # model.safetensors keeps exactly the Hub keys, and the adapter is not rounded to the model dtype.
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not k.endswith((".lora_A", ".lora_B"))}
         save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        adapters = lora_state(self)
+        if adapters:
+            save_file(adapters, str(d / LORA_FILE), metadata={"format": "skinflow-lora",
+                                                              "delta": "W + lora_B @ lora_A (scaling folded in)"})
+        elif (d / LORA_FILE).exists():
+            (d / LORA_FILE).unlink()  # a stale adapter from an earlier export must not be re-applied
         return d
 
 
