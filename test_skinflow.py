@@ -2858,10 +2858,12 @@ def test_rl_reward_differential_cases():
     truth = "psoriasis"
     perfect, info = rl.reward_differential("1. psoriasis\n2. eczema\n3. lichen planus", truth)
     assert abs(perfect - 1.0) < 1e-9 and info["rank"] == 1 and info["format"] == 1.0
-    third, info = rl.reward_differential("1. vitiligo\n2. acne\n3. psoriasis\n4. eczema", truth)
+    # ranks above the hit hold only "wrong" labels (other groups), so no near-miss term enters
+    third, info = rl.reward_differential("1. milia\n2. nevocytic nevus\n3. psoriasis\n4. eczema", truth)
     assert info["rank"] == 3 and abs(third - (0.9 * 0.7 ** 2 + 0.1)) < 1e-9
-    sixth, _ = rl.reward_differential("1. vitiligo\n2. acne\n3. milia\n4. tuberous sclerosis\n5. scabies\n6. psoriasis",
-                                      truth)
+    sixth, info = rl.reward_differential("1. milia\n2. nevocytic nevus\n3. seborrheic keratosis\n"
+                                         "4. tuberous sclerosis\n5. dermatofibroma\n6. psoriasis", truth)
+    assert info["verdicts"][:5] == ["wrong"] * 5
     assert abs(sixth - (0.9 * 0.7 ** 5 + 0.1)) < 1e-9
     near, info = rl.reward_differential("1. eczema", truth)  # same nine group (inflammatory), not psoriasis
     assert info["verdicts"] == ["near_miss"] and abs(near - (0.9 * 0.25 + 0.1)) < 1e-9
@@ -2873,6 +2875,71 @@ def test_rl_reward_differential_cases():
     bare, info = rl.reward_differential("it looks like psoriasis to me", truth)  # found, but not a list
     assert info["rank"] == 1 and info["format"] == 0.0 and abs(bare - 0.9) < 1e-9
     assert perfect > third > near > sixth > danger
+
+
+def test_rl_reward_differential_monotone_hand_table():
+    """hit = c_{k*} + w (c_{k'} - c_{k*})^+ by hand (c_k = 0.7^(k-1), w = 0.25), r = 0.9 hit + 0.1 format.
+
+    The first row pair is the issue's counter-example to the old "hit replaces near miss" rule: adding
+    "6. SCC" used to LOWER r from 0.325 to 0.251; now it raises it to 0.9 (0.75 * 0.7^5 + 0.25) + 0.1.
+    """
+    _rl_need_eval()
+    scc = "squamous cell carcinoma"
+    head = "1. basal cell carcinoma\n2. pyogenic granuloma\n3. melanoma\n4. nevocytic nevus\n5. dermatofibroma"
+    rows = [  # (text, truth, expected verdict at rank 1, expected hit by hand, safety at rank 1)
+        (head, scc, "near_miss", 0.25, False),                                  # miss: w c_1
+        (head + "\n6. " + scc, scc, "near_miss", 0.75 * 0.7 ** 5 + 0.25, False),  # (1-w) c_6 + w c_1 = 0.37605
+        ("1. eczema\n2. psoriasis", "psoriasis", "near_miss", 0.75 * 0.7 + 0.25, False),  # 0.775
+        ("1. psoriasis\n2. eczema", "psoriasis", "correct", 1.0, False),       # near miss BELOW the hit: no term
+        ("1. milia\n2. eczema\n3. psoriasis", "psoriasis", "wrong", 0.75 * 0.49 + 0.25 * 0.7, False),  # k' = 2: 0.5425
+        ("1. melanoma\n2. eczema", "psoriasis", "safety_critical", 0.25 * 0.7, True),
+    ]
+    for text, truth, v1, hit, safety in rows:
+        r, info = rl.reward_differential(text, truth)
+        if v1 is not None:
+            assert info["verdicts"][0] == v1, (text, info["verdicts"])  # the judge's verdicts the table assumes
+        assert abs(r - (0.9 * hit + 0.1 - 0.3 * safety)) < 1e-9, (text, r, hit)
+    old_rank6 = 0.9 * 0.7 ** 5 + 0.1  # what the replaced rule paid for the list that names SCC at rank 6
+    assert rl.reward_differential(head + "\n6. " + scc, scc)[0] > rl.reward_differential(head, scc)[0] > old_rank6
+
+
+_rl_diff_labels = st.lists(st.sampled_from(sorted(data.TAXONOMY)), min_size=1, max_size=6, unique=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(truth=st.sampled_from(data.SYNTH_LABELS), labels=_rl_diff_labels, where=st.integers(0, 6))
+def test_rl_reward_differential_never_falls_when_the_truth_is_added(truth, labels, where):
+    """(a) A list without an accepted answer: inserting the truth at any rank (truncating to 6 lines) or
+    appending it never lowers the reward (hypothesis over random lists of real labels)."""
+    _rl_need_eval()
+    lacking = [x for x in labels if sf_eval.judge(x, truth) not in ("correct", "subtype")]
+    if not lacking:
+        return
+    before, info = rl.reward_differential(data.format_differential(lacking), truth)
+    assert info["rank"] == 0
+    pos = min(where, len(lacking), 5)  # where = len(lacking): appended (rank 6 at most)
+    with_truth = (lacking[:pos] + [truth] + lacking[pos:])[:6]  # inserted at rank pos + 1, cut to 6
+    after, info = rl.reward_differential(data.format_differential(with_truth), truth)
+    # strictly more, in fact: c_m > w c_k' (m <= k') or (1 - w) c_m + w c_k' > w c_k' (m > k')
+    assert info["rank"] == pos + 1 and after > before + 1e-9, (lacking, with_truth, before, after)
+
+
+@settings(max_examples=150, deadline=None)
+@given(truth=st.sampled_from(data.SYNTH_LABELS), labels=st.lists(st.sampled_from(sorted(data.TAXONOMY)),
+       min_size=1, max_size=5, unique=True), k=st.integers(1, 5))
+def test_rl_reward_differential_earlier_hit_strictly_better(truth, labels, k):
+    """(b) A hit at rank k strictly beats the same list with the hit moved to rank k + 1 (the item at
+    k + 1 moving up to k), whatever the other items are (near misses, safety-critical, wrong)."""
+    _rl_need_eval()
+    others = [x for x in labels if sf_eval.judge(x, truth) not in ("correct", "subtype")]
+    if len(others) < k:
+        return
+    at_k = others[:k - 1] + [truth] + others[k - 1:]  # truth at rank k, others[k-1] at rank k + 1
+    at_k1 = others[:k] + [truth] + others[k:]  # the same list with the two swapped
+    r_k, info_k = rl.reward_differential(data.format_differential(at_k), truth)
+    r_k1, info_k1 = rl.reward_differential(data.format_differential(at_k1), truth)
+    assert (info_k["rank"], info_k1["rank"]) == (k, k + 1)
+    assert r_k > r_k1 + 1e-9, (at_k, r_k, r_k1)
 
 
 # ---------------------------------------------------------------------------------------------------
