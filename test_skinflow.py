@@ -1189,6 +1189,53 @@ def test_data_headroom_small_and_preview_cli(tmp_path):
         assert im.size[0] == 4 * 64 and im.size[1] > 64
 
 
+def test_data_synthderm_splits_render_different_images_and_labels():
+    """The splits promise DIFFERENT images, not only different ids (ids differ by construction).
+
+    Item i of "train", "val" and "test" (same seed) must not be the same render: every cross-split pair
+    of images (not just i vs i) is compared pixel by pixel, and the label sequences must not repeat.
+    How it can fail: drop the split from the renderer's seed (SynthDerm._rng) and train[i] == test[i]
+    exactly (distance 0, every label equal). Calibration: two different renders of one split differ by a
+    mean of ~7 grey levels at their closest (measured over 40 x 40 pairs at 64 px, seed 3); near-identical
+    (a re-render with a shifted noise tile only) would be < 2.
+    """
+    n, S = 24, 48
+    splits = {name: data.SynthDerm(n, seed=3, image_size=S, split=name) for name in ("train", "val", "test")}
+    pix = {name: np.stack([np.asarray(ds[i].image, np.float32) for i in range(n)]) for name, ds in splits.items()}
+    for a, b in (("train", "test"), ("train", "val"), ("val", "test")):
+        dist = np.abs(pix[a][:, None] - pix[b][None]).mean((2, 3, 4))  # [n, n] mean |diff| of every pair
+        assert dist.min() > 2.0, (a, b, float(dist.min()))
+        same = [(splits[a].spec(i)["label"], splits[a].spec(i)["fitzpatrick"]) ==
+                (splits[b].spec(i)["label"], splits[b].spec(i)["fitzpatrick"]) for i in range(n)]
+        assert sum(same) < n // 2, (a, b, sum(same))  # chance agreement is ~1/14 (class prior x skin prior)
+
+
+def test_data_synthderm_size_word_agrees_with_the_lesion_mask():
+    """The caption's size word is checked against the RENDERED lesion area, not against the spec.
+
+    For solitary lesions (one lesion, seen whole) the mask's equivalent diameter as a fraction of the
+    image, d = 2 sqrt(area / pi) / S, divided by ZOOM, estimates the drawn size fraction that the word
+    thresholds (small < 0.06 <= medium < 0.16 <= large). Irregular outlines, polygons and soft borders
+    move d by a factor 0.5 .. 1.2 of the drawn size (measured over 300 items at 96 px, seed 5), so the
+    bounds below carry that slack, and the medians must climb small < medium < large by >= 1.5x each.
+    How it can fail: thresholds or ZOOM changed in spec() without the renderer (or the reverse).
+    """
+    S = 96
+    ds = data.SynthDerm(240, seed=5, image_size=S)
+    by_word = {"small": [], "medium": [], "large": []}
+    for i in range(240):
+        sp = ds.spec(i)
+        if sp["fields"]["distribution"] != "solitary":
+            continue
+        m = ds[i].mask
+        by_word[sp["fields"]["size"]].append(2 * np.sqrt(m.sum() / np.pi) / S / data.ZOOM)
+    assert all(len(v) >= 8 for v in by_word.values()), {k: len(v) for k, v in by_word.items()}
+    assert max(by_word["small"]) < 0.06 * 1.3 and min(by_word["large"]) > 0.16 * 0.45
+    assert min(by_word["medium"]) > 0.06 * 0.45 and max(by_word["medium"]) < 0.16 * 1.3
+    med = {k: float(np.median(v)) for k, v in by_word.items()}
+    assert med["small"] * 1.5 < med["medium"] and med["medium"] * 1.5 < med["large"], med
+
+
 # ===================================================================================================
 # Clinical evaluation (eval.py): vocabulary, judge, parsers, metrics, report, LLM judge
 #
