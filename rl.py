@@ -782,8 +782,8 @@ class TrainConfig:
     image_size: int = 112
     max_pixels: int = 112 * 112
     n_data: int = 4096            # SynthDerm items in the training stream (cycled, reshuffled per epoch)
-    data_seed: int = 0
-    seed: int = 0
+    data_seed: int = 0            # WHICH SynthDerm images exist (train/val/test): keep it fixed to compare runs
+    seed: int = 0                 # init, sampler and the ORDER of the training stream (train.sh's SEED=)
     save_every: int = 10
     grad_clip: float = 1.0
     weight_decay: float = 0.0
@@ -871,6 +871,18 @@ def lr_at(cfg: "TrainConfig", step: int) -> float:
         return cfg.lr
     frac = min(1.0, (step - W) / max(1, cfg.steps - W))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+ORDER_SEED_STRIDE = 1_000_003  # data-order seed = data_seed + stride * seed (seed 0: the data seed alone)
+
+
+def order_seed(cfg: "TrainConfig") -> int:
+    """Seed of the training stream's ORDER: --data-seed fixes WHICH images exist (the dataset, and the
+    held-out test split that every run is compared on), --seed picks the order they are visited in,
+    together with the init and the sampler. So `SEED=1 bash train.sh` is another run on the same data,
+    not a run on other data; seed 0 keeps the order of the data seed alone.
+    """
+    return cfg.data_seed + ORDER_SEED_STRIDE * cfg.seed
 
 
 def _data_indices(position: int, k: int, n: int, seed: int) -> list[int]:
@@ -1142,7 +1154,7 @@ class Trainer:
         """
         cfg = self.cfg
         start = self.position + self.dist.rank * cfg.prompts  # this rank's slice of the global batch
-        idx = _data_indices(start, cfg.prompts, len(self.data), cfg.data_seed)
+        idx = _data_indices(start, cfg.prompts, len(self.data), order_seed(cfg))
         pixels = [self._pixels(i) for i in idx]
         pv = torch.cat([p for p, _ in pixels]).to(self.device)  # [sum N, C*T*p*p]
         grid = torch.tensor([g for _, g in pixels], device=self.device)  # [B, 3]
@@ -1154,7 +1166,7 @@ class Trainer:
         """Supervised step: -mean log p(target tokens) over half Stage I, half Stage II targets."""
         cfg = self.cfg
         start = self.position + self.dist.rank * cfg.prompts  # this rank's slice of the global batch
-        idx = _data_indices(start, cfg.prompts, len(self.data), cfg.data_seed)
+        idx = _data_indices(start, cfg.prompts, len(self.data), order_seed(cfg))
         items = [self.data[i] for i in idx]
         # alternate the two tasks by data position so every batch teaches both formats
         tasks = ["stage1" if (start + j) % 2 == 0 else "stage2" for j in range(len(items))]
@@ -1184,7 +1196,7 @@ class Trainer:
         t0 = time.time()
         # a. prompts
         start = self.position + self.dist.rank * cfg.prompts  # this rank's slice of the global batch
-        idx = _data_indices(start, cfg.prompts, len(self.data), cfg.data_seed)
+        idx = _data_indices(start, cfg.prompts, len(self.data), order_seed(cfg))
         items = [self.data[i] for i in idx]
         batch = self._prompt_batch(items, [_stage_prompt(cfg.stage)] * len(items))
         # b. rollouts: image features once per prompt, G samples per prompt in ONE generate call

@@ -5,6 +5,7 @@
 #   PRESET=3b OUT=runs/my3b bash train.sh
 #   ABLATION=1 bash train.sh           # + the paper's three ablation rows on SynthDerm
 #   DRY_RUN=1 PRESET=7b bash train.sh  # print every command and check the rl.py flags, run nothing
+#   SEED=1 bash train.sh               # another seed: init, sampling and data order of every stage
 #
 # Everything goes into one run folder ($OUT, default runs/<preset>):
 #   $OUT/<stage>/log.jsonl        one JSON line per optimizer step (reward, KL, clip, lengths, lr, ...)
@@ -19,6 +20,12 @@ cd "$(dirname "$0")"
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}   # the tiny preset is measured on 2 CPU cores
 DRY_RUN=${DRY_RUN:-0}
+# SEED: passed to every rl.py stage as --seed (the tiny init, the sampler, the ORDER of the training
+# stream). The images themselves (rl.py --data-seed, eval.py --seed) stay fixed, so every seed is
+# scored on the same 500 test images and seeds can be compared. Same machine + same SEED + same thread
+# count -> the same numbers; another CPU or OMP_NUM_THREADS changes float summation order, and a
+# sampled token can flip, so the run diverges from there (README, "Determinism").
+SEED=${SEED:-0}
 ABLATION=${ABLATION:-0}
 T_START=$(date +%s)
 
@@ -40,7 +47,7 @@ else
     WHY="PRESET=$PRESET set by the caller"
 fi
 OUT=${OUT:-runs/$PRESET}
-echo "[train.sh] preset $PRESET ($WHY); run folder $OUT"
+echo "[train.sh] preset $PRESET ($WHY); run folder $OUT; SEED=$SEED"
 
 # -----------------------------------------------------------------------------------------------
 # 2. Per-preset settings.
@@ -97,8 +104,8 @@ one_chain() {
         else
             # 3. Warm start (tiny only), supervised, on SynthDerm's "val" split (RL uses "train", eval "test"):
             #    first the ViT alone learns to see (probe accuracy printed), then SFT of the whole model
-            run $PY rl.py vision --init "$INIT" --out "$dir" $IMG $VISION --eval-n 500
-            run $PY rl.py warmup --init "$dir/vision/model" --out "$dir" $IMG $WARMUP --eval-n 0
+            run $PY rl.py vision --init "$INIT" --out "$dir" --seed "$SEED" $IMG $VISION --eval-n 500
+            run $PY rl.py warmup --init "$dir/vision/model" --out "$dir" --seed "$SEED" $IMG $WARMUP --eval-n 0
             prev=$dir/warmup/model
             run $PY eval.py --model "$prev" --data synthderm --n "$EVAL_N" --out "$dir/eval/warmup" $EVAL
         fi
@@ -110,12 +117,12 @@ one_chain() {
     fi
     if [ "$with_stage1" = 1 ]; then
         # 4. Stage I: GRPO on structured captions (rl.reward_caption)
-        run $PY rl.py stage1 --init "$prev" --out "$dir" $IMG $STAGE1 $extra --eval-n 0
+        run $PY rl.py stage1 --init "$prev" --out "$dir" --seed "$SEED" $IMG $STAGE1 $extra --eval-n 0
         prev=$dir/stage1/model
         run $PY eval.py --model "$prev" --data synthderm --n "$EVAL_N" --out "$dir/eval/stage1" $EVAL
     fi
     # 5. Stage II: GRPO on the ranked differential (rl.reward_differential)
-    run $PY rl.py stage2 --init "$prev" --out "$dir" $IMG $STAGE2 $extra --eval-n 0
+    run $PY rl.py stage2 --init "$prev" --out "$dir" --seed "$SEED" $IMG $STAGE2 $extra --eval-n 0
     run $PY eval.py --model "$dir/stage2/model" --data synthderm --n "$EVAL_N" --out "$dir/eval/stage2" $EVAL
 }
 
