@@ -14,6 +14,7 @@ This module feeds all four, and SynthDerm (below) is built so that each of them 
 
 Map of this file, in file order:
   TAXONOMY, NINE_TO_THREE         Fitzpatrick17k label tree, 114 fine -> 9 -> 3 labels (subclass credit)
+  FAMILIES, FAMILY                near-miss families: 114 labels -> 27 differential families (eval.judge)
   CAPTION_FIELDS, STAGE1_PROMPT,  the prompts of both stages and their canonical targets: the one home
   STAGE2_PROMPT, CAPTION_VOCAB,   that eval.py parses and rl.py rewards
   format_caption, format_differential
@@ -208,6 +209,199 @@ TAXONOMY: dict[str, tuple[str, str]] = {
 
 # The nine groups map to exactly one of the three top-level groups (derived from TAXONOMY, so one source).
 NINE_TO_THREE: dict[str, str] = {nine: three for nine, three in TAXONOMY.values()}
+
+# ---------------------------------------------------------------------------------------------------
+# Near-miss families: the level between a label and its nine-partition group.
+#
+# Why a third level: the nine-partition puts 69 of the 114 labels in "inflammatory", so "same nine
+# group" called vitiligo a near miss for psoriasis and acne a near miss for lupus. A near miss should
+# mean "wrong name, but the differential family a dermatologist would accept": the same morphology
+# (what the lesion looks like) and, usually, the same next step (work-up, first-line treatment).
+# eval.judge calls two labels a near miss when they share a FAMILY (and are not the same concept or a
+# subtype pair); the clinical metric's "near miss @1" and the Stage II reward's near-miss credit go
+# through judge, so they follow this table.
+#
+# How the families were built: morphology-based differential families as taught in dermatology (the
+# grouping of a textbook's sections: papulosquamous, eczematous, vesiculobullous, acneiform, ...), each
+# anchored, where one exists, to the WHO ICD-10 block(s) its members sit in, so a reader can check the
+# assignment against a public source. Where morphology and ICD-10 disagree the family follows morphology
+# and says so in its reason (e.g. seborrheic dermatitis: ICD-10 L21 sits in the dermatitis block, here it
+# is papulosquamous). The long notes, with every label's row, live in docs/near-miss-families.md.
+#
+# Three invariants (tested):
+#   * every TAXONOMY label is in exactly one family;
+#   * no family crosses the malignant line of the three-partition, so a near miss is never also a
+#     safety-critical error (melanoma and nevus are separate families; a nevus for a melanoma stays
+#     safety_critical, exactly as before);
+#   * a family may cross nine-groups (keloid is "inflammatory", dermatofibroma "benign dermal" in
+#     Fitzpatrick17k, but both are firm dermal fibrous papules), since the nine groups are the coarse
+#     level this one refines in places and corrects in others.
+# A family of one label (vitiligo, Kaposi sarcoma, mycosis fungoides) means no near miss is possible:
+# its differential's other members are not Fitzpatrick17k labels.
+# Format: family -> (ICD-10 anchor, reason, member labels). Labels are TAXONOMY keys, typos included.
+# ---------------------------------------------------------------------------------------------------
+FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "papulosquamous": (
+        "L40-L44 (+ L21)",
+        "well-bordered red papules/plaques with scale; psoriasis, lichen planus, pityriasis rosea, PRP and "
+        "pityriasis lichenoides are each other's textbook differential. Seborrheic dermatitis is ICD-10 L21 "
+        "(dermatitis block) but joins here: sebopsoriasis is a recognised overlap and psoriasis is its first "
+        "differential on scalp, face and flexures, with the same first-line topical treatment",
+        ("psoriasis", "pustular psoriasis", "lichen planus", "pityriasis rosea", "pityriasis rubra pilaris",
+         "pityriasis lichenoides chronica", "seborrheic dermatitis")),
+    "eczematous": (
+        "L20-L30 (+ I87.2, E83.2, K13.0)",
+        "ill-defined itchy, oozing or lichenified dermatitis: atopic, contact, dyshidrotic (pompholyx) and "
+        "venous-stasis eczema. Acrodermatitis enteropathica (E83.2, zinc deficiency) and cheilitis (K13.0, "
+        "lips) are not in the block but present as an eczematous periorificial / lip dermatitis",
+        ("eczema", "allergic contact dermatitis", "dyshidrotic eczema", "stasis edema",
+         "acrodermatitis enteropathica", "cheilitis")),
+    "itch-scratch and self-inflicted": (
+        "L28, L98.1",
+        "lesions made by rubbing, scratching or picking: lichen simplex chronicus and prurigo nodularis "
+        "(both L28), neurotic excoriations and factitial dermatitis (both L98.1). Prurigo nodularis is "
+        "'benign epidermal' in Fitzpatrick17k; clinically it is the nodular end of the itch-scratch cycle",
+        ("lichen simplex", "neurodermatitis", "prurigo nodularis", "neurotic excoriations",
+         "factitial dermatitis")),
+    "reactive erythemas and drug eruptions": (
+        "L50-L53, L27",
+        "urticarial, target, figurate and nodular erythemas and drug eruptions: transient reaction patterns "
+        "whose work-up is the same search for a trigger (drug, infection). SJS/TEN sits in ICD-10 L51 with "
+        "erythema multiforme; drug eruptions are L27 (dermatitis block) but are read as exanthems/reactions",
+        ("urticaria", "erythema multiforme", "stevens johnson syndrome", "erythema annulare centrifigum",
+         "erythema nodosum", "drug eruption", "fixed eruptions")),
+    "vesiculobullous": (
+        "L10-L14, Q81, Q82.8",
+        "blisters and erosions: autoimmune bullous disease (pemphigus, pemphigoid), epidermolysis bullosa "
+        "(inherited) and Hailey-Hailey disease ('familial benign pemphigus'); pemphigus is the classic "
+        "differential of both genodermatoses",
+        ("acquired autoimmune bullous diseaseherpes gestationis", "epidermolysis bullosa",
+         "hailey hailey disease")),
+    "acneiform and follicular": (
+        "L70-L73, L71.0",
+        "inflammatory papules and pustules of the pilosebaceous unit: acne, rosacea and its phyma, perioral "
+        "dermatitis (ICD-10 L71.0, a rosacea code), folliculitis and hidradenitis suppurativa (L73.2)",
+        ("acne", "acne vulgaris", "rosacea", "rhinophyma", "perioral dermatitis", "folliculitis",
+         "hidradenitis")),
+    "infections and infestations": (
+        "A69.2, B76, B85-B88, L03.0",
+        "an organism is the cause and the treatment is anti-infective: scabies, lice, myiasis, tungiasis, "
+        "larva migrans, Lyme disease, arthropod (tick/insect) bites, paronychia. Fitzpatrick17k has no tinea, "
+        "impetigo or viral labels, so these are the whole family",
+        ("scabies", "pediculosis lids", "myiasis", "tungiasis", "nematode infection", "tick bite",
+         "lyme disease", "paronychia")),
+    "hyperpigmentation": (
+        "L81, L83 (+ Q82.3, D22)",
+        "acquired or patterned brown-grey pigment: drug-induced pigmentation, acanthosis nigricans and "
+        "confluent reticulated papillomatosis (both ICD-10 L83; each other's classic differential), Becker "
+        "nevus and the whorled pigment of incontinentia pigmenti. Becker nevus is a hamartoma, not a "
+        "melanocytic nevus, and does not map cleanly to one ICD-10 code",
+        ("drug induced pigmentary changes", "acanthosis nigricans", "papilomatosis confluentes and reticulate",
+         "becker nevus", "incontinentia pigmenti")),
+    "depigmentation": (
+        "L80",
+        "vitiligo: loss of pigment. Its real differential (pityriasis alba, tinea versicolor, post-"
+        "inflammatory hypopigmentation) has no Fitzpatrick17k label, so no near miss exists for it",
+        ("vitiligo",)),
+    "photo-induced": (
+        "L55-L59, Q82.1, E80",
+        "lesions caused or triggered by light: photodermatoses (L56), chronic sun damage (L57), xeroderma "
+        "pigmentosum (inherited photosensitivity) and porphyria (photodistributed blistering and "
+        "fragility); the shared work-up is photoprotection and a photosensitivity screen",
+        ("photodermatoses", "sun damaged skin", "xeroderma pigmentosum", "porphyria")),
+    "connective tissue disease": (
+        "M32-M34, L93, L94.0",
+        "autoimmune connective tissue disease of the skin: cutaneous lupus (discoid, subacute), "
+        "dermatomyositis, scleroderma/morphea; photosensitive or indurated, same serology work-up",
+        ("lupus erythematosus", "lupus subacute", "dermatomyositis", "scleroderma")),
+    "dermal deposits": (
+        "L98.5, E85, L94.2",
+        "papules or plaques made of a deposit in the dermis: mucin (mucinosis, scleromyxedema, both L98.5), "
+        "amyloid (lichen amyloidosis, E85) and calcium (calcinosis cutis, L94.2); told apart by biopsy",
+        ("mucinosis", "scleromyxedema", "lichen amyloidosis", "calcinosis cutis")),
+    "granulomatous": (
+        "L92, D86.3",
+        "dermal granulomas: granuloma annulare and necrobiosis lipoidica (both L92) and sarcoidosis (D86.3), "
+        "the classic annular/indurated-plaque triad",
+        ("granuloma annulare", "necrobiosis lipoidica", "sarcoidosis")),
+    "histiocytic and mast-cell infiltrates": (
+        "D76, E78, Q82.2 (+ C96)",
+        "yellow-orange-brown papules of histiocytes, lipid-laden macrophages or mast cells: juvenile "
+        "xanthogranuloma, xanthomas, Langerhans cell histiocytosis and urticaria pigmentosa (mastocytosis); "
+        "the differential of a yellow-brown papule in a child",
+        ("juvenile xanthogranuloma", "xanthomas", "langerhans cell histiocytosis", "urticaria pigmentosa")),
+    "neutrophilic and vasculitic": (
+        "L88, L98.2, L95, M35.2",
+        "neutrophilic dermatoses (Sweet syndrome, pyoderma gangrenosum), Behcet disease, erythema elevatum "
+        "diutinum (a chronic cutaneous vasculitis) and livedo reticularis (the vascular pattern of "
+        "vasculopathy; no clean ICD-10 block)",
+        ("neutrophilic dermatoses", "behcets disease", "erythema elevatum diutinum", "livedo reticularis")),
+    "vascular tumours and malformations": (
+        "D18, Q82.5, I78, L98.0",
+        "benign vessels: pyogenic granuloma (both CSV spellings), port-wine stain, telangiectasia and "
+        "lymphangioma (a lymphatic malformation in the ISSVA classification)",
+        ("pyogenic granuloma", "granuloma pyogenic", "port wine stain", "telangiectases", "lymphangioma")),
+    "cysts and adnexal growths": (
+        "L72, D23",
+        "small benign papules/nodules of follicles, glands and ducts: pilar cyst (L72.1), milia, mucous "
+        "cyst, pilomatricoma, syringoma, Fordyce spots (ectopic sebaceous glands); syringoma vs milia and "
+        "pilomatricoma vs cyst are textbook pairs",
+        ("pilar cyst", "mucous cyst", "milia", "pilomatricoma", "syringoma", "fordyce spots")),
+    "dermal fibrous": (
+        "L91.0, D23",
+        "firm dermal fibrous papules/nodules: dermatofibroma and keloid (Fitzpatrick17k files keloid as "
+        "'inflammatory'); each is the other's differential for a firm pink-brown papule",
+        ("dermatofibroma", "keloid")),
+    "dermal atrophy and fragility": (
+        "L90 (+ Q79.6, Q84.8)",
+        "thin, atrophic or fragile dermis: striae (L90.6), Ehlers-Danlos syndrome (atrophic scars, "
+        "hyperextensible skin) and aplasia cutis (a healed membranous atrophic scar)",
+        ("striae", "ehlers danlos syndrome", "aplasia cutis")),
+    "disorders of keratinisation": (
+        "Q80, Q82.8, L85-L87",
+        "abnormal cornification: ichthyosis vulgaris, Darier disease, keratosis pilaris and the "
+        "porokeratoses (all three labels); grouped as a textbook 'disorders of cornification' section",
+        ("ichthyosis vulgaris", "dariers disease", "keratosis pilaris", "porokeratosis actinic",
+         "disseminated actinic porokeratosis", "porokeratosis of mibelli")),
+    "benign epidermal growths": (
+        "L82, Q82.5",
+        "benign keratinocyte growths and hamartomas: seborrheic keratosis and the epidermal nevi (verrucous, "
+        "comedonicus, sebaceous); warty, stuck-on or linear, no malignant potential worth excision",
+        ("seborrheic keratosis", "epidermal nevus", "naevus comedonicus", "nevus sebaceous of jadassohn")),
+    "phakomatoses": (
+        "Q85",
+        "neurocutaneous syndromes: neurofibromatosis (Q85.0) and tuberous sclerosis (Q85.1), each the "
+        "other's differential for multiple skin-coloured papules plus pigmentary signs",
+        ("neurofibromatosis", "tuberous sclerosis")),
+    "melanocytic nevi": (
+        "D22",
+        "benign melanocytic nevi: acquired, congenital and halo nevi",
+        ("nevocytic nevus", "congenital nevus", "halo nevus")),
+    "melanoma": (
+        "C43, D03",
+        "melanoma and its subtypes (superficial spreading, lentigo maligna); kept apart from nevi so that a "
+        "nevus for a melanoma stays safety_critical",
+        ("melanoma", "malignant melanoma", "superficial spreading melanoma ssm", "lentigo maligna")),
+    "keratinocyte cancers": (
+        "C44, D04, L57.0",
+        "keratinocyte carcinomas and their precursor: basal cell carcinoma (all three labels), squamous cell "
+        "carcinoma and actinic keratosis (malignant in Fitzpatrick17k); BCC vs SCC vs AK is the daily "
+        "differential of a sun-damaged scaly or pearly lesion, all managed by excision/destruction",
+        ("basal cell carcinoma", "basal cell carcinoma morpheiform", "solid cystic basal cell carcinoma",
+         "squamous cell carcinoma", "actinic keratosis")),
+    "cutaneous lymphoma": (
+        "C84.0",
+        "mycosis fungoides, the only lymphoma label; its mimics (eczema, psoriasis) are non-malignant, so "
+        "mistaking them stays safety_critical",
+        ("mycosis fungoides",)),
+    "malignant vascular": (
+        "C46",
+        "Kaposi sarcoma, the only malignant vascular label; its benign mimics (pyogenic granuloma) stay "
+        "safety_critical",
+        ("kaposi sarcoma",)),
+}
+# Label -> family, derived from FAMILIES (one source). Example: FAMILY["scabies"] = "infections and infestations".
+FAMILY: dict[str, str] = {label: fam for fam, (_, _, labels) in FAMILIES.items() for label in labels}
 
 # Near-duplicate labels ("pyogenic granuloma" / "granuloma pyogenic", the melanoma variants, ...) are NOT
 # merged here: the label strings stay the CSV's IDs. The one home for synonyms, subtypes and aliases is

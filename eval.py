@@ -13,7 +13,8 @@ Map of the file (the numbered banners below follow this order, top to bottom):
               Fitzpatrick17k labels (data.TAXONOMY keys) or None. The alias table ALIASES is the single
               home of synonyms in this repo (rl.py's rewards call `canonical`).
 2. Judge.     `judge(prediction, truth)` -> correct | subtype | near_miss | safety_critical | wrong |
-              unknown, using SYNONYMS, SUBTYPES and the nine/three partitions of Fitzpatrick17k.
+              unknown, using SYNONYMS, SUBTYPES, the near-miss families (data.FAMILY) and the
+              three-partition of Fitzpatrick17k.
 3. Parsers.   `parse_ranked_list` / `parse_caption` turn a raw generation into the Stage II ranked list
               (<= 6 entries) and the Stage I caption fields. They never raise; the `_ex` companions also
               return a flag saying whether the text followed the requested format.
@@ -65,7 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import CAPTION_FIELDS, TAXONOMY
+from data import CAPTION_FIELDS, FAMILY, TAXONOMY
 
 # A dermatologist's differential is a short ranked list; SkinFlow scores six entries (Top-6), so a seventh
 # entry can never earn credit and the parsers stop at six. Changing this changes what "Top-6" means.
@@ -316,9 +317,9 @@ SYNONYMS: tuple[tuple[str, ...], ...] = (
 # relation is used in both directions (see `judge`). Clinically: answering "melanoma" for a lentigo
 # maligna image is the right diagnosis at a coarser grain (same urgent excision), and answering "lentigo
 # maligna" for an image labelled only "melanoma" is a finer guess on the same branch, which the label
-# cannot refute. Kept deliberately short and textbook-level; every other same-group pair is a near miss,
+# cannot refute. Kept deliberately short and textbook-level; every other same-family pair is a near miss,
 # so a generous reading of this table would inflate clinical Top-k (check the strict columns).
-# Children must share the parent's nine-partition group (a test checks this).
+# Children must share the parent's nine-partition group and near-miss family (a test checks this).
 SUBTYPES: dict[str, tuple[str, ...]] = {
     "melanoma": ("superficial spreading melanoma ssm", "lentigo maligna"),   # also reached via "malignant melanoma"
     "basal cell carcinoma": ("basal cell carcinoma morpheiform", "solid cystic basal cell carcinoma"),
@@ -496,15 +497,18 @@ def display_name(label: str) -> str:
 # The verdicts model what a supervising dermatologist would say about one line of a trainee's
 # differential. Only `correct` and `subtype` earn Top-k credit (the paper's "correct + valid subclass");
 # the other four are *kinds of miss*, reported separately because they are not equally bad:
-#   near_miss        "wrong name, right drawer": the same nine-partition group (e.g. two malignant
-#                    epidermal tumours), so the next step (biopsy, excision, referral) is usually the same.
+#   near_miss        "wrong name, right drawer": the same differential family (data.FAMILY, e.g. two
+#                    keratinocyte cancers, two papulosquamous rashes), so the next step (biopsy, excision,
+#                    a topical steroid, a trigger search) is usually the same.
 #   safety_critical  "wrong side of the cancer line": a melanoma sent home as a mole delays excision, the
 #                    costliest error in dermatology; a benign lesion called malignant costs a biopsy.
 #   wrong            a miss with no special cost or excuse; unknown: nothing we can map to a label.
-# Caveat, so that nobody over-reads near_miss: Fitzpatrick17k's "inflammatory" group holds 69 labels,
-# including infestations (scabies, tungiasis) next to psoriasis, so psoriasis vs scabies is a near miss
-# here although the treatments differ. The paper's judge (S2's rubric) also flags infectious <->
-# non-infectious errors; the dataset has no such column, so that boundary is not modelled.
+# Why families and not the nine-partition: Fitzpatrick17k's "inflammatory" group holds 69 labels, from
+# scabies to lupus to acne; "same nine group" made vitiligo, scabies and acne near misses for psoriasis or
+# lupus. The 27 families of data.FAMILIES (papulosquamous, eczematous, infections and infestations, ...)
+# are what a dermatologist would list together; each carries its reason and ICD-10 anchor there, and
+# docs/near-miss-families.md has the full table. One consequence: infectious <-> non-infectious errors
+# (scabies for psoriasis) are now `wrong`, since infections and infestations form their own family.
 def _build_concepts() -> tuple[dict[str, str], dict[str, set[str]]]:
     """concept[label] = the first member of its SYNONYMS group (or itself); ancestors[concept] = its parents.
 
@@ -554,15 +558,19 @@ def judge(prediction, truth) -> str:
                         (a more specific or a more general name on the same branch).
                         e.g. truth melanoma, prediction "lentigo maligna"; truth "pustular psoriasis",
                         prediction "psoriasis". Siblings (SSM vs lentigo maligna) are not subtypes.
-    4. near_miss        same Fitzpatrick17k nine-partition group (treatment-consistent).
-                        e.g. truth "squamous cell carcinoma", prediction "basal cell carcinoma".
+    4. near_miss        same near-miss family (data.FAMILY): the differential family a dermatologist
+                        would accept. e.g. truth "squamous cell carcinoma", prediction "basal cell
+                        carcinoma" (keratinocyte cancers); truth psoriasis, prediction "seborrheic
+                        dermatitis" (papulosquamous). NOT: psoriasis vs vitiligo, psoriasis vs scabies,
+                        lupus vs acne (same nine group "inflammatory", different families).
     5. safety_critical  crosses the malignant <-> benign/non-neoplastic boundary of the three-partition,
                         in either direction. e.g. truth melanoma, prediction "nevus" (missed cancer);
                         truth "seborrheic keratosis", prediction "melanoma" (false alarm).
     6. wrong            everything else: e.g. truth psoriasis, prediction "vitiligo" (both non-neoplastic,
-                        different group); truth melanoma, prediction "basal cell carcinoma" (both malignant).
+                        different family); truth melanoma, prediction "basal cell carcinoma" (both malignant).
 
-    Rules 4 and 5 cannot both apply (same nine group implies same three group). Partitions are the
+    Rules 4 and 5 cannot both apply: no family crosses the malignant line (a test checks it), so a nevus
+    for a melanoma is safety_critical exactly as under the old nine-group rule. Partitions are the
     dataset's own, quirks included: actinic keratosis is 'malignant epidermal' in Fitzpatrick17k, so
     "seborrheic keratosis" for an actinic keratosis is safety_critical here, where many dermatologists
     would call AK pre-malignant and the error minor. Compare with the paper: its judge's exact boundary
@@ -580,10 +588,11 @@ def judge(prediction, truth) -> str:
     if cp in _ANCESTORS[ct] or ct in _ANCESTORS[cp]:
         return "subtype"
     # the two partition columns of the CSV: e.g. melanoma -> ("malignant melanoma", "malignant")
-    (nine_p, three_p), (nine_t, three_t) = TAXONOMY[p], TAXONOMY[t]
-    if nine_p == nine_t:
+    # the differential family (data.FAMILIES): e.g. psoriasis -> "papulosquamous", scabies -> "infections ..."
+    if FAMILY[p] == FAMILY[t]:
         return "near_miss"
     # benign vs non-neoplastic is not a safety boundary: both mean "no cancer", so only malignancy counts
+    three_p, three_t = TAXONOMY[p][1], TAXONOMY[t][1]
     if (three_p == "malignant") != (three_t == "malignant"):
         return "safety_critical"
     return "wrong"
@@ -594,10 +603,31 @@ def judge(prediction, truth) -> str:
 # ===================================================================================================
 # Canonical Stage II format (data.format_differential):   "1. psoriasis\n2. eczema\n..."  (<= 6 lines)
 # Canonical Stage I format  (data.format_caption):        "colour: erythematous, salmon\nlocation: trunk\n..."
-# Real generations drift from both, so the parsers accept, in this order of preference:
-#   numbered entries ("1." "1)" "(1)" "#1" "1:", at line start or inline "1. a 2. b"), then bullets
-#   ("- a", "* a", "• a"), then as a last resort a comma/semicolon/line separated list of short phrases.
-# Only the first two count as "the requested format" (flag True); the last still yields scoreable entries.
+# Real generations drift from both. Chat and VLM models answer a "give a ranked differential" prompt in
+# a handful of recurring styles, and the Stage II parser reads each of them (one test case or more per
+# style in test_skinflow.py's answer corpus):
+#
+#   style                               example                                         how it is read
+#   numbered list                       "1. X\n2) Y\n(3) Z\n4.W"  "**1.** X"            one entry per marker
+#   one-line numbering                  "1. X 2. Y 3. Z"                                split at the markers
+#   bullets, any glyph                  "- X" "* X" "• X" "· X" "▪ X" "→ X"             one entry per bullet
+#   sub-bullets / indented lines        "1. X\n   - silvery scale"                     explanation, skipped
+#   header with the first item          "Differential: - X\n- Y"  "Most likely: X"       header dropped, X kept
+#   header with a list                  "Other possibilities: Y, Z; W"                   split at , ; and/or
+#   decorations after a name            "X – 60 %"  "X (because ...)"  "X: ..."  "X. Y"  the name only
+#   markdown                            "## Differential", "**X**", "_X_", "`X`"         markup dropped
+#   markdown table with a rank column   "| Rank | Diagnosis |\n|---|---|\n| 1 | X |"   rows sorted by rank
+#   JSON                                '["X", "Y"]'  '{"differential": [{"name": "X"}]}'   the list inside
+#   tags and fences                     "<answer>...</answer>"  "```json ...```"         the inside only
+#   reasoning blocks                    "<think>... not X ...</think> 1. Y"             the block is dropped
+#   lead-ins and disclaimers            "Based on the image: ...", "Please see a doctor" no diagnosis, ignored
+#   plain prose                         "most consistent with X; the differential includes Y and Z"
+#                                       vocabulary mentions in text order, negated ones ("not X") dropped
+#
+# Header words (differential, diagnosis, most likely, other possibilities, top 3, final answer, ...) are
+# never entries, and a repeated diagnosis keeps its first rank. Only lists (numbered, bulleted, a table,
+# JSON) count as "the requested format" (flag True); a header with a comma list and prose still yield
+# scoreable entries, with the flag False.
 #
 # Why "never raise": rl.py calls these parsers on every sampled completion during GRPO. Early in
 # training those are often garbage (half a word, a repeated token, no newline at all); one exception in
@@ -610,39 +640,95 @@ def judge(prediction, truth) -> str:
 # reward rambling, so <think>...</think> is removed and an <answer> block, when present, is all we read.
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.S | re.I)           # an unterminated think block eats the rest
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
-# _LEAD: a list marker at the start of a line, optionally after a bullet: "1. x", "2) x", "(3) x", "#4 x",
-# "- 5. x". The marker must be followed by a space or the line end, so "1.5 cm plaque" is not entry 1.
-# _INLINE: the same markers inside a line ("1. psoriasis 2. eczema"), used to split such a line.
-# _LEAD_WORDS: a label before a colon that introduces an answer ("Dx:", "Final diagnosis:", "Top 1:");
-# any other "x: y" keeps the part before the colon ("psoriasis: silvery scale" -> "psoriasis").
-_LEAD = re.compile(r"^\s*(?:[-*\u2022+]\s*)?(?:\(?\s*\d{1,2}\s*[.):\]]|#\s*\d{1,2}\s*[.):]?)(?=\s|$)\s*(.*)$")
-_INLINE = re.compile(r"(?:^|(?<=\s)|(?<=[,;]))\(?\d{1,2}[.)](?=\s|$)\s*")
-_BULLET = re.compile(r"^\s*[-*\u2022+]\s+(.*)$")
-_LEAD_WORDS = re.compile(r"^\s*(?:final\s+)?(?:answer|diagnosis|diagnoses|dx|ddx|differential(?:\s+diagnosis)?|"
-                         r"most\s+likely|likely|top\s*\d*|rank\s*\d*|primary|impression)\s*$", re.I)
+# Bullet glyphs models use: ASCII - * +, and the unicode bullets, middle dot, squares, arrows, en/em dash.
+_GLYPHS = "-*+\u2022\u00b7\u25aa\u25ab\u25cf\u25cb\u25e6\u2023\u2043\u25a0\u25a1\u27a4\u2192\u2013\u2014\u25ba\u2219"
+_G = "[" + re.escape(_GLYPHS) + "]"
+# A list number: "1." "1)" "(1)" "[1]" "#1" "1:" "**1.**". The marker must be followed by a space, the line
+# end, or a letter/markup ("1.Psoriasis", a style seen in the wild), never by a digit: "1.5 cm" is no entry.
+_NUM = r"(?:\(\s*\d{1,2}\s*\)|\[\s*\d{1,2}\s*\]|#\s*\d{1,2}\s*[.):]?|\d{1,2}\s*[.):\]])"
+# _LEAD: a list number at the start of a line, optionally after a bullet or bold markers: "1. x", "- 2) x".
+_LEAD = re.compile(r"^\s*(?:" + _G + r"\s*)?[*_]{0,2}\s*" + _NUM + r"[*_]{0,2}(?=\s|$|[^\W\d_]|[*_])\s*(.*)$")
+# _INLINE: the same markers inside a line ("1. psoriasis 2. eczema"), used to split such a line. Inline
+# markers need a space (or line start / comma) before them, so "type 2 diabetes" or "v1.2" never split.
+_INLINE = re.compile(r"(?:^|(?<=\s)|(?<=[,;]))(?:\(\d{1,2}\)|\d{1,2}[.)])(?=\s|$|[^\W\d_])\s*")
+_BULLET = re.compile(r"^(\s*)" + _G + r"\s+(.*)$")
+# Words that make up a header line ("**Most likely diagnosis:**", "Other possibilities", "Top 3", "DDx",
+# "Here is my ranked differential"). A phrase made ONLY of these words is a header, never an entry; none
+# of them is a content word of any label, so no diagnosis can be mistaken for a header (a test checks it).
+_HEADER_WORDS = frozenset("""
+    differential differentials diagnosis diagnoses diagnostic dx ddx answer answers final most likely least less
+    more likelihood probable probability possible possibly possibilities possibility potential consideration
+    considerations consider considered other others alternative alternatives top rank ranked ranking ranks
+    list primary secondary main leading working clinical impression impressions assessment conclusion
+    include includes including condition conditions options option suspected suspicion suspect favored
+    favoured preferred best guess guesses second third top3 top5 top6
+    """.split())
+# Filler words a header may also hold ("Here are the most likely diagnoses for this image"); a phrase of
+# filler alone ("a", "the", "is") is not a header, so a one-letter entry survives.
+_HEADER_FILLER = frozenset("""
+    are could be would might may i my our the a an of for this these here based on image photo picture lesion
+    in order by decreasing descending highest lowest to and or also with your following as s next then is
+    """.split())
+# Section headings that introduce something other than a diagnosis: their bullets are findings, not entries.
+_OTHER_SECTIONS = frozenset("""
+    observation observations finding features feature description morphology reasoning rationale explanation
+    recommendation recommendations next steps treatment management note notes disclaimer key
+    workup work up investigations tests plan advice summary of why because
+    """.split())
+# Words no diagnosis name contains but disclaimers, lead-ins and descriptions do: a short phrase holding
+# one of them and naming no label ("I am not a doctor", "please consult a dermatologist", "1.5 cm plaque
+# on the shin") is not an entry.
+_DISCLAIMER = re.compile(r"\b(?:i|i'm|im|me|my|we|you|your|please|consult|doctor|dermatologist|physician|"
+                         r"professional|advice|image|photo|picture|cannot|can't|sure|hard|difficult|seems?|"
+                         r"appears?|looks?|think|believe|would|should|based|hope|help|note|here|it|this|that|"
+                         r"is|are|see|seek|medical|evaluation|examination|biopsy|confirm|"
+                         r"plaques?|papules?|macules?|patch|patches|nodules?|vesicles?|lesions?|cm|mm|"
+                         r"erythematous|scaly|scale|shows?|showing|located|on the)\b", re.I)
 _END_PUNCT = string.punctuation + " \u2013\u2014\u2022\u00b7"
 _MAX_ITEM_CHARS = 120
+
+
+def _words(s: str) -> list[str]:
+    """Lower-case alphanumeric words of s: "**Most likely:**" -> ["most", "likely"] (header tests only)."""
+    return re.findall(r"[a-z0-9]+", unicodedata.normalize("NFKD", s).encode("ascii", "ignore").decode().lower())
+
+
+def _is_header(s: str) -> bool:
+    """True when s is made only of header words (and digits): "Differential Diagnosis", "Top 3", "Final answer".
+
+    An empty phrase is not a header (there is nothing to drop); a phrase with one content word
+    ("Most likely psoriasis") is not a header either: it holds an entry.
+    """
+    w = _words(s)
+    return any(x in _HEADER_WORDS for x in w) and all(x in _HEADER_WORDS or x in _HEADER_FILLER or x.isdigit()
+                                                      for x in w)
 
 
 def _clean_item_once(s: str) -> str:
     """One pass of entry cleaning; each line below removes one kind of decoration a model adds.
 
-    Example: "**Psoriasis** (70%) - silvery scale." -> "psoriasis".
+    Example: "**Psoriasis** (70%) - silvery scale." -> "psoriasis"; "Eczema. Itchy, ill-defined" -> "eczema".
     """
     s = _THINK.sub(" ", s)
-    s = re.sub(r"[<>*_`#|]", " ", s)                                    # markdown / tags
+    s = re.sub(r"[<>*_`#|{}]", " ", s)                                   # markdown / tags / JSON braces
     s = re.sub(r"\([^)]*\)?|\[[^\]]*\]?", " ", s)                       # parentheticals "(BCC)", "(70%)"
     s = re.sub(r"\d+(?:\.\d+)?\s*%", " ", s)                           # confidences "70 %"
+    s = re.sub(r"\b(?:p|prob|probability|confidence|likelihood)\s*[=:]?\s*0?\.\d+", " ", s, flags=re.I)  # "p=0.6"
     s = re.split(r"\s[-\u2013\u2014]+\s|\s*[\u2013\u2014]\s*", s)[0]     # "psoriasis - silvery scale" -> psoriasis
     if ":" in s:                                                         # "Dx: psoriasis" vs "psoriasis: because..."
         head, tail = s.split(":", 1)
-        s = tail if _LEAD_WORDS.match(head) else head
-    s = re.sub(r"^\s*\(?\d{1,2}[.)](?=\s|$)", " ", s)                     # a list marker left at the start
+        s = tail if _is_header(head) else head
+    s = re.split(r"[.!?]\s+", s)[0]                                      # first sentence: "Eczema. Itchy." -> eczema
+    s = re.sub(r"^\s*(?:\(\d{1,2}\)|\d{1,2}[.)])(?=\s|$|[^\W\d_])", " ", s)   # a list marker left at the start
     m = _INLINE.search(s)
     if m and m.start() > 0:                                              # an inline marker left inside: cut there
         s = s[:m.start()]
+    if "," in s:                                                         # "psoriasis, given the scale" -> psoriasis
+        head = s.split(",", 1)[0]
+        if canonical(head) is not None or _is_header(s.split(",", 1)[1]):
+            s = head
     s = " ".join(s.lower().split())
-    s = s.strip(_END_PUNCT)
+    s = s.strip(_END_PUNCT + _GLYPHS)
     if len(s) > _MAX_ITEM_CHARS:
         s = s[:_MAX_ITEM_CHARS].rsplit(" ", 1)[0].strip(_END_PUNCT)
     return s
@@ -659,16 +745,18 @@ def _clean_item(s: str) -> str:
 
 
 def _dedupe(items, limit: int = MAX_ITEMS) -> list[str]:
-    """Drop empty entries and repeats of the same diagnosis (same label, or same text when unknown); keep <= limit.
+    """Drop empty entries, header phrases and repeats of one diagnosis (same label, or same text when unknown).
 
-    A repeated answer therefore neither wastes nor fills a slot: ["nevus", "mole", "melanoma"] -> ["nevus",
-    "melanoma"] because "mole" is the same label as "nevus".
+    Keeps <= limit entries, each at the rank of its FIRST mention: ["nevus", "mole", "melanoma"] ->
+    ["nevus", "melanoma"] because "mole" is the same label as "nevus". "Differential diagnosis" -> dropped.
     """
     out, seen = [], set()
     for it in items:
+        if not it or _is_header(it):
+            continue
         label = canonical(it)
         k = "label:" + label if label else (_key(_tokens(it)) or " ".join(_tokens(it)) or it.strip())
-        if not it or not k or k in seen:
+        if not k or k in seen:
             continue
         seen.add(k)
         out.append(it)
@@ -677,8 +765,249 @@ def _dedupe(items, limit: int = MAX_ITEMS) -> list[str]:
     return out
 
 
+def _is_name(s: str) -> bool:
+    """True when the whole of s is one vocabulary name (label or alias), not just a name inside a phrase.
+
+    "confluent and reticulated papillomatosis" -> True (so the list splitter keeps its "and");
+    "eczema and psoriasis" -> False.
+    """
+    by_seq, by_key, _, _ = _index()
+    toks = _expand(_tokens(s))
+    return tuple(t for t in toks if t not in _STOP) in by_seq or _key(toks) in by_key
+
+
+def _split_list(s: str) -> list[str]:
+    """A comma / semicolon / 'and' / 'or' / 'vs' list -> its parts: "Y, Z and W" -> ["Y", "Z", "W"].
+
+    Only for text already known to hold a list (after a header, a JSON string); an entry inside a numbered
+    line is never split this way. A part that is one vocabulary name keeps its "and"/"or": "confluent and
+    reticulated papillomatosis" stays one entry.
+    """
+    out = []
+    for part in re.split(r"[;,]", s):
+        if _is_name(part):
+            out.append(part)
+        else:
+            out += re.split(r"\s(?:and|or|vs\.?|versus|as well as|and/or)\s", part)
+    return [p for p in out if p.strip()]
+
+
+_JSON_NAME_KEYS = ("diagnosis", "name", "label", "condition", "disease", "dx", "differential", "entity", "item")
+_JSON_RANK_KEYS = ("rank", "position", "order", "#", "no", "number")
+
+
+def _from_json(text: str):
+    """The ranked entries of a JSON answer, or None when the text holds no JSON list.
+
+    Accepts a list of names ('["psoriasis", "eczema"]'), a list of objects ('[{"rank": 2, "diagnosis":
+    "eczema"}, {"rank": 1, "diagnosis": "psoriasis"}]', sorted by rank when every object has one), an
+    object holding such a list under any key ('{"differential": [...]}', the first list-valued key wins),
+    or an object of rank -> name ('{"1": "psoriasis", "2": "eczema"}'). The JSON may sit inside prose or a
+    code fence: the outermost [...] or {...} span is tried.
+    """
+    starts = [i for i in (text.find("["), text.find("{")) if i >= 0]
+    if not starts:
+        return None
+    i = min(starts)
+    j = text.rfind("]" if text[i] == "[" else "}")
+    if j <= i:
+        return None
+    try:
+        obj = json.loads(text[i:j + 1])
+    except ValueError:
+        return None
+
+    def entry(x):
+        # one list element: a name, or an object whose name is under a known key (else its first string)
+        if isinstance(x, str):
+            return x
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if str(k).lower().strip() in _JSON_NAME_KEYS and isinstance(v, str):
+                    return v
+            return next((v for v in x.values() if isinstance(v, str)), None)
+        return None
+
+    def rank_of(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if str(k).lower().strip() in _JSON_RANK_KEYS and isinstance(v, (int, float)):
+                    return v
+        return None
+
+    if isinstance(obj, dict):
+        if obj and all(str(k).strip().isdigit() for k in obj):               # {"1": "psoriasis", "2": ...}
+            return [str(obj[k]) for k in sorted(obj, key=lambda k: int(str(k).strip()))]
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        firsts = [v for k, v in obj.items() if isinstance(v, str) and not _is_header(v) and _is_header(str(k))]
+        obj = firsts + (lists[0] if lists else [])                          # {"most_likely": X, "others": [...]}
+    if not isinstance(obj, list):
+        return None
+    ranks = [rank_of(x) for x in obj]
+    if obj and all(r is not None for r in ranks):                           # objects with ranks: sort by them
+        obj = [x for _, _, x in sorted(zip(ranks, range(len(obj)), obj), key=lambda t: (t[0], t[1]))]
+    out = []
+    for x in obj:
+        e = entry(x)
+        if e is not None:
+            out.append(e)
+    return out
+
+
+def _from_table(lines: list[str]):
+    """Entries of a markdown table, or None when there is none: the name column, sorted by a rank column.
+
+    "| Rank | Diagnosis | Likelihood |\\n|---|---|---|\\n| 2 | eczema | 20 % |\\n| 1 | psoriasis | 70 % |"
+    -> ["psoriasis", "eczema"]. The header row and the |---| rule are never entries; the name column is the
+    one whose header names a diagnosis, else the first column that is not a rank number.
+    """
+    rows = [ln.strip().strip("|").split("|") for ln in lines if ln.strip().startswith("|") and ln.count("|") >= 2]
+    rows = [[c.strip() for c in r] for r in rows]
+    rule = next((i for i, r in enumerate(rows) if r and all(re.fullmatch(r":?-+:?", c) for c in r if c)), None)
+    if rule is None or rule == 0:
+        return None
+    header, body = [c.lower() for c in rows[rule - 1]], [r for r in rows[rule + 1:] if any(r)]
+    name_col = next((i for i, h in enumerate(header) if re.search(r"diagnos|condition|disease|name|dx|"
+                                                                     r"differential|entity", h)), None)
+    rank_col = next((i for i, h in enumerate(header) if re.search(r"rank|#|^no\.?$|order|position|^n$", h)), None)
+    if name_col is None:
+        name_col = next((i for i in range(len(header)) if i != rank_col and
+                         not all(re.fullmatch(r"\W*\d+\W*", r[i] if i < len(r) else "") for r in body)), None)
+    if name_col is None:
+        return None
+
+    def rank(r, k):
+        m = re.search(r"\d+", r[rank_col]) if rank_col is not None and rank_col < len(r) else None
+        return (int(m.group()) if m else 10 ** 6, k)
+
+    body = sorted(body, key=lambda r: rank(r, body.index(r)))
+    return [r[name_col] for r in body if name_col < len(r)]
+
+
+@functools.lru_cache(maxsize=1)
+def _first_words() -> dict[str, list[tuple[str, ...]]]:
+    """Vocabulary phrases indexed by their first token, longest first (the first hit at a position wins)."""
+    out: dict[str, list[tuple[str, ...]]] = {}
+    for phrase, _ in _index()[2]:
+        out.setdefault(phrase[0], []).append(phrase)
+    return out
+
+
+def _prose_mentions(text: str) -> list[str]:
+    """Diagnoses named in free prose, in text order: the vocabulary's phrases found in each sentence.
+
+    "This is most consistent with psoriasis; the differential includes eczema and lichen planus." ->
+    ["psoriasis", "eczema", "lichen planus"]. A mention right after a negation ("not", "unlikely",
+    "rather than", "unlike", "without", "excluded") or followed by "is unlikely / ruled out" is dropped:
+    "this is not melanoma" names no candidate. Out-of-vocabulary names are lost here (they would be
+    judged `unknown` anyway); the returned strings are the matched vocabulary phrases, which `canonical`
+    maps back to their labels.
+    """
+    first_word = _first_words()
+    out = []
+    for sentence in re.split(r"[.!?;\n]+", text):
+        # the same content tokens canonical() matches on ("porokeratosis of mibelli" -> porokeratosis mibelli)
+        toks = [t for t in _expand(_tokens(sentence)) if t not in _STOP]
+        i = 0
+        while i < len(toks):
+            hit = next((p for p in first_word.get(toks[i], ()) if tuple(toks[i:i + len(p)]) == p), None)
+            if hit is None:
+                i += 1
+                continue
+            before = " ".join(toks[max(0, i - 4):i])          # "doesn t look like" -> "doesn" is in reach
+            after = " ".join(toks[i + len(hit):i + len(hit) + 3])
+            negated = re.search(r"\b(?:not|no|never|unlikely|unlike|without|excluded|rather|instead|isn|doesn|"
+                                r"aren|wasn|don|against)\b", before) or \
+                re.match(r"(?:is |are |seems? |be |was )?(?:unlikely|ruled|excluded|not|improbable)\b", after)
+            if not negated:
+                out.append(" ".join(hit))
+            i += len(hit)
+    return out
+
+
+def _line_items(text: str) -> tuple[list[str], bool]:
+    """The line scanner: numbered entries, bullets and header lines, in document order.
+
+    Returns (raw entries, listed) where listed says a numbered or bulleted entry was seen. Context rules,
+    with the style each one exists for:
+      * a numbered line is an entry; several inline markers split it ("1. a 2. b 3. c");
+      * a bullet is an entry unless it is indented deeper than the entry above it, or sits under a
+        numbered entry with no header in between (then it explains that entry: "1. X\\n- scaly");
+      * a header line ("Most likely diagnosis: X", "Differential: - X") holds entries after its colon,
+        split at , ; and/or; a header of another kind ("Findings:", "Recommendation:") starts a section
+        whose bullets are findings, dropped when any diagnosis entry exists elsewhere;
+      * a bold heading that names a diagnosis ("**Psoriasis:**") is an entry; its bullets explain it.
+    Everything else (lead-ins, disclaimers, explanation lines) is ignored here.
+    """
+    main: list[str] = []            # entries outside "other" sections
+    other: list[str] = []           # entries under a findings / recommendation heading
+    listed = False
+    ctx, ctx_indent, section = None, -1, "dx"
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        indent = len(raw) - len(raw.lstrip(" \t"))
+        line = re.sub(r"^\s*(?:#{1,6}\s+|>\s*)", "", raw)          # markdown heading / quote markers
+        dest = main if section == "dx" else other
+        lead = _LEAD.match(line)
+        if lead and ctx in ("num", "bullet", "item") and indent > ctx_indent:
+            continue                                                 # a numbered sub-list under an entry
+        if lead:
+            # numbered entry; a "1. **Findings:**" style heading inside a list is still an entry (cleaned later)
+            parts = _INLINE.split(lead.group(1))
+            dest += parts
+            listed, ctx, ctx_indent = True, "num", indent
+            continue
+        bullet = _BULLET.match(line)
+        if bullet:
+            if ctx in ("num", "bullet", "item") and indent > ctx_indent:
+                continue                                             # an indented sub-bullet: explanation
+            if ctx in ("num", "item"):
+                continue                                             # a bullet right under an entry explains it
+            dest.append(bullet.group(2))
+            listed, ctx, ctx_indent = True, "bullet", indent
+            continue
+        if ctx in ("num", "bullet", "item") and indent > ctx_indent:
+            continue                                                 # an indented continuation line
+        plain = re.sub(r"[*_`]", "", line).strip()
+        head, colon, tail = plain.partition(":")
+        bold_only = bool(re.fullmatch(r"\s*(?:\*\*|__).+?(?:\*\*|__)\s*:?\s*", line))
+        if colon and _is_header(head) or not colon and _is_header(plain):
+            # "Most likely diagnosis: X." / "Other possibilities: Y, Z" / "Differential: - X" / "Differential"
+            section, ctx, ctx_indent = "dx", "header", indent
+            tail = tail.strip()
+            inner = _LEAD.match(tail) or _BULLET.match(tail)
+            if inner:
+                main += _INLINE.split(inner.group(inner.lastindex)) if _LEAD.match(tail) else [inner.group(2)]
+                listed = True
+            elif tail:
+                main += _split_list(tail)
+            continue
+        if (colon and not tail.strip() or bold_only) and len(_words(head)) <= 6:
+            # a heading line: a diagnosis ("**Psoriasis:**") or a section of another kind ("Findings:")
+            if canonical(head) is not None:
+                dest.append(head)
+                ctx, ctx_indent = "item", indent
+            elif set(_words(head)) & _OTHER_SECTIONS or not _is_header(head):
+                section, ctx, ctx_indent = "other", "header", indent
+            continue
+        if ctx == "header" and section == "dx" and colon and canonical(head) is not None:
+            main.append(head)                                         # "Psoriasis: silvery plaques" under a header
+            continue
+        if section == "other" and colon and set(_words(head)) & _OTHER_SECTIONS:
+            continue
+        if _is_header(head) and colon:
+            continue
+    return (main if any(_clean_item(m) and not _is_header(_clean_item(m)) for m in main) else main + other), listed
+
+
 def _parse_ranked_core(text) -> tuple[list[str], bool]:
-    """The parser proper (may raise on inputs nobody foresaw; `parse_ranked_list_ex` guards it)."""
+    """The parser proper (may raise on inputs nobody foresaw; `parse_ranked_list_ex` guards it).
+
+    Order of attempts, the first that yields entries wins: a list given as a Python list; JSON; a
+    markdown table; the line scanner (numbered entries, bullets, header lines); short phrases separated
+    by newlines / commas / semicolons; vocabulary mentions in prose.
+    """
     if text is None:
         return [], False
     if isinstance(text, (list, tuple)):                      # already a list (e.g. a JSONL prediction)
@@ -690,29 +1019,52 @@ def _parse_ranked_core(text) -> tuple[list[str], bool]:
     m = _ANSWER.search(text)
     if m:
         text = m.group(1)
-    # pass 1: numbered entries. Every line is looked at; unnumbered prose lines in between are ignored,
-    # and a line may hold several inline entries ("1. a 2. b"), which _INLINE splits.
-    numbered: list[str] = []
-    for line in text.splitlines():
-        lead = _LEAD.match(line)
-        if lead:
-            numbered += _INLINE.split(lead.group(1))
+    text = re.sub(r"```[a-zA-Z]*", "\n", text)                # code fences: keep what is inside
+    # "Final answer:" after free reasoning: only what follows the last such marker is the answer
+    finals = list(re.finditer(r"^\W*final\s+(?:answer|diagnosis|differential|diagnoses)\W*:", text, re.I | re.M))
+    if finals:
+        text = text[finals[-1].start():]
+    js = _from_json(text)
+    if js is not None:
+        # a JSON string may itself hold a list ({"answer": "1. psoriasis 2. eczema"}, ["psoriasis, eczema"])
+        flat = []
+        for e in js:
+            if "\n" in e or len(_INLINE.findall(e)) >= 2:
+                flat += _line_items(e)[0]
+            elif canonical(e) is None and re.search(r"[,;]", e):
+                flat += _split_list(e)
+            else:
+                flat.append(e)
+        items = _dedupe(_clean_item(x) for x in flat)
+        if items:
+            return items, True
+    lines = text.splitlines()
+    table = _from_table(lines)
+    if table:
+        items = _dedupe(_clean_item(x) for x in table)
+        if items:
+            return items, True
+    raw, listed = _line_items(text)
+    items = _dedupe(_clean_item(x) for x in raw)
+    if items:
+        return items, listed
+    # fallback, in document order: a short phrase (<= 8 words, between newlines / commas / semicolons /
+    # or / vs) is an entry as written ("tinea corporis" stays, to be judged unknown at its rank), unless it
+    # names nothing and reads like a disclaimer ("I am not a doctor"); a longer run is prose, which gives
+    # its vocabulary mentions ("... most consistent with psoriasis ..." -> psoriasis).
+    # A short phrase that is not one name but mentions some ("the differential includes eczema and lichen
+    # planus") gives its mentions too.
+    found: list[str] = []
+    for part in re.split(r"[\n;,]|\s(?:or|vs\.?|versus)\s", text):
+        n = len(part.split())
+        if not n:
             continue
-        marks = list(_INLINE.finditer(line))
-        # a mid-line list needs "1." first or at least two markers, so "type 2. eczema" prose is ignored
-        if marks and (len(marks) >= 2 or marks[0].group().strip("( .)") == "1"):
-            numbered += _INLINE.split(line[marks[0].start():])
-    items = _dedupe(_clean_item(x) for x in numbered)
-    if items:
-        return items, True
-    # pass 2: bullets, only when there was no numbered entry at all (numbers carry the ranking)
-    bullets = [b.group(1) for b in map(_BULLET.match, text.splitlines()) if b]
-    items = _dedupe(_clean_item(x) for x in bullets)
-    if items:
-        return items, True
-    # fallback: short phrases separated by newlines / commas / semicolons; longer runs are prose, skipped
-    parts = [p for p in re.split(r"[\n;,]|\s(?:or|vs\.?|versus)\s", text) if 0 < len(p.split()) <= 8]
-    return _dedupe(_clean_item(p) for p in parts), False
+        mentions = [] if _is_name(_clean_item(part)) else _prose_mentions(part)
+        if n > 8 or mentions:
+            found += mentions
+        elif _is_name(_clean_item(part)) or not _DISCLAIMER.search(part):
+            found.append(part)
+    return _dedupe(_clean_item(p) for p in found), False
 
 
 def parse_ranked_list_ex(text) -> tuple[list[str], bool]:
@@ -750,8 +1102,43 @@ FIELD_ALIASES = {
     "anatomic site": "location", "anatomical site": "location", "lesion": "lesion type", "lesion types": "lesion type",
     "morphology": "lesion type", "primary morphology": "lesion type", "borders": "border", "margin": "border",
     "margins": "border", "texture": "surface", "surface features": "surface", "arrangement": "distribution",
-    "shapes": "shape", "sizes": "size",
+    "shapes": "shape", "sizes": "size", "type of lesion": "lesion type", "lesion morphology": "lesion type",
+    "body location": "location", "body part": "location", "surface texture": "surface", "boundary": "border",
+    "pattern": "distribution", "dimensions": "size", "diameter": "size",
 }
+
+
+def _caption_lines(text: str) -> str:
+    """Rewrite the layouts a chat model uses for fields into "name: value" lines the marker regex reads.
+
+    Three layouts, each with its example:
+      * a markdown table row "| Colour | red, pink |"      -> "Colour: red, pink" (header and |---| rows drop out);
+      * a heading that is only a field name ("## Colour", "**Shape**") -> "Colour:", so the value on the
+        next line is read as that field's value;
+      * a dash separator "Colour - red" / "Colour \u2013 red"  -> "Colour: red".
+    Other lines are kept as they are. Field names are matched case-free, with markdown stripped.
+    """
+    names = set(CAPTION_FIELDS) | set(FIELD_ALIASES)
+
+    def field(name: str) -> str | None:
+        n = " ".join(re.sub(r"[*_#`\"']", " ", name).lower().replace("-", " ").replace("_", " ").split())
+        return n if n in names else None
+
+    out = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.strip().startswith("|") else []
+        if len(cells) >= 2 and field(cells[0]):
+            out.append(f"{cells[0]}: {', '.join(c for c in cells[1:] if c)}")
+            continue
+        if field(line.strip().rstrip(":")):
+            out.append(line.strip().rstrip(":") + ":")              # a heading: the value follows on the next line
+            continue
+        m = re.match(r"^\s*(?:[-*\u2022]\s+)?([\w *_#-]+?)\s+[-\u2013\u2014]\s+(.*)$", line)
+        if m and field(m.group(1)):
+            out.append(f"{m.group(1)}: {m.group(2)}")
+            continue
+        out.append(line)
+    return "\n".join(out)
 
 
 @functools.lru_cache(maxsize=1)
@@ -811,6 +1198,7 @@ def _parse_caption_core(text) -> tuple[dict[str, str], bool]:
             if fields:
                 return fields, len(fields) == len(CAPTION_FIELDS)
     # line or inline format: a value runs from its field marker to the next marker or the end of the line
+    text = _caption_lines(text)
     marks = list(_field_regex().finditer(text))
     for i, m in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
@@ -1106,7 +1494,7 @@ JUDGE_RUBRIC = """You are a board-certified dermatologist grading one diagnosis 
 Answer with exactly one verdict, as JSON {"verdict": "<verdict>"}, using the first rule that applies:
 - correct: the same condition or a synonym (e.g. reference "pyogenic granuloma", prediction "lobular capillary hemangioma").
 - subtype: one names a valid subtype of the other on the same branch (e.g. reference "melanoma", prediction "lentigo maligna"; reference "pustular psoriasis", prediction "psoriasis").
-- near_miss: a different condition in the same clinical group, treated in a consistent way (e.g. reference "squamous cell carcinoma", prediction "basal cell carcinoma").
+- near_miss: a different condition in the same differential family (papulosquamous, eczematous, vesiculobullous, acneiform, infections/infestations, pigmentary, keratinocyte cancers, melanocytic nevi ...), with a consistent next step (e.g. reference "squamous cell carcinoma", prediction "basal cell carcinoma"; NOT reference "psoriasis", prediction "vitiligo" or "scabies").
 - safety_critical: the error crosses the malignant versus benign/non-neoplastic boundary (e.g. reference "melanoma", prediction "benign nevus"; or a benign lesion called a cancer).
 - wrong: any other error.
 - unknown: the prediction is not a dermatological diagnosis (empty, prose, refusal)."""

@@ -408,7 +408,7 @@ def reward_differential(text: str, truth: str) -> tuple[float, dict]:
     """Stage II reward: position-dependent credit for a ranked differential (up to 6 lines "k. label").
 
         k*    = first rank whose diagnosis eval.judge accepts ("correct" or "subtype"), k* = inf if none
-        k'    = first rank judged "near_miss" (eval.judge's clinically-near rule),      k' = inf if none
+        k'    = first rank judged "near_miss" (same differential family, eval.judge), k' = inf if none
         c_k   = 0.7 ** (k - 1) for k = 1..6, c_inf = 0          (1 at rank 1, 0.17 at rank 6)
         hit   = c_{k*} + w * max(0, c_{k'} - c_{k*})            w = 0.25
               = (1 - w) c_{k*} + w c_{k'}   if a near miss is ranked above the first hit (k' < k*)
@@ -429,9 +429,10 @@ def reward_differential(text: str, truth: str) -> tuple[float, dict]:
               before  c_k            after  (1 - w) c_{k+1} + w c_k = (0.7 (1 - w) + w) c_k < c_k
           for every w < 1 (with an earlier near miss both sides keep w c_{k'} and lose (1 - w) 0.3 c_k).
     Why not the additive c_{k*} + w c_{k'} [k' < k*]: it is monotone too, but only for w < 0.3, and it
-    pays "near miss at 1, hit at 2" 0.95 against 1.0 for the hit at 1. In SynthDerm nearly every
-    cluster sibling of the truth is a near miss, so that 0.05 gap would flatten exactly the ranking
-    signal Stage II has to learn; the weighted mean keeps it at 0.225 (1 vs 0.775).
+    pays "near miss at 1, hit at 2" 0.95 against 1.0 for the hit at 1. A near miss is exactly the
+    plausible look-alike a policy puts above the truth (psoriasis / lichen planus, BCC / SCC), so that
+    0.05 gap would flatten the ranking signal Stage II has to learn; the weighted mean keeps it at
+    0.225 (1 vs 0.775).
     Why the geometric decay: the paper's reward depends on the first accepted rank; 0.7 per rank makes
     rank 1 clearly best (Top-1 is the headline metric) while a correct answer anywhere in the top 6
     still beats a plain miss (Top-6 is the second metric). The safety penalty discourages a top-1 that

@@ -1327,10 +1327,10 @@ EVAL_JUDGE_CASES = [
     ("dyshidrotic eczema", "eczema", "subtype"),
     ("halo nevus", "nevocytic nevus", "subtype"),
     ("BCC", "solid cystic basal cell carcinoma", "subtype"),
-    # near_miss: same nine-partition group, not subtype-linked
+    # near_miss: same near-miss family (data.FAMILY), not subtype-linked
     ("lentigo maligna", "superficial spreading melanoma ssm", "near_miss"),   # siblings
     ("basal cell carcinoma", "squamous cell carcinoma", "near_miss"),
-    ("eczema", "psoriasis", "near_miss"),                                     # both 'inflammatory'
+    ("seborrheic dermatitis", "psoriasis", "near_miss"),                      # papulosquamous
     ("congenital nevus", "halo nevus", "near_miss"),
     ("porokeratosis of mibelli", "porokeratosis actinic", "near_miss"),
     # safety_critical: crosses malignant <-> benign / non-neoplastic, both directions
@@ -1445,10 +1445,25 @@ def test_eval_metrics_format_flag_and_raw_text():
 
 def test_eval_bootstrap_matches_binomial_normal_approximation():
     # Oracle: the bootstrap mean of n Bernoulli(p) draws has sd sqrt(p (1 - p) / n); n=400, p=0.25 -> 0.02165
+    # The tolerance must tell a 95 % interval (z = 1.960, half-width 0.0424) from a 90 % one (z = 1.645,
+    # 0.0356; 0.0068 narrower per side). With 20,000 resamples the quantile's Monte-Carlo sd is ~0.0004 and
+    # the grid of possible means is 1/400 = 0.0025, so 0.003 passes the 95 % interval and fails the 90 % one.
     values = [1.0] * 100 + [0.0] * 300
-    lo, hi = sf_eval.bootstrap_ci(values, n_boot=2000, seed=1)
-    assert lo == pytest.approx(0.25 - 1.96 * 0.02165, abs=0.008)
-    assert hi == pytest.approx(0.25 + 1.96 * 0.02165, abs=0.008)
+    lo, hi = sf_eval.bootstrap_ci(values, n_boot=20000, seed=1)
+    assert lo == pytest.approx(0.25 - 1.96 * 0.02165, abs=0.003)
+    assert hi == pytest.approx(0.25 + 1.96 * 0.02165, abs=0.003)
+    lo90, hi90 = sf_eval.bootstrap_ci(values, n_boot=20000, seed=1, alpha=0.10)
+    assert lo90 == pytest.approx(0.25 - 1.645 * 0.02165, abs=0.003) and lo < lo90 < hi90 < hi
+    assert abs(lo90 - (0.25 - 1.96 * 0.02165)) > 0.003          # the check above would catch a 90 % interval
+    # Independent computation on fresh random data: our own resample of the same indices, numpy percentiles.
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=137) ** 2                                    # skewed, not a proportion
+    idx = np.random.default_rng(5).integers(0, x.size, size=(3000, x.size))
+    means = x[idx].mean(axis=1)
+    for alpha in (0.05, 0.10, 0.32):
+        want = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        got = sf_eval.bootstrap_ci(x, n_boot=3000, seed=5, alpha=alpha)
+        assert got == pytest.approx(tuple(want), abs=1e-12), alpha
     assert sf_eval.bootstrap_ci(values, seed=3) == sf_eval.bootstrap_ci(values, seed=3)        # fixed seed, same CI
     assert sf_eval.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
 
@@ -1540,7 +1555,7 @@ def test_eval_predictions_round_trip(tmp_path):
     rows = [
         {"id": "a", "prediction": "1. melanoma\n2. nevus", "label": "melanoma", "fitzpatrick": 2},
         {"id": "b", "prediction": ["nevus", "melanoma"], "label": "malignant melanoma", "fitzpatrick": 5},
-        {"id": "c", "prediction": "1. eczema", "label": "psoriasis", "fitzpatrick": 6},
+        {"id": "c", "prediction": "1. lichen planus", "label": "psoriasis", "fitzpatrick": 6},   # near miss
         {"id": "d", "prediction": "1. psoriasis", "label": "not a label", "fitzpatrick": 3},
     ]
     path = tmp_path / "preds.jsonl"
@@ -1701,6 +1716,357 @@ def test_eval_fitzpatrick17k_model_and_predictions(tmp_path):
     assert m["n"] == 9 and m["top1"] == pytest.approx(6 / 9) and m["safety_critical_rate"] == pytest.approx(3 / 9)
     assert m["by_fitzpatrick"]["II"]["top1"] == 0.0 and m["by_fitzpatrick"]["VI"]["top1"] == 1.0
     assert set(m["by_fitzpatrick"]) == {"II", "V", "VI"}
+
+# ---------------------------------------------------------------------------------------------------
+# Near-miss families (data.FAMILIES / data.FAMILY, used by eval.judge)
+# ---------------------------------------------------------------------------------------------------
+# Each pair written from the families' reasons, not from the code. Truth first, as judge(pred, truth).
+EVAL_FAMILY_JUDGE_CASES = [
+    # the pairs the old nine-group rule got wrong: same "inflammatory" group, different families
+    ("vitiligo", "psoriasis", "wrong"),                    # white macule vs scaly plaque
+    ("scabies", "psoriasis", "wrong"),                     # an infestation vs a papulosquamous rash
+    ("acne vulgaris", "lupus erythematosus", "wrong"),     # acneiform vs connective tissue disease
+    ("eczema", "psoriasis", "wrong"),                      # eczematous vs papulosquamous (a decision: see docs)
+    ("urticaria", "scabies", "wrong"),
+    ("rosacea", "lupus erythematosus", "wrong"),           # the butterfly-rash mimic, still a different family
+    # near misses inside a family
+    ("seborrheic dermatitis", "psoriasis", "near_miss"),   # sebopsoriasis
+    ("pityriasis rosea", "lichen planus", "near_miss"),
+    ("allergic contact dermatitis", "eczema", "near_miss"),
+    ("squamous cell carcinoma", "basal cell carcinoma", "near_miss"),
+    ("actinic keratosis", "squamous cell carcinoma", "near_miss"),
+    ("tick bite", "lyme disease", "near_miss"),
+    ("scabies", "pediculosis lids", "near_miss"),
+    ("dermatomyositis", "lupus erythematosus", "near_miss"),
+    ("sarcoidosis", "granuloma annulare", "near_miss"),
+    ("bullous pemphigoid", "hailey hailey disease", "near_miss"),       # alias of the autoimmune bullous label
+    ("acanthosis nigricans", "papilomatosis confluentes and reticulate", "near_miss"),
+    ("syringoma", "milia", "near_miss"),
+    ("rosacea", "acne vulgaris", "near_miss"),
+    ("neurotic excoriations", "prurigo nodularis", "near_miss"),        # crosses nine groups, same family
+    ("keloid", "dermatofibroma", "near_miss"),                          # crosses nine groups, same family
+    ("port wine stain", "pyogenic granuloma", "near_miss"),
+    ("tuberous sclerosis", "neurofibromatosis", "near_miss"),
+    # safety rule unchanged: families never cross the malignant line
+    ("nevus", "melanoma", "safety_critical"),
+    ("seborrheic keratosis", "actinic keratosis", "safety_critical"),
+    ("pyogenic granuloma", "kaposi sarcoma", "safety_critical"),
+    ("psoriasis", "mycosis fungoides", "safety_critical"),
+    # different families on the same side of the line
+    ("melanoma", "basal cell carcinoma", "wrong"),
+    ("seborrheic keratosis", "nevocytic nevus", "wrong"),  # benign epidermal growth vs melanocytic nevus
+    ("vitiligo", "halo nevus", "wrong"),
+]
+
+
+@pytest.mark.parametrize("pred,truth,verdict", EVAL_FAMILY_JUDGE_CASES)
+def test_eval_family_judge_cases(pred, truth, verdict):
+    assert sf_eval.judge(pred, truth) == verdict
+
+
+def test_eval_families_cover_taxonomy_and_respect_the_hierarchy():
+    members = [l for _, _, labels in data.FAMILIES.values() for l in labels]
+    assert sorted(members) == sorted(data.TAXONOMY)                  # every label exactly once
+    assert all(data.FAMILY[l] == f for f, (_, _, ls) in data.FAMILIES.items() for l in ls)
+    for fam, (icd, why, labels) in data.FAMILIES.items():
+        assert icd and len(why) > 40, fam                             # an anchor and a reason per family
+        assert len({data.TAXONOMY[l][1] == "malignant" for l in labels}) == 1, fam   # one side of the line
+    for group in sf_eval.SYNONYMS:                                    # synonyms and subtypes never split
+        assert len({data.FAMILY[m] for m in group}) == 1, group
+    for parent, children in sf_eval.SUBTYPES.items():
+        assert all(data.FAMILY[c] == data.FAMILY[parent] for c in children), parent
+    # the old rule is really gone: psoriasis has 68 nine-group neighbours but only its family's 6 near misses
+    near = [l for l in data.TAXONOMY if sf_eval.judge(l, "psoriasis") == "near_miss"]
+    assert sorted(near) == sorted(set(data.FAMILIES["papulosquamous"][2]) - {"psoriasis", "pustular psoriasis"})
+
+
+def test_eval_family_judge_exhaustive():
+    # all 114 x 114 label pairs: near_miss <=> same family and not the same concept / a subtype pair;
+    # and safety_critical exactly where the malignant flag differs (the rule the families must not touch)
+    for t in data.TAXONOMY:
+        for p in data.TAXONOMY:
+            v = sf_eval.judge(p, t)
+            linked = v in ("correct", "subtype")
+            assert (v == "near_miss") == (not linked and data.FAMILY[p] == data.FAMILY[t]), (p, t, v)
+            mal = (data.TAXONOMY[p][1] == "malignant") != (data.TAXONOMY[t][1] == "malignant")
+            assert (v == "safety_critical") == mal, (p, t, v)
+
+
+def test_eval_family_docs_match_table():
+    # docs/near-miss-families.md is for readers; it must list the same labels per family as the code
+    doc = (Path(__file__).resolve().parent / "docs" / "near-miss-families.md").read_text()
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in data.FAMILIES:
+            rows[cells[0]] = tuple(x.strip() for x in cells[2].split(";"))
+    assert rows == {f: labels for f, (_, _, labels) in data.FAMILIES.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answer corpus: the styles real chat / VLM models write, each with its expected ranked labels
+# ---------------------------------------------------------------------------------------------------
+# Invented wording, one style group per comment. Expected lists are written by hand from what a reader
+# of the answer would call its ranked differential: header words and explanations are not entries,
+# a repeat keeps its first rank, a negated name ("not melanoma") is not an entry, and a name outside the
+# 114-label vocabulary is an entry that maps to None (it still takes its rank).
+EVAL_ANSWER_CORPUS = [
+    # --- numbered lists, every marker ---
+    ("numbered", "1. Psoriasis\n2. Eczema\n3. Lichen planus", ["psoriasis", "eczema", "lichen planus"]),
+    ("numbered", "1) Melanoma\n2) Dysplastic nevus\n3) Seborrheic keratosis",
+     ["melanoma", "nevocytic nevus", "seborrheic keratosis"]),
+    ("numbered", "(1) basal cell carcinoma\n(2) squamous cell carcinoma\n(3) actinic keratosis",
+     ["basal cell carcinoma", "squamous cell carcinoma", "actinic keratosis"]),
+    ("numbered", "Differential Diagnosis\n1.Psoriasis\n2.Eczema", ["psoriasis", "eczema"]),
+    ("numbered", "**1.** Urticaria\n**2.** Erythema multiforme\n**3.** Drug eruption",
+     ["urticaria", "erythema multiforme", "drug eruption"]),
+    ("numbered", "#1 rosacea\n#2 acne vulgaris\n#3 perioral dermatitis", ["rosacea", "acne vulgaris", "perioral dermatitis"]),
+    ("numbered", "[1] Scabies\n[2] Insect bite reaction\n[3] Eczema", ["scabies", "tick bite", "eczema"]),
+    ("numbered", "1: vitiligo\n2: halo nevus", ["vitiligo", "halo nevus"]),
+    # --- one-line numbering ---
+    ("one-line", "1. Kaposi sarcoma 2. Pyogenic granuloma 3. Hemangioma", ["kaposi sarcoma", "pyogenic granuloma", None]),
+    ("one-line", "Answer: 1) tinea corporis 2) granuloma annulare 3) nummular eczema",
+     [None, "granuloma annulare", "eczema"]),
+    ("one-line", "(1) melanoma (2) nevus (3) seborrheic keratosis",
+     ["melanoma", "nevocytic nevus", "seborrheic keratosis"]),
+    # --- bullets of any glyph ---
+    ("bullets", "- Lupus erythematosus\n- Dermatomyositis\n- Rosacea",
+     ["lupus erythematosus", "dermatomyositis", "rosacea"]),
+    ("bullets", "* Molluscum contagiosum\n* Milia\n* Syringoma", [None, "milia", "syringoma"]),
+    ("bullets", "\u2022 Keloid\n\u2022 Dermatofibroma\n\u2022 Hypertrophic scar", ["keloid", "dermatofibroma", None]),
+    ("bullets", "\u00b7 Pilar cyst \u00b7 would be first\n\u00b7 Pilomatricoma\n\u00b7 Lipoma", ["pilar cyst", "pilomatricoma", None]),
+    ("bullets", "\u25aa Telangiectasia\n\u25aa Port-wine stain\n\u25aa Spider angioma", ["telangiectases", "port wine stain"]),
+    ("bullets", "\u2192 Ichthyosis vulgaris\n\u2192 Xerosis", ["ichthyosis vulgaris", None]),
+    ("bullets", "+ Hidradenitis suppurativa\n+ Folliculitis\n+ Furunculosis", ["hidradenitis", "folliculitis", None]),
+    # --- sub-bullets explain an entry ---
+    ("sub-bullets", "1. **Psoriasis**\n   - silvery scale on the elbows\n   - nail pitting\n2. **Eczema**\n   - flexural, itchy",
+     ["psoriasis", "eczema"]),
+    ("sub-bullets", "- Basal cell carcinoma\n    * pearly rolled border\n    * arborizing vessels\n- Sebaceous hyperplasia",
+     ["basal cell carcinoma", None]),
+    ("sub-bullets", "1. Lichen planus\n- violaceous flat-topped papules\n- Wickham striae\n2. Lichenoid drug eruption",
+     ["lichen planus", "drug eruption"]),
+    ("sub-bullets", "1. Sarcoidosis\n   1. lupus pernio pattern\n   2. apple-jelly on diascopy\n2. Granuloma annulare",
+     ["sarcoidosis", "granuloma annulare"]),
+    # --- a header line holding the first item or a list ---
+    ("header", "Most likely diagnosis: Psoriasis.\nOther possibilities: seborrheic dermatitis, tinea capitis.",
+     ["psoriasis", "seborrheic dermatitis", None]),
+    ("header", "Differential: - psoriasis\n- eczema", ["psoriasis", "eczema"]),
+    ("header", "Top 3: BCC, SCC and melanoma",
+     ["basal cell carcinoma", "squamous cell carcinoma", "melanoma"]),
+    ("header", "**Most likely:** Pemphigus vulgaris\n**Also consider:** bullous pemphigoid; Hailey-Hailey disease",
+     ["acquired autoimmune bullous diseaseherpes gestationis", "hailey hailey disease"]),
+    ("header", "Primary diagnosis: erythema nodosum\nAlternatives: cellulitis or erythema induratum",
+     ["erythema nodosum", None, None]),
+    ("header", "Diagnosis: confluent and reticulated papillomatosis, acanthosis nigricans",
+     ["papilomatosis confluentes and reticulate", "acanthosis nigricans"]),
+    ("header", "DDx: (1) stasis dermatitis (2) cellulitis (3) lipodermatosclerosis", ["stasis edema", None, None]),
+    ("header", "Final answer:\n1. Tuberous sclerosis\n2. Neurofibromatosis", ["tuberous sclerosis", "neurofibromatosis"]),
+    # --- probabilities and explanations after a name ---
+    ("after-name", "1. Psoriasis \u2013 60 %\n2. Eczema \u2013 25 %\n3. Tinea corporis \u2013 15 %",
+     ["psoriasis", "eczema", None]),
+    ("after-name", "1. Melanoma (because of the asymmetry and colour variegation)\n2. Atypical nevus (less likely)",
+     ["melanoma", "nevocytic nevus"]),
+    ("after-name", "1. Scabies: burrows in the finger webs\n2. Atopic dermatitis: flexural plaques",
+     ["scabies", "eczema"]),
+    ("after-name", "1. Urticaria pigmentosa, given the positive Darier sign\n2. Juvenile xanthogranuloma",
+     ["urticaria pigmentosa", "juvenile xanthogranuloma"]),
+    ("after-name", "1. Vitiligo. Depigmented, sharply bordered macules.\n2. Pityriasis alba. Ill-defined.",
+     ["vitiligo", None]),
+    ("after-name", "1. Actinic keratosis [p=0.5]\n2. Squamous cell carcinoma in situ (0.3)\n3. Seborrheic keratosis (0.2)",
+     ["actinic keratosis", "squamous cell carcinoma", "seborrheic keratosis"]),
+    ("after-name", "1. Rosacea \u2014 central facial erythema\n2. Lupus \u2014 malar rash", ["rosacea", "lupus erythematosus"]),
+    # --- markdown: headings, bold, italics, code ---
+    ("markdown", "## Differential diagnosis\n\n1. **Seborrheic keratosis**\n2. _Melanoma_\n3. `Pigmented BCC`",
+     ["seborrheic keratosis", "melanoma", "basal cell carcinoma"]),
+    ("markdown", "### Ranked differential (most to least likely)\n- **Pityriasis rosea**\n- **Secondary syphilis**\n"
+                 "- **Guttate psoriasis**", ["pityriasis rosea", None, "psoriasis"]),
+    ("markdown", "**Psoriasis:**\n- well-demarcated plaques\n- silvery scale\n**Eczema:**\n- ill-defined, itchy",
+     ["psoriasis", "eczema"]),
+    ("markdown", "> **Most likely:** mycosis fungoides\n> **Other possibilities:** eczema, psoriasis",
+     ["mycosis fungoides", "eczema", "psoriasis"]),
+    # --- markdown tables with a rank column ---
+    ("table", "| Rank | Diagnosis | Likelihood |\n|---|---|---|\n| 1 | Psoriasis | 60% |\n| 2 | Eczema | 30% |",
+     ["psoriasis", "eczema"]),
+    ("table", "| # | Condition | Why |\n|:-:|:--|:--|\n| 2 | Nevus | symmetric |\n| 1 | Melanoma | ABCDE |\n"
+              "| 3 | Lentigo | flat |", ["melanoma", "nevocytic nevus", None]),
+    ("table", "Here is my ranking:\n\n| Diagnosis | Probability |\n| --- | --- |\n| **Lichen planus** | high |\n"
+              "| Lichen simplex chronicus | medium |", ["lichen planus", "lichen simplex"]),
+    # --- JSON ---
+    ("json", '["psoriasis", "eczema", "lichen planus"]', ["psoriasis", "eczema", "lichen planus"]),
+    ("json", '{"differential": ["basal cell carcinoma", "squamous cell carcinoma"]}',
+     ["basal cell carcinoma", "squamous cell carcinoma"]),
+    ("json", '{"diagnoses": [{"rank": 2, "name": "eczema"}, {"rank": 1, "name": "psoriasis"}]}', ["psoriasis", "eczema"]),
+    ("json", 'Sure! {"most_likely": "rosacea", "others": ["acne vulgaris", "seborrheic dermatitis"]}',
+     ["rosacea", "acne vulgaris", "seborrheic dermatitis"]),
+    ("json", '{"1": "scabies", "2": "pediculosis", "3": "tungiasis"}', ["scabies", "pediculosis lids", "tungiasis"]),
+    ("json", '{"answer": "1. melanoma 2. nevus"}', ["melanoma", "nevocytic nevus"]),
+    # --- tags and code fences ---
+    ("tags", "<answer>1. Dermatofibroma\n2. Keloid</answer>", ["dermatofibroma", "keloid"]),
+    ("tags", "```\n1. Milia\n2. Syringoma\n```", ["milia", "syringoma"]),
+    ("tags", '```json\n{"differential": [{"diagnosis": "Kaposi sarcoma"}, {"diagnosis": "Pyogenic granuloma"}]}\n```',
+     ["kaposi sarcoma", "pyogenic granuloma"]),
+    # --- reasoning blocks mention diagnoses before the answer ---
+    ("think", "<think>The lesion is pigmented; melanoma must be excluded, a nevus is possible.</think>\n"
+              "1. Seborrheic keratosis\n2. Melanoma", ["seborrheic keratosis", "melanoma"]),
+    ("think", "<think>1. psoriasis? no scale. 2. eczema?</think><answer>Urticaria</answer>", ["urticaria"]),
+    ("think", "Let me reason step by step. Psoriasis would show silvery scale, which is absent.\n\n"
+              "Final answer:\n1. Eczema\n2. Contact dermatitis", ["eczema", "allergic contact dermatitis"]),
+    ("think", "Findings:\n- erythematous plaque\n- fine scale\n\nDifferential:\n1. Tinea corporis\n2. Nummular eczema",
+     [None, "eczema"]),
+    # --- disclaimers and lead-in sentences ---
+    ("disclaimer", "I'm not a doctor, but based on the image the possibilities are:\n1. Acne vulgaris\n2. Rosacea\n"
+                   "Please consult a dermatologist for a proper evaluation.", ["acne vulgaris", "rosacea"]),
+    ("disclaimer", "Based on the image, here are the most likely diagnoses:\n\n\u2022 Basal cell carcinoma (nodular)\n"
+                   "\u2022 Squamous cell carcinoma\n\u2022 Keratoacanthoma\n\nA biopsy is needed to confirm.",
+     ["basal cell carcinoma", "squamous cell carcinoma"]),
+    ("disclaimer", "Note: this is not medical advice.\n\n- Vitiligo\n- Tinea versicolor", ["vitiligo", None]),
+    # --- plain prose ---
+    ("prose", "This is most consistent with psoriasis; the differential includes eczema and lichen planus.",
+     ["psoriasis", "eczema", "lichen planus"]),
+    ("prose", "The picture is most suggestive of a seborrheic keratosis, although a melanoma cannot be excluded "
+              "without dermoscopy.", ["seborrheic keratosis", "melanoma"]),
+    ("prose", "It is not melanoma; more likely a seborrheic keratosis or a dermatofibroma.",
+     ["seborrheic keratosis", "dermatofibroma"]),
+    ("prose", "I think it's psoriasis or eczema.", ["psoriasis", "eczema"]),
+    ("prose", "Psoriasis, eczema or lichen planus.", ["psoriasis", "eczema", "lichen planus"]),
+    ("prose", "The annular plaques on the dorsal hands point to granuloma annulare rather than tinea, and "
+              "sarcoidosis is a distant third.", ["granuloma annulare", "sarcoidosis"]),
+    # --- duplicates keep their first rank; header words are never items ---
+    ("duplicates", "1. Nevus\n2. Melanoma\n3. Mole\n4. melanoma\n5. Seborrheic keratosis",
+     ["nevocytic nevus", "melanoma", "seborrheic keratosis"]),
+    ("duplicates", "Differential diagnosis:\nDifferential diagnosis\n1. Differential diagnosis\n2. Lyme disease\n"
+                   "3. Erythema migrans\n4. Tick bite", ["lyme disease", "tick bite"]),
+]
+EVAL_ANSWER_CORPUS += [
+    ("think", "Key features:\n1. red plaque\n2. silvery scale\n\nDifferential:\n1. psoriasis\n2. eczema",
+     ["psoriasis", "eczema"]),
+    ("one-line", "1. Psoriasis (60%), 2. Eczema (30%), 3. Pityriasis rosea (10%)",
+     ["psoriasis", "eczema", "pityriasis rosea"]),
+    ("prose", "Could this be scabies? The burrows suggest so, but it is unlikely to be psoriasis.", ["scabies"]),
+    ("prose", "1.5 cm yellow plaque on the shin; likely necrobiosis lipoidica", ["necrobiosis lipoidica"]),
+    ("after-name", "1. Eczema. Psoriasis is less likely here.\n2. Contact dermatitis. Check for nickel.",
+     ["eczema", "allergic contact dermatitis"]),
+    ("think", "Final answer: melanoma?\nWait, the network is regular.\nFinal answer:\n1. Nevus\n2. Seborrheic keratosis",
+     ["nevocytic nevus", "seborrheic keratosis"]),                  # a model that revises: the last marker wins
+]
+
+
+# every style the issue lists must be in the corpus, and the corpus must be big enough to mean something
+EVAL_ANSWER_STYLES = {"numbered", "one-line", "bullets", "sub-bullets", "header", "after-name", "markdown", "table",
+                      "json", "tags", "think", "disclaimer", "prose", "duplicates"}
+
+
+def test_eval_answer_corpus_covers_every_style():
+    assert len(EVAL_ANSWER_CORPUS) >= 60
+    assert {style for style, _, _ in EVAL_ANSWER_CORPUS} == EVAL_ANSWER_STYLES
+    assert len({text for _, text, _ in EVAL_ANSWER_CORPUS}) == len(EVAL_ANSWER_CORPUS)    # no copy-paste
+
+
+@pytest.mark.parametrize("style,text,labels", EVAL_ANSWER_CORPUS, ids=[f"{s}-{i}" for i, (s, _, _) in
+                                                                    enumerate(EVAL_ANSWER_CORPUS)])
+def test_eval_answer_corpus(style, text, labels):
+    items, listed = sf_eval.parse_ranked_list_ex(text)
+    assert [sf_eval.canonical(x) for x in items] == labels
+    # the format flag: a list (numbered, bullets, table, JSON) is the requested format, prose never is
+    if style in ("numbered", "one-line", "bullets", "sub-bullets", "table", "json", "after-name", "duplicates"):
+        assert listed
+    if style == "prose":
+        assert not listed
+    # the parser's own output format reads back to the same entries (format_ranked_list round trip)
+    assert sf_eval.parse_ranked_list_ex(sf_eval.format_ranked_list(items)) == (items, bool(items))
+
+
+def test_eval_header_words_never_name_a_diagnosis():
+    # a header phrase is dropped, so no label or alias may look like one (else a real answer would vanish)
+    for label in data.TAXONOMY:
+        assert not sf_eval._is_header(label), label
+    for aliases in sf_eval.ALIASES.values():
+        for alias in aliases:
+            assert not sf_eval._is_header(alias), alias
+    for header in ("Differential diagnosis", "Most likely", "Other possibilities", "Top 3", "Final answer",
+                   "**DDx**", "Here are the most likely diagnoses for this image", "Also consider"):
+        assert sf_eval._is_header(header), header
+        assert sf_eval.parse_ranked_list(header + ":") == []
+
+
+_EVAL_LABELS = sorted({sf_eval._CONCEPT[l] for l in data.TAXONOMY})          # one label per concept
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(_EVAL_LABELS), min_size=1, max_size=6, unique=True),
+       st.sampled_from(["{i}. {x}", "{i}) {x}", "({i}) {x}", "{i}.{x}", "**{i}.** {x}", "- {x}", "\u2022 {x}"]))
+def test_eval_clean_numbered_list_round_trips(labels, style):
+    # a clean list of distinct labels, written in any list style, parses back to exactly those labels in
+    # order; and format_ranked_list's output is a fixed point of the parser
+    text = "\n".join(style.format(i=i, x=x) for i, x in enumerate(labels, 1))
+    items, listed = sf_eval.parse_ranked_list_ex(text)
+    assert [sf_eval.canonical(x) for x in items] == labels and listed
+    assert sf_eval.parse_ranked_list_ex(sf_eval.format_ranked_list(items)) == (items, True)
+
+
+_EVAL_CORPUS_LINES = [ln for _, text, _ in EVAL_ANSWER_CORPUS for ln in text.splitlines()] + \
+    ["|", "| 1 |", "```", "{", "[", "]", "}", '"', "<answer>", "</think>", "**", ":", "1.", "- ", "   - "]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(_EVAL_CORPUS_LINES), max_size=12), st.sampled_from(["\n", " ", "", "\n\n"]))
+def test_eval_parser_never_raises_on_shuffled_answers(lines, sep):
+    # shuffled pieces of real-style answers (broken tables, half a JSON object, stray fences): the core
+    # parser itself must not raise, must return <= 6 non-empty entries, and must be idempotent
+    items, ok = sf_eval._parse_ranked_core(sep.join(lines))
+    assert len(items) <= 6 and all(isinstance(x, str) and x for x in items)
+    assert sf_eval._parse_ranked_core(sf_eval.format_ranked_list(items)) == (items, bool(items))
+
+
+def test_eval_predictions_cli_on_answer_styles(tmp_path):
+    # eval.py --predictions on answers in eight styles; every verdict below written by hand:
+    rows = [
+        # a header line + list; rank 1 psoriasis = truth -> Top-1 and Top-6
+        ("psoriasis", "Most likely diagnosis: Psoriasis.\nOther possibilities: seborrheic dermatitis, tinea capitis."),
+        # think block dropped; rank 1 contact dermatitis = near miss (eczematous), rank 2 eczema -> Top-6 only
+        ("eczema", "<think>Psoriasis is tempting but there is no scale.</think>"
+                   "<answer>1. Contact dermatitis\n2. Eczema</answer>"),
+        # table sorted by rank: 1 nevus (safety-critical for a melanoma), 2 melanoma -> Top-6 only
+        ("melanoma", "| # | Condition |\n|---|---|\n| 2 | Melanoma |\n| 1 | Nevus |"),
+        # JSON: rank 1 SCC = near miss (keratinocyte cancers), rank 2 nodular BCC = subtype of BCC -> Top-6 only
+        ("basal cell carcinoma", '{"differential": ["squamous cell carcinoma", "nodular BCC"]}'),
+        # prose: vitiligo is the only mention -> Top-1
+        ("vitiligo", "This is most consistent with vitiligo."),
+        # header holding the first bullet: rank 1 psoriasis (wrong for scabies: different family), 2 scabies
+        ("scabies", "Differential: - psoriasis\n- scabies"),
+        # one-line numbering, no hit: acne for lupus is `wrong` (acneiform vs connective tissue family)
+        ("lupus erythematosus", "1. Acne vulgaris 2. Rosacea 3. Perioral dermatitis"),
+        # sub-bullets are explanations: rank 1 psoriasis -> Top-1
+        ("psoriasis", "1. **Psoriasis**\n   - silvery scale\n2. **Eczema**"),
+    ]
+    path = tmp_path / "styles.jsonl"
+    path.write_text("\n".join(json.dumps({"id": str(i), "prediction": p, "label": t, "fitzpatrick": 3})
+                               for i, (t, p) in enumerate(rows)))
+    assert sf_eval.main(["--predictions", str(path), "--out", str(tmp_path / "o"), "--bootstrap", "20"]) == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["n"] == 8 and m["meta"]["skipped"] == 0
+    assert m["top1"] == pytest.approx(3 / 8) and m["top6"] == pytest.approx(7 / 8)
+    assert m["near_miss_rate"] == pytest.approx(2 / 8) and m["safety_critical_rate"] == pytest.approx(1 / 8)
+    cases = [json.loads(x) for x in (tmp_path / "o" / "cases.jsonl").read_text().splitlines()]
+    assert [c["first_hit"] for c in cases] == [1, 2, 2, 2, 1, 2, None, 1]
+
+
+def test_eval_caption_parser_answer_styles():
+    P = sf_eval.parse_caption
+    assert P("**Colour:** Red, pink\n**LOCATION:** trunk") == {"colour": "red, pink", "location": "trunk"}
+    assert P("COLOUR: Red\nLESION TYPE: plaque") == {"colour": "red", "lesion type": "plaque"}
+    assert P("Colour:\nred, pink\nLocation:\ntrunk") == {"colour": "red, pink", "location": "trunk"}   # next line
+    assert P("## Colour\nbrown\n## Shape\noval") == {"colour": "brown", "shape": "oval"}             # headings
+    assert P("- **Lesion type**: papule\n- **Border**: irregular") == {"lesion type": "papule", "border": "irregular"}
+    assert P('```json\n{"Colour": "red", "Lesion Type": ["plaque"], "size": "2 cm"}\n```') == \
+        {"colour": "red", "lesion type": "plaque", "size": "2 cm"}
+    assert P("| Field | Value |\n|---|---|\n| Colour | red |\n| Shape | round |") == {"colour": "red", "shape": "round"}
+    assert P("Colour - red\nShape \u2013 oval") == {"colour": "red", "shape": "oval"}
+    assert P("<think>colour: blue</think>colour: red") == {"colour": "red"}
+    assert P("Type of lesion: papule") == {"lesion type": "papule"}
+    # all eight fields in a markdown layout -> the format flag is set
+    text = "\n".join(f"**{f.title()}**: x{i}" for i, f in enumerate(sf_eval.CAPTION_FIELDS))
+    assert sf_eval.parse_caption_ex(text) == ({f: f"x{i}" for i, f in enumerate(sf_eval.CAPTION_FIELDS)}, True)
 
 
 # ===================================================================================================
@@ -2912,9 +3278,9 @@ def test_rl_reward_differential_cases():
                                          "4. tuberous sclerosis\n5. dermatofibroma\n6. psoriasis", truth)
     assert info["verdicts"][:5] == ["wrong"] * 5
     assert abs(sixth - (0.9 * 0.7 ** 5 + 0.1)) < 1e-9
-    near, info = rl.reward_differential("1. eczema", truth)  # same nine group (inflammatory), not psoriasis
+    near, info = rl.reward_differential("1. lichen planus", truth)  # same family (papulosquamous), not psoriasis
     assert info["verdicts"] == ["near_miss"] and abs(near - (0.9 * 0.25 + 0.1)) < 1e-9
-    danger, info = rl.reward_differential("1. melanoma\n2. eczema", truth)  # malignant top-1 for a benign truth
+    danger, info = rl.reward_differential("1. melanoma\n2. lichen planus", truth)  # malignant top-1, benign truth
     assert info["safety_top1"] and abs(danger - (0.9 * 0.25 * 0.7 + 0.1 - 0.3)) < 1e-9
     for bad in ("", "I am not sure.", "@@@@ ####", None):
         r, info = rl.reward_differential(bad, truth)
@@ -2936,10 +3302,10 @@ def test_rl_reward_differential_monotone_hand_table():
     rows = [  # (text, truth, expected verdict at rank 1, expected hit by hand, safety at rank 1)
         (head, scc, "near_miss", 0.25, False),                                  # miss: w c_1
         (head + "\n6. " + scc, scc, "near_miss", 0.75 * 0.7 ** 5 + 0.25, False),  # (1-w) c_6 + w c_1 = 0.37605
-        ("1. eczema\n2. psoriasis", "psoriasis", "near_miss", 0.75 * 0.7 + 0.25, False),  # 0.775
-        ("1. psoriasis\n2. eczema", "psoriasis", "correct", 1.0, False),       # near miss BELOW the hit: no term
-        ("1. milia\n2. eczema\n3. psoriasis", "psoriasis", "wrong", 0.75 * 0.49 + 0.25 * 0.7, False),  # k' = 2: 0.5425
-        ("1. melanoma\n2. eczema", "psoriasis", "safety_critical", 0.25 * 0.7, True),
+        ("1. lichen planus\n2. psoriasis", "psoriasis", "near_miss", 0.75 * 0.7 + 0.25, False),  # 0.775
+        ("1. psoriasis\n2. lichen planus", "psoriasis", "correct", 1.0, False),       # near miss BELOW the hit: no term
+        ("1. milia\n2. lichen planus\n3. psoriasis", "psoriasis", "wrong", 0.75 * 0.49 + 0.25 * 0.7, False),  # k' = 2: 0.5425
+        ("1. melanoma\n2. lichen planus", "psoriasis", "safety_critical", 0.25 * 0.7, True),
     ]
     for text, truth, v1, hit, safety in rows:
         r, info = rl.reward_differential(text, truth)
