@@ -65,7 +65,9 @@ tiny)
     # 64 images per step) and a pretrained instruct LLM (warmup: SFT of the whole model)
     VISION="--steps 300 --prompts 64 --n-data 2048 --lr 3e-3 --lr-schedule cosine --lr-warmup 20"
     WARMUP="--steps 800 --prompts 8 --lr 2e-3 --lr-schedule cosine --lr-warmup 20 --aux-weight 1.0 --sft-order shuffled"
-    STAGE1="--steps 6 --prompts 8 --G 8 --lr 1e-3 --max-new-tokens 96 --micro-prompts 8"
+    # Stage I: 24 steps x 4 prompts (was 6 x 8): the same order of rollouts, spread over enough updates
+    # for its field reward to show a curve (six points are not a stage)
+    STAGE1="--steps 24 --prompts 4 --G 8 --lr 1e-3 --max-new-tokens 96 --micro-prompts 4"
     STAGE2="--steps 80 --prompts 8 --G 8 --lr 6e-4 --beta 0.04 --temperature 0.7 --max-new-tokens 56 --micro-prompts 8"
     MAIN_TRAIN="--train lora"           # the main tiny run: LoRA only (DVE is the ablation's third row)
     EVAL_N=${EVAL_N:-500}
