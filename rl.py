@@ -441,7 +441,7 @@ def reward_caption(text: str, fields: dict) -> tuple[float, dict]:
 
 
 DIFF_DECAY = 0.7  # position credit c_k = 0.7**(k-1): 1, .70, .49, .34, .24, .17 for ranks 1..6
-DIFF_NEAR_MISS = 0.25  # a same-group (near-miss) diagnosis earns 0.25 * c_k when nothing is accepted
+DIFF_NEAR_MISS = 0.25  # weight w of a near miss ranked above the first hit (any 0 < w < 1 keeps r monotone)
 DIFF_SAFETY_PENALTY = 0.3  # top-1 crosses the malignant <-> benign boundary
 DIFF_W_CONTENT = 0.9
 DIFF_W_FORMAT = 0.1
@@ -450,20 +450,35 @@ DIFF_W_FORMAT = 0.1
 def reward_differential(text: str, truth: str) -> tuple[float, dict]:
     """Stage II reward: position-dependent credit for a ranked differential (up to 6 lines "k. label").
 
-        k*    = first rank whose diagnosis eval.judge accepts ("correct" or "subtype")
-        c_k   = 0.7 ** (k - 1)                          (1 at rank 1, 0.17 at rank 6)
-        hit   = c_{k*}                                  if some rank is accepted
-              = 0.25 * c_{k'}                           else, k' = first "near_miss" rank (same family)
-              = 0                                       else
+        k*    = first rank whose diagnosis eval.judge accepts ("correct" or "subtype"), k* = inf if none
+        k'    = first rank judged "near_miss" (same differential family, eval.judge), k' = inf if none
+        c_k   = 0.7 ** (k - 1) for k = 1..6, c_inf = 0          (1 at rank 1, 0.17 at rank 6)
+        hit   = c_{k*} + w * max(0, c_{k'} - c_{k*})            w = 0.25
+              = (1 - w) c_{k*} + w c_{k'}   if a near miss is ranked above the first hit (k' < k*)
+              = c_{k*}                      otherwise; a miss with a near miss gets w c_{k'}
         r     = 0.9 * hit + 0.1 * format - 0.3 * [judge(rank 1) == "safety_critical"]
         format = 1 for 1..6 numbered lines "1. ..", "2. .." and nothing else; 0.5 for a looser list
                  (bullets, extra text, repeats); 0 for bare names in prose that the parser still found.
 
-    Why this shape: the paper's reward depends on the first accepted rank; a geometric decay makes rank 1
-    clearly best (Top-1 is the headline metric) while a correct answer anywhere in the top 6 still beats
-    a plain miss (Top-6 is the second metric). One deliberate exception: a near miss at rank 1 (0.25)
-    outranks a hit at rank 6 (0.17), since a treatment-consistent first guess is clinically more useful
-    than the right name buried last. The safety penalty discourages a top-1 that
+    hit is a weighted mean of the two credits, never a choice between them. The earlier rule (hit =
+    c_{k*} if anything is accepted, else w c_{k'}) let a hit REPLACE the near-miss credit: for SCC,
+    "1. BCC .. 5. dermatofibroma" scored 0.325 and the same list plus "6. SCC" 0.251, so the policy was
+    paid to leave the right answer out of its top 6, against the Top-6 metric. The present form has
+    two properties, checked by hypothesis over random lists in the tests:
+      (a) adding the right answer never lowers r. Below k': hit goes from w c_{k'} to
+          (1 - w) c_{k*} + w c_{k'} >= w c_{k'}; at or above k': to c_{k*} >= c_{k'} > w c_{k'};
+      (b) a hit at rank k strictly beats the same list with the hit at rank k + 1 (and the item from
+          k + 1 at rank k). Worst case, a near miss moves up into rank k:
+              before  c_k            after  (1 - w) c_{k+1} + w c_k = (0.7 (1 - w) + w) c_k < c_k
+          for every w < 1 (with an earlier near miss both sides keep w c_{k'} and lose (1 - w) 0.3 c_k).
+    Why not the additive c_{k*} + w c_{k'} [k' < k*]: it is monotone too, but only for w < 0.3, and it
+    pays "near miss at 1, hit at 2" 0.95 against 1.0 for the hit at 1. A near miss is exactly the
+    plausible look-alike a policy puts above the truth (psoriasis / lichen planus, BCC / SCC), so that
+    0.05 gap would flatten the ranking signal Stage II has to learn; the weighted mean keeps it at
+    0.225 (1 vs 0.775).
+    Why the geometric decay: the paper's reward depends on the first accepted rank; 0.7 per rank makes
+    rank 1 clearly best (Top-1 is the headline metric) while a correct answer anywhere in the top 6
+    still beats a plain miss (Top-6 is the second metric). The safety penalty discourages a top-1 that
     misses a cancer (or calls a benign lesion malignant); it can push r below 0, below the malformed 0,
     so the format weight stays small and malformed output gets no format credit.
     Malformed (nothing parsed, empty, not a string, or prose naming no known diagnosis) -> r = 0,
@@ -489,14 +504,15 @@ def reward_differential(text: str, truth: str) -> tuple[float, dict]:
             verdicts.append("unknown")
     if not ranked or (not listed and all(v == "unknown" for v in verdicts)):
         return 0.0, info  # nothing parsed, or prose that names no diagnosis at all
-    hit = 0.0
     accepted = [k for k, v in enumerate(verdicts, 1) if v in ("correct", "subtype")]
     near = [k for k, v in enumerate(verdicts, 1) if v == "near_miss"]
-    if accepted:
-        hit = DIFF_DECAY ** (accepted[0] - 1)
-        info["rank"] = accepted[0]
-    elif near:
-        hit = DIFF_NEAR_MISS * DIFF_DECAY ** (near[0] - 1)
+    k_hit = accepted[0] if accepted else math.inf  # k*: first accepted rank (inf: none)
+    k_near = near[0] if near else math.inf  # k': first near-miss rank (inf: none)
+    credit = lambda k: 0.0 if k == math.inf else DIFF_DECAY ** (k - 1)  # noqa: E731  c_k, c_inf = 0
+    # c_{k*} + w (c_{k'} - c_{k*})^+: a near miss only counts when it is ranked ABOVE the right answer,
+    # and then it is mixed with the hit (never replaces it), so naming the right answer can only raise r
+    hit = credit(k_hit) + DIFF_NEAR_MISS * max(0.0, credit(k_near) - credit(k_hit))
+    info["rank"] = accepted[0] if accepted else 0
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     numbered = all(re.match(rf"{k}\.\s+\S", ln) for k, ln in enumerate(lines, 1)) and 1 <= len(lines) <= 6
     fmt = 1.0 if numbered and len(lines) == len(ranked) else (0.5 if listed else 0.0)
@@ -857,8 +873,8 @@ class TrainConfig:
     image_dir: str = ""
     skincap: str = ""             # SkinCAP CSV (skincap_v240623.csv)
     split: str = "train"          # Fitzpatrick17k split this stage trains on; evaluate() uses its test part
-    data_seed: int = 0
-    seed: int = 0
+    data_seed: int = 0            # WHICH SynthDerm images exist (train/val/test): keep it fixed to compare runs
+    seed: int = 0                 # init, sampler and the ORDER of the training stream (train.sh's SEED=)
     save_every: int = 10
     grad_clip: float = 1.0
     weight_decay: float = 0.0
@@ -946,6 +962,18 @@ def lr_at(cfg: "TrainConfig", step: int) -> float:
         return cfg.lr
     frac = min(1.0, (step - W) / max(1, cfg.steps - W))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+ORDER_SEED_STRIDE = 1_000_003  # data-order seed = data_seed + stride * seed (seed 0: the data seed alone)
+
+
+def order_seed(cfg: "TrainConfig") -> int:
+    """Seed of the training stream's ORDER: --data-seed fixes WHICH images exist (the dataset, and the
+    held-out test split that every run is compared on), --seed picks the order they are visited in,
+    together with the init and the sampler. So `SEED=1 bash train.sh` is another run on the same data,
+    not a run on other data; seed 0 keeps the order of the data seed alone.
+    """
+    return cfg.data_seed + ORDER_SEED_STRIDE * cfg.seed
 
 
 def _data_indices(position: int, k: int, n: int, seed: int) -> list[int]:
@@ -1252,7 +1280,7 @@ class Trainer:
         """
         cfg = self.cfg
         start = self.position + self.dist.rank * cfg.prompts  # this rank's slice of the global batch
-        idx = _data_indices(start, cfg.prompts, len(self.data), cfg.data_seed)
+        idx = _data_indices(start, cfg.prompts, len(self.data), order_seed(cfg))
         pixels = [self._pixels(i) for i in idx]
         pv = torch.cat([p for p, _ in pixels]).to(self.device)  # [sum N, C*T*p*p]
         grid = torch.tensor([g for _, g in pixels], device=self.device)  # [B, 3]
@@ -1264,7 +1292,7 @@ class Trainer:
         """Supervised step: -mean log p(target tokens) over half Stage I, half Stage II targets."""
         cfg = self.cfg
         start = self.position + self.dist.rank * cfg.prompts  # this rank's slice of the global batch
-        idx = _data_indices(start, cfg.prompts, len(self.data), cfg.data_seed)
+        idx = _data_indices(start, cfg.prompts, len(self.data), order_seed(cfg))
         items = [self.data[i] for i in idx]
         # alternate the two tasks by data position so every batch teaches both formats
         # (a real photo without a SkinCAP caption has no Stage I target: it always gets the Stage II one)
@@ -1295,7 +1323,7 @@ class Trainer:
         t0 = time.time()
         # a. prompts
         start = self.position + self.dist.rank * cfg.prompts  # this rank's slice of the global batch
-        idx = _data_indices(start, cfg.prompts, len(self.data), cfg.data_seed)
+        idx = _data_indices(start, cfg.prompts, len(self.data), order_seed(cfg))
         items = [self.data[i] for i in idx]
         batch = self._prompt_batch(items, [_stage_prompt(cfg.stage)] * len(items))
         # b. rollouts: image features once per prompt, G samples per prompt in ONE generate call

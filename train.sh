@@ -7,6 +7,7 @@
 #   DRY_RUN=1 PRESET=7b bash train.sh  # print every command and check every flag, run nothing
 #   DATA=fitzpatrick17k DATA_DIR=data  # real photos (default for 3b/7b): data.py fetch -> base -> Stage I
 #                                      # (SkinCAP) -> Stage II (Fitzpatrick17k train) -> 1,000 held-out photos
+#   SEED=1 bash train.sh               # another seed: init, sampling and data order of every stage
 #
 # Everything goes into one run folder ($OUT, default runs/<preset>):
 #   $OUT/<stage>/log.jsonl        one JSON line per optimizer step (reward, KL, clip, lengths, lr, ...)
@@ -21,6 +22,12 @@ cd "$(dirname "$0")"
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}   # the tiny preset is measured on 2 CPU cores
 DRY_RUN=${DRY_RUN:-0}
+# SEED: passed to every rl.py stage as --seed (the tiny init, the sampler, the ORDER of the training
+# stream). The images themselves (rl.py --data-seed, eval.py --seed) stay fixed, so every seed is
+# scored on the same 500 test images and seeds can be compared. Same machine + same SEED + same thread
+# count -> the same numbers; another CPU or OMP_NUM_THREADS changes float summation order, and a
+# sampled token can flip, so the run diverges from there (README, "Determinism").
+SEED=${SEED:-0}
 ABLATION=${ABLATION:-0}
 T_START=$(date +%s)
 
@@ -46,7 +53,7 @@ OUT=${OUT:-runs/$PRESET}
 DATA=${DATA:-$([ "$PRESET" = tiny ] && echo synthderm || echo fitzpatrick17k)}
 DATA_DIR=${DATA_DIR:-data}                                  # what `python data.py fetch --out DIR` fills
 SKINCAP=${SKINCAP:-$DATA_DIR/skincap/skincap_v240623.csv}
-echo "[train.sh] preset $PRESET ($WHY); data $DATA; run folder $OUT"
+echo "[train.sh] preset $PRESET ($WHY); data $DATA; run folder $OUT; SEED=$SEED"
 
 # -----------------------------------------------------------------------------------------------
 # 2. Per-preset settings.
@@ -67,7 +74,9 @@ tiny)
     # 64 images per step) and a pretrained instruct LLM (warmup: SFT of the whole model)
     VISION="--steps 300 --prompts 64 --n-data 2048 --lr 3e-3 --lr-schedule cosine --lr-warmup 20"
     WARMUP="--steps 800 --prompts 8 --lr 2e-3 --lr-schedule cosine --lr-warmup 20 --aux-weight 1.0 --sft-order shuffled"
-    STAGE1="--steps 6 --prompts 8 --G 8 --lr 1e-3 --max-new-tokens 96 --micro-prompts 8"
+    # Stage I: 24 steps x 4 prompts (was 6 x 8): the same order of rollouts, spread over enough updates
+    # for its field reward to show a curve (six points are not a stage)
+    STAGE1="--steps 24 --prompts 4 --G 8 --lr 1e-3 --max-new-tokens 96 --micro-prompts 4"
     STAGE2="--steps 80 --prompts 8 --G 8 --lr 6e-4 --beta 0.04 --temperature 0.7 --max-new-tokens 56 --micro-prompts 8"
     MAIN_TRAIN="--train lora"           # the main tiny run: LoRA only (DVE is the ablation's third row)
     EVAL_N=${EVAL_N:-500}
@@ -139,8 +148,8 @@ one_chain() {
         else
             # 3. Warm start (tiny only), supervised, on SynthDerm's "val" split (RL uses "train", eval "test"):
             #    first the ViT alone learns to see (probe accuracy printed), then SFT of the whole model
-            run $PY rl.py vision --init "$INIT" --out "$dir" $IMG $VISION $RL_DATA --eval-n 500
-            run $PY rl.py warmup --init "$dir/vision/model" --out "$dir" $IMG $WARMUP $RL_DATA --eval-n 0
+            run $PY rl.py vision --init "$INIT" --out "$dir" --seed "$SEED" $IMG $VISION $RL_DATA --eval-n 500
+            run $PY rl.py warmup --init "$dir/vision/model" --out "$dir" --seed "$SEED" $IMG $WARMUP $RL_DATA --eval-n 0
             prev=$dir/warmup/model
             run $PY eval.py --model "$prev" $EVAL_DATA --out "$dir/eval/warmup" $EVAL
         fi
@@ -152,12 +161,12 @@ one_chain() {
     fi
     if [ "$with_stage1" = 1 ] && [ "$STAGE1_ON" = 1 ]; then
         # 4. Stage I: GRPO on structured captions (rl.reward_caption)
-        run $PY rl.py stage1 --init "$prev" --out "$dir" $IMG $STAGE1 $extra $RL_STAGE1_DATA --eval-n 0
+        run $PY rl.py stage1 --init "$prev" --out "$dir" --seed "$SEED" $IMG $STAGE1 $extra $RL_STAGE1_DATA --eval-n 0
         prev=$dir/stage1/model
         run $PY eval.py --model "$prev" $EVAL_DATA --out "$dir/eval/stage1" $EVAL
     fi
     # 5. Stage II: GRPO on the ranked differential (rl.reward_differential)
-    run $PY rl.py stage2 --init "$prev" --out "$dir" $IMG $STAGE2 $extra $RL_DATA --eval-n 0
+    run $PY rl.py stage2 --init "$prev" --out "$dir" --seed "$SEED" $IMG $STAGE2 $extra $RL_DATA --eval-n 0
     run $PY eval.py --model "$dir/stage2/model" $EVAL_DATA --out "$dir/eval/stage2" $EVAL
 }
 
