@@ -2160,12 +2160,12 @@ def near_duplicate_groups(paths, threshold: int = NEAR_DUP_BITS, cache_path=None
 # Image downloader (Fitzpatrick17k `url` column)
 # ---------------------------------------------------------------------------------------------------
 def _valid_image(path) -> bool:
-    """True when PIL can fully decode the file (a truncated JPEG fails in load(), not in open())."""
+    """True when the project's one opener (open_image) accepts the file: a download counts as done only if
+    training and evaluation will be able to read it (a truncated JPEG fails in the forced decode)."""
     try:
-        with Image.open(path) as im:
-            im.load()
+        open_image(path)
         return True
-    except Exception:
+    except ImageError:
         return False
 
 
