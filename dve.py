@@ -36,13 +36,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import skinflow  # the floor below (issue 14): dve.py imports skinflow.py and nothing else of the project
 
 # The paper's DVE blocks: vision layers 8, 16, 24, 32 counted from 1 = Qwen2.5-VL's full-attention blocks.
 DEFAULT_BLOCKS = (7, 15, 23, 31)
@@ -228,8 +232,6 @@ def _extension():
     if os.environ.get("SKINFLOW_NO_EXT", "") not in ("", "0"):
         return None
     if _EXT == "unset":
-        import skinflow  # local import: skinflow imports dve for from_pretrained
-
         _EXT = skinflow.build_extension("fdlinear")
     return _EXT
 
@@ -260,8 +262,6 @@ class _MixApply(torch.autograd.Function):
 
 def _extension_ok(ext, device) -> bool:
     """skinflow.extension_ok for csrc/fdlinear (registers the check on first call)."""
-    import skinflow
-
     skinflow.register_extension_check("fdlinear", _check_fdlinear)
     return skinflow.extension_ok("fdlinear", device, ext)
 
@@ -271,8 +271,6 @@ def _check_fdlinear(ext, device) -> dict:
     and its three gradients (dx, da, dbases) against float64 autograd on small random inputs (two images of
     unequal length, sizes that are not multiples of a tile), fp32, and also bf16 on CUDA.
     Returns the worst case as {"max_err", "tol", "what"}."""
-    import skinflow
-
     g = torch.Generator().manual_seed(15)
     cases = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     found = []
@@ -318,8 +316,6 @@ def mix_apply(x: torch.Tensor, cu_seqlens: torch.Tensor, a: torch.Tensor, bases:
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             return _MixApply.apply(x.contiguous(), seg.cu, a.to(acc).contiguous(), bases)
         if impl == "kernel":
-            import skinflow
-
             raise RuntimeError("fdlinear kernel unavailable for this input: "
                                + skinflow.EXTENSION_ERRORS.get("fdlinear", f"dtype {x.dtype}, device {x.device}, K {a.shape[1]}"))
     return _maybe_checkpoint(_mix_torch, x, a, bases, seg=seg)
@@ -634,8 +630,6 @@ def format_overhead(report: dict) -> str:
 def preset_overhead(preset: str = "3b", blocks=DEFAULT_BLOCKS, K: int = DEFAULT_K, linears=DEFAULT_LINEARS) -> dict:
     """The overhead report for a real model shape (skinflow.Config.preset: "3b" | "7b"), computed on the
     META device: no weights are allocated, so this runs anywhere in a second."""
-    import skinflow
-
     with torch.device("meta"):
         model = skinflow.VLM(skinflow.Config.preset(preset), init=False)
         return apply_dve(model, blocks=blocks, K=K, linears=linears)
@@ -720,3 +714,145 @@ if __name__ == "__main__":  # python dve.py: the overhead table for the real sha
     for name in ("3b", "7b"):
         for k in (4, 64, 640):
             print(name, format_overhead(preset_overhead(name, K=k)))
+
+
+# ===================================================================================================
+# 7. The one checkpoint loader (plumbing: checkpoint I/O, not in the paper)
+#
+# Every entry point loads its model here: rl.py --init, eval.py --model, `eval.py diagnose --ckpt`,
+# bench.py, and so train.sh's chain. This is the lowest import floor that knows every piece a SkinFlow
+# checkpoint can hold (issue 14): the backbone (skinflow.VLM.from_pretrained), the DVE layers (rebuilt
+# from config.json's "dve" entry by `rebuild_dve`, before any tensor is read), a LoRA adapter (merged
+# into the weights of an fp32 export, or the unmerged lora.safetensors of a bf16 export, which
+# from_pretrained re-attaches), and an rl.py training checkpoint (`load_with_deltas`: base + the saved
+# trainable tensors). skinflow.py itself imports no project module, so it takes `rebuild_dve` as a hook.
+#
+#   load(name_or_path_or_preset, dtype, device, seed)  -> (model, tokenizer): preset, Hub id or export dir
+#   from_pretrained(path, dtype, device)               -> model: skinflow.VLM.from_pretrained + the DVE hook
+#   load_checkpoint(model_arg, ckpt, dtype, device)    -> (model, tokenizer, description): + a run folder
+#   load_with_deltas(model, ckpt_file)                 rl.py's checkpoint.safetensors applied in place
+# ===================================================================================================
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (no model there, deltas without a base, names that do not fit):
+    one readable line. A ValueError, so the CLIs print it as "error: ..." and exit 2 (eval.DiagnoseError
+    is this class)."""
+
+
+def rebuild_dve(model, cfg) -> set:
+    """The DVE hook of skinflow.VLM.from_pretrained: turn the META model into the checkpoint's DVE model
+    (cfg.dve = {"blocks", "K", "linears"}, as apply_dve recorded it) before its tensors are read, and
+    return the names of the FDLinear tensors that are fp32 by construction (spectrum, KSM heads), which
+    the loader keeps fp32 even in a bf16 model."""
+    spec = dict(cfg.dve)
+    apply_dve(model, blocks=tuple(spec.get("blocks", DEFAULT_BLOCKS)), K=spec.get("K", DEFAULT_K),
+              linears=tuple(spec.get("linears", DEFAULT_LINEARS)))
+    return {f"{mn}.{pn}" for mn, m in fdlinears(model) for pn, p in m.named_parameters()
+            if p.dtype == torch.float32}
+
+
+def from_pretrained(name_or_path, dtype=torch.float32, device="cpu") -> "skinflow.VLM":
+    """skinflow.VLM.from_pretrained for any SkinFlow export: with DVE layers or without."""
+    return skinflow.VLM.from_pretrained(name_or_path, dtype=dtype, device=device, convert=rebuild_dve)
+
+
+def load(name_or_path_or_preset="tiny", dtype=torch.float32, device="cpu", seed: int = 0):
+    """-> (VLM, Tokenizer): skinflow.load ("tiny" | "3b" | "7b" | Hub id | local dir) with the DVE hook.
+    The loader of rl.py --init and eval.py --model."""
+    return skinflow.load(name_or_path_or_preset, dtype=dtype, device=device, seed=seed, convert=rebuild_dve)
+
+
+# Checkpoint layouts a user may point --ckpt at (what rl.py writes, in order of preference):
+#   <dir>/config.json + model.safetensors        an exported model (VLM.save_pretrained; rl.py's
+#                                                <out>/<stage>/model, LoRA merged, DVE kept, + tokenizer.json)
+#   <dir>/model/                                 a stage folder after export (<out>/<stage>)
+#   <dir>/{stage2,stage1,warmup}/model/          a whole run folder: the LATEST stage present is used
+#   <dir>/checkpoint.safetensors (+ no model/)   a stage still training: base (--model) + the saved trainable
+#                                                deltas ("param/<name>" = LoRA A/B, DVE spectra) re-applied
+_STAGE_ORDER = ("stage2", "stage1", "warmup", "vision")
+
+
+def find_checkpoint(ckpt) -> tuple[str, Path]:
+    """-> ("model", dir with config.json) or ("deltas", path of checkpoint.safetensors)."""
+    root = Path(ckpt).expanduser()
+    if not root.exists():
+        raise CheckpointError(f"--ckpt {ckpt}: no such directory")
+    if root.is_file() and root.suffix == ".safetensors":
+        return "deltas", root
+    cands = [root, root / "model"] + [root / s / "model" for s in _STAGE_ORDER]
+    for c in cands:
+        if (c / "config.json").exists():
+            return "model", c
+    for c in [root] + [root / s for s in _STAGE_ORDER]:
+        if (c / "checkpoint.safetensors").exists():
+            return "deltas", c / "checkpoint.safetensors"
+    raise CheckpointError(f"--ckpt {ckpt}: found no model (config.json + model.safetensors) and no rl.py "
+                          "checkpoint.safetensors there, in model/, or in stage2|stage1|warmup|vision/")
+
+
+def load_with_deltas(model, ckpt_file) -> dict:
+    """Re-apply an rl.py training checkpoint to a freshly loaded BASE model, in place; returns its config.
+
+    rl.Trainer.save_checkpoint stores the trainable tensors as "param/<parameter name>" (fp32 masters) and
+    its TrainConfig as JSON metadata. We rebuild the same module structure the trainer had (DVE FDLinears
+    when cfg.dve, LoRA adapters when "lora" was trained), then copy every saved tensor into the parameter
+    of the same name. A name that does not exist is an error (wrong base model or different options).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt_file), framework="pt") as f:
+        meta = f.metadata() or {}
+        params = {k[len("param/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("param/")}
+    if not params:
+        raise CheckpointError(f"{ckpt_file}: holds no 'param/...' tensors (not an rl.py checkpoint)")
+    # Mirror rl.Trainer.__init__: which sets were trained decides which modules must exist. The warm start
+    # is full-parameter SFT, so its "param/..." names are the plain model's (no LoRA wrappers).
+    cfg = json.loads(meta.get("config", "{}"))
+    sets = {s.strip() for s in str(cfg.get("train", "lora,dve")).split(",") if s.strip()}
+    if cfg.get("stage") in ("vision", "warmup"):
+        sets = {"llm"}
+    device = model.device
+    if cfg.get("dve"):
+        if not fdlinears(model):   # a Stage II run may start from a Stage I export that already has DVE
+            apply_dve(model, blocks=None, K=int(cfg.get("dve_k", 4)))
+    if "lora" in sets:
+        skinflow.apply_lora(model, int(cfg.get("lora_rank", 16)), float(cfg.get("lora_alpha", 32.0)))
+    model.to(device)                   # the new adapter / DVE tensors are created on the CPU
+    names = dict(model.named_parameters())
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise CheckpointError(f"{ckpt_file}: {len(unknown)} saved tensors have no parameter in this model "
+                              f"(e.g. {unknown[0]}); pass the run's base model with --model")
+    # The saved tensors are fp32 masters; copy_ casts them to the model's dtype (bf16 runs included).
+    with torch.no_grad():
+        for n, t in params.items():
+            if tuple(t.shape) != tuple(names[n].shape):
+                raise CheckpointError(f"{ckpt_file}: {n} has shape {tuple(t.shape)} but the model's is "
+                                      f"{tuple(names[n].shape)}; pass the run's base model with --model")
+            names[n].copy_(t.to(names[n].dtype))
+    return cfg
+
+
+def load_checkpoint(model_arg, ckpt=None, dtype="float32", device="cpu"):
+    """-> (model, tokenizer, description). --ckpt wins over --model for an exported model; for a training
+    checkpoint --model is the base that the deltas are applied to."""
+    # The tokenizer always travels with the weights it was trained with: an exported model folder holds
+    # its own tokenizer.json (rl.Trainer.export saves it); a deltas checkpoint uses the base's.
+    dt = getattr(torch, dtype)
+    if ckpt is None:
+        model, tok = load(model_arg, dtype=dt, device=device)
+        return model.eval(), tok, f"base model {model_arg}"
+    kind, where = find_checkpoint(ckpt)
+    if kind == "model":
+        model = from_pretrained(where, dtype=dt, device=device)
+        if (where / "tokenizer.json").exists():
+            tok = skinflow.Tokenizer.from_pretrained(where)
+        elif model_arg is not None:      # an export without tokenizer: take the base model's
+            tok = skinflow.Tokenizer.from_pretrained(skinflow.HUB_IDS.get(str(model_arg).lower(), model_arg))
+        else:
+            raise CheckpointError(f"{where} has no tokenizer.json: pass the base model with --model")
+        return model.eval(), tok, f"fine-tuned model {where}"
+    if model_arg is None:
+        raise CheckpointError(f"{where} stores only the trained deltas: pass the base model with --model")
+    model, tok = load(model_arg, dtype=dt, device=device)
+    cfg = load_with_deltas(model, where)
+    return model.eval(), tok, f"base {model_arg} + {cfg.get('stage', '?')} deltas from {where}"

@@ -24,7 +24,7 @@ Map of the file (the numbered banners below follow this order, top to bottom):
 6. LLM judge. `LLMJudge`: an OpenAI-compatible chat endpoint over urllib, majority of N runs.
 7. CLI.       `python eval.py --model ... | --predictions preds.jsonl ... --out DIR`.
 8. Seeing.    `attention_maps`, `draw_heatmap`, `lesion_focus` (final-token attention on the lesion) and
-              `diagnose`, reached as `python skinflow.py diagnose IMAGE`.
+              `diagnose`, run as `python eval.py diagnose IMAGE` (it was `skinflow.py diagnose`).
 9. Summary.   `python eval.py summary RUN_DIR`: the results table of a train.sh run (paired-bootstrap
               gain over the warm start), the ablation table next to the paper's, and curves.png.
 
@@ -66,6 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
+import dve  # the one checkpoint loader (dve.load, dve.load_checkpoint); eval.py never imports rl.py
 from data import CAPTION_FIELDS, FAMILY, TAXONOMY
 
 # A dermatologist's differential is a short ranked list; SkinFlow scores six entries (Top-6), so a seventh
@@ -1633,9 +1634,9 @@ def generate_predictions(args) -> list[dict]:
     """Greedy Stage II generation over the evaluation split (tqdm bar); returns prediction rows."""
     import torch
     from tqdm import tqdm
-    import skinflow
     dtype = getattr(torch, args.dtype)
-    model, tok = skinflow.load(args.model, dtype=dtype, device=args.device)
+    # the project's one loader (dve.py section 7): preset, Hub id or export, with its DVE layers and adapter
+    model, tok = dve.load(args.model, dtype=dtype, device=args.device)
     model.eval()  # greedy decoding is deterministic, so a rerun reproduces predictions.jsonl exactly
     rows: list[dict] = []
     items = list(_eval_items(args))
@@ -1702,7 +1703,13 @@ def score_rows(rows: list[dict], judge_fn=None, lookup: dict | None = None, n_bo
 
 
 def main(argv=None) -> int:
-    """CLI entry point (examples at the top of section 7); returns the exit status."""
+    """CLI entry point (examples at the top of section 7); returns the exit status. A first word
+    `summary`, `diagnose` or `generate` runs that command with the rest of argv (section 9, section 8, and
+    the backbone demo that was `python skinflow.py`)."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    commands = {"summary": summary_main, "diagnose": diagnose, "generate": generate_main}
+    if words and words[0] in commands:
+        return commands[words[0]](words[1:])
     p = argparse.ArgumentParser(description="SkinFlow clinical evaluation (Top-1/Top-6 with a clinical judge)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint dir, Hub id or preset (tiny|3b|7b): generate, then score")
@@ -1791,7 +1798,7 @@ def main(argv=None) -> int:
 
 
 # ===================================================================================================
-# 8. Seeing: final-token attention maps, the lesion-focus number, and `skinflow.py diagnose`
+# 8. Seeing: final-token attention maps, the lesion-focus number, and `eval.py diagnose`
 #
 # The paper's qualitative claim (Sec. "Visualization"): after SkinFlow's training the model's attention
 # moves from diffuse, global scanning onto the lesion. It shows final-token attention heatmaps but, having
@@ -1802,7 +1809,7 @@ def main(argv=None) -> int:
 #                                 that produces the first answer token) attends to each merged image token
 #   draw_heatmap(image, grid, p)  that map drawn over the photo (pillow + numpy only)
 #   lesion_focus(grid, mask)      the share of the image-token attention that lies on the lesion
-#   diagnose(argv)                `python skinflow.py diagnose IMAGE --model ... [--ckpt RUN] [--heatmap x.png]`
+#   diagnose(argv)                `python eval.py diagnose IMAGE --model ... [--ckpt RUN] [--heatmap x.png]`
 #
 # Where the attention comes from, without touching skinflow.py: every decoder layer calls
 # `self_attn(x, cos, sin, mask, ...)`. A forward PRE-hook on that module sees exactly those inputs, so the
@@ -2147,15 +2154,17 @@ def render_lesion_focus(summary: dict | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # diagnose: one image -> Stage I caption, Stage II differential, optional heatmap
 # ---------------------------------------------------------------------------------------------------
-class DiagnoseError(Exception):
-    """A user error of `diagnose` (bad file, bad checkpoint): printed as one line, exit status 2."""
+# A user error of `diagnose` (bad file, bad checkpoint): printed as one line, exit status 2. It is the
+# loader's dve.CheckpointError (a ValueError) since the checkpoint loader moved down to dve.py (issue 14),
+# so a bad --ckpt and a bad image raise the same class.
+DiagnoseError = dve.CheckpointError
 
 
 def open_image(path):
     """Open and fully decode an image file -> PIL RGB, or raise DiagnoseError with one readable line.
 
     Kept for callers of eval.open_image; the work is data.open_image, the ONE opener every entry point
-    shares (skinflow.py --image, diagnose, eval.py, rl.py): the format from the bytes, EXIF rotation,
+    shares (eval.py generate --image, diagnose, eval.py, rl.py): the format from the bytes, EXIF rotation,
     16-bit / CMYK / transparency to 8-bit RGB, and a forced decode so a truncated file fails here."""
     import data
 
@@ -2165,107 +2174,12 @@ def open_image(path):
         raise DiagnoseError(str(exc)) from None
 
 
-# Checkpoint layouts a user may point --ckpt at (what rl.py writes, in order of preference):
-#   <dir>/config.json + model.safetensors        an exported model (VLM.save_pretrained; rl.py's
-#                                                <out>/<stage>/model, LoRA merged, DVE kept, + tokenizer.json)
-#   <dir>/model/                                 a stage folder after export (<out>/<stage>)
-#   <dir>/{stage2,stage1,warmup}/model/          a whole run folder: the LATEST stage present is used
-#   <dir>/checkpoint.safetensors (+ no model/)   a stage still training: base (--model) + the saved trainable
-#                                                deltas ("param/<name>" = LoRA A/B, DVE spectra) re-applied
-_STAGE_ORDER = ("stage2", "stage1", "warmup", "vision")
-
-
-def _attn_find_ckpt(ckpt) -> tuple[str, Path]:
-    """-> ("model", dir with config.json) or ("deltas", path of checkpoint.safetensors)."""
-    root = Path(ckpt).expanduser()
-    if not root.exists():
-        raise DiagnoseError(f"--ckpt {ckpt}: no such directory")
-    if root.is_file() and root.suffix == ".safetensors":
-        return "deltas", root
-    cands = [root, root / "model"] + [root / s / "model" for s in _STAGE_ORDER]
-    for c in cands:
-        if (c / "config.json").exists():
-            return "model", c
-    for c in [root] + [root / s for s in _STAGE_ORDER]:
-        if (c / "checkpoint.safetensors").exists():
-            return "deltas", c / "checkpoint.safetensors"
-    raise DiagnoseError(f"--ckpt {ckpt}: found no model (config.json + model.safetensors) and no rl.py "
-                        "checkpoint.safetensors there, in model/, or in stage2|stage1|warmup|vision/")
-
-
-def load_with_deltas(model, ckpt_file) -> dict:
-    """Re-apply an rl.py training checkpoint to a freshly loaded BASE model, in place; returns its config.
-
-    rl.Trainer.save_checkpoint stores the trainable tensors as "param/<parameter name>" (fp32 masters) and
-    its TrainConfig as JSON metadata. We rebuild the same module structure the trainer had (DVE FDLinears
-    when cfg.dve, LoRA adapters when "lora" was trained), then copy every saved tensor into the parameter
-    of the same name. A name that does not exist is an error (wrong base model or different options).
-    """
-    import torch
-    from safetensors import safe_open
-    import rl
-
-    with safe_open(str(ckpt_file), framework="pt") as f:
-        meta = f.metadata() or {}
-        params = {k[len("param/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("param/")}
-    if not params:
-        raise DiagnoseError(f"{ckpt_file}: holds no 'param/...' tensors (not an rl.py checkpoint)")
-    # Mirror rl.Trainer.__init__: which sets were trained decides which modules must exist. The warm start
-    # is full-parameter SFT, so its "param/..." names are the plain model's (no LoRA wrappers).
-    cfg = json.loads(meta.get("config", "{}"))
-    sets = {s.strip() for s in str(cfg.get("train", "lora,dve")).split(",") if s.strip()}
-    if cfg.get("stage") in ("vision", "warmup"):
-        sets = {"llm"}
-    device = model.device
-    if cfg.get("dve"):
-        import dve
-        if not dve.fdlinears(model):   # a Stage II run may start from a Stage I export that already has DVE
-            dve.apply_dve(model, blocks=None, K=int(cfg.get("dve_k", 4)))
-    if "lora" in sets:
-        rl.apply_lora(model, int(cfg.get("lora_rank", 16)), float(cfg.get("lora_alpha", 32.0)))
-    model.to(device)                   # the new adapter / DVE tensors are created on the CPU
-    names = dict(model.named_parameters())
-    unknown = sorted(set(params) - set(names))
-    if unknown:
-        raise DiagnoseError(f"{ckpt_file}: {len(unknown)} saved tensors have no parameter in this model "
-                            f"(e.g. {unknown[0]}); pass the run's base model with --model")
-    # The saved tensors are fp32 masters; copy_ casts them to the model's dtype (bf16 runs included).
-    with torch.no_grad():
-        for n, t in params.items():
-            if tuple(t.shape) != tuple(names[n].shape):
-                raise DiagnoseError(f"{ckpt_file}: {n} has shape {tuple(t.shape)} but the model's is "
-                                    f"{tuple(names[n].shape)}; pass the run's base model with --model")
-            names[n].copy_(t.to(names[n].dtype))
-    return cfg
-
-
-def load_for_diagnose(model_arg, ckpt=None, dtype="float32", device="cpu"):
-    """-> (model, tokenizer, description). --ckpt wins over --model for an exported model; for a training
-    checkpoint --model is the base that the deltas are applied to."""
-    import torch
-    import skinflow
-
-    # The tokenizer always travels with the weights it was trained with: an exported model folder holds
-    # its own tokenizer.json (rl.Trainer.export saves it); a deltas checkpoint uses the base's.
-    dt = getattr(torch, dtype)
-    if ckpt is None:
-        model, tok = skinflow.load(model_arg, dtype=dt, device=device)
-        return model.eval(), tok, f"base model {model_arg}"
-    kind, where = _attn_find_ckpt(ckpt)
-    if kind == "model":
-        model = skinflow.VLM.from_pretrained(where, dtype=dt, device=device)
-        if (where / "tokenizer.json").exists():
-            tok = skinflow.Tokenizer.from_pretrained(where)
-        elif model_arg is not None:      # an export without tokenizer: take the base model's
-            tok = skinflow.Tokenizer.from_pretrained(skinflow.HUB_IDS.get(str(model_arg).lower(), model_arg))
-        else:
-            raise DiagnoseError(f"{where} has no tokenizer.json: pass the base model with --model")
-        return model.eval(), tok, f"fine-tuned model {where}"
-    if model_arg is None:
-        raise DiagnoseError(f"{where} stores only the trained deltas: pass the base model with --model")
-    model, tok = skinflow.load(model_arg, dtype=dt, device=device)
-    cfg = load_with_deltas(model, where)
-    return model.eval(), tok, f"base {model_arg} + {cfg.get('stage', '?')} deltas from {where}"
+# Loading a model for `diagnose` (--model base, --ckpt a run folder / stage folder / export / rl.py
+# checkpoint) is the project's one checkpoint loader, dve.py section 7 (issue 14: eval.py stands on dve.py
+# and never on rl.py). The old names stay as aliases for their callers.
+_attn_find_ckpt = dve.find_checkpoint
+load_with_deltas = dve.load_with_deltas
+load_for_diagnose = dve.load_checkpoint
 
 
 def _attn_generate_text(model, tok, batch, max_new_tokens: int) -> str:
@@ -2276,7 +2190,7 @@ def _attn_generate_text(model, tok, batch, max_new_tokens: int) -> str:
 
 
 def diagnose(argv=None) -> int:
-    """`python skinflow.py diagnose IMAGE --model PATH_OR_PRESET [--ckpt RUN_DIR] [--heatmap out.png]`.
+    """`python eval.py diagnose IMAGE --model PATH_OR_PRESET [--ckpt RUN_DIR] [--heatmap out.png]`.
 
     Prints the Stage I caption (the 8 fields of data.CAPTION_FIELDS, parsed by parse_caption from a greedy
     answer to data.STAGE1_PROMPT) and the ranked differential (parse_ranked_list of a greedy answer to
@@ -2286,7 +2200,7 @@ def diagnose(argv=None) -> int:
     import data
     import skinflow
 
-    p = argparse.ArgumentParser(prog="skinflow.py diagnose",
+    p = argparse.ArgumentParser(prog="eval.py diagnose",
                                 description="Caption + ranked differential for one skin photo (SkinFlow Stage I + II)")
     p.add_argument("image", help="a photo (any format pillow reads)")
     p.add_argument("--model", default=None, help="base model: preset (tiny|3b|7b), Hub id or local dir")
@@ -2584,6 +2498,66 @@ def draw_curves(run_dir, path, smooth: int = 5):
     return path
 
 
+# ---------------------------------------------------------------------------------------------------
+# The backbone demo, `python eval.py generate` (it was `python skinflow.py`; issue 14 moved it here because
+# --image opens the photo with data.open_image, and skinflow.py imports no project module)
+# ---------------------------------------------------------------------------------------------------
+def _cmd_generate(args) -> int:
+    import torch
+    import skinflow
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    image = None
+    if args.image:
+        # the project's one image opener (data.open_image). A missing or corrupt file raises
+        # data.ImageError, a ValueError: generate_main() prints it as one line and exits 2, before any
+        # weights are loaded.
+        import data
+
+        image = data.open_image(args.image)
+    model, tok = dve.load(args.model or args.preset, dtype=dtype, device=device)  # the one loader (dve.py)
+    batch = skinflow.make_batch(tok, [image], [args.prompt], max_pixels=args.max_pixels, device=device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, greedy=args.greedy, generator=g)
+    n = int(out.mask[0].sum())
+    print(tok.decode(out.tokens[0, :n].tolist()))
+    return 0
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    """`python eval.py generate`: the backbone demo (was `python skinflow.py`, moved here by issue 14)."""
+    import skinflow
+    MAX_PIXELS = skinflow.MAX_PIXELS
+
+    p = argparse.ArgumentParser(prog="eval.py generate", description="SkinFlow backbone demo: one image + prompt -> text")
+    p.add_argument("--preset", default="tiny", help="tiny (random weights) | 3b | 7b")
+    p.add_argument("--model", default=None, help="a Hub repo id or local checkpoint dir (overrides --preset)")
+    p.add_argument("--image", default=None, help="an image file (optional)")
+    p.add_argument("--prompt", default="Describe the skin lesion in this image.")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_generate)
+    return p
+
+
+def generate_main(argv=None) -> int:
+    """`python eval.py generate ...`; returns the exit status (user errors: one line, 2)."""
+    args = build_generate_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as exc:  # a user error: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def summary_main(argv=None) -> int:
     """`python eval.py summary RUN_DIR`: print results.md and write it with results.json and curves.png."""
     p = argparse.ArgumentParser(prog="eval.py summary", description="results table + learning curves of a run")
@@ -2603,6 +2577,4 @@ def summary_main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "summary":
-        sys.exit(summary_main(sys.argv[2:]))
-    sys.exit(main())
+    sys.exit(main())  # main dispatches `summary` / `diagnose` / `generate`

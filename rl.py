@@ -533,43 +533,16 @@ def reward_differential(text: str, truth: str) -> tuple[float, dict]:
 # serve as policy and reference, so no second 3B/7B copy sits in memory. Only full fine-tuning of the LLM
 # needs a frozen copy. bf16 presets: the adapter is computed, added and exported in fp32 (skinflow.LoRALinear).
 # ===================================================================================================
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # LoRALinear itself is defined in skinflow.py (every loader must rebuild an exported fp32 adapter, and
 # skinflow.py is the lowest import floor); rl.LoRALinear is the same class.
 LoRALinear = _skinflow.LoRALinear
-
-
-def apply_lora(model, rank: int = 16, alpha: float = 32.0, targets=LORA_TARGETS) -> dict:
-    """Wrap the chosen projections of the LANGUAGE model (model.model.layers.*) in LoRALinear, in place.
-
-    The vision tower's MLP also has gate/up/down_proj; it is not touched (DVE is its trainable part).
-    Freezes nothing else: call `set_trainable` for that. Returns {"layers": n, "params": n_lora_params}.
-    """
-    bad = set(targets) - set(LORA_TARGETS)
-    if bad or rank < 1:
-        raise ValueError(f"apply_lora: rank must be >= 1 and targets among {LORA_TARGETS}; got {rank}, {sorted(bad)}")
-    n_layers = n_params = 0
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in targets:
-                lin = getattr(parent, name, None)
-                if isinstance(lin, LoRALinear):
-                    if lin.rank:
-                        continue  # already has a trainable adapter (apply_lora ran twice): leave it
-                    # a layer loaded with an exported adapter (rank 0, start adapter on): that adapter stays
-                    # the frozen start of this stage, and a fresh trainable one is added on top
-                    lin.new_adapter(rank, alpha)
-                    wrapped = lin
-                elif isinstance(lin, nn.Linear):
-                    wrapped = LoRALinear(lin, rank, alpha)
-                    setattr(parent, name, wrapped)
-                else:
-                    continue
-                n_layers += 1
-                n_params += wrapped.lora_A.numel() + wrapped.lora_B.numel()
-    return {"layers": n_layers, "params": n_params}
+# apply_lora (wrap the LLM projections in a trainable LoRALinear) moved to skinflow.py too (issue 14): the
+# one checkpoint loader (dve.load_with_deltas) must rebuild a LoRA run's modules without importing rl.py.
+# rl.apply_lora / rl.LORA_TARGETS are the same objects.
+LORA_TARGETS = _skinflow.LORA_TARGETS
+apply_lora = _skinflow.apply_lora
 
 
 def lora_layers(model):
@@ -1032,7 +1005,7 @@ class Trainer:
     """Holds the model, optimizer and the run state of one stage; `run()` does the steps."""
 
     def __init__(self, cfg: TrainConfig):
-        import skinflow
+        import dve
 
         if cfg.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
@@ -1045,7 +1018,8 @@ class Trainer:
         self.device = self.dist.device
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
         torch.manual_seed(cfg.seed)
-        self.model, self.tok = skinflow.load(cfg.init, dtype=dtype, device=self.device, seed=cfg.seed)
+        # the project's one loader (dve.py section 7): preset, Hub id or export, with its DVE layers and adapter
+        self.model, self.tok = dve.load(cfg.init, dtype=dtype, device=self.device, seed=cfg.seed)
         sets = {s.strip() for s in cfg.train.split(",") if s.strip()}
         if cfg.stage == "vision":
             sets = {"vision"}  # the tiny ViT alone, with a throw-away probe (see _vision_step)
@@ -1198,7 +1172,7 @@ class Trainer:
         LoRA: an fp32 model merges its adapters (W + B A in fp32: the Hub layout any loader reads). A bf16
         model keeps them UNMERGED, in fp32, in <model>/lora.safetensors next to the untouched bf16 base
         weights: a bf16 merge would round most of a small update away (docs/gpu.md measures it), and every
-        loader of this project (skinflow.load, eval.py, diagnose, rl.py --init) re-attaches the file."""
+        loader of this project (dve.load: eval.py, diagnose, rl.py --init) re-attaches the file."""
         target = self.dir / "model"
         if hasattr(self.model, "aux_head"):
             del self.model.aux_head  # the vision / warm-up probe is not part of the VLM
