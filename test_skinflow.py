@@ -2505,7 +2505,7 @@ def test_eval_caption_parser_answer_styles():
 
 
 # ===================================================================================================
-# Run summary (eval.py section 9): paired bootstrap, results table, curves
+# Run summary (eval.py section 6): paired bootstrap, results table, curves
 # ===================================================================================================
 
 def _sum_write_stage(run: Path, stage: str, top1: list[float], truths: list[str]):
@@ -2575,9 +2575,9 @@ def test_sum_run_table_curves_and_ablation(tmp_path):
 
 
 # ===================================================================================================
-# Seeing (eval.py section 8): attention maps, lesion focus, diagnose CLI
+# Seeing (eval.py section 7): attention maps, lesion focus, diagnose CLI
 #
-# Tests of eval.py section 8 ("seeing", issue 8): attention maps, heatmap, lesion focus, diagnose CLI.
+# Tests of eval.py section 7 ("seeing", issue 8): attention maps, heatmap, lesion focus, diagnose CLI.
 #
 # Oracles:
 # * attention maps: transformers' Qwen2.5-VL with the EAGER attention kernel, which materialises every
