@@ -2156,7 +2156,7 @@ def open_image(path):
 
 
 # Loading a model for `diagnose` (--model base, --ckpt a run folder / stage folder / export / rl.py
-# checkpoint) is the project's one checkpoint loader, dve.py section 7 (issue 14: eval.py stands on dve.py
+# checkpoint) is the project's one checkpoint loader, dve.py section 8 (issue 14: eval.py stands on dve.py
 # and never on rl.py). The old names stay as aliases for their callers.
 _attn_find_ckpt = dve.find_checkpoint
 load_with_deltas = dve.load_with_deltas
@@ -2367,7 +2367,7 @@ def generate_predictions(args) -> list[dict]:
     import torch
     from tqdm import tqdm
     dtype = getattr(torch, args.dtype)
-    # the project's one loader (dve.py section 7): preset, Hub id or export, with its DVE layers and adapter
+    # the project's one loader (dve.py section 8): preset, Hub id or export, with its DVE layers and adapter
     model, tok = dve.load(args.model, dtype=dtype, device=args.device)
     model.eval()  # greedy decoding is deterministic, so a rerun reproduces predictions.jsonl exactly
     rows: list[dict] = []

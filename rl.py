@@ -1029,7 +1029,7 @@ class Trainer:
         self.device = self.dist.device
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
         torch.manual_seed(cfg.seed)
-        # the project's one loader (dve.py section 7): preset, Hub id or export, with its DVE layers and adapter
+        # the project's one loader (dve.py section 8): preset, Hub id or export, with its DVE layers and adapter
         self.model, self.tok = dve.load(cfg.init, dtype=dtype, device=self.device, seed=cfg.seed)
         sets = {s.strip() for s in cfg.train.split(",") if s.strip()}
         if cfg.stage == "vision":
