@@ -7,7 +7,7 @@ paper's Stage I / Stage II RL). This file is the foundation everything else stan
 skinflow.py, data.py < dve.py < eval.py < rl.py < bench.py; test_skinflow.py checks them with `ast`).
 The backbone reads in forward order. Sections (the numbered banners below, top to bottom):
 
-  0. csrc/ kernels             `build_extension`, the first-use self-checks (`extension_ok`)
+  -  csrc/ kernels (unnumbered) `build_extension`, the first-use self-checks (`extension_ok`)
   1. `Config` / `VisionConfig` the Hub config.json (flat Hub file or nested transformers-5.x file), presets
   2. `preprocess_image`        smart_resize + bicubic + CLIP normalisation + 2x2-block-major patches
   3. building blocks           RMSNorm, `LoRALinear` + `apply_lora` (every loader rebuilds adapters), RoPE, SwiGLU
