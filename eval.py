@@ -2366,6 +2366,7 @@ def generate_predictions(args) -> list[dict]:
     """Greedy Stage II generation over the evaluation split (tqdm bar); returns prediction rows."""
     import torch
     from tqdm import tqdm
+    import skinflow
     dtype = getattr(torch, args.dtype)
     # the project's one loader (dve.py section 8): preset, Hub id or export, with its DVE layers and adapter
     model, tok = dve.load(args.model, dtype=dtype, device=args.device)
