@@ -3,6 +3,7 @@
 Issue 14 moves code without changing behaviour; this is its proof on the tiny chain. Every file the chain
 wrote is compared:
   * *.safetensors (exported models, training checkpoints): every tensor bit for bit, and the metadata
+    (the trainer's config, optimizer groups, step), with each run folder's path replaced by "OUT"
   * *.json / *.jsonl (logs, metrics, predictions, cases, results, config, tokenizer): value for value,
     after dropping the fields that measure wall-clock time (keys ending in "_s", or naming time/eta/elapsed)
   * *.md: text, with each run folder's path replaced by "OUT" and timing numbers masked
@@ -28,7 +29,7 @@ def drop_timing(v):
     return v
 
 
-def same_safetensors(a: Path, b: Path) -> str | None:
+def same_safetensors(a: Path, b: Path, root_a: Path, root_b: Path) -> str | None:
     from safetensors import safe_open
     import torch
 
@@ -40,8 +41,9 @@ def same_safetensors(a: Path, b: Path) -> str | None:
             if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
                 return f"tensor {k} differs"
         ma, mb = fa.metadata() or {}, fb.metadata() or {}
-    for meta in (ma, mb):
+    for meta, root in ((ma, root_a), (mb, root_b)):
         for k in list(meta):
+            meta[k] = meta[k].replace(str(root), "OUT")   # the run folder itself (--init, --out) differs
             try:
                 meta[k] = drop_timing(json.loads(meta[k]))
             except ValueError:
@@ -51,7 +53,7 @@ def same_safetensors(a: Path, b: Path) -> str | None:
 
 def same_file(a: Path, b: Path, root_a: Path, root_b: Path) -> str | None:
     if a.suffix == ".safetensors":
-        return same_safetensors(a, b)
+        return same_safetensors(a, b, root_a, root_b)
     if a.suffix == ".json":
         return None if drop_timing(json.loads(a.read_text())) == drop_timing(json.loads(b.read_text())) else "values differ"
     if a.suffix == ".jsonl":
