@@ -4824,6 +4824,30 @@ def test_docs_readme_is_a_map_that_links_every_docs_page():
     assert -1 not in at and at == sorted(at), dict(zip(order, at))
 
 
+def test_docs_reading_table_names_real_functions():
+    """Every `file.py`: `name` of the README's "Read the paper with the code" table exists in that module
+    (dotted names such as `FDLinear.band_weights` included): a function renamed or moved without updating
+    the map fails here, not in a reader's hands."""
+    import importlib
+
+    readme = (_REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Read the paper with the code", 1)[1].split("\n## ", 1)[0]
+    checked, missing = 0, []
+    for row in [r for r in table.splitlines() if r.startswith("| ") and "`" in r]:
+        cell = row.split("|")[2]  # the "file: function" column
+        for module, names in re.findall(r"`(\w+)\.py`: ((?:`[\w.]+`(?: \([^)]*\))?(?:, )?)+)", cell):
+            mod = importlib.import_module(module)
+            for name in re.findall(r"`([\w.]+)`", names):
+                obj = mod
+                for part in name.split("."):
+                    obj = getattr(obj, part, None)
+                checked += 1
+                if obj is None:
+                    missing.append(f"{module}.{name}")
+    assert not missing, f"README reading table names what the code does not have: {missing}"
+    assert checked >= 20, f"only {checked} names read from the reading table: did its format change?"
+
+
 def test_docs_every_relative_link_resolves():
     """Every relative link of README.md and docs/*.md names an existing file, and an anchor (#...) names a
     heading of its target page (or of the same page); http(s)/mailto links are not followed (offline)."""
