@@ -26,15 +26,17 @@ DRY_RUN=${DRY_RUN:-0}
 # stream). The images themselves (rl.py --data-seed, eval.py --seed) stay fixed, so every seed is
 # scored on the same 500 test images and seeds can be compared. Same machine + same SEED + same thread
 # count -> the same numbers; another CPU or OMP_NUM_THREADS changes float summation order, and a
-# sampled token can flip, so the run diverges from there (README, "Determinism").
+# sampled token can flip, so the run diverges from there (docs/tiny-run.md, "Determinism").
 SEED=${SEED:-0}
 ABLATION=${ABLATION:-0}
 T_START=$(date +%s)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Preset from the hardware. CPU -> tiny (random init + a supervised warm start, minutes);
-#    a GPU with < 40 GB -> 3b (LoRA + DVE fits in ~24 GB); >= 40 GB -> 7b with LoRA (~38 GB).
-#    The memory table behind these thresholds is in the README (section "Memory per preset").
+#    a GPU with < 40 GB -> 3b (LoRA + DVE, ~24 GB estimated); >= 40 GB -> 7b with LoRA + DVE (~38 GB
+#    estimated, so a 40-47 GB card has only ~2 GB to spare: the memory table asks a 48-80 GB card for
+#    7b; set PRESET=3b on such a card). Estimates from the shapes, not measured on a GPU: the table is
+#    docs/rl.md, "Memory per preset".
 # -----------------------------------------------------------------------------------------------
 if [ -z "${PRESET:-}" ]; then
     GPU_GB=$($PY -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30 if torch.cuda.is_available() else 0)")
@@ -62,9 +64,10 @@ echo "[train.sh] preset $PRESET ($WHY); data $DATA; run folder $OUT; SEED=$SEED"
 #    rates; the optimal LoRA lr is ~10x the full fine-tuning one ("LoRA Without Regret", Schulman et al.,
 #    Thinking Machines 2025), and at the paper's rates bf16 activations round much of the update away
 #    (docs/gpu.md: a tiny bf16 model learns 0.34x what fp32 does at 5e-7, 0.90x at 5e-6).
-#    tiny: a 1 M-parameter model trained from scratch on 2 CPU cores in < 10 minutes. It needs lrs
-#    ~1000x larger than the paper's (a random-init model with 2 hours of compute, not a converged 3B
-#    that must not drift) and shorter stages; every number below was measured (README-train.md).
+#    tiny: a 1 M-parameter model trained from scratch on 2 CPU cores (goal < 10 minutes; 11-13 minutes
+#    measured, docs/tiny-run.md). It needs lrs ~1000x larger than the paper's (a random-init model with
+#    minutes of compute, not a converged 3B that must not drift) and shorter stages; every number below
+#    was measured (docs/training.md: learning rates per preset; docs/tiny-run.md: what was tried).
 # -----------------------------------------------------------------------------------------------
 case "$PRESET" in
 tiny)
