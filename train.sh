@@ -33,19 +33,19 @@ T_START=$(date +%s)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Preset from the hardware. CPU -> tiny (random init + a supervised warm start, minutes);
-#    a GPU with < 40 GB -> 3b (LoRA + DVE, ~24 GB estimated); >= 40 GB -> 7b with LoRA + DVE (~38 GB
-#    estimated, so a 40-47 GB card has only ~2 GB to spare: the memory table asks a 48-80 GB card for
-#    7b; set PRESET=3b on such a card). Estimates from the shapes, not measured on a GPU: the table is
-#    docs/rl.md, "Memory per preset".
+#    a GPU with < 48 GB -> 3b (LoRA + DVE, ~24 GB estimated); >= 48 GB -> 7b with LoRA + DVE (~38 GB
+#    estimated). 48, not 40: the memory table asks a 48-80 GB card for 7b, since ~38 GB on a 40 GB card
+#    leaves ~2 GB for fragmentation and longer completions. PRESET=7b overrides it on a 40-47 GB card.
+#    Estimates from the shapes, not measured on a GPU: the table is docs/rl.md, "Memory per preset".
 # -----------------------------------------------------------------------------------------------
 if [ -z "${PRESET:-}" ]; then
     GPU_GB=$($PY -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30 if torch.cuda.is_available() else 0)")
     if [ "$GPU_GB" -eq 0 ]; then
         PRESET=tiny; WHY="no CUDA device: the tiny preset runs on the CPU"
-    elif [ "$GPU_GB" -lt 40 ]; then
-        PRESET=3b; WHY="GPU with ${GPU_GB} GB (< 40 GB): Qwen2.5-VL-3B, LoRA + DVE, bf16"
+    elif [ "$GPU_GB" -lt 48 ]; then
+        PRESET=3b; WHY="GPU with ${GPU_GB} GB (< 48 GB): Qwen2.5-VL-3B, LoRA + DVE, bf16"
     else
-        PRESET=7b; WHY="GPU with ${GPU_GB} GB (>= 40 GB): Qwen2.5-VL-7B, LoRA + DVE, bf16"
+        PRESET=7b; WHY="GPU with ${GPU_GB} GB (>= 48 GB): Qwen2.5-VL-7B, LoRA + DVE, bf16"
     fi
 else
     WHY="PRESET=$PRESET set by the caller"
