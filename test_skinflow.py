@@ -454,6 +454,13 @@ _SF_CORPUS = [
     "<|image_pad|><|image_pad|><|vision_end|>Describe.<|im_end|>\n",
     "trailing spaces   ", "\u00a0nbsp\u3000ideographic space\u2003em space", "tab\t\t\tend", "",
     "mixed<|endoftext|>text<tool_call>{\"a\": 1}</tool_call>", "URL https://example.org/a_b?c=1&d=2#x",
+    # Contractions FOLLOWED BY LETTERS: only here does the pre-tokenizer's contraction rule ('s|'t|'re|...,
+    # case-insensitive) decide the split: "it'sthe" -> it | 's | the, without the rule it | 'sthe. Before a
+    # space or punctuation the next rule ([^letter]?letter+) cuts the same pieces, so with the strings above
+    # alone, dropping the rule passed every test. Many such pieces still BPE to the same ids ('sgood ->
+    # 's + good: no Qwen merge crosses the boundary); it'sthe, we'vetested, I'mtired, IT'STHE do not (a
+    # merge such as s+t wins over '+s), so their ids catch it too. The piece-level test below needs no luck.
+    "'tis 'Tis it'sgood don'tknow it'sthe we'vetested I'mtired IT'STHE WE'VETESTED 'TIS WE'LLGO",
 ]
 
 
@@ -484,6 +491,19 @@ def test_skinflow_tokenizer_matches_hf_on_qwen_vocab(skinflow_qwen_tokenizers):
         assert ours.decode(ids) == unicodedata.normalize("NFC", text)   # encode normalises to NFC
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False)
     assert (ours.eos_id, ours.pad_id, ours.image_pad_id, ours.vision_start_id) == (151645, 151643, 151655, 151652)
+
+
+def test_skinflow_pretokenizer_pieces_match_hf(skinflow_qwen_tokenizers):
+    """Oracle: HF's own pre-tokenizer (Split on the Qwen2 regex, then the byte-level map) cuts every corpus
+    string into exactly our pieces. This checks the regex itself, before BPE can hide a wrong cut (a piece
+    "'sgood" and the pieces "'s", "good" often BPE to the same ids, see the corpus comment)."""
+    _, hf = skinflow_qwen_tokenizers
+    rx, table = sf._qwen2_regex(), sf._byte_to_char()
+    for text in _SF_CORPUS:
+        nfc = unicodedata.normalize("NFC", text)            # the normaliser runs before the pre-tokenizer
+        ours = ["".join(table[b] for b in piece.encode("utf-8")) for piece in rx.findall(nfc)]
+        assert ours == [piece for piece, _ in hf.pre_tokenizer.pre_tokenize_str(nfc)], text
+    assert [p for p, _ in hf.pre_tokenizer.pre_tokenize_str("it'sgood")] == ["it", "'s", "good"]  # the oracle splits
 
 
 def test_skinflow_tokenizer_old_merge_format(skinflow_qwen_tokenizer_path, skinflow_qwen_tokenizers, tmp_path):
@@ -2926,7 +2946,10 @@ def test_dve_band_ids_real_shapes_any_K(d_out, d_in):
         assert torch.equal(ids[:, 0], ids[partner, 0])                      # conjugate pairs share a band
         if d_in % 2 == 0:
             assert torch.equal(ids[:, -1], ids[partner, -1])
-    assert 2192220 % 64 != 0 or d_out != DVE_I                               # the case the reference code fails on
+    # K = 64 above covers the case the reference FDLinear cannot build: it reshapes the M = d_out * cols
+    # sorted coefficients to [K, M / K], so K must divide M. For the up projection 1280 -> 3420 (weight
+    # 3420 x 1280) M = 3420 * 641 = 2,192,220, not a multiple of 64; for 3420 -> 1280 M = 1280 * 1711 is.
+    assert ((d_out * cols) % 64 != 0) == (d_out == DVE_I), (d_out, cols)
 
 
 @pytest.mark.parametrize("d_out,d_in,K", [(24, 40, 1), (25, 39, 3), (31, 32, 7), (40, 26, 20), (16, 17, 137)])
@@ -3561,8 +3584,12 @@ def test_rl_kl_zero_at_reference_and_nonnegative():
         logp, old, ref, adv, mask = _rl_random_batch(10 + seed)
         _, st = rl.grpo_loss(logp, old, ref, adv, mask, beta=0.1)
         assert st["kl"] > 0
-        d = ref - logp
-        assert torch.all(torch.exp(d) - d - 1 >= 0)
+        # independent oracle in plain Python floats: the k3 estimate exp(r - l) - (r - l) - 1 per masked
+        # token, averaged over the masked tokens; kl_loss = beta * that under the default token-mean
+        terms = [math.exp(r - l) - (r - l) - 1 for lr, rr, mr in zip(logp.tolist(), ref.tolist(), mask.tolist())
+                 for l, r, m in zip(lr, rr, mr) if m > 0]
+        assert abs(st["kl"] - sum(terms) / len(terms)) < 1e-12
+        assert abs(st["kl_loss"] - 0.1 * sum(terms) / len(terms)) < 1e-12
 
 
 def test_rl_on_policy_gradient_identity():
