@@ -1629,6 +1629,33 @@ def _eval_items(args):
         yield rec.id, image, prompt, rec.label, rec.fitzpatrick, getattr(rec, "mask", None)
 
 
+def report_source(args, rows: list[dict], lookup: dict | None) -> dict:
+    """The report header's `source` / `data` / `split`: where the scored cases REALLY came from.
+
+    --model: the images were drawn from --data / --split, so those are named. --predictions: the rows
+    came from someone's file, and --data / --split (with their defaults) only matter for rows that lack a
+    label or skin type and get them joined by id. A header must not name a split the rows never touched:
+      no row joined          -> data "labels of the predictions file", split "not recorded in the file"
+      SynthDerm join          -> the split (+ seed and size) whose ids were matched: ids are per split
+      Fitzpatrick17k join     -> every CSV row (md5 ids are unique), so no split was used
+    The keys stay (plus `labels` when rows were joined), so eval.py summary, which reads meta["data"], and
+    older metrics.json readers keep working.
+    """
+    if args.model:
+        return {"source": args.model, "data": args.data, "split": args.split}
+    joined = 0 if lookup is None else sum((r.get("label") is None or r.get("fitzpatrick") is None)
+                                          and r.get("id") in lookup for r in rows)  # rows the join filled
+    if joined == 0:
+        return {"source": args.predictions, "data": "labels of the predictions file",
+                "split": "not recorded in the predictions file"}
+    if args.data == "synthderm":
+        where = f"{args.split} (seed {args.seed}, n {args.n}, image size {args.image_size})"
+    else:
+        where = "none: ids matched against every CSV row"
+    return {"source": args.predictions, "data": args.data, "split": where,
+            "labels": f"{joined} of {len(rows)} row(s) joined by id from {args.data}, the rest from the file"}
+
+
 def generate_predictions(args) -> list[dict]:
     """Greedy Stage II generation over the evaluation split (tqdm bar); returns prediction rows."""
     import torch
@@ -1757,7 +1784,11 @@ def main(argv=None) -> int:
     lookup = None
     args._image_stats = {}                                 # filled by data.iterate: yielded / missing / unreadable
     if args.model:
-        rows = generate_predictions(args)
+        try:
+            rows = generate_predictions(args)
+        except FileNotFoundError as exc:  # no such checkpoint / not in the Hub cache: one line, exit 2
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         with open(out / "predictions.jsonl", "w") as f:     # rescoring later needs no GPU
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -1768,7 +1799,7 @@ def main(argv=None) -> int:
     llm = LLMJudge(args.judge_url, model=args.judge_model, n=args.judge_runs, temperature=args.judge_temperature,
                    api_key=os.environ.get(args.judge_key_env)) if args.judge_url else None
     metrics, skipped = score_rows(rows, judge_fn=llm, lookup=lookup, n_boot=args.bootstrap)
-    metrics["meta"] = {"source": args.model or args.predictions, "data": args.data, "split": args.split,
+    metrics["meta"] = {**report_source(args, rows, lookup),
                        "judge": f"LLM {args.judge_model} @ {args.judge_url}, majority of {args.judge_runs}"
                        if llm else "deterministic (eval.judge)", "skipped": len(skipped) + len(problems),
                        "images_missing": args._image_stats.get("missing", 0),

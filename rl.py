@@ -856,7 +856,7 @@ class TrainConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     micro_prompts: int = 4        # prompts (x G completions) per forward/backward
-    train: str = "lora,dve"       # trainable sets among lora, dve, llm, vision
+    train: str = "lora"           # trainable sets among lora, dve, llm, vision (dve needs DVE layers: --dve)
     lora_rank: int = 16
     lora_alpha: float = 32.0
     dve: bool = False             # convert the vision tower's MLP linears to FDLinear before training
@@ -1056,6 +1056,11 @@ class Trainer:
 
             dve.apply_dve(self.model, blocks=None, K=cfg.dve_k)
             self.model.to(self.device)
+        if "dve" in sets and not self._has_dve():
+            # Once the default (--train lora,dve) trained no DVE without --dve, silently: LoRA alone. Asking
+            # for DVE training on a model without DVE layers is now an error that names the missing flag.
+            raise ValueError(f"--train {cfg.train!r} asks to train the DVE layers, but {cfg.init!r} has none: "
+                             "add --dve to build them (SkinFlow: --train lora,dve --dve), or drop dve from --train")
         if "lora" in sets:
             apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
             self.model.to(self.device)
@@ -1955,6 +1960,9 @@ def main(argv=None) -> int:
         p.error("--data fitzpatrick17k needs --image-dir (python data.py fetch --out DIR puts images in DIR/images)")
     if cfg.data == "fitzpatrick17k" and cfg.stage == "stage1" and not cfg.skincap:
         p.error("stage1 on --data fitzpatrick17k needs --skincap (the SkinCAP CSV; python data.py fetch)")
+    wants_dve = "dve" in {t.strip() for t in cfg.train.split(",")} and cfg.stage not in SUPERVISED
+    if wants_dve and not cfg.dve and cfg.init.lower() in ("tiny", "3b", "7b"):  # presets never have DVE layers
+        p.error(f"--train {cfg.train} on --init {cfg.init} trains no DVE without --dve (it builds the DVE layers)")
     if dry:  # train.sh uses this to check the 3b/7b commands on machines that cannot run them
         lr_at(cfg, 0)  # validates the schedule name
         print(json.dumps(dataclasses.asdict(cfg)))

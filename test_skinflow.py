@@ -552,6 +552,35 @@ def test_skinflow_tokenizer_train_roundtrip_with_hf(tmp_path):
     assert len(tiny) <= cfg.vocab_size
 
 
+def test_skinflow_missing_local_checkpoint_says_train_it_first(tmp_path, monkeypatch):
+    """A path that can only be a local folder (runs/tiny/stage2/model, ./x, ~/x, a/b/c, x/model) and does
+    not exist gets "no such checkpoint folder ... train it first", never an `hf download` hint: the Hub is
+    not even asked (snapshot_download would raise, and the hint would name a local path)."""
+    import huggingface_hub
+
+    def no_hub(*a, **k):  # any Hub call fails the test
+        raise AssertionError(f"the Hub was asked for {a}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "weights.bin").write_text("x")
+    for name in ("runs/tiny/stage2/model", "./stage1", "~/no-such-skinflow-run", "runs/x", "a/b/model",
+                 "/no/such/dir", "weights.bin"):
+        msg = _sf_load_error(name)
+        assert "no such checkpoint folder" in msg and "bash train.sh" in msg and "hf download" not in msg, msg
+        assert name in msg and ("is a file" in msg) == (name == "weights.bin"), msg
+        assert sf._looks_like_local_path(name) == (name != "weights.bin"), name   # an existing file: by p.exists()
+    for hub_id in ("Qwen/Qwen2.5-VL-3B-Instruct", "some-org/some-repo"):   # owner/name: the Hub's business
+        assert not sf._looks_like_local_path(hub_id)
+
+
+def _sf_load_error(name) -> str:
+    with pytest.raises(FileNotFoundError) as err:
+        sf.load(name)
+    return str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------------
 # tiny preset, make_batch, CLI
 # ---------------------------------------------------------------------------------------------------
@@ -2442,6 +2471,59 @@ def test_eval_caption_parser_answer_styles():
     assert sf_eval.parse_caption_ex(text) == ({f: f"x{i}" for i, f in enumerate(sf_eval.CAPTION_FIELDS)}, True)
 
 
+
+def test_eval_missing_model_folder_is_one_line_not_a_hub_hint(tmp_path, capsys, monkeypatch):
+    """`eval.py --model runs/tiny/stage2/model` before training: exit 2 with "train it first", no traceback
+    and no `hf download` of a local path."""
+    monkeypatch.chdir(tmp_path)
+    assert sf_eval.main(["--model", "runs/tiny/stage2/model", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no such checkpoint folder: runs/tiny/stage2/model") and "bash train.sh" in err
+    assert "hf download" not in err and "Traceback" not in err
+
+
+def test_eval_report_header_names_only_the_data_the_cases_came_from(tmp_path):
+    """The header's data / split say where the scored cases really came from. --predictions rows that carry
+    their own labels touched no split (the default --split test must not be named); rows joined by id name
+    the SynthDerm split they were matched in, or no split for Fitzpatrick17k (ids match every CSV row);
+    --model names the split its images were drawn from."""
+    ds = data.SynthDerm(4, seed=2, image_size=64, split="test")
+    specs = [ds.spec(i) for i in range(4)]
+
+    def header(args, rows):
+        path = tmp_path / "p.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        assert sf_eval.main(["--predictions", str(path), "--out", str(out), "--bootstrap", "20"] + args) == 0
+        meta = json.loads((out / "metrics.json").read_text())["meta"]
+        report = (out / "report.md").read_text()
+        for k in ("data", "split"):                                  # the markdown header shows the same
+            assert f"- {k}: {meta[k]}" in report
+        return meta
+
+    own = [{"id": s["id"], "prediction": "1. " + s["label"], "label": s["label"], "fitzpatrick": s["fitzpatrick"]}
+           for s in specs]
+    meta = header([], own)
+    assert meta["split"] == "not recorded in the predictions file" and meta["data"] == "labels of the predictions file"
+    assert "labels" not in meta
+    val = data.SynthDerm(4, seed=2, image_size=64, split="val")
+    ids_only = [{"id": s["id"], "prediction": "1. " + s["label"]} for s in map(val.spec, range(4))]
+    ids_only[0].update(label="melanoma", fitzpatrick=1)
+    meta = header(["--data", "synthderm", "--split", "val", "--n", "4", "--seed", "2", "--image-size", "64"], ids_only)
+    # 3 of the 4 rows were joined (row 0 carries its own label); the ids were matched in split "val"
+    assert meta["data"] == "synthderm" and meta["split"].startswith("val (seed 2, n 4") and meta["labels"].startswith("3 of 4")
+    (tmp_path / "f").mkdir()
+    csv_path, _, rows = _eval_write_f17k(tmp_path / "f", [("melanoma", 2), ("psoriasis", 5)], with_images=False)
+    meta = header(["--data", "fitzpatrick17k", "--csv", str(csv_path)],
+                  [{"id": r["md5hash"], "prediction": "1. " + r["label"]} for r in rows])
+    assert meta["data"] == "fitzpatrick17k" and "eval1000" not in meta["split"] and meta["labels"].startswith("2 of 2")
+    out = tmp_path / "model"
+    assert sf_eval.main(["--model", "tiny", "--n", "2", "--image-size", "56", "--max-pixels", str(56 * 56),
+                         "--max-new-tokens", "2", "--bootstrap", "20", "--no-lesion-focus", "--out", str(out)]) == 0
+    meta = json.loads((out / "metrics.json").read_text())["meta"]
+    assert (meta["source"], meta["data"], meta["split"]) == ("tiny", "synthderm", "test")
+
+
 # ===================================================================================================
 # Run summary (eval.py section 9): paired bootstrap, results table, curves
 # ===================================================================================================
@@ -4095,6 +4177,8 @@ def test_rl_train_sh_dry_run_parses(tmp_path):
     assert any("rl.py stage2" in c and "--lr 5e-6" in c for c in cmds)
     assert any("eval.py summary" in c for c in cmds) and not any("rl.py warmup" in c for c in cmds)
     assert "preset 7b" in res.stdout
+    # a dry run wrote nothing, so it must not end by pointing at results
+    assert res.stdout.splitlines()[-1].startswith("[train.sh] dry run: nothing was run") and "results in" not in res.stdout
 
 
 def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path, capsys):
@@ -4605,6 +4689,24 @@ def test_rl_grpo_learns_a_reward_it_can_reach(tmp_path, monkeypatch):
     r = [rec["reward_mean"] for rec in _rl_log(tmp_path / "run" / "stage2" / "log.jsonl")]
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
     assert len(r) == 20 and last > first + 0.05, (round(first, 3), round(last, 3), [round(x, 2) for x in r])
+
+
+
+def test_rl_train_dve_without_dve_layers_is_an_error_not_lora_alone(tmp_path, capsys):
+    """`--train lora,dve` without `--dve` once trained LoRA alone, silently. Now: a clear error naming --dve,
+    at flag-check time for the presets (no DVE layers) and in the Trainer for any init without them; the
+    default --train is "lora" (what that default really trained); with --dve the DVE gates do train."""
+    assert rl.TrainConfig().train == "lora"
+    with pytest.raises(SystemExit) as ei:
+        rl.main(["stage2", "--train", "lora,dve", "--dry-run"])
+    assert ei.value.code == 2 and "--dve" in capsys.readouterr().err
+    assert rl.main(["stage2", "--train", "lora,dve", "--dve", "--dry-run"]) == 0
+    assert rl.main(["warmup", "--train", "lora,dve", "--dry-run"]) == 0      # warmup trains llm+vision anyway
+    for train in ("lora,dve", "dve"):
+        with pytest.raises(ValueError, match="add --dve"):
+            rl.Trainer(_rl_cfg(tmp_path / train, "stage2", train=train))
+    tr = rl.Trainer(_rl_cfg(tmp_path / "ok", "stage2", train="lora,dve", dve=True))
+    assert tr.counts["dve"] > 0 and tr.counts["lora"] > 0, tr.counts
 
 
 # ===================================================================================================
