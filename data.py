@@ -1922,7 +1922,7 @@ def skincap_guard(test_records: list, caption_ids) -> tuple[list, int]:
 # file, phone photos whose orientation lives only in the EXIF tag, and PNG bytes saved under a .jpg name.
 # Every one of them must reach the model as the same thing: an 8-bit RGB PIL image, upright, that
 # skinflow.preprocess_image then resizes within max_pixels exactly like a SynthDerm image. open_image is
-# the one place that knows how; skinflow.py --image, `diagnose`, eval.py and rl.py (through iterate /
+# the one place that knows how; eval.py generate --image, `diagnose`, eval.py and rl.py (through iterate /
 # Fitzpatrick17kData) all call it, so a broken file gives the same one-line ImageError everywhere.
 # ---------------------------------------------------------------------------------------------------
 class ImageError(ValueError):

@@ -27,22 +27,39 @@ weight matrix, assembled from K fixed pieces of the pretrained weight:
 "Virtual width": y_t = sum_k a_bk (W_k (x_t * c_b)) * f_b is a K*d_out-wide layer [W_1; ...; W_K] whose
 K copies are gated per image and summed, but it costs one d_out-wide product after assembly.
 
-This file holds: the band split (`band_ids`), the layer (`FDLinear`) with a readable reference path
-and the fast paths, the custom op wrapper for csrc/fdlinear.cpp (+ csrc/fdlinear_cuda.cu), the model
-conversion `apply_dve`, the GRPO reference-policy switch `dve_static`, and the overhead report.
+Sections (the numbered banners below, top to bottom). The paper's operator comes first and stands
+together (1-4); the plumbing follows the marker "below: plumbing (not in the paper)":
+
+  1. Fourier Disjoint Weight: the band split (`band_ids`, `max_bands`)
+  2. Kernel Spectral Modulation: descriptor -> gates (`KSM`)
+  3. the layer (`FDLinear`) with its readable reference (`fdlinear_reference`) and the choice of fast path
+  4. converting a model (`apply_dve`), the DVE's trainable part (`dve_parameters`), the GRPO
+     reference-policy switch (`dve_static`) and the parameter-overhead report
+  ----- below: plumbing (not in the paper) -----
+  5. packed images: cu_seqlens -> segment ids, per-image means
+  6. the custom op wrapper for csrc/fdlinear.cpp (+ csrc/fdlinear_cuda.cu) and its first-use self-check
+  7. the one-layer benchmark bench.py calls
+  8. the project's ONE checkpoint loader (`load`, `from_pretrained`, `load_checkpoint`,
+     `load_with_deltas`): every entry point that reads a checkpoint (rl.py --init, eval.py --model,
+     `eval.py generate|diagnose`, so train.sh's chain) loads through it (bench.py builds shapes, loads none). It lives here because dve.py is the lowest import floor that knows every piece of
+     a SkinFlow checkpoint: dve.py imports skinflow.py and no other project module (issue 14).
 Choices where the paper is silent are listed in the README (section DVE) and next to the code.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import skinflow  # the floor below (issue 14): dve.py imports skinflow.py and nothing else of the project
 
 # The paper's DVE blocks: vision layers 8, 16, 24, 32 counted from 1 = Qwen2.5-VL's full-attention blocks.
 DEFAULT_BLOCKS = (7, 15, 23, 31)
@@ -161,186 +178,7 @@ class KSM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Packed images: cu_seqlens -> segment ids, per-image means, padded batches
-# ---------------------------------------------------------------------------------------------------
-class _Segments:
-    """Token -> image bookkeeping for a packed sequence (x [T, d] with images back to back).
-
-    cu_seqlens = per-IMAGE cumulative token counts [n_img + 1] (0, N_1, N_1 + N_2, ..., T). Qwen2.5-VL also
-    has per-WINDOW seqlens; those would give each window its own weight, which is not the paper's
-    per-image descriptor, so the backbone passes the per-image ones.
-    """
-
-    def __init__(self, cu_seqlens, T: int, device):
-        if cu_seqlens is None:                                             # a lone image
-            cu = [0, T]
-        else:
-            if not torch.is_tensor(cu_seqlens):
-                cu_seqlens = torch.as_tensor(cu_seqlens)
-            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-                raise ValueError(f"cu_seqlens must be a 1-D integer tensor [n_img + 1], got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
-            cu = cu_seqlens.tolist()                                       # one host copy: checks + padding size
-        lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
-        if cu[0] != 0 or cu[-1] != T or min(lengths) <= 0:
-            raise ValueError(f"cu_seqlens must rise strictly from 0 to the token count {T} (every image needs "
-                             f"at least one token), got {cu[:8]}{'...' if len(cu) > 8 else ''}")
-        self.n = len(lengths)                                              # images
-        self.max_len = max(lengths)
-        self.cu = torch.tensor(cu, dtype=torch.int64, device=device)       # [n + 1]
-        self.lengths = torch.tensor(lengths, dtype=torch.int64, device=device)  # [n]
-        self.seg = torch.repeat_interleave(torch.arange(self.n, device=device), self.lengths, output_size=T)  # [T]
-        self.pos = torch.arange(T, device=device) - self.cu[self.seg]      # [T] position inside its image
-
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        """d_b = (1/N_b) sum_{t in b} x_t  -> [n, d]; x should already be in the accumulation dtype."""
-        total = x.new_zeros(self.n, x.shape[1]).index_add_(0, self.seg, x)  # [n, d]
-        return total / self.lengths[:, None].to(x.dtype)
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, d] -> [n, max_len, d] (zeros after each image's last token) so one bmm serves all images."""
-        out = x.new_zeros(self.n, self.max_len, x.shape[1])
-        out[self.seg, self.pos] = x
-        return out
-
-    def unpad(self, y: torch.Tensor) -> torch.Tensor:
-        """[n, max_len, d] -> [T, d]."""
-        return y[self.seg, self.pos]
-
-
-def _segments_apply(x: torch.Tensor, W: torch.Tensor, seg: _Segments) -> torch.Tensor:
-    """y_t = W_b x_t for the image b of token t, all images in ONE batched matmul (no Python loop).
-
-    x [T, d_in], W [n, d_out, d_in] -> [T, d_out]. Images are zero-padded to the longest one; with equal
-    image sizes (the usual case: one resolution) nothing is wasted.
-    """
-    return seg.unpad(torch.bmm(seg.pad(x), W.transpose(1, 2)))           # [n, L, d_in] @ [n, d_in, d_out]
-
-
-# ---------------------------------------------------------------------------------------------------
-# 4. The custom op (csrc/fdlinear.cpp + csrc/fdlinear_cuda.cu): mix the band tiles while loading them
-# ---------------------------------------------------------------------------------------------------
-_EXT = "unset"
-
-
-def _extension():
-    """The compiled op, or None (build failed, or SKINFLOW_NO_EXT=1). Built once per process."""
-    global _EXT
-    if os.environ.get("SKINFLOW_NO_EXT", "") not in ("", "0"):
-        return None
-    if _EXT == "unset":
-        import skinflow  # local import: skinflow imports dve for from_pretrained
-
-        _EXT = skinflow.build_extension("fdlinear")
-    return _EXT
-
-
-class _MixApply(torch.autograd.Function):
-    """y_t = (sum_k a_bk W_k) x_t with the custom op; W_b only ever exists as a tile in fast memory.
-
-    Backward (recomputing the tiles, so training memory never holds a per-image weight):
-        dx_t   = W_b^T dy_t
-        da_bk  = <W_k, P_b>_F            with P_b = sum_{t in b} dy_t x_t^T   [d_out, d_in], per tile
-        dW_k   = sum_b a_bk P_b          (only when the bands train)
-    """
-
-    @staticmethod
-    def forward(ctx, x, cu, a, bases):
-        ext = _extension()
-        ctx.save_for_backward(x, cu, a, bases)
-        return ext.mix_apply_forward(x, cu, a, bases)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, cu, a, bases = ctx.saved_tensors
-        dx, da, dbases = _extension().mix_apply_backward(dy.contiguous(), x, cu, a, bases, ctx.needs_input_grad[3])
-        return (dx if ctx.needs_input_grad[0] else None, None,
-                da if ctx.needs_input_grad[2] else None,
-                dbases if ctx.needs_input_grad[3] else None)
-
-
-def _extension_ok(ext, device) -> bool:
-    """skinflow.extension_ok for csrc/fdlinear (registers the check on first call)."""
-    import skinflow
-
-    skinflow.register_extension_check("fdlinear", _check_fdlinear)
-    return skinflow.extension_ok("fdlinear", device, ext)
-
-
-def _check_fdlinear(ext, device) -> dict:
-    """First-use self-check of csrc/fdlinear on `device` (see skinflow.extension_ok): y = (sum_k a_bk W_k) x_t
-    and its three gradients (dx, da, dbases) against float64 autograd on small random inputs (two images of
-    unequal length, sizes that are not multiples of a tile), fp32, and also bf16 on CUDA.
-    Returns the worst case as {"max_err", "tol", "what"}."""
-    import skinflow
-
-    g = torch.Generator().manual_seed(15)
-    cases = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
-    found = []
-    for dtype in cases:
-        T, d_in, d_out, K = 37, 72, 40, 3
-        x = torch.randn(T, d_in, generator=g).to(device=device, dtype=dtype)             # [T, d_in]
-        cu = torch.tensor([0, 15, T], dtype=torch.int64, device=device)                  # two images
-        a = (2 * torch.rand(2, K, generator=g)).to(device)                               # [n, K] fp32 gains
-        bases = (0.1 * torch.randn(K, d_out, d_in, generator=g)).to(device=device, dtype=dtype)  # [K, d_out, d_in]
-        dy = torch.randn(T, d_out, generator=g).to(device=device, dtype=dtype)           # [T, d_out]
-        y = ext.mix_apply_forward(x.contiguous(), cu, a.contiguous(), bases.contiguous())
-        dx, da, db = ext.mix_apply_backward(dy.contiguous(), x.contiguous(), cu, a.contiguous(), bases.contiguous(), True)
-        # float64 oracle with autograd: W_b = sum_k a_bk W_k, y_t = W_b x_t
-        x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, a, bases))
-        seg = torch.tensor([0] * 15 + [1] * (T - 15), device=device)                      # [T] image of token t
-        W = torch.einsum("nk,koi->noi", a64, b64)                                        # [n, d_out, d_in]
-        ref = torch.einsum("toi,ti->to", W[seg], x64)                                    # [T, d_out]
-        rdx, rda, rdb = torch.autograd.grad(ref, (x64, a64, b64), dy.double())
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
-        for what, got, want in (("y", y, ref), ("dx", dx, rdx), ("da", da, rda), ("dbases", db, rdb)):
-            err = float((got.double() - want.detach()).abs().max() / (1 + want.detach().abs().max()))
-            found.append((err / tol if err == err else math.inf, err, tol, f"{what} {dtype} (relative)"))
-    return skinflow.worst_check(found)
-
-
-def mix_apply(x: torch.Tensor, cu_seqlens: torch.Tensor, a: torch.Tensor, bases: torch.Tensor, impl: str = "auto"):
-    """y_t = (sum_k a_bk W_k) x_t for a packed sequence: x [T, d_in], a [n, K], bases [K, d_out, d_in].
-
-    impl: "kernel" (the csrc op; error if it cannot run), "torch" (batched einsum + bmm under activation
-    checkpointing), "auto" (kernel when it builds, the dtype/device/K fit and it passed its first-use
-    self-check on this device, skinflow.extension_ok; else torch).
-    """
-    if impl not in ("auto", "kernel", "torch"):
-        raise ValueError(f"impl must be auto|kernel|torch, got {impl!r}")
-    seg = _Segments(cu_seqlens, x.shape[0], x.device)
-    if impl != "torch":
-        ok_dtype = x.dtype in ((torch.float32, torch.float64) if x.device.type == "cpu"
-                               else (torch.float32, torch.float64, torch.float16, torch.bfloat16))
-        ext = _extension() if ok_dtype and a.shape[1] <= KERNEL_MAX_K else None
-        if ext is not None and (x.device.type == "cpu" or hasattr(ext, "has_cuda") and ext.has_cuda()) and \
-                (impl == "kernel" or _extension_ok(ext, x.device)):  # "auto": only after its first-use check
-            bases = bases.to(x.dtype).contiguous()
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            return _MixApply.apply(x.contiguous(), seg.cu, a.to(acc).contiguous(), bases)
-        if impl == "kernel":
-            import skinflow
-
-            raise RuntimeError("fdlinear kernel unavailable for this input: "
-                               + skinflow.EXTENSION_ERRORS.get("fdlinear", f"dtype {x.dtype}, device {x.device}, K {a.shape[1]}"))
-    return _maybe_checkpoint(_mix_torch, x, a, bases, seg=seg)
-
-
-def _mix_torch(x, a, bases, seg):
-    """PyTorch path: W_b = sum_k a_bk W_k for all images in one einsum, then one batched matmul."""
-    W = torch.einsum("nk,koi->noi", a.to(bases.dtype), bases).to(x.dtype)  # [n, d_out, d_in]
-    return _segments_apply(x, W, seg)
-
-
-def _maybe_checkpoint(fn, *args, seg):
-    """Run fn under activation checkpointing when autograd records: the per-image weights built inside
-    are then recomputed in backward instead of being stored (n * d_out * d_in floats per layer)."""
-    if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in args):
-        return checkpoint(fn, *args, seg=seg, use_reentrant=False)
-    return fn(*args, seg=seg)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 5. FDLinear
+# 3. FDLinear
 # ---------------------------------------------------------------------------------------------------
 class FDLinear(nn.Module):
     """Frequency Dynamic Linear: a drop-in for a vision-MLP nn.Linear with a per-image weight.
@@ -521,7 +359,7 @@ def fdlinear_reference(x, cu_seqlens, spectrum, band_id, a, c, f, bias=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. Converting a model: apply_dve, the static switch, the overhead report
+# 4. Converting a model: apply_dve, the static switch, the overhead report
 # ---------------------------------------------------------------------------------------------------
 def _vision_blocks(model):
     visual = getattr(model, "visual", None)
@@ -634,13 +472,193 @@ def format_overhead(report: dict) -> str:
 def preset_overhead(preset: str = "3b", blocks=DEFAULT_BLOCKS, K: int = DEFAULT_K, linears=DEFAULT_LINEARS) -> dict:
     """The overhead report for a real model shape (skinflow.Config.preset: "3b" | "7b"), computed on the
     META device: no weights are allocated, so this runs anywhere in a second."""
-    import skinflow
-
     with torch.device("meta"):
         model = skinflow.VLM(skinflow.Config.preset(preset), init=False)
         return apply_dve(model, blocks=blocks, K=K, linears=linears)
 
 
+# ###################################################################################################
+# ===== below: plumbing (not in the paper) =====
+# Sections 1-4 above are the DVE as the paper describes it: the Fourier-disjoint band split, the KSM
+# gates, the FDLinear layer (with its readable reference, `fdlinear_reference`) and the conversion of
+# a Qwen2.5-VL vision tower. Below: packed-image bookkeeping, the fused custom op, the benchmark, and
+# the project's one checkpoint loader.
+# ###################################################################################################
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Packed images: cu_seqlens -> segment ids, per-image means, padded batches
+# ---------------------------------------------------------------------------------------------------
+class _Segments:
+    """Token -> image bookkeeping for a packed sequence (x [T, d] with images back to back).
+
+    cu_seqlens = per-IMAGE cumulative token counts [n_img + 1] (0, N_1, N_1 + N_2, ..., T). Qwen2.5-VL also
+    has per-WINDOW seqlens; those would give each window its own weight, which is not the paper's
+    per-image descriptor, so the backbone passes the per-image ones.
+    """
+
+    def __init__(self, cu_seqlens, T: int, device):
+        if cu_seqlens is None:                                             # a lone image
+            cu = [0, T]
+        else:
+            if not torch.is_tensor(cu_seqlens):
+                cu_seqlens = torch.as_tensor(cu_seqlens)
+            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+                raise ValueError(f"cu_seqlens must be a 1-D integer tensor [n_img + 1], got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+            cu = cu_seqlens.tolist()                                       # one host copy: checks + padding size
+        lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
+        if cu[0] != 0 or cu[-1] != T or min(lengths) <= 0:
+            raise ValueError(f"cu_seqlens must rise strictly from 0 to the token count {T} (every image needs "
+                             f"at least one token), got {cu[:8]}{'...' if len(cu) > 8 else ''}")
+        self.n = len(lengths)                                              # images
+        self.max_len = max(lengths)
+        self.cu = torch.tensor(cu, dtype=torch.int64, device=device)       # [n + 1]
+        self.lengths = torch.tensor(lengths, dtype=torch.int64, device=device)  # [n]
+        self.seg = torch.repeat_interleave(torch.arange(self.n, device=device), self.lengths, output_size=T)  # [T]
+        self.pos = torch.arange(T, device=device) - self.cu[self.seg]      # [T] position inside its image
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """d_b = (1/N_b) sum_{t in b} x_t  -> [n, d]; x should already be in the accumulation dtype."""
+        total = x.new_zeros(self.n, x.shape[1]).index_add_(0, self.seg, x)  # [n, d]
+        return total / self.lengths[:, None].to(x.dtype)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, d] -> [n, max_len, d] (zeros after each image's last token) so one bmm serves all images."""
+        out = x.new_zeros(self.n, self.max_len, x.shape[1])
+        out[self.seg, self.pos] = x
+        return out
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        """[n, max_len, d] -> [T, d]."""
+        return y[self.seg, self.pos]
+
+
+def _segments_apply(x: torch.Tensor, W: torch.Tensor, seg: _Segments) -> torch.Tensor:
+    """y_t = W_b x_t for the image b of token t, all images in ONE batched matmul (no Python loop).
+
+    x [T, d_in], W [n, d_out, d_in] -> [T, d_out]. Images are zero-padded to the longest one; with equal
+    image sizes (the usual case: one resolution) nothing is wasted.
+    """
+    return seg.unpad(torch.bmm(seg.pad(x), W.transpose(1, 2)))           # [n, L, d_in] @ [n, d_in, d_out]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. The custom op (csrc/fdlinear.cpp + csrc/fdlinear_cuda.cu): mix the band tiles while loading them
+# ---------------------------------------------------------------------------------------------------
+_EXT = "unset"
+
+
+def _extension():
+    """The compiled op, or None (build failed, or SKINFLOW_NO_EXT=1). Built once per process."""
+    global _EXT
+    if os.environ.get("SKINFLOW_NO_EXT", "") not in ("", "0"):
+        return None
+    if _EXT == "unset":
+        _EXT = skinflow.build_extension("fdlinear")
+    return _EXT
+
+
+class _MixApply(torch.autograd.Function):
+    """y_t = (sum_k a_bk W_k) x_t with the custom op; W_b only ever exists as a tile in fast memory.
+
+    Backward (recomputing the tiles, so training memory never holds a per-image weight):
+        dx_t   = W_b^T dy_t
+        da_bk  = <W_k, P_b>_F            with P_b = sum_{t in b} dy_t x_t^T   [d_out, d_in], per tile
+        dW_k   = sum_b a_bk P_b          (only when the bands train)
+    """
+
+    @staticmethod
+    def forward(ctx, x, cu, a, bases):
+        ext = _extension()
+        ctx.save_for_backward(x, cu, a, bases)
+        return ext.mix_apply_forward(x, cu, a, bases)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, cu, a, bases = ctx.saved_tensors
+        dx, da, dbases = _extension().mix_apply_backward(dy.contiguous(), x, cu, a, bases, ctx.needs_input_grad[3])
+        return (dx if ctx.needs_input_grad[0] else None, None,
+                da if ctx.needs_input_grad[2] else None,
+                dbases if ctx.needs_input_grad[3] else None)
+
+
+def _extension_ok(ext, device) -> bool:
+    """skinflow.extension_ok for csrc/fdlinear (registers the check on first call)."""
+    skinflow.register_extension_check("fdlinear", _check_fdlinear)
+    return skinflow.extension_ok("fdlinear", device, ext)
+
+
+def _check_fdlinear(ext, device) -> dict:
+    """First-use self-check of csrc/fdlinear on `device` (see skinflow.extension_ok): y = (sum_k a_bk W_k) x_t
+    and its three gradients (dx, da, dbases) against float64 autograd on small random inputs (two images of
+    unequal length, sizes that are not multiples of a tile), fp32, and also bf16 on CUDA.
+    Returns the worst case as {"max_err", "tol", "what"}."""
+    g = torch.Generator().manual_seed(15)
+    cases = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    found = []
+    for dtype in cases:
+        T, d_in, d_out, K = 37, 72, 40, 3
+        x = torch.randn(T, d_in, generator=g).to(device=device, dtype=dtype)             # [T, d_in]
+        cu = torch.tensor([0, 15, T], dtype=torch.int64, device=device)                  # two images
+        a = (2 * torch.rand(2, K, generator=g)).to(device)                               # [n, K] fp32 gains
+        bases = (0.1 * torch.randn(K, d_out, d_in, generator=g)).to(device=device, dtype=dtype)  # [K, d_out, d_in]
+        dy = torch.randn(T, d_out, generator=g).to(device=device, dtype=dtype)           # [T, d_out]
+        y = ext.mix_apply_forward(x.contiguous(), cu, a.contiguous(), bases.contiguous())
+        dx, da, db = ext.mix_apply_backward(dy.contiguous(), x.contiguous(), cu, a.contiguous(), bases.contiguous(), True)
+        # float64 oracle with autograd: W_b = sum_k a_bk W_k, y_t = W_b x_t
+        x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, a, bases))
+        seg = torch.tensor([0] * 15 + [1] * (T - 15), device=device)                      # [T] image of token t
+        W = torch.einsum("nk,koi->noi", a64, b64)                                        # [n, d_out, d_in]
+        ref = torch.einsum("toi,ti->to", W[seg], x64)                                    # [T, d_out]
+        rdx, rda, rdb = torch.autograd.grad(ref, (x64, a64, b64), dy.double())
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        for what, got, want in (("y", y, ref), ("dx", dx, rdx), ("da", da, rda), ("dbases", db, rdb)):
+            err = float((got.double() - want.detach()).abs().max() / (1 + want.detach().abs().max()))
+            found.append((err / tol if err == err else math.inf, err, tol, f"{what} {dtype} (relative)"))
+    return skinflow.worst_check(found)
+
+
+def mix_apply(x: torch.Tensor, cu_seqlens: torch.Tensor, a: torch.Tensor, bases: torch.Tensor, impl: str = "auto"):
+    """y_t = (sum_k a_bk W_k) x_t for a packed sequence: x [T, d_in], a [n, K], bases [K, d_out, d_in].
+
+    impl: "kernel" (the csrc op; error if it cannot run), "torch" (batched einsum + bmm under activation
+    checkpointing), "auto" (kernel when it builds, the dtype/device/K fit and it passed its first-use
+    self-check on this device, skinflow.extension_ok; else torch).
+    """
+    if impl not in ("auto", "kernel", "torch"):
+        raise ValueError(f"impl must be auto|kernel|torch, got {impl!r}")
+    seg = _Segments(cu_seqlens, x.shape[0], x.device)
+    if impl != "torch":
+        ok_dtype = x.dtype in ((torch.float32, torch.float64) if x.device.type == "cpu"
+                               else (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        ext = _extension() if ok_dtype and a.shape[1] <= KERNEL_MAX_K else None
+        if ext is not None and (x.device.type == "cpu" or hasattr(ext, "has_cuda") and ext.has_cuda()) and \
+                (impl == "kernel" or _extension_ok(ext, x.device)):  # "auto": only after its first-use check
+            bases = bases.to(x.dtype).contiguous()
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            return _MixApply.apply(x.contiguous(), seg.cu, a.to(acc).contiguous(), bases)
+        if impl == "kernel":
+            raise RuntimeError("fdlinear kernel unavailable for this input: "
+                               + skinflow.EXTENSION_ERRORS.get("fdlinear", f"dtype {x.dtype}, device {x.device}, K {a.shape[1]}"))
+    return _maybe_checkpoint(_mix_torch, x, a, bases, seg=seg)
+
+
+def _mix_torch(x, a, bases, seg):
+    """PyTorch path: W_b = sum_k a_bk W_k for all images in one einsum, then one batched matmul."""
+    W = torch.einsum("nk,koi->noi", a.to(bases.dtype), bases).to(x.dtype)  # [n, d_out, d_in]
+    return _segments_apply(x, W, seg)
+
+
+def _maybe_checkpoint(fn, *args, seg):
+    """Run fn under activation checkpointing when autograd records: the per-image weights built inside
+    are then recomputed in backward instead of being stored (n * d_out * d_in floats per layer)."""
+    if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in args):
+        return checkpoint(fn, *args, seg=seg, use_reentrant=False)
+    return fn(*args, seg=seg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Benchmark of one layer (for bench.py): static nn.Linear vs FDLinear's paths
+# ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _forced_fallback():
     """Temporarily set SKINFLOW_NO_EXT=1 (the PyTorch path), restoring the previous value after."""
@@ -735,6 +753,148 @@ def main(argv=None) -> int:
         for k in args.k.split(","):
             print(name, format_overhead(preset_overhead(name.strip(), K=int(k))))
     return 0
+
+
+# ===================================================================================================
+# 8. The one checkpoint loader (plumbing: checkpoint I/O, not in the paper)
+#
+# Every entry point that reads a checkpoint loads it here: rl.py --init, eval.py --model, `eval.py
+# generate|diagnose --ckpt`, and so train.sh's chain (bench.py builds models from configs, loads none). This is the lowest import floor that knows every piece a SkinFlow
+# checkpoint can hold (issue 14): the backbone (skinflow.VLM.from_pretrained), the DVE layers (rebuilt
+# from config.json's "dve" entry by `rebuild_dve`, before any tensor is read), a LoRA adapter (merged
+# into the weights of an fp32 export, or the unmerged lora.safetensors of a bf16 export, which
+# from_pretrained re-attaches), and an rl.py training checkpoint (`load_with_deltas`: base + the saved
+# trainable tensors). skinflow.py itself imports no project module, so it takes `rebuild_dve` as a hook.
+#
+#   load(name_or_path_or_preset, dtype, device, seed)  -> (model, tokenizer): preset, Hub id or export dir
+#   from_pretrained(path, dtype, device)               -> model: skinflow.VLM.from_pretrained + the DVE hook
+#   load_checkpoint(model_arg, ckpt, dtype, device)    -> (model, tokenizer, description): + a run folder
+#   load_with_deltas(model, ckpt_file)                 rl.py's checkpoint.safetensors applied in place
+# ===================================================================================================
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (no model there, deltas without a base, names that do not fit):
+    one readable line. A ValueError, so the CLIs print it as "error: ..." and exit 2 (eval.DiagnoseError
+    is this class)."""
+
+
+def rebuild_dve(model, cfg) -> set:
+    """The DVE hook of skinflow.VLM.from_pretrained: turn the META model into the checkpoint's DVE model
+    (cfg.dve = {"blocks", "K", "linears"}, as apply_dve recorded it) before its tensors are read, and
+    return the names of the FDLinear tensors that are fp32 by construction (spectrum, KSM heads), which
+    the loader keeps fp32 even in a bf16 model."""
+    spec = dict(cfg.dve)
+    apply_dve(model, blocks=tuple(spec.get("blocks", DEFAULT_BLOCKS)), K=spec.get("K", DEFAULT_K),
+              linears=tuple(spec.get("linears", DEFAULT_LINEARS)))
+    return {f"{mn}.{pn}" for mn, m in fdlinears(model) for pn, p in m.named_parameters()
+            if p.dtype == torch.float32}
+
+
+def from_pretrained(name_or_path, dtype=torch.float32, device="cpu") -> "skinflow.VLM":
+    """skinflow.VLM.from_pretrained for any SkinFlow export: with DVE layers or without."""
+    return skinflow.VLM.from_pretrained(name_or_path, dtype=dtype, device=device, convert=rebuild_dve)
+
+
+def load(name_or_path_or_preset="tiny", dtype=torch.float32, device="cpu", seed: int = 0):
+    """-> (VLM, Tokenizer): skinflow.load ("tiny" | "3b" | "7b" | Hub id | local dir) with the DVE hook.
+    The loader of rl.py --init and eval.py --model."""
+    return skinflow.load(name_or_path_or_preset, dtype=dtype, device=device, seed=seed, convert=rebuild_dve)
+
+
+# Checkpoint layouts a user may point --ckpt at (what rl.py writes, in order of preference):
+#   <dir>/config.json + model.safetensors        an exported model (VLM.save_pretrained; rl.py's
+#                                                <out>/<stage>/model, LoRA merged, DVE kept, + tokenizer.json)
+#   <dir>/model/                                 a stage folder after export (<out>/<stage>)
+#   <dir>/{stage2,stage1,warmup}/model/          a whole run folder: the LATEST stage present is used
+#   <dir>/checkpoint.safetensors (+ no model/)   a stage still training: base (--model) + the saved trainable
+#                                                deltas ("param/<name>" = LoRA A/B, DVE spectra) re-applied
+_STAGE_ORDER = ("stage2", "stage1", "warmup", "vision")
+
+
+def find_checkpoint(ckpt) -> tuple[str, Path]:
+    """-> ("model", dir with config.json) or ("deltas", path of checkpoint.safetensors)."""
+    root = Path(ckpt).expanduser()
+    if not root.exists():
+        raise CheckpointError(f"--ckpt {ckpt}: no such directory")
+    if root.is_file() and root.suffix == ".safetensors":
+        return "deltas", root
+    cands = [root, root / "model"] + [root / s / "model" for s in _STAGE_ORDER]
+    for c in cands:
+        if (c / "config.json").exists():
+            return "model", c
+    for c in [root] + [root / s for s in _STAGE_ORDER]:
+        if (c / "checkpoint.safetensors").exists():
+            return "deltas", c / "checkpoint.safetensors"
+    raise CheckpointError(f"--ckpt {ckpt}: found no model (config.json + model.safetensors) and no rl.py "
+                          "checkpoint.safetensors there, in model/, or in stage2|stage1|warmup|vision/")
+
+
+def load_with_deltas(model, ckpt_file) -> dict:
+    """Re-apply an rl.py training checkpoint to a freshly loaded BASE model, in place; returns its config.
+
+    rl.Trainer.save_checkpoint stores the trainable tensors as "param/<parameter name>" (fp32 masters) and
+    its TrainConfig as JSON metadata. We rebuild the same module structure the trainer had (DVE FDLinears
+    when cfg.dve, LoRA adapters when "lora" was trained), then copy every saved tensor into the parameter
+    of the same name. A name that does not exist is an error (wrong base model or different options).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt_file), framework="pt") as f:
+        meta = f.metadata() or {}
+        params = {k[len("param/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("param/")}
+    if not params:
+        raise CheckpointError(f"{ckpt_file}: holds no 'param/...' tensors (not an rl.py checkpoint)")
+    # Mirror rl.Trainer.__init__: which sets were trained decides which modules must exist. The warm start
+    # is full-parameter SFT, so its "param/..." names are the plain model's (no LoRA wrappers).
+    cfg = json.loads(meta.get("config", "{}"))
+    sets = {s.strip() for s in str(cfg.get("train", "lora,dve")).split(",") if s.strip()}
+    if cfg.get("stage") in ("vision", "warmup"):
+        sets = {"llm"}
+    device = model.device
+    if cfg.get("dve"):
+        if not fdlinears(model):   # a Stage II run may start from a Stage I export that already has DVE
+            apply_dve(model, blocks=None, K=int(cfg.get("dve_k", 4)))
+    if "lora" in sets:
+        skinflow.apply_lora(model, int(cfg.get("lora_rank", 16)), float(cfg.get("lora_alpha", 32.0)))
+    model.to(device)                   # the new adapter / DVE tensors are created on the CPU
+    names = dict(model.named_parameters())
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise CheckpointError(f"{ckpt_file}: {len(unknown)} saved tensors have no parameter in this model "
+                              f"(e.g. {unknown[0]}); pass the run's base model with --model")
+    # The saved tensors are fp32 masters; copy_ casts them to the model's dtype (bf16 runs included).
+    with torch.no_grad():
+        for n, t in params.items():
+            if tuple(t.shape) != tuple(names[n].shape):
+                raise CheckpointError(f"{ckpt_file}: {n} has shape {tuple(t.shape)} but the model's is "
+                                      f"{tuple(names[n].shape)}; pass the run's base model with --model")
+            names[n].copy_(t.to(names[n].dtype))
+    return cfg
+
+
+def load_checkpoint(model_arg, ckpt=None, dtype="float32", device="cpu"):
+    """-> (model, tokenizer, description). --ckpt wins over --model for an exported model; for a training
+    checkpoint --model is the base that the deltas are applied to."""
+    # The tokenizer always travels with the weights it was trained with: an exported model folder holds
+    # its own tokenizer.json (rl.Trainer.export saves it); a deltas checkpoint uses the base's.
+    dt = getattr(torch, dtype)
+    if ckpt is None:
+        model, tok = load(model_arg, dtype=dt, device=device)
+        return model.eval(), tok, f"base model {model_arg}"
+    kind, where = find_checkpoint(ckpt)
+    if kind == "model":
+        model = from_pretrained(where, dtype=dt, device=device)
+        if (where / "tokenizer.json").exists():
+            tok = skinflow.Tokenizer.from_pretrained(where)
+        elif model_arg is not None:      # an export without tokenizer: take the base model's
+            tok = skinflow.Tokenizer.from_pretrained(skinflow.HUB_IDS.get(str(model_arg).lower(), model_arg))
+        else:
+            raise CheckpointError(f"{where} has no tokenizer.json: pass the base model with --model")
+        return model.eval(), tok, f"fine-tuned model {where}"
+    if model_arg is None:
+        raise CheckpointError(f"{where} stores only the trained deltas: pass the base model with --model")
+    model, tok = load(model_arg, dtype=dt, device=device)
+    cfg = load_with_deltas(model, where)
+    return model.eval(), tok, f"base {model_arg} + {cfg.get('stage', '?')} deltas from {where}"
 
 
 if __name__ == "__main__":  # python dve.py: the overhead table for the real shapes

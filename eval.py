@@ -7,26 +7,31 @@ or a valid subtype -- sits at rank 1 (Top-1) or anywhere in the list (Top-6). Th
 hierarchy and the safety rules were not released, so this module rebuilds the protocol as a
 *deterministic, offline* judge that anyone can rerun, and keeps an LLM judge as an option.
 
-Map of the file (the numbered banners below follow this order, top to bottom):
+Map of the file (the numbered banners below follow this order, top to bottom). The paper's protocol
+comes first and stands together (sections 1-4: answer -> label -> verdict -> Top-k); the plumbing
+follows the marker "below: plumbing (not in the paper)". This module stands on skinflow.py, dve.py
+(the one checkpoint loader, dve.load) and data.py, never on rl.py (rl.py's rewards call this judge).
 
-1. Vocabulary. `canonical(text)` maps free text ("BCC", "Kaposi's sarcoma", "naevi") to one of the 114
-              Fitzpatrick17k labels (data.TAXONOMY keys) or None. The alias table ALIASES is the single
-              home of synonyms in this repo (rl.py's rewards call `canonical`).
-2. Judge.     `judge(prediction, truth)` -> correct | subtype | near_miss | safety_critical | wrong |
-              unknown, using SYNONYMS, SUBTYPES, the near-miss families (data.FAMILY) and the
-              three-partition of Fitzpatrick17k.
-3. Parsers.   `parse_ranked_list` / `parse_caption` turn a raw generation into the Stage II ranked list
+1. Parsers.   `parse_ranked_list` / `parse_caption` turn a raw generation into the Stage II ranked list
               (<= 6 entries) and the Stage I caption fields. They never raise; the `_ex` companions also
               return a flag saying whether the text followed the requested format.
+2. Vocabulary. `canonical(text)` maps free text ("BCC", "Kaposi's sarcoma", "naevi") to one of the 114
+              Fitzpatrick17k labels (data.TAXONOMY keys) or None. The alias table ALIASES is the single
+              home of synonyms in this repo (rl.py's rewards call `canonical`).
+3. Judge.     `judge(prediction, truth)` -> correct | subtype | near_miss | safety_critical | wrong |
+              unknown, using SYNONYMS, SUBTYPES, the near-miss families (data.FAMILY) and the
+              three-partition of Fitzpatrick17k.
 4. Metrics.   `clinical_metrics(cases)`: clinical and strict Top-1/Top-6, MRR, near-miss, safety-critical
               and format-failure rates, each with a bootstrap 95 % interval, by skin type and partition.
+   ----- below: plumbing (not in the paper) -----
 5. Report.    `write_report` -> report.md + metrics.json + cases.jsonl + a pillow bar chart.
-6. LLM judge. `LLMJudge`: an OpenAI-compatible chat endpoint over urllib, majority of N runs.
-7. CLI.       `python eval.py --model ... | --predictions preds.jsonl ... --out DIR`.
-8. Seeing.    `attention_maps`, `draw_heatmap`, `lesion_focus` (final-token attention on the lesion) and
-              `diagnose`, reached as `python skinflow.py diagnose IMAGE`.
-9. Summary.   `python eval.py summary RUN_DIR`: the results table of a train.sh run (paired-bootstrap
+6. Summary.   `python eval.py summary RUN_DIR`: the results table of a train.sh run (paired-bootstrap
               gain over the warm start), the ablation table next to the paper's, and curves.png.
+7. Seeing.    `attention_maps`, `draw_heatmap`, `lesion_focus` (final-token attention on the lesion) and
+              `diagnose`, run as `python eval.py diagnose IMAGE` (it was `skinflow.py diagnose`).
+8. LLM judge. `LLMJudge`: an OpenAI-compatible chat endpoint over urllib, majority of N runs.
+9. CLI.       `python eval.py --model ... | --predictions preds.jsonl ... --out DIR`, and the subcommands
+              `summary`, `diagnose`, `generate` (the backbone demo that was `python skinflow.py`).
 
 Every rule below is a *choice* where the paper is silent; each one is written next to an example.
 
@@ -66,6 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
+import dve  # the one checkpoint loader (dve.load, dve.load_checkpoint); eval.py never imports rl.py
 from data import CAPTION_FIELDS, FAMILY, TAXONOMY
 
 # A dermatologist's differential is a short ranked list; SkinFlow scores six entries (Top-6), so a seventh
@@ -75,531 +81,7 @@ VERDICTS = ("correct", "subtype", "near_miss", "safety_critical", "wrong", "unkn
 CREDITED = ("correct", "subtype")  # the verdicts that count as a hit for clinical Top-k (paper: correct + subclass)
 
 # ===================================================================================================
-# 1. Vocabulary: normalisation, aliases, abbreviations
-# ===================================================================================================
-# Why a hand-written vocabulary and not an embedding model or an LLM? A judge that changes when a model
-# server is upgraded cannot be rerun next year; a table under version control can, and every decision it
-# makes can be read and argued with (see the tests for one hand-checked example per rule). The price is
-# coverage: a diagnosis outside the 114 Fitzpatrick17k labels ("tinea corporis") is `unknown`, even when
-# a dermatologist would call it a reasonable differential. The optional LLM judge (section 6) is the
-# escape hatch for that.
-#
-# Every label and every alias goes through the same `_tokens` normalisation, so the rules only need to be
-# consistent, not linguistically perfect: "Darier's disease", "dariers disease" and "DARIER DISEASE"
-# all become the tokens ["darier", "disease"]. A normalisation step that mangles a word ("aerosol" ->
-# "erosol") is harmless as long as it mangles the label and the prediction the same way.
-
-# Lesion names are noun phrases, so a tiny stop list is enough. Hedge words ("probable melanoma") are
-# dropped too: the differential's rank already carries the uncertainty.
-_STOP = frozenset("a an the of and or with in on to for likely probable probably possible possibly suspected "
-                  "suspicious suspect consider considering query rule out r/o dx diagnosis differential "
-                  "type form variant".split())
-# A negated entry ("not melanoma") must not be read as a melanoma answer: it maps to None (unknown).
-_NEGATIONS = frozenset("not no without excluded unlikely non".split())
-
-# Abbreviations expanded token by token *before* matching, so "nodular BCC" reads as "nodular basal cell
-# carcinoma". Only abbreviations that are unambiguous in a dermatology differential are listed here;
-# riskier ones ("ga") exist only as whole-entry aliases below, and some are left out on purpose: "EM" is
-# erythema multiforme to one clinician and erythema migrans (Lyme disease) to another, two labels with
-# different treatments (supportive care vs antibiotics), so "EM" stays `unknown` rather than a guess.
-ABBREVIATIONS = {
-    "bcc": "basal cell carcinoma", "scc": "squamous cell carcinoma", "cscc": "squamous cell carcinoma",
-    "sk": "seborrheic keratosis", "ak": "actinic keratosis", "mf": "mycosis fungoides",
-    "ks": "kaposi sarcoma", "ssm": "superficial spreading melanoma", "lmm": "lentigo maligna melanoma",
-    "ctcl": "cutaneous t cell lymphoma", "sjs": "stevens johnson syndrome", "dsap": "disseminated superficial "
-    "actinic porokeratosis", "lch": "langerhans cell histiocytosis", "jxg": "juvenile xanthogranuloma",
-    "prp": "pityriasis rubra pilaris", "cmn": "congenital melanocytic nevus", "nf1": "neurofibromatosis",
-}
-
-# Synonyms and display variants for all 114 Fitzpatrick17k labels (keys = data.TAXONOMY keys, spelled as
-# in the CSV, typos included). Sources: standard dermatology synonyms, the DermaAmin atlas categories that
-# were folded into each label (e.g. keratoacanthoma and Bowen's disease under squamous cell carcinoma,
-# pyoderma gangrenosum and Sweet syndrome under neutrophilic dermatoses), and common abbreviations.
-# A name that is a *kind of* a label with no finer label of its own ("nodular melanoma") is an alias of
-# that label; kinds that ARE labels ("lentigo maligna") live in SUBTYPES instead.
-# Two folds deserve a note because they decide verdicts on common answers:
-#   * "nevus" / "mole" -> nevocytic nevus, the dataset's generic melanocytic-nevus label. So the classic
-#     dangerous answer to a melanoma image, "benign mole", is recognised and judged safety_critical
-#     instead of slipping through as `unknown`.
-#   * "keratoacanthoma" and "Bowen's disease" -> squamous cell carcinoma, because the atlas put those
-#     images under that label and because both are managed as (low-grade / in-situ) SCC. A reader who
-#     disagrees can move them; the alias-consistency test will say whether the table still holds.
-ALIASES: dict[str, tuple[str, ...]] = {
-    # -- genodermatoses --
-    "acrodermatitis enteropathica": ("zinc deficiency dermatitis", "zinc deficiency"),
-    "dariers disease": ("darier disease", "darier's disease", "keratosis follicularis", "darier white disease"),
-    "ehlers danlos syndrome": ("ehlers-danlos", "eds", "cutis hyperelastica"),
-    "epidermolysis bullosa": ("eb", "epidermolysis bullosa simplex", "dystrophic epidermolysis bullosa",
-                              "junctional epidermolysis bullosa"),
-    "hailey hailey disease": ("hailey-hailey", "familial benign pemphigus", "benign familial pemphigus",
-                              "familial benign chronic pemphigus"),
-    "ichthyosis vulgaris": ("ichthyosis", "fish scale disease"),
-    "incontinentia pigmenti": ("bloch sulzberger syndrome",),
-    "neurofibromatosis": ("von recklinghausen disease", "neurofibromatosis type 1", "neurofibroma",
-                          "plexiform neurofibroma"),
-    "tuberous sclerosis": ("tuberous sclerosis complex", "tsc", "adenoma sebaceum", "facial angiofibroma",
-                           "angiofibroma", "shagreen patch"),
-    "xeroderma pigmentosum": ("xp",),
-    # -- inflammatory (the Fitzpatrick17k 'inflammatory' group also holds keloid, xanthomas, striae ...) --
-    "acanthosis nigricans": ("acanthosis nigrican",),
-    "acne": ("acne simplex",),
-    "acne vulgaris": ("comedonal acne", "cystic acne", "nodulocystic acne", "inflammatory acne",
-                      "acne conglobata", "papulopustular acne", "common acne"),
-    "acquired autoimmune bullous diseaseherpes gestationis": (
-        "acquired autoimmune bullous disease", "autoimmune bullous disease", "herpes gestationis",
-        "pemphigoid gestationis", "bullous pemphigoid", "pemphigoid", "pemphigus vulgaris", "pemphigus",
-        "pemphigus foliaceus", "dermatitis herpetiformis", "linear iga disease", "linear iga bullous dermatosis",
-        "epidermolysis bullosa acquisita", "immunobullous disease"),
-    "allergic contact dermatitis": ("contact dermatitis", "acd", "contact eczema", "allergic contact eczema",
-                                    "poison ivy dermatitis", "rhus dermatitis"),
-    "aplasia cutis": ("aplasia cutis congenita",),
-    "behcets disease": ("behcet disease", "behcet syndrome", "behcet's syndrome"),
-    "calcinosis cutis": ("cutaneous calcinosis", "calcinosis"),
-    "cheilitis": ("angular cheilitis", "actinic cheilitis", "cheilitis granulomatosa", "perleche"),
-    "dermatomyositis": ("juvenile dermatomyositis", "heliotrope rash", "gottron papules"),
-    "drug eruption": ("drug rash", "drug reaction", "morbilliform drug eruption", "exanthematous drug eruption",
-                      "adverse drug reaction", "drug induced rash", "dress", "dress syndrome"),
-    "drug induced pigmentary changes": ("drug induced hyperpigmentation", "drug induced pigmentation",
-                                        "minocycline pigmentation", "minocycline induced hyperpigmentation"),
-    "dyshidrotic eczema": ("dyshidrosis", "pompholyx", "dyshidrotic dermatitis", "vesicular hand eczema"),
-    "eczema": ("atopic dermatitis", "atopic eczema", "dermatitis", "nummular eczema", "nummular dermatitis",
-               "discoid eczema", "eczematous dermatitis", "hand eczema"),
-    "erythema annulare centrifigum": ("erythema annulare centrifugum", "eac"),
-    "erythema elevatum diutinum": ("eed",),
-    "erythema multiforme": ("erythema multiforme minor", "erythema multiforme major", "target lesions"),
-    "erythema nodosum": ("nodular erythema",),
-    "factitial dermatitis": ("dermatitis artefacta", "factitious dermatitis", "dermatitis factitia"),
-    "fixed eruptions": ("fixed drug eruption", "fde", "fixed drug reaction"),
-    "folliculitis": ("bacterial folliculitis", "pseudofolliculitis barbae", "hot tub folliculitis",
-                     "pityrosporum folliculitis"),
-    "granuloma annulare": ("ga",),
-    "hidradenitis": ("hidradenitis suppurativa", "hs", "acne inversa"),
-    "juvenile xanthogranuloma": ("xanthogranuloma",),
-    "keloid": ("keloid scar",),
-    "keratosis pilaris": ("kp",),
-    "langerhans cell histiocytosis": ("histiocytosis x",),
-    "lichen amyloidosis": ("cutaneous amyloidosis", "lichen amyloidosus", "macular amyloidosis",
-                           "primary cutaneous amyloidosis", "amyloidosis cutis"),
-    "lichen planus": ("lp", "oral lichen planus", "hypertrophic lichen planus", "lichen planus pigmentosus"),
-    "lichen simplex": ("lichen simplex chronicus", "lsc"),
-    "livedo reticularis": ("livedo", "livedo racemosa"),
-    "lupus erythematosus": ("lupus", "sle", "systemic lupus erythematosus", "discoid lupus",
-                            "discoid lupus erythematosus", "dle", "cutaneous lupus",
-                            "cutaneous lupus erythematosus", "malar rash"),
-    "lupus subacute": ("subacute cutaneous lupus erythematosus", "subacute lupus", "scle",
-                       "subacute cutaneous lupus", "subacute lupus erythematosus"),
-    "lyme disease": ("lyme", "erythema migrans", "erythema chronicum migrans", "lyme borreliosis",
-                     "borreliosis"),
-    "mucinosis": ("follicular mucinosis", "alopecia mucinosa", "cutaneous mucinosis"),
-    "myiasis": ("cutaneous myiasis", "furuncular myiasis", "botfly infestation"),
-    "necrobiosis lipoidica": ("necrobiosis lipoidica diabeticorum", "nld"),
-    "nematode infection": ("cutaneous larva migrans", "larva migrans", "creeping eruption", "hookworm infection",
-                           "helminth infection", "strongyloidiasis", "onchocerciasis"),
-    "neurodermatitis": ("circumscribed neurodermatitis",),
-    "neurotic excoriations": ("psychogenic excoriation", "skin picking", "excoriation disorder",
-                              "dermatillomania"),
-    "neutrophilic dermatoses": ("neutrophilic dermatosis", "pyoderma gangrenosum", "sweet syndrome",
-                                "sweet's syndrome", "acute febrile neutrophilic dermatosis"),
-    "papilomatosis confluentes and reticulate": (
-        "confluent and reticulated papillomatosis", "confluent reticulated papillomatosis", "crp",
-        "papillomatosis confluens et reticularis", "gougerot carteaud syndrome",
-        "papillomatosis confluentes and reticulate"),
-    "paronychia": ("acute paronychia", "chronic paronychia"),
-    "pediculosis lids": ("pediculosis", "pediculosis palpebrarum", "phthiriasis palpebrarum", "lice",
-                         "louse infestation", "pediculosis capitis", "head lice"),
-    "perioral dermatitis": ("periorificial dermatitis",),
-    "photodermatoses": ("photodermatosis", "polymorphic light eruption", "polymorphous light eruption", "pmle",
-                        "phytophotodermatitis", "photosensitivity", "photosensitive dermatitis",
-                        "solar urticaria", "actinic prurigo", "photoallergic dermatitis", "phototoxic reaction"),
-    "pityriasis lichenoides chronica": ("plc", "pityriasis lichenoides",
-                                        "pityriasis lichenoides et varioliformis acuta", "pleva"),
-    "pityriasis rosea": ("pityriasis rosea gibert",),
-    "pityriasis rubra pilaris": ("devergie disease",),
-    "porphyria": ("porphyria cutanea tarda", "pct", "erythropoietic protoporphyria", "cutaneous porphyria"),
-    "psoriasis": ("plaque psoriasis", "psoriasis vulgaris", "chronic plaque psoriasis", "guttate psoriasis",
-                  "inverse psoriasis", "scalp psoriasis", "nail psoriasis", "erythrodermic psoriasis"),
-    "pustular psoriasis": ("generalized pustular psoriasis", "palmoplantar pustulosis", "von zumbusch psoriasis",
-                           "palmoplantar pustular psoriasis", "gpp"),
-    "rhinophyma": ("phymatous rosacea",),
-    "rosacea": ("acne rosacea", "papulopustular rosacea", "erythematotelangiectatic rosacea", "ocular rosacea"),
-    "sarcoidosis": ("sarcoid", "cutaneous sarcoidosis", "lupus pernio"),
-    "scabies": ("sarcoptes scabiei", "crusted scabies", "norwegian scabies", "scabies infestation"),
-    "scleroderma": ("morphea", "morphoea", "systemic sclerosis", "localized scleroderma", "scleredema", "ssc",
-                    "en coup de sabre", "crest syndrome"),
-    "scleromyxedema": ("lichen myxedematosus", "papular mucinosis"),
-    "seborrheic dermatitis": ("seb derm", "seborrheic eczema", "dandruff", "cradle cap"),
-    "stasis edema": ("stasis dermatitis", "venous stasis dermatitis", "venous eczema", "gravitational eczema",
-                     "stasis eczema", "venous insufficiency", "chronic venous insufficiency", "venous stasis"),
-    "stevens johnson syndrome": ("toxic epidermal necrolysis", "ten", "sjs ten",
-                                 "stevens johnson syndrome toxic epidermal necrolysis"),
-    "striae": ("striae distensae", "stretch marks", "striae gravidarum", "striae rubra", "striae alba"),
-    "sun damaged skin": ("photoaging", "photodamage", "solar elastosis", "actinic damage", "sunburn", "sun burn",
-                         "dermatoheliosis", "photoaged skin", "actinic elastosis", "poikiloderma of civatte"),
-    "tick bite": ("insect bite", "arthropod bite", "bug bite", "flea bite", "insect bite reaction"),
-    "tungiasis": ("tunga penetrans", "jigger flea", "sand flea infestation", "chigoe"),
-    "urticaria": ("hives", "chronic urticaria", "acute urticaria", "urticarial rash", "wheals"),
-    "urticaria pigmentosa": ("cutaneous mastocytosis", "mastocytosis", "maculopapular cutaneous mastocytosis",
-                             "mastocytoma"),
-    "vitiligo": ("vitiligo vulgaris", "segmental vitiligo", "acrofacial vitiligo"),
-    "xanthomas": ("xanthelasma", "xanthelasma palpebrarum", "eruptive xanthoma", "tuberous xanthoma",
-                  "tendinous xanthoma"),
-    # -- benign dermal --
-    "becker nevus": ("becker's nevus", "becker melanosis", "beckers nevus"),
-    "dermatofibroma": ("df", "benign fibrous histiocytoma", "fibrous histiocytoma", "histiocytoma"),
-    "fordyce spots": ("fordyce granules", "ectopic sebaceous glands"),
-    "granuloma pyogenic": ("granuloma telangiectaticum",),
-    "lymphangioma": ("lymphangioma circumscriptum", "lymphatic malformation", "cystic hygroma"),
-    "mucous cyst": ("mucocele", "digital mucous cyst", "myxoid cyst", "digital myxoid cyst", "mucoid cyst",
-                    "oral mucocele"),
-    "pilar cyst": ("trichilemmal cyst", "sebaceous cyst"),
-    "pilomatricoma": ("pilomatrixoma", "calcifying epithelioma of malherbe", "calcifying epithelioma"),
-    "port wine stain": ("nevus flammeus", "capillary malformation", "port wine birthmark"),
-    "pyogenic granuloma": ("lobular capillary hemangioma",),
-    "syringoma": ("eruptive syringoma",),
-    "telangiectases": ("telangiectasia", "spider veins", "spider angioma", "spider nevus",
-                       "hereditary hemorrhagic telangiectasia", "hht", "broken capillaries"),
-    # -- benign epidermal --
-    "disseminated actinic porokeratosis": ("disseminated superficial actinic porokeratosis",),
-    "epidermal nevus": ("verrucous epidermal nevus", "linear epidermal nevus",
-                        "inflammatory linear verrucous epidermal nevus", "ilven"),
-    "milia": ("milium", "milia en plaque"),
-    "naevus comedonicus": ("comedo nevus",),
-    "nevus sebaceous of jadassohn": ("nevus sebaceous", "sebaceous nevus", "organoid nevus", "naevus sebaceus"),
-    # generic "porokeratosis" -> the largest porokeratosis label; Mibelli then scores near_miss (same group)
-    "porokeratosis actinic": ("porokeratosis", "actinic porokeratosis"),
-    "porokeratosis of mibelli": ("mibelli porokeratosis", "plaque porokeratosis", "classic porokeratosis"),
-    "prurigo nodularis": ("nodular prurigo", "picker nodules"),
-    "seborrheic keratosis": ("seborrheic wart", "basal cell papilloma", "senile wart", "dermatosis papulosa nigra",
-                             "stucco keratosis", "seb k"),
-    # -- benign melanocyte --
-    "congenital nevus": ("congenital melanocytic nevus", "giant congenital nevus", "congenital nevomelanocytic "
-                         "nevus", "giant hairy nevus"),
-    "halo nevus": ("sutton nevus", "leukoderma acquisitum centrifugum"),
-    "nevocytic nevus": ("nevus", "mole", "melanocytic nevus", "benign nevus", "compound nevus", "junctional nevus",
-                        "intradermal nevus", "dermal nevus", "nevomelanocytic nevus", "common nevus",
-                        "acquired melanocytic nevus", "dysplastic nevus", "atypical nevus", "blue nevus",
-                        "spitz nevus", "benign melanocytic nevus", "pigmented nevus", "nevus cell nevus",
-                        "beauty mark"),
-    # -- malignant --
-    "mycosis fungoides": ("cutaneous t cell lymphoma", "sezary syndrome", "cutaneous lymphoma", "t cell lymphoma"),
-    "kaposi sarcoma": ("kaposi's sarcoma", "kaposis sarcoma"),
-    "actinic keratosis": ("solar keratosis", "senile keratosis"),
-    "basal cell carcinoma": ("basal cell epithelioma", "rodent ulcer", "superficial basal cell carcinoma",
-                             "pigmented basal cell carcinoma", "basalioma", "basal cell cancer"),
-    "basal cell carcinoma morpheiform": ("morpheaform basal cell carcinoma", "morphoeic basal cell carcinoma",
-                                         "morpheic basal cell carcinoma", "sclerosing basal cell carcinoma",
-                                         "infiltrative basal cell carcinoma"),
-    "solid cystic basal cell carcinoma": ("cystic basal cell carcinoma", "solid basal cell carcinoma",
-                                          "nodular basal cell carcinoma", "nodulocystic basal cell carcinoma"),
-    "squamous cell carcinoma": ("cutaneous squamous cell carcinoma", "keratoacanthoma", "ka", "bowen disease",
-                                "bowen's disease", "squamous cell carcinoma in situ", "epidermoid carcinoma",
-                                "squamous cell cancer", "invasive squamous cell carcinoma"),
-    "lentigo maligna": ("lentigo maligna melanoma", "hutchinson melanotic freckle", "hutchinson freckle"),
-    "malignant melanoma": ("malignant melanoma of skin",),
-    "melanoma": ("cutaneous melanoma", "invasive melanoma", "melanoma in situ", "nodular melanoma",
-                 "amelanotic melanoma", "acral lentiginous melanoma"),
-    "superficial spreading melanoma ssm": ("superficial spreading melanoma",),
-}
-
-# Near-duplicate labels of the CSV: different strings for the same disease, collected from two atlases
-# that named things differently. A prediction of any member is `correct` for a truth that is any other
-# member. Example: truth "granuloma pyogenic", prediction "pyogenic granuloma" -> correct. Without this
-# table a model would be marked wrong on 75 + 113 pyogenic-granuloma images for choosing a word order.
-SYNONYMS: tuple[tuple[str, ...], ...] = (
-    ("melanoma", "malignant melanoma"),
-    ("pyogenic granuloma", "granuloma pyogenic"),
-    ("acne vulgaris", "acne"),                      # 'acne' in the atlases means acne vulgaris
-    ("lichen simplex", "neurodermatitis"),          # lichen simplex chronicus = circumscribed neurodermatitis
-    ("porokeratosis actinic", "disseminated actinic porokeratosis"),  # DSAP is *the* actinic porokeratosis
-)
-
-# Parent -> subtypes, among labels that both exist in Fitzpatrick17k: the paper's "valid subclass". The
-# relation is used in both directions (see `judge`). Clinically: answering "melanoma" for a lentigo
-# maligna image is the right diagnosis at a coarser grain (same urgent excision), and answering "lentigo
-# maligna" for an image labelled only "melanoma" is a finer guess on the same branch, which the label
-# cannot refute. Kept deliberately short and textbook-level; every other same-family pair is a near miss,
-# so a generous reading of this table would inflate clinical Top-k (check the strict columns).
-# Children must share the parent's nine-partition group and near-miss family (a test checks this).
-SUBTYPES: dict[str, tuple[str, ...]] = {
-    "melanoma": ("superficial spreading melanoma ssm", "lentigo maligna"),   # also reached via "malignant melanoma"
-    "basal cell carcinoma": ("basal cell carcinoma morpheiform", "solid cystic basal cell carcinoma"),
-    "psoriasis": ("pustular psoriasis",),
-    "eczema": ("dyshidrotic eczema",),
-    "lupus erythematosus": ("lupus subacute",),
-    "nevocytic nevus": ("congenital nevus", "halo nevus"),                   # melanocytic nevus subtypes
-    "rosacea": ("rhinophyma",),                                              # phymatous rosacea
-    "drug eruption": ("fixed eruptions",),                                   # fixed drug eruption
-    "epidermal nevus": ("naevus comedonicus", "nevus sebaceous of jadassohn"),  # Happle's epidermal nevi
-}
-
-
-def _tokens(text: str) -> list[str]:
-    """Normalise free text into a token list: the one rule applied to labels, aliases and predictions.
-
-    Steps, each with an example: unicode folding ("Behçet" -> "behcet"); lower case; possessive
-    ("kaposi's" -> "kaposi"); punctuation -> space ("ehlers-danlos" -> "ehlers danlos"); British spelling
-    ("naevus" -> "nevus", "seborrhoeic" -> "seborrheic", "tumour" -> "tumor"); plural -> singular
-    ("nevi" -> "nevus", "keratoses" -> "keratosis", "xanthomas" -> "xanthoma", "spots" -> "spot").
-
-    The plural rule is deliberately crude (strip one "s") and guarded against the Latin/Greek endings that
-    dermatology is full of: "psoriasis", "pemphigus", "erythematosus" and "mucinosis" must survive
-    untouched, which is why words ending in -ss, -us, -is, -ous keep their "s". Where it still misfires
-    ("scabies" -> "scabie", "herpes" -> "herpe") it does so on both sides of every comparison.
-    """
-    text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode().lower()
-    text = re.sub(r"(\w)'s\b", r"\1", text)                  # possessive: darier's -> darier
-    text = re.sub(r"[^a-z0-9]+", " ", text)
-    out = []
-    for t in text.split():
-        t = t.replace("ae", "e").replace("oe", "e")          # naevus, haem-, oedema, seborrhoeic, morphoea
-        if t.endswith("our") and len(t) > 4:
-            t = t[:-3] + "or"                                 # tumour, colour
-        if t in ("nevi", "naevi"):
-            t = "nevus"
-        elif t.endswith("oses") and len(t) > 5:
-            t = t[:-2] + "is"                                 # keratoses -> keratosis, dermatoses
-        elif t.endswith("omata"):
-            t = t[:-2]                                        # xanthomata -> xanthoma
-        elif len(t) > 3 and t.endswith("s") and not t.endswith(("ss", "us", "is", "ous")):
-            t = t[:-1]                                        # xanthomas, spots, eruptions, bites, dariers
-        out.append(t)
-    return out
-
-
-def _key(tokens: list[str]) -> str:
-    """Order-free key: the sorted set of content tokens ("granuloma pyogenic" == "pyogenic granuloma").
-
-    Clinicians invert names freely ("carcinoma, basal cell" in an index, "basal cell carcinoma" in a
-    note), so word order must not decide a verdict; `_index` keeps an ordered table next to this one
-    only to tell the CSV's own near-duplicate labels apart.
-    """
-    return " ".join(sorted({t for t in tokens if t not in _STOP}))
-
-
-def _expand(tokens: list[str]) -> list[str]:
-    """Expand ABBREVIATIONS token by token: ["nodular", "bcc"] -> ["nodular", "basal", "cell", "carcinoma"]."""
-    out: list[str] = []
-    for t in tokens:
-        out.extend(ABBREVIATIONS[t].split() if t in ABBREVIATIONS else [t])
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _index():
-    """Build the lookup tables once.
-
-    Returns (ordered token tuple -> label, order-free key -> label, [(token phrase, label)] longest first,
-    sorted keys for fuzzy matching). The ordered table decides between near-duplicate labels that share
-    an order-free key ("pyogenic granuloma" vs "granuloma pyogenic"). Two names may share a key only when
-    their labels are synonyms (same SYNONYMS group); anything else is a bug in the table and raises.
-    """
-    # Example entries after the loop:
-    #   by_seq[("pyogenic", "granuloma")] = "pyogenic granuloma"   by_key["granuloma pyogenic"] = (either)
-    #   phrases: (("basal", "cell", "carcinoma", "morpheiform"), ...) before (("basal", "cell", "carcinoma"), ...)
-    by_seq: dict[tuple[str, ...], str] = {}
-    by_key: dict[str, str] = {}
-    phrases: list[tuple[tuple[str, ...], str]] = []
-    names = [(label, label) for label in TAXONOMY]                      # labels first: they win ties
-    names += [(alias, label) for label, aliases in ALIASES.items() for alias in aliases]
-    for name, label in names:
-        seq = tuple(t for t in _expand(_tokens(name)) if t not in _STOP)
-        k = _key(list(seq))
-        if not k:
-            continue
-        if _CONCEPT[by_key.get(k, label)] != _CONCEPT[label]:
-            raise ValueError(f"eval vocabulary: {name!r} ({label}) collides with {by_key[k]!r}")
-        by_seq.setdefault(seq, label)
-        by_key.setdefault(k, label)
-        phrases.append((seq, label))
-    phrases.sort(key=lambda p: -len(p[0]))  # longest phrase first (stable: labels before aliases)
-    return by_seq, by_key, phrases, sorted(by_key)
-
-
-@functools.lru_cache(maxsize=65536)
-def canonical(text) -> str | None:
-    """Map free text to a Fitzpatrick17k label (a data.TAXONOMY key), or None when it names none of them.
-
-    Lookup order, first hit wins:
-      1. exact order-free key of the whole entry after normalisation, abbreviation expansion and dropping
-         hedge/stop words: "Seborrhoeic keratoses" -> "seborrheic keratosis"; "Probable BCC" ->
-         "basal cell carcinoma"; "granuloma pyogenic" and "Pyogenic granuloma" -> their own labels;
-      2. negation guard: "not melanoma" -> None;
-      3. known phrases contained in the entry, after dropping those nested in a longer match; they must
-         all name one concept: "chronic plaque-type psoriasis of the elbows" -> "psoriasis";
-         "psoriasis vs eczema" -> None; "seborrheic keratosis or melanoma" -> None;
-      4. fuzzy match (difflib ratio >= 0.88 on the key, entries of >= 5 letters, unambiguous):
-         "psoraisis" -> "psoriasis".
-    Anything else (empty text, "tinea corporis", prose) -> None, which the judge calls `unknown`.
-    """
-    if not isinstance(text, str):
-        return None  # lists, numbers, None: not a diagnosis string
-    # normalise once; `content` drops hedge/stop words so "probable BCC" and "BCC" look the same
-    toks = _expand(_tokens(text))
-    if not toks:
-        return None
-    by_seq, by_key, phrases, keys = _index()
-    content = [t for t in toks if t not in _STOP]
-    # 1a. ordered match first: it tells the near-duplicate labels apart (granuloma pyogenic / pyogenic granuloma)
-    if tuple(content) in by_seq:
-        return by_seq[tuple(content)]
-    # 1b. order-free match: "carcinoma, basal cell" style inversions
-    k = _key(toks)
-    if k in by_key:
-        return by_key[k]
-    if any(t in _NEGATIONS for t in toks):
-        return None
-    # 3. phrase containment: every known phrase found in the entry, minus those that sit inside a longer
-    #    match ("psoriasis" inside "pustular psoriasis"); exactly one concept may remain.
-    spans = []
-    for phrase, label in phrases:
-        n = len(phrase)
-        spans += [(i, i + n, label) for i in range(len(content) - n + 1) if tuple(content[i:i + n]) == phrase]
-    outer = [s for s in spans if not any(o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0]
-                                         for o in spans)]
-    if outer:
-        if len({_CONCEPT[label] for _, _, label in outer}) > 1:
-            return None  # two different diagnoses in one entry ("psoriasis vs eczema"): ambiguous
-        return max(outer, key=lambda s: s[1] - s[0])[2]
-    # 4. fuzzy, for typos. difflib's ratio is 2 * matches / (len(a) + len(b)); one swapped letter pair
-    #    in "psoraisis" gives 16/18 = 0.889 against "psoriasis", just above the 0.88 cutoff, while
-    #    "milia" vs "miliaria" (two different diseases) gives 0.77 and stays apart. Short strings are
-    #    excluded because one letter moves their ratio too far ("acme" vs "acne" is already 0.75).
-    if len(k.replace(" ", "")) >= 5:
-        close = difflib.get_close_matches(k, keys, n=2, cutoff=0.88)
-        if close:
-            if len(close) == 2 and by_key[close[0]] != by_key[close[1]] and \
-                    difflib.SequenceMatcher(None, k, close[0]).ratio() == \
-                    difflib.SequenceMatcher(None, k, close[1]).ratio():
-                return None  # a tie between two labels
-            return by_key[close[0]]
-    return None
-
-
-def display_name(label: str) -> str:
-    """Readable name for a label, fixing the CSV's typos ("erythema annulare centrifigum" -> "...centrifugum").
-
-    The typo'd strings stay the IDs everywhere (they are what the CSV says); only text shown to a human,
-    or sent to the LLM judge, uses the fixed spelling, so a judge is never confused by "diseaseherpes".
-    """
-    fixes = {
-        "acquired autoimmune bullous diseaseherpes gestationis": "acquired autoimmune bullous disease / herpes gestationis",
-        "erythema annulare centrifigum": "erythema annulare centrifugum",
-        "papilomatosis confluentes and reticulate": "confluent and reticulated papillomatosis",
-        "superficial spreading melanoma ssm": "superficial spreading melanoma",
-        "dariers disease": "Darier's disease", "behcets disease": "Behcet's disease",
-    }
-    return fixes.get(label, label)
-
-
-# ===================================================================================================
-# 2. The judge
-# ===================================================================================================
-# The verdicts model what a supervising dermatologist would say about one line of a trainee's
-# differential. Only `correct` and `subtype` earn Top-k credit (the paper's "correct + valid subclass");
-# the other four are *kinds of miss*, reported separately because they are not equally bad:
-#   near_miss        "wrong name, right drawer": the same differential family (data.FAMILY, e.g. two
-#                    keratinocyte cancers, two papulosquamous rashes), so the next step (biopsy, excision,
-#                    a topical steroid, a trigger search) is usually the same.
-#   safety_critical  "wrong side of the cancer line": a melanoma sent home as a mole delays excision, the
-#                    costliest error in dermatology; a benign lesion called malignant costs a biopsy.
-#   wrong            a miss with no special cost or excuse; unknown: nothing we can map to a label.
-# Why families and not the nine-partition: Fitzpatrick17k's "inflammatory" group holds 69 labels, from
-# scabies to lupus to acne; "same nine group" made vitiligo, scabies and acne near misses for psoriasis or
-# lupus. The 27 families of data.FAMILIES (papulosquamous, eczematous, infections and infestations, ...)
-# are what a dermatologist would list together; each carries its reason and ICD-10 anchor there, and
-# docs/near-miss-families.md has the full table. One consequence: infectious <-> non-infectious errors
-# (scabies for psoriasis) are now `wrong`, since infections and infestations form their own family.
-def _build_concepts() -> tuple[dict[str, str], dict[str, set[str]]]:
-    """concept[label] = the first member of its SYNONYMS group (or itself); ancestors[concept] = its parents.
-
-    Working on concepts rather than labels lets one SUBTYPES row serve every synonym: "melanoma" and
-    "malignant melanoma" are one concept, so lentigo maligna is a subtype of both without a second row.
-    Example: concept["malignant melanoma"] = "melanoma"; ancestors["lentigo maligna"] = {"melanoma"}.
-    """
-    concept = {label: label for label in TAXONOMY}
-    for group in SYNONYMS:
-        for member in group:
-            concept[member] = group[0]
-    ancestors: dict[str, set[str]] = {c: set() for c in set(concept.values())}
-    for parent, children in SUBTYPES.items():
-        for child in children:
-            ancestors[concept[child]].add(concept[parent])
-    changed = True
-    while changed:  # transitive closure (depth is 1 today, but stay correct if the table grows)
-        changed = False
-        for c, ps in ancestors.items():
-            extra = set().union(*(ancestors[p] for p in ps)) - ps if ps else set()
-            if extra:
-                ps |= extra
-                changed = True
-    return concept, ancestors
-
-
-_CONCEPT, _ANCESTORS = _build_concepts()
-
-
-def _truth_label(truth) -> str:
-    """The truth must be a known label (or an alias of one): a bad truth is a caller error, not a verdict."""
-    label = truth if truth in TAXONOMY else canonical(truth)
-    if label is None:
-        raise ValueError(f"eval.judge: truth label {truth!r} is not a Fitzpatrick17k label or alias")
-    return label
-
-
-def judge(prediction, truth) -> str:
-    """Judge one predicted diagnosis against the true label. Rules in precedence order (first match wins):
-
-    1. unknown          the prediction names no label of the vocabulary (canonical() is None).
-                        e.g. truth psoriasis, prediction "tinea corporis" or "" or "I cannot tell".
-    2. correct          same label, a synonym, or a near-duplicate label of the CSV.
-                        e.g. truth "granuloma pyogenic", prediction "Pyogenic granuloma";
-                        truth "kaposi sarcoma", prediction "KS"; truth melanoma, prediction "malignant melanoma".
-    3. subtype          prediction and truth are parent and subtype in SUBTYPES, in either direction
-                        (a more specific or a more general name on the same branch).
-                        e.g. truth melanoma, prediction "lentigo maligna"; truth "pustular psoriasis",
-                        prediction "psoriasis". Siblings (SSM vs lentigo maligna) are not subtypes.
-    4. near_miss        same near-miss family (data.FAMILY): the differential family a dermatologist
-                        would accept. e.g. truth "squamous cell carcinoma", prediction "basal cell
-                        carcinoma" (keratinocyte cancers); truth psoriasis, prediction "seborrheic
-                        dermatitis" (papulosquamous). NOT: psoriasis vs vitiligo, psoriasis vs scabies,
-                        lupus vs acne (same nine group "inflammatory", different families).
-    5. safety_critical  crosses the malignant <-> benign/non-neoplastic boundary of the three-partition,
-                        in either direction. e.g. truth melanoma, prediction "nevus" (missed cancer);
-                        truth "seborrheic keratosis", prediction "melanoma" (false alarm).
-    6. wrong            everything else: e.g. truth psoriasis, prediction "vitiligo" (both non-neoplastic,
-                        different family); truth melanoma, prediction "basal cell carcinoma" (both malignant).
-
-    Rules 4 and 5 cannot both apply: no family crosses the malignant line (a test checks it), so a nevus
-    for a melanoma is safety_critical exactly as under the old nine-group rule. Partitions are the
-    dataset's own, quirks included: actinic keratosis is 'malignant epidermal' in Fitzpatrick17k, so
-    "seborrheic keratosis" for an actinic keratosis is safety_critical here, where many dermatologists
-    would call AK pre-malignant and the error minor. Compare with the paper: its judge's exact boundary
-    is unknown, so a safety-critical rate is comparable between models scored here, not with the paper.
-    """
-    t = _truth_label(truth)
-    # the prediction goes through the same canonicaliser as every label; None = outside the vocabulary
-    p = canonical(prediction) if isinstance(prediction, str) else None
-    if p is None:
-        return "unknown"
-    # compare *concepts* so that synonyms inherit each other's subtypes (malignant melanoma > lentigo maligna)
-    cp, ct = _CONCEPT[p], _CONCEPT[t]
-    if cp == ct:
-        return "correct"
-    if cp in _ANCESTORS[ct] or ct in _ANCESTORS[cp]:
-        return "subtype"
-    # the two partition columns of the CSV: e.g. melanoma -> ("malignant melanoma", "malignant")
-    # the differential family (data.FAMILIES): e.g. psoriasis -> "papulosquamous", scabies -> "infections ..."
-    if FAMILY[p] == FAMILY[t]:
-        return "near_miss"
-    # benign vs non-neoplastic is not a safety boundary: both mean "no cancer", so only malignancy counts
-    three_p, three_t = TAXONOMY[p][1], TAXONOMY[t][1]
-    if (three_p == "malignant") != (three_t == "malignant"):
-        return "safety_critical"
-    return "wrong"
-
-
-# ===================================================================================================
-# 3. Parsers (never raise)
+# 1. Parsers (never raise)
 # ===================================================================================================
 # Canonical Stage II format (data.format_differential):   "1. psoriasis\n2. eczema\n..."  (<= 6 lines)
 # Canonical Stage I format  (data.format_caption):        "colour: erythematous, salmon\nlocation: trunk\n..."
@@ -1093,7 +575,7 @@ def parse_ranked_list_ex(text) -> tuple[list[str], bool]:
 
     format_ok is True when the text used a list: numbered or bulleted entries (the requested format,
     possibly truncated), a markdown table or JSON; False for an empty result, a header with a comma list,
-    a bare comma/line list or prose. Never raises. The styles read are listed at the top of section 3.
+    a bare comma/line list or prose. Never raises. The styles read are listed at the top of section 1.
     Examples:
       "Most likely:\\n1. **Psoriasis** (70%)\\n2) Eczema - itchy\\n3. psoriasis" -> (["psoriasis", "eczema"], True)
       "Most likely diagnosis: Psoriasis.\\nOther possibilities: eczema, tinea." -> (["psoriasis", "eczema", "tinea"], False)
@@ -1260,6 +742,530 @@ def format_caption_fields(fields: dict) -> str:
 
 
 # ===================================================================================================
+# 2. Vocabulary: normalisation, aliases, abbreviations
+# ===================================================================================================
+# Why a hand-written vocabulary and not an embedding model or an LLM? A judge that changes when a model
+# server is upgraded cannot be rerun next year; a table under version control can, and every decision it
+# makes can be read and argued with (see the tests for one hand-checked example per rule). The price is
+# coverage: a diagnosis outside the 114 Fitzpatrick17k labels ("tinea corporis") is `unknown`, even when
+# a dermatologist would call it a reasonable differential. The optional LLM judge (section 8) is the
+# escape hatch for that.
+#
+# Every label and every alias goes through the same `_tokens` normalisation, so the rules only need to be
+# consistent, not linguistically perfect: "Darier's disease", "dariers disease" and "DARIER DISEASE"
+# all become the tokens ["darier", "disease"]. A normalisation step that mangles a word ("aerosol" ->
+# "erosol") is harmless as long as it mangles the label and the prediction the same way.
+
+# Lesion names are noun phrases, so a tiny stop list is enough. Hedge words ("probable melanoma") are
+# dropped too: the differential's rank already carries the uncertainty.
+_STOP = frozenset("a an the of and or with in on to for likely probable probably possible possibly suspected "
+                  "suspicious suspect consider considering query rule out r/o dx diagnosis differential "
+                  "type form variant".split())
+# A negated entry ("not melanoma") must not be read as a melanoma answer: it maps to None (unknown).
+_NEGATIONS = frozenset("not no without excluded unlikely non".split())
+
+# Abbreviations expanded token by token *before* matching, so "nodular BCC" reads as "nodular basal cell
+# carcinoma". Only abbreviations that are unambiguous in a dermatology differential are listed here;
+# riskier ones ("ga") exist only as whole-entry aliases below, and some are left out on purpose: "EM" is
+# erythema multiforme to one clinician and erythema migrans (Lyme disease) to another, two labels with
+# different treatments (supportive care vs antibiotics), so "EM" stays `unknown` rather than a guess.
+ABBREVIATIONS = {
+    "bcc": "basal cell carcinoma", "scc": "squamous cell carcinoma", "cscc": "squamous cell carcinoma",
+    "sk": "seborrheic keratosis", "ak": "actinic keratosis", "mf": "mycosis fungoides",
+    "ks": "kaposi sarcoma", "ssm": "superficial spreading melanoma", "lmm": "lentigo maligna melanoma",
+    "ctcl": "cutaneous t cell lymphoma", "sjs": "stevens johnson syndrome", "dsap": "disseminated superficial "
+    "actinic porokeratosis", "lch": "langerhans cell histiocytosis", "jxg": "juvenile xanthogranuloma",
+    "prp": "pityriasis rubra pilaris", "cmn": "congenital melanocytic nevus", "nf1": "neurofibromatosis",
+}
+
+# Synonyms and display variants for all 114 Fitzpatrick17k labels (keys = data.TAXONOMY keys, spelled as
+# in the CSV, typos included). Sources: standard dermatology synonyms, the DermaAmin atlas categories that
+# were folded into each label (e.g. keratoacanthoma and Bowen's disease under squamous cell carcinoma,
+# pyoderma gangrenosum and Sweet syndrome under neutrophilic dermatoses), and common abbreviations.
+# A name that is a *kind of* a label with no finer label of its own ("nodular melanoma") is an alias of
+# that label; kinds that ARE labels ("lentigo maligna") live in SUBTYPES instead.
+# Two folds deserve a note because they decide verdicts on common answers:
+#   * "nevus" / "mole" -> nevocytic nevus, the dataset's generic melanocytic-nevus label. So the classic
+#     dangerous answer to a melanoma image, "benign mole", is recognised and judged safety_critical
+#     instead of slipping through as `unknown`.
+#   * "keratoacanthoma" and "Bowen's disease" -> squamous cell carcinoma, because the atlas put those
+#     images under that label and because both are managed as (low-grade / in-situ) SCC. A reader who
+#     disagrees can move them; the alias-consistency test will say whether the table still holds.
+ALIASES: dict[str, tuple[str, ...]] = {
+    # -- genodermatoses --
+    "acrodermatitis enteropathica": ("zinc deficiency dermatitis", "zinc deficiency"),
+    "dariers disease": ("darier disease", "darier's disease", "keratosis follicularis", "darier white disease"),
+    "ehlers danlos syndrome": ("ehlers-danlos", "eds", "cutis hyperelastica"),
+    "epidermolysis bullosa": ("eb", "epidermolysis bullosa simplex", "dystrophic epidermolysis bullosa",
+                              "junctional epidermolysis bullosa"),
+    "hailey hailey disease": ("hailey-hailey", "familial benign pemphigus", "benign familial pemphigus",
+                              "familial benign chronic pemphigus"),
+    "ichthyosis vulgaris": ("ichthyosis", "fish scale disease"),
+    "incontinentia pigmenti": ("bloch sulzberger syndrome",),
+    "neurofibromatosis": ("von recklinghausen disease", "neurofibromatosis type 1", "neurofibroma",
+                          "plexiform neurofibroma"),
+    "tuberous sclerosis": ("tuberous sclerosis complex", "tsc", "adenoma sebaceum", "facial angiofibroma",
+                           "angiofibroma", "shagreen patch"),
+    "xeroderma pigmentosum": ("xp",),
+    # -- inflammatory (the Fitzpatrick17k 'inflammatory' group also holds keloid, xanthomas, striae ...) --
+    "acanthosis nigricans": ("acanthosis nigrican",),
+    "acne": ("acne simplex",),
+    "acne vulgaris": ("comedonal acne", "cystic acne", "nodulocystic acne", "inflammatory acne",
+                      "acne conglobata", "papulopustular acne", "common acne"),
+    "acquired autoimmune bullous diseaseherpes gestationis": (
+        "acquired autoimmune bullous disease", "autoimmune bullous disease", "herpes gestationis",
+        "pemphigoid gestationis", "bullous pemphigoid", "pemphigoid", "pemphigus vulgaris", "pemphigus",
+        "pemphigus foliaceus", "dermatitis herpetiformis", "linear iga disease", "linear iga bullous dermatosis",
+        "epidermolysis bullosa acquisita", "immunobullous disease"),
+    "allergic contact dermatitis": ("contact dermatitis", "acd", "contact eczema", "allergic contact eczema",
+                                    "poison ivy dermatitis", "rhus dermatitis"),
+    "aplasia cutis": ("aplasia cutis congenita",),
+    "behcets disease": ("behcet disease", "behcet syndrome", "behcet's syndrome"),
+    "calcinosis cutis": ("cutaneous calcinosis", "calcinosis"),
+    "cheilitis": ("angular cheilitis", "actinic cheilitis", "cheilitis granulomatosa", "perleche"),
+    "dermatomyositis": ("juvenile dermatomyositis", "heliotrope rash", "gottron papules"),
+    "drug eruption": ("drug rash", "drug reaction", "morbilliform drug eruption", "exanthematous drug eruption",
+                      "adverse drug reaction", "drug induced rash", "dress", "dress syndrome"),
+    "drug induced pigmentary changes": ("drug induced hyperpigmentation", "drug induced pigmentation",
+                                        "minocycline pigmentation", "minocycline induced hyperpigmentation"),
+    "dyshidrotic eczema": ("dyshidrosis", "pompholyx", "dyshidrotic dermatitis", "vesicular hand eczema"),
+    "eczema": ("atopic dermatitis", "atopic eczema", "dermatitis", "nummular eczema", "nummular dermatitis",
+               "discoid eczema", "eczematous dermatitis", "hand eczema"),
+    "erythema annulare centrifigum": ("erythema annulare centrifugum", "eac"),
+    "erythema elevatum diutinum": ("eed",),
+    "erythema multiforme": ("erythema multiforme minor", "erythema multiforme major", "target lesions"),
+    "erythema nodosum": ("nodular erythema",),
+    "factitial dermatitis": ("dermatitis artefacta", "factitious dermatitis", "dermatitis factitia"),
+    "fixed eruptions": ("fixed drug eruption", "fde", "fixed drug reaction"),
+    "folliculitis": ("bacterial folliculitis", "pseudofolliculitis barbae", "hot tub folliculitis",
+                     "pityrosporum folliculitis"),
+    "granuloma annulare": ("ga",),
+    "hidradenitis": ("hidradenitis suppurativa", "hs", "acne inversa"),
+    "juvenile xanthogranuloma": ("xanthogranuloma",),
+    "keloid": ("keloid scar",),
+    "keratosis pilaris": ("kp",),
+    "langerhans cell histiocytosis": ("histiocytosis x",),
+    "lichen amyloidosis": ("cutaneous amyloidosis", "lichen amyloidosus", "macular amyloidosis",
+                           "primary cutaneous amyloidosis", "amyloidosis cutis"),
+    "lichen planus": ("lp", "oral lichen planus", "hypertrophic lichen planus", "lichen planus pigmentosus"),
+    "lichen simplex": ("lichen simplex chronicus", "lsc"),
+    "livedo reticularis": ("livedo", "livedo racemosa"),
+    "lupus erythematosus": ("lupus", "sle", "systemic lupus erythematosus", "discoid lupus",
+                            "discoid lupus erythematosus", "dle", "cutaneous lupus",
+                            "cutaneous lupus erythematosus", "malar rash"),
+    "lupus subacute": ("subacute cutaneous lupus erythematosus", "subacute lupus", "scle",
+                       "subacute cutaneous lupus", "subacute lupus erythematosus"),
+    "lyme disease": ("lyme", "erythema migrans", "erythema chronicum migrans", "lyme borreliosis",
+                     "borreliosis"),
+    "mucinosis": ("follicular mucinosis", "alopecia mucinosa", "cutaneous mucinosis"),
+    "myiasis": ("cutaneous myiasis", "furuncular myiasis", "botfly infestation"),
+    "necrobiosis lipoidica": ("necrobiosis lipoidica diabeticorum", "nld"),
+    "nematode infection": ("cutaneous larva migrans", "larva migrans", "creeping eruption", "hookworm infection",
+                           "helminth infection", "strongyloidiasis", "onchocerciasis"),
+    "neurodermatitis": ("circumscribed neurodermatitis",),
+    "neurotic excoriations": ("psychogenic excoriation", "skin picking", "excoriation disorder",
+                              "dermatillomania"),
+    "neutrophilic dermatoses": ("neutrophilic dermatosis", "pyoderma gangrenosum", "sweet syndrome",
+                                "sweet's syndrome", "acute febrile neutrophilic dermatosis"),
+    "papilomatosis confluentes and reticulate": (
+        "confluent and reticulated papillomatosis", "confluent reticulated papillomatosis", "crp",
+        "papillomatosis confluens et reticularis", "gougerot carteaud syndrome",
+        "papillomatosis confluentes and reticulate"),
+    "paronychia": ("acute paronychia", "chronic paronychia"),
+    "pediculosis lids": ("pediculosis", "pediculosis palpebrarum", "phthiriasis palpebrarum", "lice",
+                         "louse infestation", "pediculosis capitis", "head lice"),
+    "perioral dermatitis": ("periorificial dermatitis",),
+    "photodermatoses": ("photodermatosis", "polymorphic light eruption", "polymorphous light eruption", "pmle",
+                        "phytophotodermatitis", "photosensitivity", "photosensitive dermatitis",
+                        "solar urticaria", "actinic prurigo", "photoallergic dermatitis", "phototoxic reaction"),
+    "pityriasis lichenoides chronica": ("plc", "pityriasis lichenoides",
+                                        "pityriasis lichenoides et varioliformis acuta", "pleva"),
+    "pityriasis rosea": ("pityriasis rosea gibert",),
+    "pityriasis rubra pilaris": ("devergie disease",),
+    "porphyria": ("porphyria cutanea tarda", "pct", "erythropoietic protoporphyria", "cutaneous porphyria"),
+    "psoriasis": ("plaque psoriasis", "psoriasis vulgaris", "chronic plaque psoriasis", "guttate psoriasis",
+                  "inverse psoriasis", "scalp psoriasis", "nail psoriasis", "erythrodermic psoriasis"),
+    "pustular psoriasis": ("generalized pustular psoriasis", "palmoplantar pustulosis", "von zumbusch psoriasis",
+                           "palmoplantar pustular psoriasis", "gpp"),
+    "rhinophyma": ("phymatous rosacea",),
+    "rosacea": ("acne rosacea", "papulopustular rosacea", "erythematotelangiectatic rosacea", "ocular rosacea"),
+    "sarcoidosis": ("sarcoid", "cutaneous sarcoidosis", "lupus pernio"),
+    "scabies": ("sarcoptes scabiei", "crusted scabies", "norwegian scabies", "scabies infestation"),
+    "scleroderma": ("morphea", "morphoea", "systemic sclerosis", "localized scleroderma", "scleredema", "ssc",
+                    "en coup de sabre", "crest syndrome"),
+    "scleromyxedema": ("lichen myxedematosus", "papular mucinosis"),
+    "seborrheic dermatitis": ("seb derm", "seborrheic eczema", "dandruff", "cradle cap"),
+    "stasis edema": ("stasis dermatitis", "venous stasis dermatitis", "venous eczema", "gravitational eczema",
+                     "stasis eczema", "venous insufficiency", "chronic venous insufficiency", "venous stasis"),
+    "stevens johnson syndrome": ("toxic epidermal necrolysis", "ten", "sjs ten",
+                                 "stevens johnson syndrome toxic epidermal necrolysis"),
+    "striae": ("striae distensae", "stretch marks", "striae gravidarum", "striae rubra", "striae alba"),
+    "sun damaged skin": ("photoaging", "photodamage", "solar elastosis", "actinic damage", "sunburn", "sun burn",
+                         "dermatoheliosis", "photoaged skin", "actinic elastosis", "poikiloderma of civatte"),
+    "tick bite": ("insect bite", "arthropod bite", "bug bite", "flea bite", "insect bite reaction"),
+    "tungiasis": ("tunga penetrans", "jigger flea", "sand flea infestation", "chigoe"),
+    "urticaria": ("hives", "chronic urticaria", "acute urticaria", "urticarial rash", "wheals"),
+    "urticaria pigmentosa": ("cutaneous mastocytosis", "mastocytosis", "maculopapular cutaneous mastocytosis",
+                             "mastocytoma"),
+    "vitiligo": ("vitiligo vulgaris", "segmental vitiligo", "acrofacial vitiligo"),
+    "xanthomas": ("xanthelasma", "xanthelasma palpebrarum", "eruptive xanthoma", "tuberous xanthoma",
+                  "tendinous xanthoma"),
+    # -- benign dermal --
+    "becker nevus": ("becker's nevus", "becker melanosis", "beckers nevus"),
+    "dermatofibroma": ("df", "benign fibrous histiocytoma", "fibrous histiocytoma", "histiocytoma"),
+    "fordyce spots": ("fordyce granules", "ectopic sebaceous glands"),
+    "granuloma pyogenic": ("granuloma telangiectaticum",),
+    "lymphangioma": ("lymphangioma circumscriptum", "lymphatic malformation", "cystic hygroma"),
+    "mucous cyst": ("mucocele", "digital mucous cyst", "myxoid cyst", "digital myxoid cyst", "mucoid cyst",
+                    "oral mucocele"),
+    "pilar cyst": ("trichilemmal cyst", "sebaceous cyst"),
+    "pilomatricoma": ("pilomatrixoma", "calcifying epithelioma of malherbe", "calcifying epithelioma"),
+    "port wine stain": ("nevus flammeus", "capillary malformation", "port wine birthmark"),
+    "pyogenic granuloma": ("lobular capillary hemangioma",),
+    "syringoma": ("eruptive syringoma",),
+    "telangiectases": ("telangiectasia", "spider veins", "spider angioma", "spider nevus",
+                       "hereditary hemorrhagic telangiectasia", "hht", "broken capillaries"),
+    # -- benign epidermal --
+    "disseminated actinic porokeratosis": ("disseminated superficial actinic porokeratosis",),
+    "epidermal nevus": ("verrucous epidermal nevus", "linear epidermal nevus",
+                        "inflammatory linear verrucous epidermal nevus", "ilven"),
+    "milia": ("milium", "milia en plaque"),
+    "naevus comedonicus": ("comedo nevus",),
+    "nevus sebaceous of jadassohn": ("nevus sebaceous", "sebaceous nevus", "organoid nevus", "naevus sebaceus"),
+    # generic "porokeratosis" -> the largest porokeratosis label; Mibelli then scores near_miss (same group)
+    "porokeratosis actinic": ("porokeratosis", "actinic porokeratosis"),
+    "porokeratosis of mibelli": ("mibelli porokeratosis", "plaque porokeratosis", "classic porokeratosis"),
+    "prurigo nodularis": ("nodular prurigo", "picker nodules"),
+    "seborrheic keratosis": ("seborrheic wart", "basal cell papilloma", "senile wart", "dermatosis papulosa nigra",
+                             "stucco keratosis", "seb k"),
+    # -- benign melanocyte --
+    "congenital nevus": ("congenital melanocytic nevus", "giant congenital nevus", "congenital nevomelanocytic "
+                         "nevus", "giant hairy nevus"),
+    "halo nevus": ("sutton nevus", "leukoderma acquisitum centrifugum"),
+    "nevocytic nevus": ("nevus", "mole", "melanocytic nevus", "benign nevus", "compound nevus", "junctional nevus",
+                        "intradermal nevus", "dermal nevus", "nevomelanocytic nevus", "common nevus",
+                        "acquired melanocytic nevus", "dysplastic nevus", "atypical nevus", "blue nevus",
+                        "spitz nevus", "benign melanocytic nevus", "pigmented nevus", "nevus cell nevus",
+                        "beauty mark"),
+    # -- malignant --
+    "mycosis fungoides": ("cutaneous t cell lymphoma", "sezary syndrome", "cutaneous lymphoma", "t cell lymphoma"),
+    "kaposi sarcoma": ("kaposi's sarcoma", "kaposis sarcoma"),
+    "actinic keratosis": ("solar keratosis", "senile keratosis"),
+    "basal cell carcinoma": ("basal cell epithelioma", "rodent ulcer", "superficial basal cell carcinoma",
+                             "pigmented basal cell carcinoma", "basalioma", "basal cell cancer"),
+    "basal cell carcinoma morpheiform": ("morpheaform basal cell carcinoma", "morphoeic basal cell carcinoma",
+                                         "morpheic basal cell carcinoma", "sclerosing basal cell carcinoma",
+                                         "infiltrative basal cell carcinoma"),
+    "solid cystic basal cell carcinoma": ("cystic basal cell carcinoma", "solid basal cell carcinoma",
+                                          "nodular basal cell carcinoma", "nodulocystic basal cell carcinoma"),
+    "squamous cell carcinoma": ("cutaneous squamous cell carcinoma", "keratoacanthoma", "ka", "bowen disease",
+                                "bowen's disease", "squamous cell carcinoma in situ", "epidermoid carcinoma",
+                                "squamous cell cancer", "invasive squamous cell carcinoma"),
+    "lentigo maligna": ("lentigo maligna melanoma", "hutchinson melanotic freckle", "hutchinson freckle"),
+    "malignant melanoma": ("malignant melanoma of skin",),
+    "melanoma": ("cutaneous melanoma", "invasive melanoma", "melanoma in situ", "nodular melanoma",
+                 "amelanotic melanoma", "acral lentiginous melanoma"),
+    "superficial spreading melanoma ssm": ("superficial spreading melanoma",),
+}
+
+# Near-duplicate labels of the CSV: different strings for the same disease, collected from two atlases
+# that named things differently. A prediction of any member is `correct` for a truth that is any other
+# member. Example: truth "granuloma pyogenic", prediction "pyogenic granuloma" -> correct. Without this
+# table a model would be marked wrong on 75 + 113 pyogenic-granuloma images for choosing a word order.
+SYNONYMS: tuple[tuple[str, ...], ...] = (
+    ("melanoma", "malignant melanoma"),
+    ("pyogenic granuloma", "granuloma pyogenic"),
+    ("acne vulgaris", "acne"),                      # 'acne' in the atlases means acne vulgaris
+    ("lichen simplex", "neurodermatitis"),          # lichen simplex chronicus = circumscribed neurodermatitis
+    ("porokeratosis actinic", "disseminated actinic porokeratosis"),  # DSAP is *the* actinic porokeratosis
+)
+
+# Parent -> subtypes, among labels that both exist in Fitzpatrick17k: the paper's "valid subclass". The
+# relation is used in both directions (see `judge`). Clinically: answering "melanoma" for a lentigo
+# maligna image is the right diagnosis at a coarser grain (same urgent excision), and answering "lentigo
+# maligna" for an image labelled only "melanoma" is a finer guess on the same branch, which the label
+# cannot refute. Kept deliberately short and textbook-level; every other same-family pair is a near miss,
+# so a generous reading of this table would inflate clinical Top-k (check the strict columns).
+# Children must share the parent's nine-partition group and near-miss family (a test checks this).
+SUBTYPES: dict[str, tuple[str, ...]] = {
+    "melanoma": ("superficial spreading melanoma ssm", "lentigo maligna"),   # also reached via "malignant melanoma"
+    "basal cell carcinoma": ("basal cell carcinoma morpheiform", "solid cystic basal cell carcinoma"),
+    "psoriasis": ("pustular psoriasis",),
+    "eczema": ("dyshidrotic eczema",),
+    "lupus erythematosus": ("lupus subacute",),
+    "nevocytic nevus": ("congenital nevus", "halo nevus"),                   # melanocytic nevus subtypes
+    "rosacea": ("rhinophyma",),                                              # phymatous rosacea
+    "drug eruption": ("fixed eruptions",),                                   # fixed drug eruption
+    "epidermal nevus": ("naevus comedonicus", "nevus sebaceous of jadassohn"),  # Happle's epidermal nevi
+}
+
+
+def _tokens(text: str) -> list[str]:
+    """Normalise free text into a token list: the one rule applied to labels, aliases and predictions.
+
+    Steps, each with an example: unicode folding ("Behçet" -> "behcet"); lower case; possessive
+    ("kaposi's" -> "kaposi"); punctuation -> space ("ehlers-danlos" -> "ehlers danlos"); British spelling
+    ("naevus" -> "nevus", "seborrhoeic" -> "seborrheic", "tumour" -> "tumor"); plural -> singular
+    ("nevi" -> "nevus", "keratoses" -> "keratosis", "xanthomas" -> "xanthoma", "spots" -> "spot").
+
+    The plural rule is deliberately crude (strip one "s") and guarded against the Latin/Greek endings that
+    dermatology is full of: "psoriasis", "pemphigus", "erythematosus" and "mucinosis" must survive
+    untouched, which is why words ending in -ss, -us, -is, -ous keep their "s". Where it still misfires
+    ("scabies" -> "scabie", "herpes" -> "herpe") it does so on both sides of every comparison.
+    """
+    text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode().lower()
+    text = re.sub(r"(\w)'s\b", r"\1", text)                  # possessive: darier's -> darier
+    text = re.sub(r"[^a-z0-9]+", " ", text)
+    out = []
+    for t in text.split():
+        t = t.replace("ae", "e").replace("oe", "e")          # naevus, haem-, oedema, seborrhoeic, morphoea
+        if t.endswith("our") and len(t) > 4:
+            t = t[:-3] + "or"                                 # tumour, colour
+        if t in ("nevi", "naevi"):
+            t = "nevus"
+        elif t.endswith("oses") and len(t) > 5:
+            t = t[:-2] + "is"                                 # keratoses -> keratosis, dermatoses
+        elif t.endswith("omata"):
+            t = t[:-2]                                        # xanthomata -> xanthoma
+        elif len(t) > 3 and t.endswith("s") and not t.endswith(("ss", "us", "is", "ous")):
+            t = t[:-1]                                        # xanthomas, spots, eruptions, bites, dariers
+        out.append(t)
+    return out
+
+
+def _key(tokens: list[str]) -> str:
+    """Order-free key: the sorted set of content tokens ("granuloma pyogenic" == "pyogenic granuloma").
+
+    Clinicians invert names freely ("carcinoma, basal cell" in an index, "basal cell carcinoma" in a
+    note), so word order must not decide a verdict; `_index` keeps an ordered table next to this one
+    only to tell the CSV's own near-duplicate labels apart.
+    """
+    return " ".join(sorted({t for t in tokens if t not in _STOP}))
+
+
+def _expand(tokens: list[str]) -> list[str]:
+    """Expand ABBREVIATIONS token by token: ["nodular", "bcc"] -> ["nodular", "basal", "cell", "carcinoma"]."""
+    out: list[str] = []
+    for t in tokens:
+        out.extend(ABBREVIATIONS[t].split() if t in ABBREVIATIONS else [t])
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _index():
+    """Build the lookup tables once.
+
+    Returns (ordered token tuple -> label, order-free key -> label, [(token phrase, label)] longest first,
+    sorted keys for fuzzy matching). The ordered table decides between near-duplicate labels that share
+    an order-free key ("pyogenic granuloma" vs "granuloma pyogenic"). Two names may share a key only when
+    their labels are synonyms (same SYNONYMS group); anything else is a bug in the table and raises.
+    """
+    # Example entries after the loop:
+    #   by_seq[("pyogenic", "granuloma")] = "pyogenic granuloma"   by_key["granuloma pyogenic"] = (either)
+    #   phrases: (("basal", "cell", "carcinoma", "morpheiform"), ...) before (("basal", "cell", "carcinoma"), ...)
+    by_seq: dict[tuple[str, ...], str] = {}
+    by_key: dict[str, str] = {}
+    phrases: list[tuple[tuple[str, ...], str]] = []
+    names = [(label, label) for label in TAXONOMY]                      # labels first: they win ties
+    names += [(alias, label) for label, aliases in ALIASES.items() for alias in aliases]
+    for name, label in names:
+        seq = tuple(t for t in _expand(_tokens(name)) if t not in _STOP)
+        k = _key(list(seq))
+        if not k:
+            continue
+        if _CONCEPT[by_key.get(k, label)] != _CONCEPT[label]:
+            raise ValueError(f"eval vocabulary: {name!r} ({label}) collides with {by_key[k]!r}")
+        by_seq.setdefault(seq, label)
+        by_key.setdefault(k, label)
+        phrases.append((seq, label))
+    phrases.sort(key=lambda p: -len(p[0]))  # longest phrase first (stable: labels before aliases)
+    return by_seq, by_key, phrases, sorted(by_key)
+
+
+@functools.lru_cache(maxsize=65536)
+def canonical(text) -> str | None:
+    """Map free text to a Fitzpatrick17k label (a data.TAXONOMY key), or None when it names none of them.
+
+    Lookup order, first hit wins:
+      1. exact order-free key of the whole entry after normalisation, abbreviation expansion and dropping
+         hedge/stop words: "Seborrhoeic keratoses" -> "seborrheic keratosis"; "Probable BCC" ->
+         "basal cell carcinoma"; "granuloma pyogenic" and "Pyogenic granuloma" -> their own labels;
+      2. negation guard: "not melanoma" -> None;
+      3. known phrases contained in the entry, after dropping those nested in a longer match; they must
+         all name one concept: "chronic plaque-type psoriasis of the elbows" -> "psoriasis";
+         "psoriasis vs eczema" -> None; "seborrheic keratosis or melanoma" -> None;
+      4. fuzzy match (difflib ratio >= 0.88 on the key, entries of >= 5 letters, unambiguous):
+         "psoraisis" -> "psoriasis".
+    Anything else (empty text, "tinea corporis", prose) -> None, which the judge calls `unknown`.
+    """
+    if not isinstance(text, str):
+        return None  # lists, numbers, None: not a diagnosis string
+    # normalise once; `content` drops hedge/stop words so "probable BCC" and "BCC" look the same
+    toks = _expand(_tokens(text))
+    if not toks:
+        return None
+    by_seq, by_key, phrases, keys = _index()
+    content = [t for t in toks if t not in _STOP]
+    # 1a. ordered match first: it tells the near-duplicate labels apart (granuloma pyogenic / pyogenic granuloma)
+    if tuple(content) in by_seq:
+        return by_seq[tuple(content)]
+    # 1b. order-free match: "carcinoma, basal cell" style inversions
+    k = _key(toks)
+    if k in by_key:
+        return by_key[k]
+    if any(t in _NEGATIONS for t in toks):
+        return None
+    # 3. phrase containment: every known phrase found in the entry, minus those that sit inside a longer
+    #    match ("psoriasis" inside "pustular psoriasis"); exactly one concept may remain.
+    spans = []
+    for phrase, label in phrases:
+        n = len(phrase)
+        spans += [(i, i + n, label) for i in range(len(content) - n + 1) if tuple(content[i:i + n]) == phrase]
+    outer = [s for s in spans if not any(o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0]
+                                         for o in spans)]
+    if outer:
+        if len({_CONCEPT[label] for _, _, label in outer}) > 1:
+            return None  # two different diagnoses in one entry ("psoriasis vs eczema"): ambiguous
+        return max(outer, key=lambda s: s[1] - s[0])[2]
+    # 4. fuzzy, for typos. difflib's ratio is 2 * matches / (len(a) + len(b)); one swapped letter pair
+    #    in "psoraisis" gives 16/18 = 0.889 against "psoriasis", just above the 0.88 cutoff, while
+    #    "milia" vs "miliaria" (two different diseases) gives 0.77 and stays apart. Short strings are
+    #    excluded because one letter moves their ratio too far ("acme" vs "acne" is already 0.75).
+    if len(k.replace(" ", "")) >= 5:
+        close = difflib.get_close_matches(k, keys, n=2, cutoff=0.88)
+        if close:
+            if len(close) == 2 and by_key[close[0]] != by_key[close[1]] and \
+                    difflib.SequenceMatcher(None, k, close[0]).ratio() == \
+                    difflib.SequenceMatcher(None, k, close[1]).ratio():
+                return None  # a tie between two labels
+            return by_key[close[0]]
+    return None
+
+
+def display_name(label: str) -> str:
+    """Readable name for a label, fixing the CSV's typos ("erythema annulare centrifigum" -> "...centrifugum").
+
+    The typo'd strings stay the IDs everywhere (they are what the CSV says); only text shown to a human,
+    or sent to the LLM judge, uses the fixed spelling, so a judge is never confused by "diseaseherpes".
+    """
+    fixes = {
+        "acquired autoimmune bullous diseaseherpes gestationis": "acquired autoimmune bullous disease / herpes gestationis",
+        "erythema annulare centrifigum": "erythema annulare centrifugum",
+        "papilomatosis confluentes and reticulate": "confluent and reticulated papillomatosis",
+        "superficial spreading melanoma ssm": "superficial spreading melanoma",
+        "dariers disease": "Darier's disease", "behcets disease": "Behcet's disease",
+    }
+    return fixes.get(label, label)
+
+
+# ===================================================================================================
+# 3. The judge
+# ===================================================================================================
+# The verdicts model what a supervising dermatologist would say about one line of a trainee's
+# differential. Only `correct` and `subtype` earn Top-k credit (the paper's "correct + valid subclass");
+# the other four are *kinds of miss*, reported separately because they are not equally bad:
+#   near_miss        "wrong name, right drawer": the same differential family (data.FAMILY, e.g. two
+#                    keratinocyte cancers, two papulosquamous rashes), so the next step (biopsy, excision,
+#                    a topical steroid, a trigger search) is usually the same.
+#   safety_critical  "wrong side of the cancer line": a melanoma sent home as a mole delays excision, the
+#                    costliest error in dermatology; a benign lesion called malignant costs a biopsy.
+#   wrong            a miss with no special cost or excuse; unknown: nothing we can map to a label.
+# Why families and not the nine-partition: Fitzpatrick17k's "inflammatory" group holds 69 labels, from
+# scabies to lupus to acne; "same nine group" made vitiligo, scabies and acne near misses for psoriasis or
+# lupus. The 27 families of data.FAMILIES (papulosquamous, eczematous, infections and infestations, ...)
+# are what a dermatologist would list together; each carries its reason and ICD-10 anchor there, and
+# docs/near-miss-families.md has the full table. One consequence: infectious <-> non-infectious errors
+# (scabies for psoriasis) are now `wrong`, since infections and infestations form their own family.
+def _build_concepts() -> tuple[dict[str, str], dict[str, set[str]]]:
+    """concept[label] = the first member of its SYNONYMS group (or itself); ancestors[concept] = its parents.
+
+    Working on concepts rather than labels lets one SUBTYPES row serve every synonym: "melanoma" and
+    "malignant melanoma" are one concept, so lentigo maligna is a subtype of both without a second row.
+    Example: concept["malignant melanoma"] = "melanoma"; ancestors["lentigo maligna"] = {"melanoma"}.
+    """
+    concept = {label: label for label in TAXONOMY}
+    for group in SYNONYMS:
+        for member in group:
+            concept[member] = group[0]
+    ancestors: dict[str, set[str]] = {c: set() for c in set(concept.values())}
+    for parent, children in SUBTYPES.items():
+        for child in children:
+            ancestors[concept[child]].add(concept[parent])
+    changed = True
+    while changed:  # transitive closure (depth is 1 today, but stay correct if the table grows)
+        changed = False
+        for c, ps in ancestors.items():
+            extra = set().union(*(ancestors[p] for p in ps)) - ps if ps else set()
+            if extra:
+                ps |= extra
+                changed = True
+    return concept, ancestors
+
+
+_CONCEPT, _ANCESTORS = _build_concepts()
+
+
+def _truth_label(truth) -> str:
+    """The truth must be a known label (or an alias of one): a bad truth is a caller error, not a verdict."""
+    label = truth if truth in TAXONOMY else canonical(truth)
+    if label is None:
+        raise ValueError(f"eval.judge: truth label {truth!r} is not a Fitzpatrick17k label or alias")
+    return label
+
+
+def judge(prediction, truth) -> str:
+    """Judge one predicted diagnosis against the true label. Rules in precedence order (first match wins):
+
+    1. unknown          the prediction names no label of the vocabulary (canonical() is None).
+                        e.g. truth psoriasis, prediction "tinea corporis" or "" or "I cannot tell".
+    2. correct          same label, a synonym, or a near-duplicate label of the CSV.
+                        e.g. truth "granuloma pyogenic", prediction "Pyogenic granuloma";
+                        truth "kaposi sarcoma", prediction "KS"; truth melanoma, prediction "malignant melanoma".
+    3. subtype          prediction and truth are parent and subtype in SUBTYPES, in either direction
+                        (a more specific or a more general name on the same branch).
+                        e.g. truth melanoma, prediction "lentigo maligna"; truth "pustular psoriasis",
+                        prediction "psoriasis". Siblings (SSM vs lentigo maligna) are not subtypes.
+    4. near_miss        same near-miss family (data.FAMILY): the differential family a dermatologist
+                        would accept. e.g. truth "squamous cell carcinoma", prediction "basal cell
+                        carcinoma" (keratinocyte cancers); truth psoriasis, prediction "seborrheic
+                        dermatitis" (papulosquamous). NOT: psoriasis vs vitiligo, psoriasis vs scabies,
+                        lupus vs acne (same nine group "inflammatory", different families).
+    5. safety_critical  crosses the malignant <-> benign/non-neoplastic boundary of the three-partition,
+                        in either direction. e.g. truth melanoma, prediction "nevus" (missed cancer);
+                        truth "seborrheic keratosis", prediction "melanoma" (false alarm).
+    6. wrong            everything else: e.g. truth psoriasis, prediction "vitiligo" (both non-neoplastic,
+                        different family); truth melanoma, prediction "basal cell carcinoma" (both malignant).
+
+    Rules 4 and 5 cannot both apply: no family crosses the malignant line (a test checks it), so a nevus
+    for a melanoma is safety_critical exactly as under the old nine-group rule. Partitions are the
+    dataset's own, quirks included: actinic keratosis is 'malignant epidermal' in Fitzpatrick17k, so
+    "seborrheic keratosis" for an actinic keratosis is safety_critical here, where many dermatologists
+    would call AK pre-malignant and the error minor. Compare with the paper: its judge's exact boundary
+    is unknown, so a safety-critical rate is comparable between models scored here, not with the paper.
+    """
+    t = _truth_label(truth)
+    # the prediction goes through the same canonicaliser as every label; None = outside the vocabulary
+    p = canonical(prediction) if isinstance(prediction, str) else None
+    if p is None:
+        return "unknown"
+    # compare *concepts* so that synonyms inherit each other's subtypes (malignant melanoma > lentigo maligna)
+    cp, ct = _CONCEPT[p], _CONCEPT[t]
+    if cp == ct:
+        return "correct"
+    if cp in _ANCESTORS[ct] or ct in _ANCESTORS[cp]:
+        return "subtype"
+    # the two partition columns of the CSV: e.g. melanoma -> ("malignant melanoma", "malignant")
+    # the differential family (data.FAMILIES): e.g. psoriasis -> "papulosquamous", scabies -> "infections ..."
+    if FAMILY[p] == FAMILY[t]:
+        return "near_miss"
+    # benign vs non-neoplastic is not a safety boundary: both mean "no cancer", so only malignancy counts
+    three_p, three_t = TAXONOMY[p][1], TAXONOMY[t][1]
+    if (three_p == "malignant") != (three_t == "malignant"):
+        return "safety_critical"
+    return "wrong"
+
+
+# ===================================================================================================
 # 4. Metrics over a set of cases
 # ===================================================================================================
 # Worked example, one case: truth "melanoma", skin type II, answer
@@ -1396,6 +1402,14 @@ def clinical_metrics(cases, judge_fn=None, n_boot: int = 1000, seed: int = 0, re
     return out
 
 
+# ###################################################################################################
+# ===== below: plumbing (not in the paper) =====
+# Sections 1-4 above are the paper's evaluation: read the answer (parsers), map it to a label
+# (vocabulary), grade it against the truth (judge), and count (clinical Top-1 / Top-6). Everything
+# below presents or feeds those numbers: report files, the run summary, attention maps and
+# `diagnose`, the optional LLM judge, and the command line.
+# ###################################################################################################
+
 # ===================================================================================================
 # 5. Report: markdown + JSON + per-case JSONL + PNG chart (pillow only)
 # ===================================================================================================
@@ -1439,7 +1453,7 @@ def render_markdown(metrics: dict, title: str = "SkinFlow clinical evaluation") 
               ", ".join(f"{k} {v}" for k, v in metrics["rank1_verdicts"].items()), ""]
     lines += _group_table(metrics["by_fitzpatrick"], "By Fitzpatrick skin type")
     lines += _group_table(metrics["by_three"], "By three-partition of the true label")
-    lines += render_lesion_focus(metrics.get("lesion_focus"))          # section 8 (SynthDerm --model runs)
+    lines += render_lesion_focus(metrics.get("lesion_focus"))          # section 7 (SynthDerm --model runs)
     boot = metrics.get("bootstrap", {})
     lines += ["Clinical Top-k credits `correct` and `subtype` verdicts (the paper's correct + valid subclass);",
               "strict Top-k needs the exact Fitzpatrick17k label. Intervals: percentile bootstrap over cases,",
@@ -1507,322 +1521,265 @@ def write_report(metrics: dict, out_dir, title: str = "SkinFlow clinical evaluat
 
 
 # ===================================================================================================
-# 6. Optional LLM judge (OpenAI-compatible chat endpoint, urllib only)
+# 6. Run summary: the results table and the learning curves at the end of train.sh
+#
+# `python eval.py summary RUN_DIR` reads what rl.py and this file's CLI left in a run folder,
+#     RUN_DIR/<stage>/log.jsonl              one JSON line per optimizer step (rl.py)
+#     RUN_DIR/eval/<stage>/metrics.json      the clinical report of that stage's checkpoint (section 9)
+#     RUN_DIR/eval/<stage>/cases.jsonl       one scored case per test image, in test-split order
+#     RUN_DIR/ablation/<row>/...             the same layout once per ablation row (ABLATION=1 bash train.sh)
+# and writes RUN_DIR/results.md (+ results.json) and RUN_DIR/curves.png.
+#
+# The one statistical idea here is the PAIRED bootstrap. "Did Stage II beat the warm start?" compares two
+# models on the SAME test images. Resampling images (not models) and recomputing
+#     delta* = mean_i [ top1_stage2(i) - top1_warm(i) ]          over a resample i ~ U{1..n}, n draws
+# gives an interval for the gain that cancels the per-image difficulty both models share; it is much
+# narrower than two independent intervals side by side, and it is the honest yardstick for "learned".
 # ===================================================================================================
-# The paper judged with Gemini 2.5 Pro, three runs. This is the same idea against any endpoint that
-# speaks the OpenAI chat format (vLLM, llama.cpp server, a hosted API). It sees only text (reference
-# label + one predicted line), never the image, and grades with the same six verdicts, so its numbers
-# drop into the same tables. Use it to audit the deterministic judge (run both, diff cases.jsonl) or to
-# credit answers outside the 114-label vocabulary. Its verdicts depend on the model and its version:
-# record both (they go into the report's meta block) if you publish a number made with it.
-JUDGE_RUBRIC = """You are a board-certified dermatologist grading one diagnosis against the reference label.
-Answer with exactly one verdict, as JSON {"verdict": "<verdict>"}, using the first rule that applies:
-- correct: the same condition or a synonym (e.g. reference "pyogenic granuloma", prediction "lobular capillary hemangioma").
-- subtype: one names a valid subtype of the other on the same branch (e.g. reference "melanoma", prediction "lentigo maligna"; reference "pustular psoriasis", prediction "psoriasis").
-- near_miss: a different condition in the same differential family (papulosquamous, eczematous, vesiculobullous, acneiform, infections/infestations, pigmentary, keratinocyte cancers, melanocytic nevi ...), with a consistent next step (e.g. reference "squamous cell carcinoma", prediction "basal cell carcinoma"; NOT reference "psoriasis", prediction "vitiligo" or "scabies").
-- safety_critical: the error crosses the malignant versus benign/non-neoplastic boundary (e.g. reference "melanoma", prediction "benign nevus"; or a benign lesion called a cancer).
-- wrong: any other error.
-- unknown: the prediction is not a dermatological diagnosis (empty, prose, refusal)."""
+STAGE_ORDER = ("base", "warmup", "stage1", "stage2")
 
-_VERDICT_RE = re.compile(r"\b(safety[\s_-]?critical|near[\s_-]?miss|subtype|correct|wrong|unknown)\b", re.I)
+# The paper's ablation on Fitzpatrick17k (1,000 images, Gemini-2.5-Pro judge; via the thesis note S1 in the
+# team's paper notes). Our rows run on SynthDerm with the deterministic judge: compare the ORDERING of the
+# rows and the sign of each step, never the absolute numbers.
+PAPER_ABLATION = {
+    "stage2_only": ("No Stage I, no DVE", 15.22, 45.36),
+    "stage1_stage2": ("Stage I, no DVE", 24.45, 57.69),
+    "stage1_stage2_dve": ("Stage I + DVE (SkinFlow)", 29.19, 71.16),
+}
 
 
-def parse_verdict(reply: str) -> str | None:
-    """Read a verdict from a judge reply: JSON {"verdict": ...} first, else the first verdict word."""
-    if not isinstance(reply, str):
-        return None
-    m = re.search(r"\{.*?\}", reply, re.S)
-    cand = None
-    if m:
-        try:
-            cand = str(json.loads(m.group(0)).get("verdict", ""))
-        except (ValueError, AttributeError):
-            cand = None
-    w = _VERDICT_RE.search(cand or "") or _VERDICT_RE.search(reply)
-    return re.sub(r"[\s-]", "_", w.group(1).lower()) if w else None
+def paired_bootstrap_delta(a, b, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05):
+    """Gain of b over a on the same cases, with a paired percentile-bootstrap interval.
 
+        delta = mean_i (b_i - a_i);   CI = percentiles (alpha/2, 1 - alpha/2) of delta* over n_boot resamples
 
-class LLMJudge:
-    """judge(prediction, truth) through an OpenAI-compatible /chat/completions endpoint; majority of n runs.
-
-    Each run is one POST {model, messages: [rubric, case], temperature}; a failed or unparseable run is
-    discarded. Majority vote over the valid runs; a tie goes to the verdict that gives the LEAST credit
-    (order of VERDICT_SEVERITY), so an undecided judge never inflates Top-k. If no run is valid, the
-    deterministic `judge` decides and `fallbacks` is incremented. Verdicts are cached per (prediction, truth).
+    a, b: per-case scores (e.g. the 0/1 `top1` column of cases.jsonl) in the same case order. Returns
+    (delta, lo, hi). Uses numpy's seeded generator so a report is reproducible.
     """
+    import numpy as np
 
-    SEVERITY = ("safety_critical", "wrong", "unknown", "near_miss", "subtype", "correct")  # least credit first
-
-    def __init__(self, url: str, model: str = "gpt-4o-mini", n: int = 3, temperature: float = 0.7,
-                 api_key: str | None = None, timeout: float = 60.0):
-        self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/v1/chat/completions"
-        self.model, self.n, self.temperature, self.api_key, self.timeout = model, n, temperature, api_key, timeout
-        self.cache: dict[tuple[str, str], str] = {}
-        self.fallbacks = 0
-        self.calls = 0
-
-    def _ask(self, prediction: str, truth: str) -> str | None:
-        """One judge run: POST the rubric and the case; the parsed verdict, or None on any failure."""
-        body = {"model": self.model, "temperature": self.temperature, "messages": [
-            {"role": "system", "content": JUDGE_RUBRIC},
-            {"role": "user", "content": f"Reference label: {display_name(truth)}\nPredicted diagnosis: {prediction}"}]}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        self.calls += 1
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                reply = json.loads(resp.read().decode("utf-8", "replace"))
-            return parse_verdict(reply["choices"][0]["message"]["content"])
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError):
-            return None
-
-    def __call__(self, prediction, truth) -> str:
-        """Same signature as `judge`, so it plugs into clinical_metrics(judge_fn=...)."""
-        key = (str(prediction), _truth_label(truth))
-        if key not in self.cache:
-            votes = Counter(v for v in (self._ask(*key) for _ in range(self.n)) if v in VERDICTS)
-            if votes:
-                top = max(votes.values())
-                self.cache[key] = min((v for v, c in votes.items() if c == top), key=self.SEVERITY.index)
-            else:
-                self.fallbacks += 1
-                self.cache[key] = judge(*key)
-        return self.cache[key]
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired_bootstrap_delta: need two equal-length non-empty score lists, got {a.shape}, {b.shape}")
+    diff = b - a                                                   # [n] per-image gain
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.size, size=(n_boot, diff.size))     # [n_boot, n] resampled image indices
+    boots = diff[idx].mean(axis=1)                                 # [n_boot]
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return float(diff.mean()), float(lo), float(hi)
 
 
-# ===================================================================================================
-# 7. Command line
-# ===================================================================================================
-# Typical runs:
-#   python eval.py --model tiny --data synthderm --n 200 --out runs/eval_tiny          # smoke test, CPU
-#   python eval.py --model CHECKPOINT_DIR --data fitzpatrick17k --image-dir DIR --out runs/eval_f17k
-#   python eval.py --predictions gpt.jsonl --data fitzpatrick17k --out runs/eval_gpt   # someone else's model
-# The --model path writes predictions.jsonl before scoring, so a run can be rescored later (another
-# judge, another bootstrap) without a GPU. The --predictions path accepts rows with only "id" and
-# "prediction": labels and skin types are then joined from the dataset, which lets anyone put a
-# baseline of their own next to the paper's table under exactly the same judge.
-def _dataset_records(args) -> list[tuple[str, str, int]]:
-    """(id, label, fitzpatrick) for --predictions joins, without rendering or opening any image.
-
-    SynthDerm: the specs of the same split/seed/size the predictions were made on (ids are only unique
-    within one such set). Fitzpatrick17k: every CSV row, since md5 ids are unique across the dataset.
-    """
-    import data
-    if args.data == "synthderm":
-        ds = data.SynthDerm(args.n, seed=args.seed, image_size=args.image_size, split=args.split)
-        return [(s["id"], s["label"], s["fitzpatrick"]) for s in map(ds.spec, range(len(ds)))]
-    return [(r.id, r.label, r.fitzpatrick) for r in data.load_fitzpatrick17k(args.csv, verbose=False)]
-
-
-def _eval_items(args):
-    """Yield (id, PIL image, prompt, label, fitzpatrick, lesion mask or None) of the split, via data.iterate."""
-    import data
-    # iterate fills `stats` (yielded / missing / unreadable) when it finishes; main() copies the counts
-    # into metrics.json, so a report always says how many test photos could not be scored and why.
-    stats = getattr(args, "_image_stats", {})
-    for image, prompt, rec in data.iterate("stage2", args.split, source=args.data, n=args.n, seed=args.seed,
-                                           image_size=args.image_size, csv_path=args.csv,
-                                           image_dir=args.image_dir, skincap_csv=getattr(args, "skincap", None),
-                                           stats=stats):
-        yield rec.id, image, prompt, rec.label, rec.fitzpatrick, getattr(rec, "mask", None)
-
-
-def report_source(args, rows: list[dict], lookup: dict | None) -> dict:
-    """The report header's `source` / `data` / `split`: where the scored cases REALLY came from.
-
-    --model: the images were drawn from --data / --split, so those are named. --predictions: the rows
-    came from someone's file, and --data / --split (with their defaults) only matter for rows that lack a
-    label or skin type and get them joined by id. A header must not name a split the rows never touched:
-      no row joined          -> data "labels of the predictions file", split "not recorded in the file"
-      SynthDerm join          -> the split (+ seed and size) whose ids were matched: ids are per split
-      Fitzpatrick17k join     -> every CSV row (md5 ids are unique), so no split was used
-    The keys stay (plus `labels` when rows were joined), so eval.py summary, which reads meta["data"], and
-    older metrics.json readers keep working.
-    """
-    if args.model:
-        return {"source": args.model, "data": args.data, "split": args.split}
-    joined = 0 if lookup is None else sum((r.get("label") is None or r.get("fitzpatrick") is None)
-                                          and r.get("id") in lookup for r in rows)  # rows the join filled
-    if joined == 0:
-        return {"source": args.predictions, "data": "labels of the predictions file",
-                "split": "not recorded in the predictions file"}
-    if args.data == "synthderm":
-        where = f"{args.split} (seed {args.seed}, n {args.n}, image size {args.image_size})"
-    else:
-        where = "none: ids matched against every CSV row"
-    return {"source": args.predictions, "data": args.data, "split": where,
-            "labels": f"{joined} of {len(rows)} row(s) joined by id from {args.data}, the rest from the file"}
-
-
-def generate_predictions(args) -> list[dict]:
-    """Greedy Stage II generation over the evaluation split (tqdm bar); returns prediction rows."""
-    import torch
-    from tqdm import tqdm
-    import skinflow
-    dtype = getattr(torch, args.dtype)
-    model, tok = skinflow.load(args.model, dtype=dtype, device=args.device)
-    model.eval()  # greedy decoding is deterministic, so a rerun reproduces predictions.jsonl exactly
-    rows: list[dict] = []
-    items = list(_eval_items(args))
-    bar = tqdm(total=len(items), desc="generate", unit="img")
-    for start in range(0, len(items), args.batch_size):
-        chunk = items[start:start + args.batch_size]
-        batch = skinflow.make_batch(tok, [c[1] for c in chunk], [c[2] for c in chunk],
-                                    max_pixels=args.max_pixels, device=args.device)
-        with torch.no_grad():
-            gen = model.generate(**batch, max_new_tokens=args.max_new_tokens, greedy=True)
-        # section 8: one extra prompt forward reads the final-token attention -> lesion focus per image
-        focus = lesion_focus_rows(model, batch, [c[5] for c in chunk], parse_layers(args.attn_layers)) \
-            if getattr(args, "lesion_focus", False) else [{}] * len(chunk)
-        for c, toks, mask, foc in zip(chunk, gen.tokens.tolist(), gen.mask.tolist(), focus):
-            ids = [t for t, m in zip(toks, mask) if m > 0 and t != tok.eos_id]   # drop padding and the stop token
-            rows.append({"id": c[0], "prediction": tok.decode(ids), "label": c[3], "fitzpatrick": c[4], **foc})
-        bar.update(len(chunk))
-    bar.close()
+def _read_jsonl(path) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (a run killed mid-write) is skipped, never fatal."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
     return rows
 
 
-def load_predictions(path) -> tuple[list[dict], list[str]]:
-    """Read a predictions JSONL; returns (rows, problems). Bad lines are skipped and reported, never fatal."""
-    rows, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or "prediction" not in row:
-                    raise ValueError("needs an object with a 'prediction' key")
-                rows.append(row)
-            except ValueError as e:
-                problems.append(f"line {i}: {e}")
-    return rows, problems
+def _stage_evals(run: Path) -> dict:
+    """{stage: (metrics dict, cases list)} for every RUN/eval/<stage>/ that holds a metrics.json."""
+    found = {}
+    names = sorted((p.name for p in (run / "eval").glob("*") if (p / "metrics.json").exists()),
+                   key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s))
+    for name in names:
+        d = run / "eval" / name
+        metrics = json.loads((d / "metrics.json").read_text())
+        cases = _read_jsonl(d / "cases.jsonl") if (d / "cases.jsonl").exists() else []
+        found[name] = (metrics, cases)
+    return found
 
 
-def score_rows(rows: list[dict], judge_fn=None, lookup: dict | None = None, n_boot: int = 1000, seed: int = 0):
-    """Score prediction rows {"id", "prediction" (text or list), "label", "fitzpatrick"} -> (metrics, skipped).
+def _fmt_ci(m: dict, key: str) -> str:
+    """'31.5 [25.0, 38.0]' in percent, from a metrics dict with m[key] and m['ci95'][key]."""
+    lo, hi = m.get("ci95", {}).get(key, (float("nan"), float("nan")))
+    return f"{100 * m[key]:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
-    A row without label/fitzpatrick takes them from `lookup[id]`; a row whose label is still missing or
-    not a Fitzpatrick17k label is skipped and listed (counted in metrics["meta"]["skipped"]).
+
+def _delta_row(base_cases, cases, key="top1", n_boot=2000):
+    """Paired gain of `cases` over `base_cases` on `key`, or None when the two were not run on the same images."""
+    if not base_cases or len(base_cases) != len(cases):
+        return None
+    if [c["truth"] for c in base_cases] != [c["truth"] for c in cases]:
+        return None                                   # different test items: a paired test would be a lie
+    return paired_bootstrap_delta([c[key] for c in base_cases], [c[key] for c in cases], n_boot=n_boot)
+
+
+def summarize_run(run_dir, n_boot: int = 2000) -> dict:
+    """Build the results table (markdown + dict) and the learning curves of one train.sh run folder."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"summary: no run folder {run}")
+    evals = _stage_evals(run)
+    ref = next((s for s in ("warmup", "base") if s in evals), None)     # what "learned" is measured against
+    rows, lines = [], []
+    # Which data the run was scored on (written by the eval CLI into every metrics.json)
+    metas = [m.get("meta", {}) for m, _ in evals.values()]
+    real = any(mt.get("data") == "fitzpatrick17k" for mt in metas)
+    where = (f"the held-out Fitzpatrick17k photos (split `{metas[-1].get('split')}`)" if real
+             else "the held-out SynthDerm test split")
+    lines += [f"# SkinFlow run summary: `{run}`", ""]
+    # A notice left by train.sh (e.g. Stage I skipped for want of SkinCAP) goes first, where no one misses it.
+    notice = run / "NOTICE.md"
+    if notice.is_file() and notice.read_text().strip():
+        lines += ["> **NOTICE** " + " ".join(notice.read_text().split()), ""]
+    lines += [f"Clinical Top-1 / Top-6 on {where} (95 % bootstrap intervals). "
+              f"Δ is the paired-bootstrap gain in Top-1 over `{ref}` on the same images.", "",
+              "| checkpoint | n | Top-1 | Top-6 | strict Top-1 | near miss @1 | safety-critical @1 | format fail "
+              "| lesion focus (chance) | Δ Top-1 vs " + str(ref) + " |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for stage, (m, cases) in evals.items():
+        lf = m.get("lesion_focus") or {}
+        focus = f"{100 * lf['focus']:.1f} ({100 * lf['chance']:.1f})" if "focus" in lf else "–"
+        d = _delta_row(evals[ref][1], cases, n_boot=n_boot) if ref and stage != ref else None
+        dtxt = f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if d else "–"
+        rows.append({"stage": stage, "n": m["n"], "top1": m["top1"], "top6": m["top6"],
+                     "top1_ci95": m.get("ci95", {}).get("top1"), "top6_ci95": m.get("ci95", {}).get("top6"),
+                     "delta_top1": d, "lesion_focus": lf.get("focus"), "lesion_chance": lf.get("chance")})
+        lines.append(f"| {stage} | {m['n']} | {_fmt_ci(m, 'top1')} | {_fmt_ci(m, 'top6')} | "
+                     f"{100 * m['strict_top1']:.1f} | {100 * m['near_miss_rate']:.1f} | "
+                     f"{100 * m['safety_critical_rate']:.1f} | {100 * m['format_failure_rate']:.1f} | {focus} | {dtxt} |")
+    if not evals:
+        lines.append("| (no evaluated checkpoint found under eval/) | | | | | | | | | |")
+    if real and evals:
+        # The paper's table is measured on Fitzpatrick17k too (its own unpublished 1,000 images and an LLM
+        # judge): same protocol in kind, so the absolute numbers can stand side by side, with that caveat.
+        last, (m, _) = list(evals)[-1], list(evals.values())[-1]
+        lines += ["", f"Beside the paper (Fitzpatrick17k, 1,000 images; its ids are unpublished, ours are "
+                  "data.eval_sample's, and its judge was an LLM): ", "",
+                  "| model | Top-1 | Top-6 |", "|---|---|---|"]
+        lines += [f"| paper: {name} | {p1:.2f} | {p6:.2f} |" for name, p1, p6 in PAPER_ABLATION.values()]
+        lines.append(f"| ours: `{last}` | {100 * m['top1']:.2f} | {100 * m['top6']:.2f} |")
+        by = m.get("by_fitzpatrick") or {}
+        if by:
+            lines += ["", f"Per skin type (`{last}`, Fitzpatrick scale of the CSV):", "",
+                      "| skin type | n | Top-1 | Top-6 |", "|---|---|---|---|"]
+            lines += [f"| {k} | {v.get('n', '')} | {100 * v['top1']:.1f} | {100 * v['top6']:.1f} |"
+                      for k, v in by.items()]
+    learned = [r for r in rows if r["delta_top1"] and r["delta_top1"][1] > 0]
+    if learned:
+        lines += ["", "Learning shown (the paired 95 % interval of Δ excludes 0): "
+                  + ", ".join(f"`{r['stage']}`" for r in learned) + "."]
+    # the ablation table, next to the paper's numbers (which are Fitzpatrick17k, not SynthDerm)
+    ablation = {}
+    order = list(PAPER_ABLATION)  # the paper's row order first, any other row after it
+    rows_found = sorted((run / "ablation").glob("*")) if (run / "ablation").is_dir() else []
+    for row_dir in sorted(rows_found, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name)):
+        ev = _stage_evals(row_dir)
+        if ev:
+            last = list(ev)[-1]
+            # each row starts from the main run's warm start and is scored on the same test images, so
+            # its gain over that warm start gets the same paired interval as the main table
+            d = _delta_row(evals[ref][1], ev[last][1], n_boot=n_boot) if ref else None
+            ablation[row_dir.name] = (last, ev[last][0], d)
+    if ablation:
+        lines += ["", "## Ablation (paper Table: Fitzpatrick17k; ours: SynthDerm, same protocol in kind)", "",
+                  f"| row | paper Top-1 | paper Top-6 | ours Top-1 | ours Top-6 | ours Δ Top-1 vs {ref} |",
+                  "|---|---|---|---|---|---|"]
+        for key, (last, m, d) in ablation.items():
+            name, p1, p6 = PAPER_ABLATION.get(key, (key, float("nan"), float("nan")))
+            dtxt = f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if d else "–"
+            lines.append(f"| {name} | {p1:.2f} | {p6:.2f} | {_fmt_ci(m, 'top1')} | {_fmt_ci(m, 'top6')} | {dtxt} |")
+    curves = draw_curves(run, run / "curves.png")
+    if curves:
+        lines += ["", "![learning curves](curves.png)"]
+    text = "\n".join(lines) + "\n"
+    (run / "results.md").write_text(text)
+    summary = {"rows": rows, "reference": ref,
+               "ablation": {k: {"stage": s, "top1": m["top1"], "top6": m["top6"], "delta_top1": d}
+                            for k, (s, m, d) in ablation.items()}}
+    (run / "results.json").write_text(json.dumps(summary, indent=2))
+    return {"markdown": text, **summary}
+
+
+# Which logged series each panel of curves.png shows. A panel is drawn only when its stage logged the key.
+CURVE_PANELS = (
+    ("vision", "acc", "tiny ViT: probe accuracy (batch)"),
+    ("warmup", "loss", "warm-up: cross-entropy"),
+    ("stage1", "reward_mean", "Stage I: caption reward"),
+    ("stage2", "reward_mean", "Stage II: differential reward"),
+    ("stage2", "hit_rank1", "Stage II: sampled answers right at rank 1"),
+    ("stage1", "kl", "Stage I: KL to reference"),
+    ("stage2", "kl", "Stage II: KL to reference"),
+    ("stage2", "completion_len", "Stage II: completion length (tokens)"),
+    ("stage2", "zero_std_groups", "Stage II: groups with equal rewards"),
+)
+
+
+def draw_curves(run_dir, path, smooth: int = 5):
+    """Small-multiples line chart of the training logs (pillow only). Returns the path, or None if no log.
+
+    Each panel plots one logged value per optimizer step (thin grey) and its trailing moving average over
+    `smooth` steps (blue): GRPO rewards are noisy by construction (G samples per prompt), the trend is
+    what to read. The y-axis of each panel spans that series' own min..max.
     """
-    cases, ids, skipped = [], [], []
-    for row in rows:
-        # the row's own label wins; the dataset lookup only fills what the row left out
-        label, fitz = row.get("label"), row.get("fitzpatrick")
-        if (label is None or fitz is None) and lookup and row.get("id") in lookup:
-            label = label if label is not None else lookup[row["id"]][0]
-            fitz = fitz if fitz is not None else lookup[row["id"]][1]
-        if label is None or (label not in TAXONOMY and canonical(label) is None):
-            skipped.append(f"{row.get('id')}: unknown or missing label {label!r}")
+    from PIL import Image, ImageDraw, ImageFont
+
+    run = Path(run_dir)
+    logs = {s: _read_jsonl(run / s / "log.jsonl") for s in STAGE_ORDER if (run / s / "log.jsonl").exists()}
+    panels = [(s, k, t) for s, k, t in CURVE_PANELS if any(k in r for r in logs.get(s, []))]
+    if not panels:
+        return None
+    cols = 2
+    rows_n = (len(panels) + cols - 1) // cols
+    PW, PH, M = 420, 200, 34                                   # panel width/height, inner margin (px)
+    img = Image.new("RGB", (cols * PW, rows_n * PH), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for n, (stage, key, title) in enumerate(panels):
+        x0, y0 = (n % cols) * PW, (n // cols) * PH              # panel origin
+        pts = [(r.get("step", i + 1), float(r[key])) for i, r in enumerate(logs[stage])
+               if key in r and r[key] is not None and math.isfinite(float(r[key]))]
+        d.text((x0 + M, y0 + 6), title, fill="black", font=font)
+        box = (x0 + M, y0 + 24, x0 + PW - 12, y0 + PH - 22)    # plotting area (left, top, right, bottom)
+        d.rectangle(box, outline=(200, 200, 200))
+        if not pts:
             continue
-        preds, ok = parse_ranked_list_ex(row["prediction"])
-        cases.append((preds, label, fitz, ok))
-        ids.append(row.get("id"))
-    if not cases:
-        raise ValueError("eval: no scoreable rows (" + "; ".join(skipped[:3]) + ")")
-    metrics = clinical_metrics(cases, judge_fn=judge_fn, n_boot=n_boot, seed=seed, return_records=True)
-    for rid, rec in zip(ids, metrics["records"]):
-        rec["id"] = rid
-    return metrics, skipped
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ma = [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
+        lo, hi = min(ys), max(ys)
+        hi = hi if hi > lo else lo + 1e-9                      # a flat series still gets a valid scale
+        xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        to_xy = lambda x, y: (box[0] + (box[2] - box[0]) * (x - xlo) / (xhi - xlo),   # noqa: E731
+                              box[3] - (box[3] - box[1]) * (y - lo) / (hi - lo))
+        if len(pts) > 1:
+            d.line([to_xy(x, y) for x, y in zip(xs, ys)], fill=(190, 190, 190), width=1)
+            d.line([to_xy(x, y) for x, y in zip(xs, ma)], fill=(40, 80, 160), width=2)
+        else:
+            cx, cy = to_xy(xs[0], ys[0])
+            d.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=(40, 80, 160))
+        d.text((x0 + 2, box[1] - 2), f"{hi:.3g}", fill=(90, 90, 90), font=font)
+        d.text((x0 + 2, box[3] - 10), f"{lo:.3g}", fill=(90, 90, 90), font=font)
+        d.text((box[0], box[3] + 4), f"step {xlo}", fill=(90, 90, 90), font=font)
+        d.text((box[2] - 50, box[3] + 4), f"step {xhi}", fill=(90, 90, 90), font=font)
+    img.save(path)
+    return path
 
 
-def main(argv=None) -> int:
-    """CLI entry point (examples at the top of section 7); returns the exit status."""
-    p = argparse.ArgumentParser(description="SkinFlow clinical evaluation (Top-1/Top-6 with a clinical judge)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint dir, Hub id or preset (tiny|3b|7b): generate, then score")
-    src.add_argument("--predictions", help="JSONL of {id, prediction, label, fitzpatrick} from any system")
-    p.add_argument("--data", choices=("synthderm", "fitzpatrick17k"), default="synthderm")
-    p.add_argument("--split", help="default: 'test' (SynthDerm), 'eval1000/test' (Fitzpatrick17k); see data.iterate")
-    p.add_argument("--n", type=int, help="number of images: SynthDerm size (default 200) / Fitzpatrick17k cap (all)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (SynthDerm)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--csv", help="Fitzpatrick17k CSV (default: data.py's bundled copy)")
-    p.add_argument("--image-dir", help="Fitzpatrick17k images (<md5hash>.jpg)")
-    p.add_argument("--skincap", help="SkinCAP CSV used in Stage I: its captioned images (and their near-"
-                   "duplicates) are removed from the test split")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--max-pixels", type=int, default=224 * 224)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--lesion-focus", action=argparse.BooleanOptionalAction, default=None,
-                   help="final-token attention on the lesion (SynthDerm masks); default: on for --model synthderm")
-    p.add_argument("--attn-layers", default="all",
-                   help="decoder layers for --lesion-focus: all | 0,3 | a slice (negative: --attn-layers=-4:)")
-    p.add_argument("--out", required=True, help="output folder for report.md, metrics.json, PNG, cases.jsonl")
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--judge-url", help="OpenAI-compatible endpoint (base URL or .../chat/completions)")
-    p.add_argument("--judge-model", default="gpt-4o-mini")
-    p.add_argument("--judge-runs", type=int, default=3)
-    p.add_argument("--judge-temperature", type=float, default=0.7)
-    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--dry-run", action="store_true", help="check the flags, print them as JSON and exit (train.sh)")
+def summary_main(argv=None) -> int:
+    """`python eval.py summary RUN_DIR`: print results.md and write it with results.json and curves.png."""
+    p = argparse.ArgumentParser(prog="eval.py summary", description="results table + learning curves of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap resamples for Δ")
+    p.add_argument("--dry-run", action="store_true", help="check the flags and exit (train.sh DRY_RUN=1)")
     args = p.parse_args(argv)
-    # defaults per dataset: SynthDerm is generated, so n sets its size; for Fitzpatrick17k the default
-    # split is data.eval_sample's fixed 1,000 test images, our stand-in for the paper's unpublished set
-    if args.data == "synthderm":
-        args.split, args.n = args.split or "test", 200 if args.n is None else args.n
-    else:
-        args.split = args.split or "eval1000/test"
-    if args.lesion_focus is None:   # only SynthDerm draws lesion masks, and only --model has attention to read
-        args.lesion_focus = bool(args.model) and args.data == "synthderm"
-    elif args.lesion_focus and args.data != "synthderm":
-        p.error("--lesion-focus needs --data synthderm (Fitzpatrick17k has no lesion masks)")
-    parse_layers(args.attn_layers)  # a bad spec fails here, before any model is loaded
-    if args.model and args.data == "fitzpatrick17k" and not args.image_dir:
-        p.error("--model with --data fitzpatrick17k needs --image-dir (python data.py fetch --out DIR)")
     if args.dry_run:
-        print(json.dumps(vars(args)))
         return 0
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    problems: list[str] = []
-    lookup = None
-    args._image_stats = {}                                 # filled by data.iterate: yielded / missing / unreadable
-    if args.model:
-        try:
-            rows = generate_predictions(args)
-        except FileNotFoundError as exc:  # no such checkpoint / not in the Hub cache: one line, exit 2
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        with open(out / "predictions.jsonl", "w") as f:     # rescoring later needs no GPU
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    else:
-        rows, problems = load_predictions(args.predictions)
-        if any(r.get("label") is None or r.get("fitzpatrick") is None for r in rows):
-            lookup = {rid: (lab, fz) for rid, lab, fz in _dataset_records(args)}
-    llm = LLMJudge(args.judge_url, model=args.judge_model, n=args.judge_runs, temperature=args.judge_temperature,
-                   api_key=os.environ.get(args.judge_key_env)) if args.judge_url else None
-    metrics, skipped = score_rows(rows, judge_fn=llm, lookup=lookup, n_boot=args.bootstrap)
-    metrics["meta"] = {**report_source(args, rows, lookup),
-                       "judge": f"LLM {args.judge_model} @ {args.judge_url}, majority of {args.judge_runs}"
-                       if llm else "deterministic (eval.judge)", "skipped": len(skipped) + len(problems),
-                       "images_missing": args._image_stats.get("missing", 0),
-                       "images_unreadable": args._image_stats.get("unreadable", 0)}
-    if llm:
-        metrics["meta"]["judge_fallbacks"] = llm.fallbacks
-    focus = lesion_focus_summary(rows, n_boot=args.bootstrap)   # rows carry it (also rescored predictions)
-    if focus:
-        focus["layers"] = args.attn_layers
-        metrics["lesion_focus"] = focus
-    paths = write_report(metrics, out)
-    for msg in (problems + skipped)[:20]:
-        print("skipped:", msg, file=sys.stderr)
-    print(f"n={metrics['n']}  Top-1 {100 * metrics['top1']:.1f}%  Top-6 {100 * metrics['top6']:.1f}%  "
-          f"(strict {100 * metrics['strict_top1']:.1f}% / {100 * metrics['strict_top6']:.1f}%)  -> {paths['markdown']}")
-    if focus:
-        print(f"lesion focus {100 * focus['focus']:.1f}% (chance {100 * focus['chance']:.1f}%, "
-              f"lift {100 * focus['lift']:+.1f} points)")
+    try:
+        out = summarize_run(args.run_dir, n_boot=args.bootstrap)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out["markdown"])
     return 0
 
 
 # ===================================================================================================
-# 8. Seeing: final-token attention maps, the lesion-focus number, and `skinflow.py diagnose`
+# 7. Seeing: final-token attention maps, the lesion-focus number, and `eval.py diagnose`
 #
 # The paper's qualitative claim (Sec. "Visualization"): after SkinFlow's training the model's attention
 # moves from diffuse, global scanning onto the lesion. It shows final-token attention heatmaps but, having
@@ -1833,7 +1790,7 @@ def main(argv=None) -> int:
 #                                 that produces the first answer token) attends to each merged image token
 #   draw_heatmap(image, grid, p)  that map drawn over the photo (pillow + numpy only)
 #   lesion_focus(grid, mask)      the share of the image-token attention that lies on the lesion
-#   diagnose(argv)                `python skinflow.py diagnose IMAGE --model ... [--ckpt RUN] [--heatmap x.png]`
+#   diagnose(argv)                `python eval.py diagnose IMAGE --model ... [--ckpt RUN] [--heatmap x.png]`
 #
 # Where the attention comes from, without touching skinflow.py: every decoder layer calls
 # `self_attn(x, cos, sin, mask, ...)`. A forward PRE-hook on that module sees exactly those inputs, so the
@@ -2178,15 +2135,17 @@ def render_lesion_focus(summary: dict | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # diagnose: one image -> Stage I caption, Stage II differential, optional heatmap
 # ---------------------------------------------------------------------------------------------------
-class DiagnoseError(Exception):
-    """A user error of `diagnose` (bad file, bad checkpoint): printed as one line, exit status 2."""
+# A user error of `diagnose` (bad file, bad checkpoint): printed as one line, exit status 2. It is the
+# loader's dve.CheckpointError (a ValueError) since the checkpoint loader moved down to dve.py (issue 14),
+# so a bad --ckpt and a bad image raise the same class.
+DiagnoseError = dve.CheckpointError
 
 
 def open_image(path):
     """Open and fully decode an image file -> PIL RGB, or raise DiagnoseError with one readable line.
 
     Kept for callers of eval.open_image; the work is data.open_image, the ONE opener every entry point
-    shares (skinflow.py --image, diagnose, eval.py, rl.py): the format from the bytes, EXIF rotation,
+    shares (eval.py generate --image, diagnose, eval.py, rl.py): the format from the bytes, EXIF rotation,
     16-bit / CMYK / transparency to 8-bit RGB, and a forced decode so a truncated file fails here."""
     import data
 
@@ -2196,107 +2155,12 @@ def open_image(path):
         raise DiagnoseError(str(exc)) from None
 
 
-# Checkpoint layouts a user may point --ckpt at (what rl.py writes, in order of preference):
-#   <dir>/config.json + model.safetensors        an exported model (VLM.save_pretrained; rl.py's
-#                                                <out>/<stage>/model, LoRA merged, DVE kept, + tokenizer.json)
-#   <dir>/model/                                 a stage folder after export (<out>/<stage>)
-#   <dir>/{stage2,stage1,warmup}/model/          a whole run folder: the LATEST stage present is used
-#   <dir>/checkpoint.safetensors (+ no model/)   a stage still training: base (--model) + the saved trainable
-#                                                deltas ("param/<name>" = LoRA A/B, DVE spectra) re-applied
-_STAGE_ORDER = ("stage2", "stage1", "warmup", "vision")
-
-
-def _attn_find_ckpt(ckpt) -> tuple[str, Path]:
-    """-> ("model", dir with config.json) or ("deltas", path of checkpoint.safetensors)."""
-    root = Path(ckpt).expanduser()
-    if not root.exists():
-        raise DiagnoseError(f"--ckpt {ckpt}: no such directory")
-    if root.is_file() and root.suffix == ".safetensors":
-        return "deltas", root
-    cands = [root, root / "model"] + [root / s / "model" for s in _STAGE_ORDER]
-    for c in cands:
-        if (c / "config.json").exists():
-            return "model", c
-    for c in [root] + [root / s for s in _STAGE_ORDER]:
-        if (c / "checkpoint.safetensors").exists():
-            return "deltas", c / "checkpoint.safetensors"
-    raise DiagnoseError(f"--ckpt {ckpt}: found no model (config.json + model.safetensors) and no rl.py "
-                        "checkpoint.safetensors there, in model/, or in stage2|stage1|warmup|vision/")
-
-
-def load_with_deltas(model, ckpt_file) -> dict:
-    """Re-apply an rl.py training checkpoint to a freshly loaded BASE model, in place; returns its config.
-
-    rl.Trainer.save_checkpoint stores the trainable tensors as "param/<parameter name>" (fp32 masters) and
-    its TrainConfig as JSON metadata. We rebuild the same module structure the trainer had (DVE FDLinears
-    when cfg.dve, LoRA adapters when "lora" was trained), then copy every saved tensor into the parameter
-    of the same name. A name that does not exist is an error (wrong base model or different options).
-    """
-    import torch
-    from safetensors import safe_open
-    import rl
-
-    with safe_open(str(ckpt_file), framework="pt") as f:
-        meta = f.metadata() or {}
-        params = {k[len("param/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("param/")}
-    if not params:
-        raise DiagnoseError(f"{ckpt_file}: holds no 'param/...' tensors (not an rl.py checkpoint)")
-    # Mirror rl.Trainer.__init__: which sets were trained decides which modules must exist. The warm start
-    # is full-parameter SFT, so its "param/..." names are the plain model's (no LoRA wrappers).
-    cfg = json.loads(meta.get("config", "{}"))
-    sets = {s.strip() for s in str(cfg.get("train", "lora,dve")).split(",") if s.strip()}
-    if cfg.get("stage") in ("vision", "warmup"):
-        sets = {"llm"}
-    device = model.device
-    if cfg.get("dve"):
-        import dve
-        if not dve.fdlinears(model):   # a Stage II run may start from a Stage I export that already has DVE
-            dve.apply_dve(model, blocks=None, K=int(cfg.get("dve_k", 4)))
-    if "lora" in sets:
-        rl.apply_lora(model, int(cfg.get("lora_rank", 16)), float(cfg.get("lora_alpha", 32.0)))
-    model.to(device)                   # the new adapter / DVE tensors are created on the CPU
-    names = dict(model.named_parameters())
-    unknown = sorted(set(params) - set(names))
-    if unknown:
-        raise DiagnoseError(f"{ckpt_file}: {len(unknown)} saved tensors have no parameter in this model "
-                            f"(e.g. {unknown[0]}); pass the run's base model with --model")
-    # The saved tensors are fp32 masters; copy_ casts them to the model's dtype (bf16 runs included).
-    with torch.no_grad():
-        for n, t in params.items():
-            if tuple(t.shape) != tuple(names[n].shape):
-                raise DiagnoseError(f"{ckpt_file}: {n} has shape {tuple(t.shape)} but the model's is "
-                                    f"{tuple(names[n].shape)}; pass the run's base model with --model")
-            names[n].copy_(t.to(names[n].dtype))
-    return cfg
-
-
-def load_for_diagnose(model_arg, ckpt=None, dtype="float32", device="cpu"):
-    """-> (model, tokenizer, description). --ckpt wins over --model for an exported model; for a training
-    checkpoint --model is the base that the deltas are applied to."""
-    import torch
-    import skinflow
-
-    # The tokenizer always travels with the weights it was trained with: an exported model folder holds
-    # its own tokenizer.json (rl.Trainer.export saves it); a deltas checkpoint uses the base's.
-    dt = getattr(torch, dtype)
-    if ckpt is None:
-        model, tok = skinflow.load(model_arg, dtype=dt, device=device)
-        return model.eval(), tok, f"base model {model_arg}"
-    kind, where = _attn_find_ckpt(ckpt)
-    if kind == "model":
-        model = skinflow.VLM.from_pretrained(where, dtype=dt, device=device)
-        if (where / "tokenizer.json").exists():
-            tok = skinflow.Tokenizer.from_pretrained(where)
-        elif model_arg is not None:      # an export without tokenizer: take the base model's
-            tok = skinflow.Tokenizer.from_pretrained(skinflow.HUB_IDS.get(str(model_arg).lower(), model_arg))
-        else:
-            raise DiagnoseError(f"{where} has no tokenizer.json: pass the base model with --model")
-        return model.eval(), tok, f"fine-tuned model {where}"
-    if model_arg is None:
-        raise DiagnoseError(f"{where} stores only the trained deltas: pass the base model with --model")
-    model, tok = skinflow.load(model_arg, dtype=dt, device=device)
-    cfg = load_with_deltas(model, where)
-    return model.eval(), tok, f"base {model_arg} + {cfg.get('stage', '?')} deltas from {where}"
+# Loading a model for `diagnose` (--model base, --ckpt a run folder / stage folder / export / rl.py
+# checkpoint) is the project's one checkpoint loader, dve.py section 8 (issue 14: eval.py stands on dve.py
+# and never on rl.py). The old names stay as aliases for their callers.
+_attn_find_ckpt = dve.find_checkpoint
+load_with_deltas = dve.load_with_deltas
+load_for_diagnose = dve.load_checkpoint
 
 
 def _attn_generate_text(model, tok, batch, max_new_tokens: int) -> str:
@@ -2307,7 +2171,7 @@ def _attn_generate_text(model, tok, batch, max_new_tokens: int) -> str:
 
 
 def diagnose(argv=None) -> int:
-    """`python skinflow.py diagnose IMAGE --model PATH_OR_PRESET [--ckpt RUN_DIR] [--heatmap out.png]`.
+    """`python eval.py diagnose IMAGE --model PATH_OR_PRESET [--ckpt RUN_DIR] [--heatmap out.png]`.
 
     Prints the Stage I caption (the 8 fields of data.CAPTION_FIELDS, parsed by parse_caption from a greedy
     answer to data.STAGE1_PROMPT) and the ranked differential (parse_ranked_list of a greedy answer to
@@ -2317,7 +2181,7 @@ def diagnose(argv=None) -> int:
     import data
     import skinflow
 
-    p = argparse.ArgumentParser(prog="skinflow.py diagnose",
+    p = argparse.ArgumentParser(prog="eval.py diagnose",
                                 description="Caption + ranked differential for one skin photo (SkinFlow Stage I + II)")
     p.add_argument("image", help="a photo (any format pillow reads)")
     p.add_argument("--model", default=None, help="base model: preset (tiny|3b|7b), Hub id or local dir")
@@ -2376,264 +2240,386 @@ def diagnose(argv=None) -> int:
 
 
 # ===================================================================================================
-# 9. Run summary: the results table and the learning curves at the end of train.sh
-#
-# `python eval.py summary RUN_DIR` reads what rl.py and this file's CLI left in a run folder,
-#     RUN_DIR/<stage>/log.jsonl              one JSON line per optimizer step (rl.py)
-#     RUN_DIR/eval/<stage>/metrics.json      the clinical report of that stage's checkpoint (section 7)
-#     RUN_DIR/eval/<stage>/cases.jsonl       one scored case per test image, in test-split order
-#     RUN_DIR/ablation/<row>/...             the same layout once per ablation row (ABLATION=1 bash train.sh)
-# and writes RUN_DIR/results.md (+ results.json) and RUN_DIR/curves.png.
-#
-# The one statistical idea here is the PAIRED bootstrap. "Did Stage II beat the warm start?" compares two
-# models on the SAME test images. Resampling images (not models) and recomputing
-#     delta* = mean_i [ top1_stage2(i) - top1_warm(i) ]          over a resample i ~ U{1..n}, n draws
-# gives an interval for the gain that cancels the per-image difficulty both models share; it is much
-# narrower than two independent intervals side by side, and it is the honest yardstick for "learned".
+# 8. Optional LLM judge (OpenAI-compatible chat endpoint, urllib only)
 # ===================================================================================================
-STAGE_ORDER = ("base", "warmup", "stage1", "stage2")
+# The paper judged with Gemini 2.5 Pro, three runs. This is the same idea against any endpoint that
+# speaks the OpenAI chat format (vLLM, llama.cpp server, a hosted API). It sees only text (reference
+# label + one predicted line), never the image, and grades with the same six verdicts, so its numbers
+# drop into the same tables. Use it to audit the deterministic judge (run both, diff cases.jsonl) or to
+# credit answers outside the 114-label vocabulary. Its verdicts depend on the model and its version:
+# record both (they go into the report's meta block) if you publish a number made with it.
+JUDGE_RUBRIC = """You are a board-certified dermatologist grading one diagnosis against the reference label.
+Answer with exactly one verdict, as JSON {"verdict": "<verdict>"}, using the first rule that applies:
+- correct: the same condition or a synonym (e.g. reference "pyogenic granuloma", prediction "lobular capillary hemangioma").
+- subtype: one names a valid subtype of the other on the same branch (e.g. reference "melanoma", prediction "lentigo maligna"; reference "pustular psoriasis", prediction "psoriasis").
+- near_miss: a different condition in the same differential family (papulosquamous, eczematous, vesiculobullous, acneiform, infections/infestations, pigmentary, keratinocyte cancers, melanocytic nevi ...), with a consistent next step (e.g. reference "squamous cell carcinoma", prediction "basal cell carcinoma"; NOT reference "psoriasis", prediction "vitiligo" or "scabies").
+- safety_critical: the error crosses the malignant versus benign/non-neoplastic boundary (e.g. reference "melanoma", prediction "benign nevus"; or a benign lesion called a cancer).
+- wrong: any other error.
+- unknown: the prediction is not a dermatological diagnosis (empty, prose, refusal)."""
 
-# The paper's ablation on Fitzpatrick17k (1,000 images, Gemini-2.5-Pro judge; via the thesis note S1 in the
-# team's paper notes). Our rows run on SynthDerm with the deterministic judge: compare the ORDERING of the
-# rows and the sign of each step, never the absolute numbers.
-PAPER_ABLATION = {
-    "stage2_only": ("No Stage I, no DVE", 15.22, 45.36),
-    "stage1_stage2": ("Stage I, no DVE", 24.45, 57.69),
-    "stage1_stage2_dve": ("Stage I + DVE (SkinFlow)", 29.19, 71.16),
-}
+_VERDICT_RE = re.compile(r"\b(safety[\s_-]?critical|near[\s_-]?miss|subtype|correct|wrong|unknown)\b", re.I)
 
 
-def paired_bootstrap_delta(a, b, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05):
-    """Gain of b over a on the same cases, with a paired percentile-bootstrap interval.
+def parse_verdict(reply: str) -> str | None:
+    """Read a verdict from a judge reply: JSON {"verdict": ...} first, else the first verdict word."""
+    if not isinstance(reply, str):
+        return None
+    m = re.search(r"\{.*?\}", reply, re.S)
+    cand = None
+    if m:
+        try:
+            cand = str(json.loads(m.group(0)).get("verdict", ""))
+        except (ValueError, AttributeError):
+            cand = None
+    w = _VERDICT_RE.search(cand or "") or _VERDICT_RE.search(reply)
+    return re.sub(r"[\s-]", "_", w.group(1).lower()) if w else None
 
-        delta = mean_i (b_i - a_i);   CI = percentiles (alpha/2, 1 - alpha/2) of delta* over n_boot resamples
 
-    a, b: per-case scores (e.g. the 0/1 `top1` column of cases.jsonl) in the same case order. Returns
-    (delta, lo, hi). Uses numpy's seeded generator so a report is reproducible.
+class LLMJudge:
+    """judge(prediction, truth) through an OpenAI-compatible /chat/completions endpoint; majority of n runs.
+
+    Each run is one POST {model, messages: [rubric, case], temperature}; a failed or unparseable run is
+    discarded. Majority vote over the valid runs; a tie goes to the verdict that gives the LEAST credit
+    (order of VERDICT_SEVERITY), so an undecided judge never inflates Top-k. If no run is valid, the
+    deterministic `judge` decides and `fallbacks` is incremented. Verdicts are cached per (prediction, truth).
     """
-    import numpy as np
 
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"paired_bootstrap_delta: need two equal-length non-empty score lists, got {a.shape}, {b.shape}")
-    diff = b - a                                                   # [n] per-image gain
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, diff.size, size=(n_boot, diff.size))     # [n_boot, n] resampled image indices
-    boots = diff[idx].mean(axis=1)                                 # [n_boot]
-    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return float(diff.mean()), float(lo), float(hi)
+    SEVERITY = ("safety_critical", "wrong", "unknown", "near_miss", "subtype", "correct")  # least credit first
+
+    def __init__(self, url: str, model: str = "gpt-4o-mini", n: int = 3, temperature: float = 0.7,
+                 api_key: str | None = None, timeout: float = 60.0):
+        self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/v1/chat/completions"
+        self.model, self.n, self.temperature, self.api_key, self.timeout = model, n, temperature, api_key, timeout
+        self.cache: dict[tuple[str, str], str] = {}
+        self.fallbacks = 0
+        self.calls = 0
+
+    def _ask(self, prediction: str, truth: str) -> str | None:
+        """One judge run: POST the rubric and the case; the parsed verdict, or None on any failure."""
+        body = {"model": self.model, "temperature": self.temperature, "messages": [
+            {"role": "system", "content": JUDGE_RUBRIC},
+            {"role": "user", "content": f"Reference label: {display_name(truth)}\nPredicted diagnosis: {prediction}"}]}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        self.calls += 1
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                reply = json.loads(resp.read().decode("utf-8", "replace"))
+            return parse_verdict(reply["choices"][0]["message"]["content"])
+        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError):
+            return None
+
+    def __call__(self, prediction, truth) -> str:
+        """Same signature as `judge`, so it plugs into clinical_metrics(judge_fn=...)."""
+        key = (str(prediction), _truth_label(truth))
+        if key not in self.cache:
+            votes = Counter(v for v in (self._ask(*key) for _ in range(self.n)) if v in VERDICTS)
+            if votes:
+                top = max(votes.values())
+                self.cache[key] = min((v for v, c in votes.items() if c == top), key=self.SEVERITY.index)
+            else:
+                self.fallbacks += 1
+                self.cache[key] = judge(*key)
+        return self.cache[key]
 
 
-def _read_jsonl(path) -> list[dict]:
-    """Rows of a JSONL file; a torn last line (a run killed mid-write) is skipped, never fatal."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+# ===================================================================================================
+# 9. Command line
+# ===================================================================================================
+# Typical runs:
+#   python eval.py --model tiny --data synthderm --n 200 --out runs/eval_tiny          # smoke test, CPU
+#   python eval.py --model CHECKPOINT_DIR --data fitzpatrick17k --image-dir DIR --out runs/eval_f17k
+#   python eval.py --predictions gpt.jsonl --data fitzpatrick17k --out runs/eval_gpt   # someone else's model
+# The --model path writes predictions.jsonl before scoring, so a run can be rescored later (another
+# judge, another bootstrap) without a GPU. The --predictions path accepts rows with only "id" and
+# "prediction": labels and skin types are then joined from the dataset, which lets anyone put a
+# baseline of their own next to the paper's table under exactly the same judge.
+def _dataset_records(args) -> list[tuple[str, str, int]]:
+    """(id, label, fitzpatrick) for --predictions joins, without rendering or opening any image.
+
+    SynthDerm: the specs of the same split/seed/size the predictions were made on (ids are only unique
+    within one such set). Fitzpatrick17k: every CSV row, since md5 ids are unique across the dataset.
+    """
+    import data
+    if args.data == "synthderm":
+        ds = data.SynthDerm(args.n, seed=args.seed, image_size=args.image_size, split=args.split)
+        return [(s["id"], s["label"], s["fitzpatrick"]) for s in map(ds.spec, range(len(ds)))]
+    return [(r.id, r.label, r.fitzpatrick) for r in data.load_fitzpatrick17k(args.csv, verbose=False)]
+
+
+def _eval_items(args):
+    """Yield (id, PIL image, prompt, label, fitzpatrick, lesion mask or None) of the split, via data.iterate."""
+    import data
+    # iterate fills `stats` (yielded / missing / unreadable) when it finishes; main() copies the counts
+    # into metrics.json, so a report always says how many test photos could not be scored and why.
+    stats = getattr(args, "_image_stats", {})
+    for image, prompt, rec in data.iterate("stage2", args.split, source=args.data, n=args.n, seed=args.seed,
+                                           image_size=args.image_size, csv_path=args.csv,
+                                           image_dir=args.image_dir, skincap_csv=getattr(args, "skincap", None),
+                                           stats=stats):
+        yield rec.id, image, prompt, rec.label, rec.fitzpatrick, getattr(rec, "mask", None)
+
+
+def report_source(args, rows: list[dict], lookup: dict | None) -> dict:
+    """The report header's `source` / `data` / `split`: where the scored cases REALLY came from.
+
+    --model: the images were drawn from --data / --split, so those are named. --predictions: the rows
+    came from someone's file, and --data / --split (with their defaults) only matter for rows that lack a
+    label or skin type and get them joined by id. A header must not name a split the rows never touched:
+      no row joined          -> data "labels of the predictions file", split "not recorded in the file"
+      SynthDerm join          -> the split (+ seed and size) whose ids were matched: ids are per split
+      Fitzpatrick17k join     -> every CSV row (md5 ids are unique), so no split was used
+    The keys stay (plus `labels` when rows were joined), so eval.py summary, which reads meta["data"], and
+    older metrics.json readers keep working.
+    """
+    if args.model:
+        return {"source": args.model, "data": args.data, "split": args.split}
+    joined = 0 if lookup is None else sum((r.get("label") is None or r.get("fitzpatrick") is None)
+                                          and r.get("id") in lookup for r in rows)  # rows the join filled
+    if joined == 0:
+        return {"source": args.predictions, "data": "labels of the predictions file",
+                "split": "not recorded in the predictions file"}
+    if args.data == "synthderm":
+        where = f"{args.split} (seed {args.seed}, n {args.n}, image size {args.image_size})"
+    else:
+        where = "none: ids matched against every CSV row"
+    return {"source": args.predictions, "data": args.data, "split": where,
+            "labels": f"{joined} of {len(rows)} row(s) joined by id from {args.data}, the rest from the file"}
+
+
+def generate_predictions(args) -> list[dict]:
+    """Greedy Stage II generation over the evaluation split (tqdm bar); returns prediction rows."""
+    import torch
+    from tqdm import tqdm
+    import skinflow
+    dtype = getattr(torch, args.dtype)
+    # the project's one loader (dve.py section 8): preset, Hub id or export, with its DVE layers and adapter
+    model, tok = dve.load(args.model, dtype=dtype, device=args.device)
+    model.eval()  # greedy decoding is deterministic, so a rerun reproduces predictions.jsonl exactly
+    rows: list[dict] = []
+    items = list(_eval_items(args))
+    bar = tqdm(total=len(items), desc="generate", unit="img")
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start:start + args.batch_size]
+        batch = skinflow.make_batch(tok, [c[1] for c in chunk], [c[2] for c in chunk],
+                                    max_pixels=args.max_pixels, device=args.device)
+        with torch.no_grad():
+            gen = model.generate(**batch, max_new_tokens=args.max_new_tokens, greedy=True)
+        # section 7: one extra prompt forward reads the final-token attention -> lesion focus per image
+        focus = lesion_focus_rows(model, batch, [c[5] for c in chunk], parse_layers(args.attn_layers)) \
+            if getattr(args, "lesion_focus", False) else [{}] * len(chunk)
+        for c, toks, mask, foc in zip(chunk, gen.tokens.tolist(), gen.mask.tolist(), focus):
+            ids = [t for t, m in zip(toks, mask) if m > 0 and t != tok.eos_id]   # drop padding and the stop token
+            rows.append({"id": c[0], "prediction": tok.decode(ids), "label": c[3], "fitzpatrick": c[4], **foc})
+        bar.update(len(chunk))
+    bar.close()
     return rows
 
 
-def _stage_evals(run: Path) -> dict:
-    """{stage: (metrics dict, cases list)} for every RUN/eval/<stage>/ that holds a metrics.json."""
-    found = {}
-    names = sorted((p.name for p in (run / "eval").glob("*") if (p / "metrics.json").exists()),
-                   key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s))
-    for name in names:
-        d = run / "eval" / name
-        metrics = json.loads((d / "metrics.json").read_text())
-        cases = _read_jsonl(d / "cases.jsonl") if (d / "cases.jsonl").exists() else []
-        found[name] = (metrics, cases)
-    return found
+def load_predictions(path) -> tuple[list[dict], list[str]]:
+    """Read a predictions JSONL; returns (rows, problems). Bad lines are skipped and reported, never fatal."""
+    rows, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "prediction" not in row:
+                    raise ValueError("needs an object with a 'prediction' key")
+                rows.append(row)
+            except ValueError as e:
+                problems.append(f"line {i}: {e}")
+    return rows, problems
 
 
-def _fmt_ci(m: dict, key: str) -> str:
-    """'31.5 [25.0, 38.0]' in percent, from a metrics dict with m[key] and m['ci95'][key]."""
-    lo, hi = m.get("ci95", {}).get(key, (float("nan"), float("nan")))
-    return f"{100 * m[key]:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+def score_rows(rows: list[dict], judge_fn=None, lookup: dict | None = None, n_boot: int = 1000, seed: int = 0):
+    """Score prediction rows {"id", "prediction" (text or list), "label", "fitzpatrick"} -> (metrics, skipped).
 
-
-def _delta_row(base_cases, cases, key="top1", n_boot=2000):
-    """Paired gain of `cases` over `base_cases` on `key`, or None when the two were not run on the same images."""
-    if not base_cases or len(base_cases) != len(cases):
-        return None
-    if [c["truth"] for c in base_cases] != [c["truth"] for c in cases]:
-        return None                                   # different test items: a paired test would be a lie
-    return paired_bootstrap_delta([c[key] for c in base_cases], [c[key] for c in cases], n_boot=n_boot)
-
-
-def summarize_run(run_dir, n_boot: int = 2000) -> dict:
-    """Build the results table (markdown + dict) and the learning curves of one train.sh run folder."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise FileNotFoundError(f"summary: no run folder {run}")
-    evals = _stage_evals(run)
-    ref = next((s for s in ("warmup", "base") if s in evals), None)     # what "learned" is measured against
-    rows, lines = [], []
-    # Which data the run was scored on (written by the eval CLI into every metrics.json)
-    metas = [m.get("meta", {}) for m, _ in evals.values()]
-    real = any(mt.get("data") == "fitzpatrick17k" for mt in metas)
-    where = (f"the held-out Fitzpatrick17k photos (split `{metas[-1].get('split')}`)" if real
-             else "the held-out SynthDerm test split")
-    lines += [f"# SkinFlow run summary: `{run}`", ""]
-    # A notice left by train.sh (e.g. Stage I skipped for want of SkinCAP) goes first, where no one misses it.
-    notice = run / "NOTICE.md"
-    if notice.is_file() and notice.read_text().strip():
-        lines += ["> **NOTICE** " + " ".join(notice.read_text().split()), ""]
-    lines += [f"Clinical Top-1 / Top-6 on {where} (95 % bootstrap intervals). "
-              f"Δ is the paired-bootstrap gain in Top-1 over `{ref}` on the same images.", "",
-              "| checkpoint | n | Top-1 | Top-6 | strict Top-1 | near miss @1 | safety-critical @1 | format fail "
-              "| lesion focus (chance) | Δ Top-1 vs " + str(ref) + " |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for stage, (m, cases) in evals.items():
-        lf = m.get("lesion_focus") or {}
-        focus = f"{100 * lf['focus']:.1f} ({100 * lf['chance']:.1f})" if "focus" in lf else "–"
-        d = _delta_row(evals[ref][1], cases, n_boot=n_boot) if ref and stage != ref else None
-        dtxt = f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if d else "–"
-        rows.append({"stage": stage, "n": m["n"], "top1": m["top1"], "top6": m["top6"],
-                     "top1_ci95": m.get("ci95", {}).get("top1"), "top6_ci95": m.get("ci95", {}).get("top6"),
-                     "delta_top1": d, "lesion_focus": lf.get("focus"), "lesion_chance": lf.get("chance")})
-        lines.append(f"| {stage} | {m['n']} | {_fmt_ci(m, 'top1')} | {_fmt_ci(m, 'top6')} | "
-                     f"{100 * m['strict_top1']:.1f} | {100 * m['near_miss_rate']:.1f} | "
-                     f"{100 * m['safety_critical_rate']:.1f} | {100 * m['format_failure_rate']:.1f} | {focus} | {dtxt} |")
-    if not evals:
-        lines.append("| (no evaluated checkpoint found under eval/) | | | | | | | | | |")
-    if real and evals:
-        # The paper's table is measured on Fitzpatrick17k too (its own unpublished 1,000 images and an LLM
-        # judge): same protocol in kind, so the absolute numbers can stand side by side, with that caveat.
-        last, (m, _) = list(evals)[-1], list(evals.values())[-1]
-        lines += ["", f"Beside the paper (Fitzpatrick17k, 1,000 images; its ids are unpublished, ours are "
-                  "data.eval_sample's, and its judge was an LLM): ", "",
-                  "| model | Top-1 | Top-6 |", "|---|---|---|"]
-        lines += [f"| paper: {name} | {p1:.2f} | {p6:.2f} |" for name, p1, p6 in PAPER_ABLATION.values()]
-        lines.append(f"| ours: `{last}` | {100 * m['top1']:.2f} | {100 * m['top6']:.2f} |")
-        by = m.get("by_fitzpatrick") or {}
-        if by:
-            lines += ["", f"Per skin type (`{last}`, Fitzpatrick scale of the CSV):", "",
-                      "| skin type | n | Top-1 | Top-6 |", "|---|---|---|---|"]
-            lines += [f"| {k} | {v.get('n', '')} | {100 * v['top1']:.1f} | {100 * v['top6']:.1f} |"
-                      for k, v in by.items()]
-    learned = [r for r in rows if r["delta_top1"] and r["delta_top1"][1] > 0]
-    if learned:
-        lines += ["", "Learning shown (the paired 95 % interval of Δ excludes 0): "
-                  + ", ".join(f"`{r['stage']}`" for r in learned) + "."]
-    # the ablation table, next to the paper's numbers (which are Fitzpatrick17k, not SynthDerm)
-    ablation = {}
-    order = list(PAPER_ABLATION)  # the paper's row order first, any other row after it
-    rows_found = sorted((run / "ablation").glob("*")) if (run / "ablation").is_dir() else []
-    for row_dir in sorted(rows_found, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name)):
-        ev = _stage_evals(row_dir)
-        if ev:
-            last = list(ev)[-1]
-            # each row starts from the main run's warm start and is scored on the same test images, so
-            # its gain over that warm start gets the same paired interval as the main table
-            d = _delta_row(evals[ref][1], ev[last][1], n_boot=n_boot) if ref else None
-            ablation[row_dir.name] = (last, ev[last][0], d)
-    if ablation:
-        lines += ["", "## Ablation (paper Table: Fitzpatrick17k; ours: SynthDerm, same protocol in kind)", "",
-                  f"| row | paper Top-1 | paper Top-6 | ours Top-1 | ours Top-6 | ours Δ Top-1 vs {ref} |",
-                  "|---|---|---|---|---|---|"]
-        for key, (last, m, d) in ablation.items():
-            name, p1, p6 = PAPER_ABLATION.get(key, (key, float("nan"), float("nan")))
-            dtxt = f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if d else "–"
-            lines.append(f"| {name} | {p1:.2f} | {p6:.2f} | {_fmt_ci(m, 'top1')} | {_fmt_ci(m, 'top6')} | {dtxt} |")
-    curves = draw_curves(run, run / "curves.png")
-    if curves:
-        lines += ["", "![learning curves](curves.png)"]
-    text = "\n".join(lines) + "\n"
-    (run / "results.md").write_text(text)
-    summary = {"rows": rows, "reference": ref,
-               "ablation": {k: {"stage": s, "top1": m["top1"], "top6": m["top6"], "delta_top1": d}
-                            for k, (s, m, d) in ablation.items()}}
-    (run / "results.json").write_text(json.dumps(summary, indent=2))
-    return {"markdown": text, **summary}
-
-
-# Which logged series each panel of curves.png shows. A panel is drawn only when its stage logged the key.
-CURVE_PANELS = (
-    ("vision", "acc", "tiny ViT: probe accuracy (batch)"),
-    ("warmup", "loss", "warm-up: cross-entropy"),
-    ("stage1", "reward_mean", "Stage I: caption reward"),
-    ("stage2", "reward_mean", "Stage II: differential reward"),
-    ("stage2", "hit_rank1", "Stage II: sampled answers right at rank 1"),
-    ("stage1", "kl", "Stage I: KL to reference"),
-    ("stage2", "kl", "Stage II: KL to reference"),
-    ("stage2", "completion_len", "Stage II: completion length (tokens)"),
-    ("stage2", "zero_std_groups", "Stage II: groups with equal rewards"),
-)
-
-
-def draw_curves(run_dir, path, smooth: int = 5):
-    """Small-multiples line chart of the training logs (pillow only). Returns the path, or None if no log.
-
-    Each panel plots one logged value per optimizer step (thin grey) and its trailing moving average over
-    `smooth` steps (blue): GRPO rewards are noisy by construction (G samples per prompt), the trend is
-    what to read. The y-axis of each panel spans that series' own min..max.
+    A row without label/fitzpatrick takes them from `lookup[id]`; a row whose label is still missing or
+    not a Fitzpatrick17k label is skipped and listed (counted in metrics["meta"]["skipped"]).
     """
-    from PIL import Image, ImageDraw, ImageFont
-
-    run = Path(run_dir)
-    logs = {s: _read_jsonl(run / s / "log.jsonl") for s in STAGE_ORDER if (run / s / "log.jsonl").exists()}
-    panels = [(s, k, t) for s, k, t in CURVE_PANELS if any(k in r for r in logs.get(s, []))]
-    if not panels:
-        return None
-    cols = 2
-    rows_n = (len(panels) + cols - 1) // cols
-    PW, PH, M = 420, 200, 34                                   # panel width/height, inner margin (px)
-    img = Image.new("RGB", (cols * PW, rows_n * PH), "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    for n, (stage, key, title) in enumerate(panels):
-        x0, y0 = (n % cols) * PW, (n // cols) * PH              # panel origin
-        pts = [(r.get("step", i + 1), float(r[key])) for i, r in enumerate(logs[stage])
-               if key in r and r[key] is not None and math.isfinite(float(r[key]))]
-        d.text((x0 + M, y0 + 6), title, fill="black", font=font)
-        box = (x0 + M, y0 + 24, x0 + PW - 12, y0 + PH - 22)    # plotting area (left, top, right, bottom)
-        d.rectangle(box, outline=(200, 200, 200))
-        if not pts:
+    cases, ids, skipped = [], [], []
+    for row in rows:
+        # the row's own label wins; the dataset lookup only fills what the row left out
+        label, fitz = row.get("label"), row.get("fitzpatrick")
+        if (label is None or fitz is None) and lookup and row.get("id") in lookup:
+            label = label if label is not None else lookup[row["id"]][0]
+            fitz = fitz if fitz is not None else lookup[row["id"]][1]
+        if label is None or (label not in TAXONOMY and canonical(label) is None):
+            skipped.append(f"{row.get('id')}: unknown or missing label {label!r}")
             continue
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ma = [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
-        lo, hi = min(ys), max(ys)
-        hi = hi if hi > lo else lo + 1e-9                      # a flat series still gets a valid scale
-        xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        to_xy = lambda x, y: (box[0] + (box[2] - box[0]) * (x - xlo) / (xhi - xlo),   # noqa: E731
-                              box[3] - (box[3] - box[1]) * (y - lo) / (hi - lo))
-        if len(pts) > 1:
-            d.line([to_xy(x, y) for x, y in zip(xs, ys)], fill=(190, 190, 190), width=1)
-            d.line([to_xy(x, y) for x, y in zip(xs, ma)], fill=(40, 80, 160), width=2)
-        else:
-            cx, cy = to_xy(xs[0], ys[0])
-            d.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=(40, 80, 160))
-        d.text((x0 + 2, box[1] - 2), f"{hi:.3g}", fill=(90, 90, 90), font=font)
-        d.text((x0 + 2, box[3] - 10), f"{lo:.3g}", fill=(90, 90, 90), font=font)
-        d.text((box[0], box[3] + 4), f"step {xlo}", fill=(90, 90, 90), font=font)
-        d.text((box[2] - 50, box[3] + 4), f"step {xhi}", fill=(90, 90, 90), font=font)
-    img.save(path)
-    return path
+        preds, ok = parse_ranked_list_ex(row["prediction"])
+        cases.append((preds, label, fitz, ok))
+        ids.append(row.get("id"))
+    if not cases:
+        raise ValueError("eval: no scoreable rows (" + "; ".join(skipped[:3]) + ")")
+    metrics = clinical_metrics(cases, judge_fn=judge_fn, n_boot=n_boot, seed=seed, return_records=True)
+    for rid, rec in zip(ids, metrics["records"]):
+        rec["id"] = rid
+    return metrics, skipped
 
 
-def summary_main(argv=None) -> int:
-    """`python eval.py summary RUN_DIR`: print results.md and write it with results.json and curves.png."""
-    p = argparse.ArgumentParser(prog="eval.py summary", description="results table + learning curves of a run")
-    p.add_argument("run_dir")
-    p.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap resamples for Δ")
-    p.add_argument("--dry-run", action="store_true", help="check the flags and exit (train.sh DRY_RUN=1)")
+def main(argv=None) -> int:
+    """CLI entry point (examples at the top of section 9); returns the exit status. A first word
+    `summary`, `diagnose` or `generate` runs that command with the rest of argv (section 6, section 7, and
+    the backbone demo that was `python skinflow.py`)."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    commands = {"summary": summary_main, "diagnose": diagnose, "generate": generate_main}
+    if words and words[0] in commands:
+        return commands[words[0]](words[1:])
+    p = argparse.ArgumentParser(description="SkinFlow clinical evaluation (Top-1/Top-6 with a clinical judge)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint dir, Hub id or preset (tiny|3b|7b): generate, then score")
+    src.add_argument("--predictions", help="JSONL of {id, prediction, label, fitzpatrick} from any system")
+    p.add_argument("--data", choices=("synthderm", "fitzpatrick17k"), default="synthderm")
+    p.add_argument("--split", help="default: 'test' (SynthDerm), 'eval1000/test' (Fitzpatrick17k); see data.iterate")
+    p.add_argument("--n", type=int, help="number of images: SynthDerm size (default 200) / Fitzpatrick17k cap (all)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (SynthDerm)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--csv", help="Fitzpatrick17k CSV (default: data.py's bundled copy)")
+    p.add_argument("--image-dir", help="Fitzpatrick17k images (<md5hash>.jpg)")
+    p.add_argument("--skincap", help="SkinCAP CSV used in Stage I: its captioned images (and their near-"
+                   "duplicates) are removed from the test split")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-pixels", type=int, default=224 * 224)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--lesion-focus", action=argparse.BooleanOptionalAction, default=None,
+                   help="final-token attention on the lesion (SynthDerm masks); default: on for --model synthderm")
+    p.add_argument("--attn-layers", default="all",
+                   help="decoder layers for --lesion-focus: all | 0,3 | a slice (negative: --attn-layers=-4:)")
+    p.add_argument("--out", required=True, help="output folder for report.md, metrics.json, PNG, cases.jsonl")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint (base URL or .../chat/completions)")
+    p.add_argument("--judge-model", default="gpt-4o-mini")
+    p.add_argument("--judge-runs", type=int, default=3)
+    p.add_argument("--judge-temperature", type=float, default=0.7)
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--dry-run", action="store_true", help="check the flags, print them as JSON and exit (train.sh)")
     args = p.parse_args(argv)
+    # defaults per dataset: SynthDerm is generated, so n sets its size; for Fitzpatrick17k the default
+    # split is data.eval_sample's fixed 1,000 test images, our stand-in for the paper's unpublished set
+    if args.data == "synthderm":
+        args.split, args.n = args.split or "test", 200 if args.n is None else args.n
+    else:
+        args.split = args.split or "eval1000/test"
+    if args.lesion_focus is None:   # only SynthDerm draws lesion masks, and only --model has attention to read
+        args.lesion_focus = bool(args.model) and args.data == "synthderm"
+    elif args.lesion_focus and args.data != "synthderm":
+        p.error("--lesion-focus needs --data synthderm (Fitzpatrick17k has no lesion masks)")
+    parse_layers(args.attn_layers)  # a bad spec fails here, before any model is loaded
+    if args.model and args.data == "fitzpatrick17k" and not args.image_dir:
+        p.error("--model with --data fitzpatrick17k needs --image-dir (python data.py fetch --out DIR)")
     if args.dry_run:
+        print(json.dumps(vars(args)))
         return 0
-    try:
-        out = summarize_run(args.run_dir, n_boot=args.bootstrap)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(out["markdown"])
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    lookup = None
+    args._image_stats = {}                                 # filled by data.iterate: yielded / missing / unreadable
+    if args.model:
+        try:
+            rows = generate_predictions(args)
+        except FileNotFoundError as exc:  # no such checkpoint / not in the Hub cache: one line, exit 2
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        with open(out / "predictions.jsonl", "w") as f:     # rescoring later needs no GPU
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    else:
+        rows, problems = load_predictions(args.predictions)
+        if any(r.get("label") is None or r.get("fitzpatrick") is None for r in rows):
+            lookup = {rid: (lab, fz) for rid, lab, fz in _dataset_records(args)}
+    llm = LLMJudge(args.judge_url, model=args.judge_model, n=args.judge_runs, temperature=args.judge_temperature,
+                   api_key=os.environ.get(args.judge_key_env)) if args.judge_url else None
+    metrics, skipped = score_rows(rows, judge_fn=llm, lookup=lookup, n_boot=args.bootstrap)
+    metrics["meta"] = {**report_source(args, rows, lookup),
+                       "judge": f"LLM {args.judge_model} @ {args.judge_url}, majority of {args.judge_runs}"
+                       if llm else "deterministic (eval.judge)", "skipped": len(skipped) + len(problems),
+                       "images_missing": args._image_stats.get("missing", 0),
+                       "images_unreadable": args._image_stats.get("unreadable", 0)}
+    if llm:
+        metrics["meta"]["judge_fallbacks"] = llm.fallbacks
+    focus = lesion_focus_summary(rows, n_boot=args.bootstrap)   # rows carry it (also rescored predictions)
+    if focus:
+        focus["layers"] = args.attn_layers
+        metrics["lesion_focus"] = focus
+    paths = write_report(metrics, out)
+    for msg in (problems + skipped)[:20]:
+        print("skipped:", msg, file=sys.stderr)
+    print(f"n={metrics['n']}  Top-1 {100 * metrics['top1']:.1f}%  Top-6 {100 * metrics['top6']:.1f}%  "
+          f"(strict {100 * metrics['strict_top1']:.1f}% / {100 * metrics['strict_top6']:.1f}%)  -> {paths['markdown']}")
+    if focus:
+        print(f"lesion focus {100 * focus['focus']:.1f}% (chance {100 * focus['chance']:.1f}%, "
+              f"lift {100 * focus['lift']:+.1f} points)")
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------
+# The backbone demo, `python eval.py generate` (it was `python skinflow.py`; issue 14 moved it here because
+# --image opens the photo with data.open_image, and skinflow.py imports no project module)
+# ---------------------------------------------------------------------------------------------------
+def _cmd_generate(args) -> int:
+    import torch
+    import skinflow
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    image = None
+    if args.image:
+        # the project's one image opener (data.open_image). A missing or corrupt file raises
+        # data.ImageError, a ValueError: generate_main() prints it as one line and exits 2, before any
+        # weights are loaded.
+        import data
+
+        image = data.open_image(args.image)
+    model, tok = dve.load(args.model or args.preset, dtype=dtype, device=device)  # the one loader (dve.py)
+    batch = skinflow.make_batch(tok, [image], [args.prompt], max_pixels=args.max_pixels, device=device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, greedy=args.greedy, generator=g)
+    n = int(out.mask[0].sum())
+    print(tok.decode(out.tokens[0, :n].tolist()))
+    return 0
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    """`python eval.py generate`: the backbone demo (was `python skinflow.py`, moved here by issue 14)."""
+    import skinflow
+    MAX_PIXELS = skinflow.MAX_PIXELS
+
+    p = argparse.ArgumentParser(prog="eval.py generate", description="SkinFlow backbone demo: one image + prompt -> text")
+    p.add_argument("--preset", default="tiny", help="tiny (random weights) | 3b | 7b")
+    p.add_argument("--model", default=None, help="a Hub repo id or local checkpoint dir (overrides --preset)")
+    p.add_argument("--image", default=None, help="an image file (optional)")
+    p.add_argument("--prompt", default="Describe the skin lesion in this image.")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_generate)
+    return p
+
+
+def generate_main(argv=None) -> int:
+    """`python eval.py generate ...`; returns the exit status (user errors: one line, 2)."""
+    args = build_generate_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as exc:  # a user error: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "summary":
-        sys.exit(summary_main(sys.argv[2:]))
-    sys.exit(main())
+    sys.exit(main())  # main dispatches `summary` / `diagnose` / `generate`

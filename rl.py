@@ -2,19 +2,23 @@
 
 The paper trains with GRPO in two stages (lrs 1e-6 then 5e-7, verl): Stage I rewards a structured
 caption of the lesion (8 fields), Stage II rewards a ranked differential diagnosis by the position of
-the first accepted answer. This file holds everything one rollout touches, in reading order:
+the first accepted answer. This file holds everything one rollout touches, in reading order: the
+paper's parts first (sections 1-2), then, after the marker "below: plumbing (not in the paper)", what
+makes them run (sections 3-6):
 
-  1. log-probabilities of sampled tokens (`selective_log_softmax`, with the fused C++/CUDA kernel of
+  1. the GRPO objective (`group_advantages`, `grpo_loss`) with its equations;
+  2. the rewards of both stages (`reward_caption`, `reward_differential`), in ONE marked section;
+  ----- below: plumbing (not in the paper) -----
+  3. log-probabilities of sampled tokens (`selective_log_softmax`, with the fused C++/CUDA kernel of
      csrc/logprob*.{cpp,cu}) - the memory hot spot of GRPO with a 151,936-token vocabulary;
-  2. the GRPO objective (`group_advantages`, `grpo_loss`) with its equations;
-  3. the rewards of both stages (`reward_caption`, `reward_differential`), in ONE marked section;
-  4. LoRA written from scratch, the reference policy without a second model copy, fp32 master weights,
-     chunked completion log-probs;
+  4. what is trained: LoRA (the layer and `apply_lora` live in skinflow.py, the lowest import floor), the
+     reference policy without a second model copy, fp32 master weights, chunked completion log-probs;
   5. the trainer (`python rl.py vision|warmup|stage1|stage2 ...`) with checkpoint / resume; vision and
      warmup are the tiny preset's supervised stand-ins for pretraining (a ViT that sees, an LLM that
      answers), stage1 / stage2 are the paper's GRPO stages; every stage trains on SynthDerm (default) or
      on real photos with `--data fitzpatrick17k --image-dir DIR [--skincap CSV] [--split train]`
-     (data.Fitzpatrick17kData: undecodable images skipped, counted and logged; docs/real-data.md);
+     (data.Fitzpatrick17kData: undecodable images skipped, counted and logged; docs/real-data.md); its
+     --init is loaded by dve.load, the project's one checkpoint loader;
   6. multi-GPU: the same trainer under `torchrun --nproc_per_node N rl.py ...` (rollouts sharded by
      whole groups, gradients summed over ranks, FSDP2 for full fine-tuning).
 
@@ -45,167 +49,7 @@ from torch import nn
 import skinflow as _skinflow  # rl.py may import every module; LoRALinear lives there (section 4)
 
 # ===================================================================================================
-# 1. Log-probabilities of the sampled tokens
-#
-# GRPO needs log pi(o_t | q, o_<t) for every completion token: ONE number per row of the [N, V] logits
-# (N = completion tokens in the batch, V = vocabulary). The obvious `log_softmax(logits).gather(...)`
-# builds a second [N, V] tensor (and in fp32, twice the size of bf16 logits) and autograd keeps it for
-# backward. With N = 8 x 512 and V = 151,936 that is 2.5 GB per copy. All paths below return float32
-# and keep only O(N) extra state; the gradient is written in the logits' dtype.
-# ===================================================================================================
-
-# Rows per chunk in the PyTorch path: about 2**26 fp32 values (256 MB) of temporaries at a time.
-_TORCH_CHUNK_ELEMS = 1 << 26
-
-
-def selective_log_softmax_naive(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Readable reference: logp[n] = log_softmax(logits[n])[index[n]] = x[n, y_n] - log sum_v exp(x[n, v]).
-
-    Materialises the full fp32 log-softmax [N, V]; use it for tests and for reading, not for training.
-    """
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, index[:, None]).squeeze(-1)  # [N]
-
-
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 math for bf16/fp16/fp32 inputs (logsumexp in bf16 loses ~2 digits), fp64 kept for tests."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _SelectiveLogSoftmaxTorch(torch.autograd.Function):
-    """PyTorch twin of the fused kernel, chunked over rows.
-
-    forward:  logp_n = x_{n, y_n} - lse_n           (lse computed chunk by chunk in fp32)
-    backward: dx_{n, v} = g_n * (1[v = y_n] - exp(x_{n, v} - lse_n))
-
-    Written as an autograd.Function on purpose: if we let autograd trace `logsumexp(chunk.float())`,
-    it would SAVE every fp32 chunk for backward, i.e. a full fp32 copy of the logits after all. Here
-    only lse [N] is saved and softmax is recomputed chunk by chunk in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, index):
-        N, V = logits.shape
-        rows = max(1, _TORCH_CHUNK_ELEMS // max(V, 1))
-        lse = torch.empty(N, dtype=_math_dtype(logits.dtype), device=logits.device)  # [N]
-        for s in range(0, N, rows):
-            lse[s:s + rows] = torch.logsumexp(logits[s:s + rows].to(lse.dtype), dim=-1)  # [rows]
-        picked = logits.gather(-1, index[:, None]).squeeze(-1).to(lse.dtype)  # [N] x_{n, y_n}
-        ctx.save_for_backward(logits, index, lse)
-        return (picked - lse).float()  # [N]
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, index, lse = ctx.saved_tensors
-        N, V = logits.shape
-        rows = max(1, _TORCH_CHUNK_ELEMS // max(V, 1))
-        g = grad.to(lse.dtype)  # [N]
-        dx = torch.empty_like(logits)  # [N, V] in the logits' dtype
-        for s in range(0, N, rows):
-            e = s + min(rows, N - s)
-            p = torch.exp(logits[s:e].to(lse.dtype) - lse[s:e, None])  # [rows, V] softmax of this chunk
-            d = -p * g[s:e, None]  # [rows, V]
-            d.scatter_add_(-1, index[s:e, None], g[s:e, None])  # + g on the sampled token (one-hot)
-            dx[s:e] = d.to(logits.dtype)
-        return dx, None
-
-
-class _SelectiveLogSoftmaxExt(torch.autograd.Function):
-    """The fused kernel (csrc/logprob.cpp on CPU, csrc/logprob_cuda.cu on CUDA), same equations.
-
-    The extension's forward returns (logp, lse) in one read of each row (online max/sum); backward
-    reads the logits once more and writes (onehot - softmax) * g in the logits' dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, index):
-        ext = _logprob_ext(required=True)
-        logp, lse = ext.forward(logits, index)  # [N] f32, [N] f32
-        ctx.save_for_backward(logits, index, lse)
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, index, lse = ctx.saved_tensors
-        return _logprob_ext(required=True).backward(grad.float().contiguous(), logits, index, lse), None
-
-
-def _logprob_ext(required: bool = False):
-    """The compiled csrc/logprob extension, or None (or a clear RuntimeError when `required`)."""
-    import skinflow  # local import: skinflow is the one place that compiles csrc/ kernels
-
-    ext = skinflow.build_extension("logprob")
-    if ext is None and required:
-        why = skinflow.EXTENSION_ERRORS.get("logprob", "unknown reason")
-        raise RuntimeError(
-            f"selective_log_softmax(impl='ext'): the csrc/logprob extension could not be built ({why}). "
-            "Install a C++ compiler and ninja (requirements-dev.txt), unset SKINFLOW_NO_EXT, or use impl='torch'."
-        )
-    return ext
-
-
-def _check_logprob(ext, device) -> dict:
-    """First-use self-check of csrc/logprob on `device` (see skinflow.extension_ok): the op's log-probs and
-    logit gradients against a float64 PyTorch computation on small random inputs, fp32 everywhere and also
-    bf16 on CUDA (the training dtype there). Two widths: one below a CUDA block, one over many blocks.
-    Returns the worst case as {"max_err", "tol", "what"} (err / tol is the comparison that decides)."""
-    g = torch.Generator().manual_seed(15)
-    cases = [(torch.float32, 5, 1000), (torch.float32, 3, 33001)]
-    if device.type == "cuda":
-        cases.append((torch.bfloat16, 4, 33001))
-    found = []  # (err / tol, err, tol, what) per output and case; NaN counts as infinitely wrong
-    for dtype, N, V in cases:
-        logits = (4 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype)  # [N, V]
-        index = torch.randint(0, V, (N,), generator=g).to(device)  # [N]
-        gout = torch.randn(N, generator=g).to(device)  # [N] upstream gradient
-        logp, lse = ext.forward(logits.contiguous(), index)  # [N], [N]
-        dx = ext.backward(gout.contiguous(), logits.contiguous(), index, lse)  # [N, V] in the logits' dtype
-        x64 = logits.double()
-        ref = torch.log_softmax(x64, -1).gather(-1, index[:, None]).squeeze(-1)  # [N] float64 oracle
-        dref = gout.double()[:, None] * (F.one_hot(index, V).double() - torch.softmax(x64, -1))  # [N, V]
-        # fp32: ~10x what a correct kernel shows (CPU twin: 7e-6 on the gradient, 1.7e-6 relative on logp);
-        # bf16: the gradient is written in bf16 (8-bit mantissa), the log-probs still accumulate in fp32
-        tol_f, tol_b = (2e-5, 1e-4) if dtype == torch.float32 else (2e-4, 1e-2)
-        # log-probs: relative to their size (|logp| ~ 25 here, fp32 keeps ~7 digits), gradients absolute (<= |g|)
-        logp_err = float((logp.double() - ref).abs().max() / (1 + ref.abs().max()))
-        for what, err, tol in ((f"logp {dtype} {N}x{V} (relative)", logp_err, tol_f),
-                               (f"grad {dtype} {N}x{V}", float((dx.double() - dref).abs().max()), tol_b)):
-            found.append((err / tol if err == err else math.inf, err, tol, what))
-    return _skinflow.worst_check(found)
-
-
-_skinflow.register_extension_check("logprob", _check_logprob)
-
-
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """log pi(y_n) = x[n, y_n] - logsumexp_v x[n, v] for each row n, as float32, differentiable.
-
-    logits: [N, V] float32 / bfloat16 / float16 (float64 allowed, for tests); index: [N] int64 in [0, V).
-    impl: "ext" = fused kernel (error if it cannot be built), "torch" = chunked PyTorch twin,
-          "auto" = the extension when it builds (and SKINFLOW_NO_EXT is not set) and passed its first-use
-          self-check on this device (skinflow.extension_ok), else PyTorch.
-    Returns logp [N] float32. The gradient w.r.t. logits has the logits' dtype.
-    """
-    if impl not in ("auto", "torch", "ext"):
-        raise ValueError(f"selective_log_softmax: impl must be 'auto', 'torch' or 'ext', got {impl!r}")
-    if logits.dim() != 2 or index.dim() != 1 or index.shape[0] != logits.shape[0]:
-        raise ValueError(f"selective_log_softmax: need logits [N, V] and index [N], got "
-                         f"{tuple(logits.shape)} and {tuple(index.shape)}")
-    if not logits.is_floating_point():
-        raise TypeError(f"selective_log_softmax: logits must be floating point, got {logits.dtype}")
-    index = index.long()
-    if index.device.type == "cpu" and index.numel() and (int(index.min()) < 0 or int(index.max()) >= logits.shape[1]):
-        raise IndexError(f"selective_log_softmax: index outside [0, {logits.shape[1]})")
-    # "auto" takes the extension only if it passed its first-use self-check on this device (it falls back
-    # to the PyTorch twin for the rest of the run otherwise); "ext" insists and skips the check (the tests'
-    # way to exercise the kernel itself).
-    ext = _logprob_ext() if impl == "auto" else None
-    use_ext = impl == "ext" or (ext is not None and _skinflow.extension_ok("logprob", logits.device, ext))
-    fn = _SelectiveLogSoftmaxExt if use_ext else _SelectiveLogSoftmaxTorch
-    return fn.apply(logits, index)
-
-
-# ===================================================================================================
-# 2. The GRPO objective (DeepSeekMath, Shao et al. 2024; the clip-higher of DAPO; Dr.GRPO aggregation)
+# 1. The GRPO objective (DeepSeekMath, Shao et al. 2024; the clip-higher of DAPO; Dr.GRPO aggregation)
 #
 # For one prompt, G completions are sampled from pi_old and scored r_1..r_G. GRPO needs no value
 # network: the baseline is the group mean, so the advantage of completion i (shared by all its tokens) is
@@ -336,7 +180,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low: float = 0.2, eps_hig
 
 
 # ===================================================================================================
-# 3. REWARDS (all of them live here)
+# 2. REWARDS (all of them live here)
 #
 # The paper says only: Stage I scores the caption "field by field" against the reference; Stage II's
 # reward "depends on the first position at which an evaluator accepts a diagnosis". The weights, the
@@ -522,6 +366,173 @@ def reward_differential(text: str, truth: str) -> tuple[float, dict]:
     return float(r), info
 
 
+# ###################################################################################################
+# ===== below: plumbing (not in the paper) =====
+# Sections 1-2 above are what the paper describes (group advantages, the clipped GRPO loss with its
+# KL term, the Stage I / Stage II rewards). Everything below is how this file makes them run: fused
+# log-probs, LoRA and the reference policy, fp32 masters, the trainer, checkpoints, multi-GPU.
+# ###################################################################################################
+
+# ===================================================================================================
+# 3. Log-probabilities of the sampled tokens (the fast path every loss above is fed by)
+#
+# GRPO needs log pi(o_t | q, o_<t) for every completion token: ONE number per row of the [N, V] logits
+# (N = completion tokens in the batch, V = vocabulary). The obvious `log_softmax(logits).gather(...)`
+# builds a second [N, V] tensor (and in fp32, twice the size of bf16 logits) and autograd keeps it for
+# backward. With N = 8 x 512 and V = 151,936 that is 2.5 GB per copy. All paths below return float32
+# and keep only O(N) extra state; the gradient is written in the logits' dtype.
+# ===================================================================================================
+
+# Rows per chunk in the PyTorch path: about 2**26 fp32 values (256 MB) of temporaries at a time.
+_TORCH_CHUNK_ELEMS = 1 << 26
+
+
+def selective_log_softmax_naive(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Readable reference: logp[n] = log_softmax(logits[n])[index[n]] = x[n, y_n] - log sum_v exp(x[n, v]).
+
+    Materialises the full fp32 log-softmax [N, V]; use it for tests and for reading, not for training.
+    """
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, index[:, None]).squeeze(-1)  # [N]
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 math for bf16/fp16/fp32 inputs (logsumexp in bf16 loses ~2 digits), fp64 kept for tests."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _SelectiveLogSoftmaxTorch(torch.autograd.Function):
+    """PyTorch twin of the fused kernel, chunked over rows.
+
+    forward:  logp_n = x_{n, y_n} - lse_n           (lse computed chunk by chunk in fp32)
+    backward: dx_{n, v} = g_n * (1[v = y_n] - exp(x_{n, v} - lse_n))
+
+    Written as an autograd.Function on purpose: if we let autograd trace `logsumexp(chunk.float())`,
+    it would SAVE every fp32 chunk for backward, i.e. a full fp32 copy of the logits after all. Here
+    only lse [N] is saved and softmax is recomputed chunk by chunk in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, index):
+        N, V = logits.shape
+        rows = max(1, _TORCH_CHUNK_ELEMS // max(V, 1))
+        lse = torch.empty(N, dtype=_math_dtype(logits.dtype), device=logits.device)  # [N]
+        for s in range(0, N, rows):
+            lse[s:s + rows] = torch.logsumexp(logits[s:s + rows].to(lse.dtype), dim=-1)  # [rows]
+        picked = logits.gather(-1, index[:, None]).squeeze(-1).to(lse.dtype)  # [N] x_{n, y_n}
+        ctx.save_for_backward(logits, index, lse)
+        return (picked - lse).float()  # [N]
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, index, lse = ctx.saved_tensors
+        N, V = logits.shape
+        rows = max(1, _TORCH_CHUNK_ELEMS // max(V, 1))
+        g = grad.to(lse.dtype)  # [N]
+        dx = torch.empty_like(logits)  # [N, V] in the logits' dtype
+        for s in range(0, N, rows):
+            e = s + min(rows, N - s)
+            p = torch.exp(logits[s:e].to(lse.dtype) - lse[s:e, None])  # [rows, V] softmax of this chunk
+            d = -p * g[s:e, None]  # [rows, V]
+            d.scatter_add_(-1, index[s:e, None], g[s:e, None])  # + g on the sampled token (one-hot)
+            dx[s:e] = d.to(logits.dtype)
+        return dx, None
+
+
+class _SelectiveLogSoftmaxExt(torch.autograd.Function):
+    """The fused kernel (csrc/logprob.cpp on CPU, csrc/logprob_cuda.cu on CUDA), same equations.
+
+    The extension's forward returns (logp, lse) in one read of each row (online max/sum); backward
+    reads the logits once more and writes (onehot - softmax) * g in the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, index):
+        ext = _logprob_ext(required=True)
+        logp, lse = ext.forward(logits, index)  # [N] f32, [N] f32
+        ctx.save_for_backward(logits, index, lse)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, index, lse = ctx.saved_tensors
+        return _logprob_ext(required=True).backward(grad.float().contiguous(), logits, index, lse), None
+
+
+def _logprob_ext(required: bool = False):
+    """The compiled csrc/logprob extension, or None (or a clear RuntimeError when `required`)."""
+    import skinflow  # local import: skinflow is the one place that compiles csrc/ kernels
+
+    ext = skinflow.build_extension("logprob")
+    if ext is None and required:
+        why = skinflow.EXTENSION_ERRORS.get("logprob", "unknown reason")
+        raise RuntimeError(
+            f"selective_log_softmax(impl='ext'): the csrc/logprob extension could not be built ({why}). "
+            "Install a C++ compiler and ninja (requirements-dev.txt), unset SKINFLOW_NO_EXT, or use impl='torch'."
+        )
+    return ext
+
+
+def _check_logprob(ext, device) -> dict:
+    """First-use self-check of csrc/logprob on `device` (see skinflow.extension_ok): the op's log-probs and
+    logit gradients against a float64 PyTorch computation on small random inputs, fp32 everywhere and also
+    bf16 on CUDA (the training dtype there). Two widths: one below a CUDA block, one over many blocks.
+    Returns the worst case as {"max_err", "tol", "what"} (err / tol is the comparison that decides)."""
+    g = torch.Generator().manual_seed(15)
+    cases = [(torch.float32, 5, 1000), (torch.float32, 3, 33001)]
+    if device.type == "cuda":
+        cases.append((torch.bfloat16, 4, 33001))
+    found = []  # (err / tol, err, tol, what) per output and case; NaN counts as infinitely wrong
+    for dtype, N, V in cases:
+        logits = (4 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype)  # [N, V]
+        index = torch.randint(0, V, (N,), generator=g).to(device)  # [N]
+        gout = torch.randn(N, generator=g).to(device)  # [N] upstream gradient
+        logp, lse = ext.forward(logits.contiguous(), index)  # [N], [N]
+        dx = ext.backward(gout.contiguous(), logits.contiguous(), index, lse)  # [N, V] in the logits' dtype
+        x64 = logits.double()
+        ref = torch.log_softmax(x64, -1).gather(-1, index[:, None]).squeeze(-1)  # [N] float64 oracle
+        dref = gout.double()[:, None] * (F.one_hot(index, V).double() - torch.softmax(x64, -1))  # [N, V]
+        # fp32: ~10x what a correct kernel shows (CPU twin: 7e-6 on the gradient, 1.7e-6 relative on logp);
+        # bf16: the gradient is written in bf16 (8-bit mantissa), the log-probs still accumulate in fp32
+        tol_f, tol_b = (2e-5, 1e-4) if dtype == torch.float32 else (2e-4, 1e-2)
+        # log-probs: relative to their size (|logp| ~ 25 here, fp32 keeps ~7 digits), gradients absolute (<= |g|)
+        logp_err = float((logp.double() - ref).abs().max() / (1 + ref.abs().max()))
+        for what, err, tol in ((f"logp {dtype} {N}x{V} (relative)", logp_err, tol_f),
+                               (f"grad {dtype} {N}x{V}", float((dx.double() - dref).abs().max()), tol_b)):
+            found.append((err / tol if err == err else math.inf, err, tol, what))
+    return _skinflow.worst_check(found)
+
+
+_skinflow.register_extension_check("logprob", _check_logprob)
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """log pi(y_n) = x[n, y_n] - logsumexp_v x[n, v] for each row n, as float32, differentiable.
+
+    logits: [N, V] float32 / bfloat16 / float16 (float64 allowed, for tests); index: [N] int64 in [0, V).
+    impl: "ext" = fused kernel (error if it cannot be built), "torch" = chunked PyTorch twin,
+          "auto" = the extension when it builds (and SKINFLOW_NO_EXT is not set) and passed its first-use
+          self-check on this device (skinflow.extension_ok), else PyTorch.
+    Returns logp [N] float32. The gradient w.r.t. logits has the logits' dtype.
+    """
+    if impl not in ("auto", "torch", "ext"):
+        raise ValueError(f"selective_log_softmax: impl must be 'auto', 'torch' or 'ext', got {impl!r}")
+    if logits.dim() != 2 or index.dim() != 1 or index.shape[0] != logits.shape[0]:
+        raise ValueError(f"selective_log_softmax: need logits [N, V] and index [N], got "
+                         f"{tuple(logits.shape)} and {tuple(index.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"selective_log_softmax: logits must be floating point, got {logits.dtype}")
+    index = index.long()
+    if index.device.type == "cpu" and index.numel() and (int(index.min()) < 0 or int(index.max()) >= logits.shape[1]):
+        raise IndexError(f"selective_log_softmax: index outside [0, {logits.shape[1]})")
+    # "auto" takes the extension only if it passed its first-use self-check on this device (it falls back
+    # to the PyTorch twin for the rest of the run otherwise); "ext" insists and skips the check (the tests'
+    # way to exercise the kernel itself).
+    ext = _logprob_ext() if impl == "auto" else None
+    use_ext = impl == "ext" or (ext is not None and _skinflow.extension_ok("logprob", logits.device, ext))
+    fn = _SelectiveLogSoftmaxExt if use_ext else _SelectiveLogSoftmaxTorch
+    return fn.apply(logits, index)
+
+
 # ===================================================================================================
 # 4. What is trained, and how the reference policy comes for free
 #
@@ -533,43 +544,16 @@ def reward_differential(text: str, truth: str) -> tuple[float, dict]:
 # serve as policy and reference, so no second 3B/7B copy sits in memory. Only full fine-tuning of the LLM
 # needs a frozen copy. bf16 presets: the adapter is computed, added and exported in fp32 (skinflow.LoRALinear).
 # ===================================================================================================
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # LoRALinear itself is defined in skinflow.py (every loader must rebuild an exported fp32 adapter, and
 # skinflow.py is the lowest import floor); rl.LoRALinear is the same class.
 LoRALinear = _skinflow.LoRALinear
-
-
-def apply_lora(model, rank: int = 16, alpha: float = 32.0, targets=LORA_TARGETS) -> dict:
-    """Wrap the chosen projections of the LANGUAGE model (model.model.layers.*) in LoRALinear, in place.
-
-    The vision tower's MLP also has gate/up/down_proj; it is not touched (DVE is its trainable part).
-    Freezes nothing else: call `set_trainable` for that. Returns {"layers": n, "params": n_lora_params}.
-    """
-    bad = set(targets) - set(LORA_TARGETS)
-    if bad or rank < 1:
-        raise ValueError(f"apply_lora: rank must be >= 1 and targets among {LORA_TARGETS}; got {rank}, {sorted(bad)}")
-    n_layers = n_params = 0
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in targets:
-                lin = getattr(parent, name, None)
-                if isinstance(lin, LoRALinear):
-                    if lin.rank:
-                        continue  # already has a trainable adapter (apply_lora ran twice): leave it
-                    # a layer loaded with an exported adapter (rank 0, start adapter on): that adapter stays
-                    # the frozen start of this stage, and a fresh trainable one is added on top
-                    lin.new_adapter(rank, alpha)
-                    wrapped = lin
-                elif isinstance(lin, nn.Linear):
-                    wrapped = LoRALinear(lin, rank, alpha)
-                    setattr(parent, name, wrapped)
-                else:
-                    continue
-                n_layers += 1
-                n_params += wrapped.lora_A.numel() + wrapped.lora_B.numel()
-    return {"layers": n_layers, "params": n_params}
+# apply_lora (wrap the LLM projections in a trainable LoRALinear) moved to skinflow.py too (issue 14): the
+# one checkpoint loader (dve.load_with_deltas) must rebuild a LoRA run's modules without importing rl.py.
+# rl.apply_lora / rl.LORA_TARGETS are the same objects.
+LORA_TARGETS = _skinflow.LORA_TARGETS
+apply_lora = _skinflow.apply_lora
 
 
 def lora_layers(model):
@@ -1032,7 +1016,7 @@ class Trainer:
     """Holds the model, optimizer and the run state of one stage; `run()` does the steps."""
 
     def __init__(self, cfg: TrainConfig):
-        import skinflow
+        import dve
 
         if cfg.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
@@ -1045,7 +1029,8 @@ class Trainer:
         self.device = self.dist.device
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
         torch.manual_seed(cfg.seed)
-        self.model, self.tok = skinflow.load(cfg.init, dtype=dtype, device=self.device, seed=cfg.seed)
+        # the project's one loader (dve.py section 8): preset, Hub id or export, with its DVE layers and adapter
+        self.model, self.tok = dve.load(cfg.init, dtype=dtype, device=self.device, seed=cfg.seed)
         sets = {s.strip() for s in cfg.train.split(",") if s.strip()}
         if cfg.stage == "vision":
             sets = {"vision"}  # the tiny ViT alone, with a throw-away probe (see _vision_step)
@@ -1203,7 +1188,7 @@ class Trainer:
         LoRA: an fp32 model merges its adapters (W + B A in fp32: the Hub layout any loader reads). A bf16
         model keeps them UNMERGED, in fp32, in <model>/lora.safetensors next to the untouched bf16 base
         weights: a bf16 merge would round most of a small update away (docs/gpu.md measures it), and every
-        loader of this project (skinflow.load, eval.py, diagnose, rl.py --init) re-attaches the file."""
+        loader of this project (dve.load: eval.py, diagnose, rl.py --init) re-attaches the file."""
         target = self.dir / "model"
         if hasattr(self.model, "aux_head"):
             del self.model.aux_head  # the vision / warm-up probe is not part of the VLM

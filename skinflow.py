@@ -2,16 +2,26 @@
 
 SkinFlow starts from Qwen2.5-VL-3B/7B-Instruct, swaps some vision MLP layers for the dynamic vision encoder
 (dve.py; the paper's "Virtual-Width Dynamic Vision Encoder") and trains with two-stage GRPO (rl.py; the
-paper's Stage I / Stage II RL). This file is
-the foundation everything else stands on, in raw PyTorch (no `transformers` at run time):
+paper's Stage I / Stage II RL). This file is the foundation everything else stands on, in raw PyTorch (no
+`transformers` at run time), and it imports NO project module (issue 14: the import floors are
+skinflow.py, data.py < dve.py < eval.py < rl.py < bench.py; test_skinflow.py checks them with `ast`).
+The backbone reads in forward order. Sections (the numbered banners below, top to bottom):
 
-  1. `Config` / `VisionConfig`   the Hub config.json (flat Hub file or nested transformers-5.x file), presets
-  2. `preprocess_image`          smart_resize + bicubic + CLIP normalisation + 2x2-block-major patches
-  3. `VisionTower`               Conv3d patch embed (as a matmul), 2-D RoPE, window attention, PatchMerger
-  4. `TextModel`                 Qwen2 decoder: GQA with q/k/v bias, M-RoPE (3-D positions), RMSNorm, SwiGLU
-  5. `VLM`                       the two glued together: forward, KV-cache generation, Hub loading/saving
-  6. `Tokenizer`                 byte-level BPE from tokenizer.json (pure Python) + the Qwen chat template
-  7. `load` + CLI                `python skinflow.py --preset tiny --image x.jpg --prompt "..."`
+  -  csrc/ kernels (unnumbered) `build_extension`, the first-use self-checks (`extension_ok`)
+  1. `Config` / `VisionConfig` the Hub config.json (flat Hub file or nested transformers-5.x file), presets
+  2. `preprocess_image`        smart_resize + bicubic + CLIP normalisation + 2x2-block-major patches
+  3. building blocks           RMSNorm, `LoRALinear` + `apply_lora` (every loader rebuilds adapters), RoPE, SwiGLU
+  4. `VisionTower`             Conv3d patch embed (as a matmul), 2-D RoPE, window attention, PatchMerger
+  5. `TextModel`               Qwen2 decoder: GQA with q/k/v bias, M-RoPE (3-D positions), RMSNorm, SwiGLU
+  6. `VLM`                     the two glued together: forward, KV-cache generation, Hub loading/saving
+                               (`from_pretrained(convert=...)`: dve.py hands in its DVE rebuild)
+  7. `Tokenizer`               byte-level BPE from tokenizer.json (pure Python); the tiny preset's corpus
+  8. chat template, batching   `chat_prompt_ids`, `make_batch`
+  9. `load`                    one name in, (model, tokenizer) out. The command line that used to live
+                               here is `python eval.py generate|diagnose` (it needs data.py and dve.py).
+
+Which loader to call: `dve.load(...)` (the one checkpoint loader every entry point uses; it passes the DVE
+hook to `load` below). `skinflow.load` alone loads presets and plain (non-DVE) checkpoints.
 
 Every part is checked against an independent oracle in test_skinflow.py (transformers' Qwen2.5-VL for
 logits and pixels, HF `tokenizers` for token ids). Shapes use: B batch, T tokens, D width, H heads,
@@ -19,7 +29,6 @@ Hk key/value heads, d head width, N vision patches, M merged vision tokens (= N 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -434,7 +443,8 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # LoRA (Hu et al. 2021) lives here, on the lowest import floor, because every LOADER needs it: a bf16 run
 # exports its adapter unmerged (see `LoRALinear` and VLM.save_pretrained), so skinflow.load, eval.py,
-# diagnose and rl.py --init must all rebuild the wrapper. rl.py (apply_lora, merge_lora) is what trains it.
+# diagnose and rl.py --init must all rebuild the wrapper. rl.py (merge_lora, the optimizer) is what trains
+# it; apply_lora, which adds the trainable adapters, sits below so that loaders need not import rl.py.
 # ---------------------------------------------------------------------------------------------------
 LORA_FILE = "lora.safetensors"  # the unmerged fp32 adapter next to model.safetensors (bf16 exports)
 
@@ -599,6 +609,44 @@ def attach_lora_state(model, tensors: dict) -> int:
             setattr(parent, attr, lin)
         lin.set_start_adapter(A, B)
     return len(mods)
+
+
+# The LoRA targets: every projection of the LANGUAGE model (attention q/k/v/o and the SwiGLU MLP).
+# apply_lora is rl.py's tool for training, but it lives here with LoRALinear (issue 14) so that the one
+# checkpoint loader (dve.load_with_deltas, an rl.py deltas checkpoint) can rebuild the adapters of a
+# LoRA run without importing rl.py; rl.apply_lora is this function.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def apply_lora(model, rank: int = 16, alpha: float = 32.0, targets=LORA_TARGETS) -> dict:
+    """Wrap the chosen projections of the LANGUAGE model (model.model.layers.*) in LoRALinear, in place.
+
+    The vision tower's MLP also has gate/up/down_proj; it is not touched (DVE is its trainable part).
+    Freezes nothing else: call `set_trainable` for that. Returns {"layers": n, "params": n_lora_params}.
+    """
+    bad = set(targets) - set(LORA_TARGETS)
+    if bad or rank < 1:
+        raise ValueError(f"apply_lora: rank must be >= 1 and targets among {LORA_TARGETS}; got {rank}, {sorted(bad)}")
+    n_layers = n_params = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in targets:
+                lin = getattr(parent, name, None)
+                if isinstance(lin, LoRALinear):
+                    if lin.rank:
+                        continue  # already has a trainable adapter (apply_lora ran twice): leave it
+                    # a layer loaded with an exported adapter (rank 0, start adapter on): that adapter stays
+                    # the frozen start of this stage, and a fresh trainable one is added on top
+                    lin.new_adapter(rank, alpha)
+                    wrapped = lin
+                elif isinstance(lin, nn.Linear):
+                    wrapped = LoRALinear(lin, rank, alpha)
+                    setattr(parent, name, wrapped)
+                else:
+                    continue
+                n_layers += 1
+                n_params += wrapped.lora_A.numel() + wrapped.lora_B.numel()
+    return {"layers": n_layers, "params": n_params}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -1448,7 +1496,7 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------------------ loading / saving
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu") -> "VLM":
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", convert=None) -> "VLM":
         """Load a Qwen2.5-VL checkpoint: a local dir or a Hub repo id (via the HF cache / snapshot_download).
 
         The model is built on the META device (no memory), then every tensor is read from the safetensors
@@ -1456,6 +1504,12 @@ class VLM(nn.Module):
         once. Both key layouts are accepted (Hub `visual.*`/`model.*` and `model.visual.*`/
         `model.language_model.*`); a tied checkpoint may lack lm_head.weight. Any missing or unexpected key
         is an error that lists them.
+
+        convert(model, cfg) -> set of parameter names to keep in fp32: called on the META model before any
+        tensor is read, when config.json carries a "dve" entry (a SkinFlow checkpoint with FDLinear layers).
+        This file knows nothing of the DVE (it is the lowest import floor, issue 14): dve.py passes its
+        `rebuild_dve` here (dve.load / dve.from_pretrained, the loader every entry point uses). A DVE
+        checkpoint without `convert` is refused with a line that names dve.load.
         """
         from safetensors import safe_open
 
@@ -1465,11 +1519,19 @@ class VLM(nn.Module):
         # costs nothing, and each parameter is later REPLACED by the loaded tensor (not copied into).
         with torch.device("meta"):
             model = cls(cfg, init=False)
-            if cfg.dve:  # SkinFlow checkpoints with FDLinear layers: rebuild them before loading
-                import dve
-                spec = dict(cfg.dve)
-                dve.apply_dve(model, blocks=tuple(spec.get("blocks", (7, 15, 23, 31))), K=spec.get("K", 4),
-                              linears=tuple(spec.get("linears", ("gate_proj", "up_proj", "down_proj"))))
+            keep32 = set()
+            if cfg.dve:  # SkinFlow checkpoints with FDLinear layers: the caller's hook rebuilds them first
+                if convert is None:
+                    raise ValueError(f"{path} is a SkinFlow checkpoint with DVE layers (config.json 'dve'): "
+                                     "load it with dve.load(...) or dve.from_pretrained(...)")
+                # DVE layers own their precision: FDLinear builds its spectrum and KSM gate heads in fp32
+                # even in a bf16 model (the FFT needs fp32, and the gate heads are what trains). Loading
+                # them in `dtype` would round the trained gates to bf16 and make a bf16 Stage II train them
+                # in bf16 (no fp32 master, see rl.MasterWeights), unlike Stage I. So `convert` names the
+                # fp32 tensors, which keep fp32 whenever `dtype` is narrower.
+                keep32 = convert(model, cfg)
+                if dtype not in (torch.bfloat16, torch.float16):
+                    keep32 = set()
         index = path / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -1504,16 +1566,6 @@ class VLM(nn.Module):
         # Peak memory is therefore the model plus one tensor, never two models.
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
-        # DVE layers own their precision: FDLinear builds its spectrum and KSM gate heads in fp32 even in a
-        # bf16 model (the FFT needs fp32, and the gate heads are what trains). Loading them in `dtype` would
-        # round the trained gates to bf16 and make a bf16 Stage II train them in bf16 (no fp32 master,
-        # see rl.MasterWeights), unlike Stage I. So a tensor whose meta placeholder is fp32 inside an
-        # FDLinear keeps fp32 whenever `dtype` is narrower.
-        keep32 = set()
-        if cfg.dve and dtype in (torch.bfloat16, torch.float16):
-            import dve
-            keep32 = {f"{mn}.{pn}" for mn, m in dve.fdlinears(model) for pn, p in m.named_parameters()
-                      if p.dtype == torch.float32}
         for fname in files:
             with safe_open(str(path / fname), framework="pt") as f:
                 for key in f.keys():
@@ -1848,9 +1900,12 @@ class Tokenizer:
         return tok
 
 
+TINY_CORPUS_LABELS = "assets/tiny_corpus_labels.txt"  # data.TAXONOMY's names, one a line (see tiny_corpus)
+
+
 def tiny_corpus() -> list[str]:
     """Deterministic text the tiny tokenizer is trained on: chat-template words, the 8 caption fields and
-    their usual values, and the Fitzpatrick17k label names from data.TAXONOMY (when data.py is importable)."""
+    their usual values, and the Fitzpatrick17k label names of data.TAXONOMY (from TINY_CORPUS_LABELS)."""
     lines = [
         "system\nYou are a helpful assistant.", "user\n", "assistant\n",
         "Describe the skin lesion in this image.", "What is the most likely diagnosis? List up to six.",
@@ -1874,12 +1929,11 @@ def tiny_corpus() -> list[str]:
         "The lesion is benign. It may be malignant; a biopsy is recommended. Refer to a dermatologist.",
         "0 1 2 3 4 5 6 7 8 9 10 11 12 2024 3.5 mm 100% <think> </think>",
     ]
-    try:
-        import data  # the label tree is final; its names make label tokens short
-        lines += sorted(data.TAXONOMY)
-        lines += sorted({v for pair in data.TAXONOMY.values() for v in pair})
-    except Exception:
-        pass
+    # The Fitzpatrick17k label names (114 labels, then their 9 + 3 partition names), so that label tokens
+    # are short. They come from data.TAXONOMY, but skinflow.py imports no project module (issue 14), so
+    # they are read from a committed copy; test_skinflow.py checks that the copy equals
+    # sorted(data.TAXONOMY) + the sorted set of its partition names, line for line.
+    lines += (HERE / TINY_CORPUS_LABELS).read_text().splitlines()
     # each line several times so that common words win merges over rare ones
     return [ln for ln in lines for _ in range(3)]
 
@@ -1963,79 +2017,38 @@ def make_batch(tokenizer: Tokenizer, images, texts, min_pixels: int = MIN_PIXELS
 
 
 # ===================================================================================================
-# 9. One-call loading and the command line
+# 9. One-call loading (the command line moved to eval.py: `python eval.py generate|diagnose`)
 # ===================================================================================================
-# `load` is what the other modules call (rl.py, eval.py): one name in, a ready (model, tokenizer) pair out.
+# `load`: one name in, a ready (model, tokenizer) pair out. The entry points (rl.py, eval.py, bench.py) call
+# dve.load, which is this function with the DVE hook (a SkinFlow checkpoint may hold FDLinear layers).
 # The tiny preset is the CI / laptop workhorse: ~1 M parameters, a 112-px image is 16 LLM tokens, and a
 # forward + 20-token generation of a batch of 2 takes well under a second on one CPU core.
-def load(name_or_path_or_preset="tiny", dtype=torch.float32, device="cpu", seed: int = 0):
+def load(name_or_path_or_preset="tiny", dtype=torch.float32, device="cpu", seed: int = 0, convert=None):
     """-> (VLM, Tokenizer). "tiny": random weights (seeded) + the project's tiny tokenizer; "3b"/"7b" or a
-    repo id / local dir: real weights and tokenizer via from_pretrained (the HF cache, or a download)."""
+    repo id / local dir: real weights and tokenizer via from_pretrained (the HF cache, or a download).
+    `convert`: see VLM.from_pretrained; the entry points call dve.load, which passes dve.rebuild_dve."""
     name = str(name_or_path_or_preset)
     if name.lower() == "tiny":
         model = VLM(Config.preset("tiny"), seed=seed).to(device=device, dtype=dtype).eval()
         return model, Tokenizer.tiny()
     name = HUB_IDS.get(name.lower(), name)
-    model = VLM.from_pretrained(name, dtype=dtype, device=device)
+    model = VLM.from_pretrained(name, dtype=dtype, device=device, convert=convert)
     tok_dir = Path(name) if Path(name).is_dir() else _resolve_checkpoint(name)
     return model, Tokenizer.from_pretrained(tok_dir)
 
 
-def _cmd_generate(args) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    image = None
-    if args.image:
-        # the project's one image opener (data.open_image; lazy: skinflow.py imports no project module at
-        # top level). A missing or corrupt file raises data.ImageError, a ValueError: main() prints it as
-        # one line and exits 2, before any weights are loaded.
-        import data
-
-        image = data.open_image(args.image)
-    model, tok = load(args.model or args.preset, dtype=dtype, device=device)
-    batch = make_batch(tok, [image], [args.prompt], max_pixels=args.max_pixels, device=device)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, greedy=args.greedy, generator=g)
-    n = int(out.mask[0].sum())
-    print(tok.decode(out.tokens[0, :n].tolist()))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI. Without a subcommand it generates; later issues add subcommands (e.g. `diagnose IMAGE`)
-    with `add_subcommand`-style calls on the returned parser's `_subparsers` action."""
-    p = argparse.ArgumentParser(prog="skinflow.py", description="SkinFlow backbone demo: one image + prompt -> text")
-    p.add_argument("--preset", default="tiny", help="tiny (random weights) | 3b | 7b")
-    p.add_argument("--model", default=None, help="a Hub repo id or local checkpoint dir (overrides --preset)")
-    p.add_argument("--image", default=None, help="an image file (optional)")
-    p.add_argument("--prompt", default="Describe the skin lesion in this image.")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_cmd_generate)
-    sub = p.add_subparsers(dest="command")  # subcommands register here
-    # `diagnose IMAGE ...` (issue 8) lives in eval.py and is imported only when used. eval.diagnose has its
-    # own parser (and -h); prefix_chars="\x01" makes this stub pass "--model x" etc. on as plain words.
-    d = sub.add_parser("diagnose", add_help=False, prefix_chars="\x01",
-                       help="Stage I caption + top-6 differential (+ --heatmap) for one photo; diagnose -h")
-    d.add_argument("diagnose_argv", nargs="*")
-    d.set_defaults(func=lambda a: __import__("eval").diagnose(a.diagnose_argv))
-    return p
+# The command line moved up (issue 14): `python skinflow.py --image x.jpg` needs data.open_image and
+# `diagnose` needs data, dve and eval.py, but skinflow.py imports no project module. The demo is now
+# `python eval.py generate ...` (same flags) and `python eval.py diagnose IMAGE ...`.
+MOVED_CLI = ("skinflow.py is the backbone library; its command line moved to eval.py: "
+             "`python eval.py generate --preset tiny --image x.jpg --prompt ...` or "
+             "`python eval.py diagnose IMAGE --model ...`")
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as exc:  # a user error: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """`python skinflow.py ...`: one line that points to eval.py's commands, exit status 2."""
+    print(MOVED_CLI, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -600,9 +600,91 @@ def test_skinflow_tiny_preset_make_batch_and_cli(tmp_path):
     imgs[0].save(img_path)
     buf = io.StringIO()
     with redirect_stdout(buf):
-        rc = sf.main(["--preset", "tiny", "--image", str(img_path), "--prompt", "What is this?",
-                      "--max-new-tokens", "4", "--max-pixels", str(112 * 112)])
+        rc = sf_eval.main(["generate", "--preset", "tiny", "--image", str(img_path), "--prompt", "What is this?",
+                           "--max-new-tokens", "4", "--max-pixels", str(112 * 112)])
     assert rc == 0 and buf.getvalue().strip() != ""
+    # the old home of that command only points to the new one (skinflow.py imports no project module)
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert sf.main(["--preset", "tiny"]) == 2
+    assert "python eval.py generate" in err.getvalue() and "python eval.py diagnose" in err.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Import floors (issue 14): each module may import only the modules BELOW it, so each can be read (and
+# changed) knowing only what it stands on. The allowed graph, written out once; the test reads every
+# module with `ast` and counts every import, including the lazy ones nested inside functions,
+# `from X import y`, and `__import__("X")` / `importlib.import_module("X")` calls.
+# ---------------------------------------------------------------------------------------------------
+IMPORT_FLOORS = {
+    "skinflow": set(),                                       # the backbone: no project module at all
+    "data": set(),                                           # datasets, label tree, image opener
+    "dve": {"skinflow"},                                     # the DVE operator + the one checkpoint loader
+    "eval": {"skinflow", "dve", "data"},                     # judge, metrics, diagnose; never rl.py
+    "rl": {"skinflow", "dve", "data", "eval"},               # GRPO stands on everything
+    "bench": {"skinflow", "dve", "data", "eval", "rl"},      # on top
+}
+
+
+def _project_imports(source: str) -> list[tuple[str, int]]:
+    """(module, line) for every import of a project module anywhere in `source` (nested ones included)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module.split(".")[0]]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and (
+                (isinstance(node.func, ast.Name) and node.func.id == "__import__")
+                or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")):
+            names = [str(node.args[0].value).split(".")[0]]
+        found += [(n, node.lineno) for n in names if n in IMPORT_FLOORS]
+    return found
+
+
+def _floor_violations(module: str, source: str) -> list[str]:
+    return [f"{module}.py:{line} imports {name} (allowed: {sorted(IMPORT_FLOORS[module]) or 'nothing'})"
+            for name, line in _project_imports(source) if name != module and name not in IMPORT_FLOORS[module]]
+
+
+def test_import_floors_no_upward_import():
+    """No module imports a module above it (the graph IMPORT_FLOORS, acyclic); every project module is in
+    it; and the checker itself catches the upward imports it exists for (nested, from-import, __import__)."""
+    here = Path(__file__).resolve().parent
+    modules = {p.stem for p in here.glob("*.py") if not p.stem.startswith("test_")}
+    assert modules == set(IMPORT_FLOORS), modules ^ set(IMPORT_FLOORS)       # a new module must get a floor
+    bad = [v for m in sorted(modules) for v in _floor_violations(m, (here / f"{m}.py").read_text())]
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+    # the allowed graph has no cycle: a depth-first walk from every module never comes back to it
+    def reach(m, seen):
+        for n in IMPORT_FLOORS[m] - seen:
+            seen.add(n)
+            reach(n, seen)
+        return seen
+    assert all(m not in reach(m, set()) for m in IMPORT_FLOORS)
+    # the checker can fail: the upward imports of the old layout (issue 14) are each caught
+    cases = {("eval", "def f():\n    import rl\n    return rl.apply_lora\n"): ["rl"],
+             ("skinflow", "class A:\n    def g(self):\n        if x:\n            import dve\n"): ["dve"],
+             ("skinflow", "def h():\n    from data import TAXONOMY\n"): ["data"],
+             ("skinflow", "f = lambda a: __import__('eval').diagnose(a)\n"): ["eval"],
+             ("data", "import importlib\nm = importlib.import_module('skinflow')\n"): ["skinflow"],
+             ("dve", "import skinflow\nimport torch\nfrom skinflow import VLM\n"): []}
+    for (mod, src), want in cases.items():
+        got = _floor_violations(mod, src)
+        assert [v.split(" imports ")[1].split()[0] for v in got] == want, (mod, src, got)
+
+
+def test_skinflow_tiny_corpus_labels_copy_equals_data_taxonomy():
+    """skinflow.py reads the label names of its tiny tokenizer corpus from a committed file (it may not import
+    data.py): the file must be data.TAXONOMY's 114 labels, sorted, then its partition names, sorted."""
+    lines = (Path(sf.__file__).resolve().parent / sf.TINY_CORPUS_LABELS).read_text().splitlines()
+    want = sorted(data.TAXONOMY) + sorted({v for pair in data.TAXONOMY.values() for v in pair})
+    assert lines == want and len(set(data.TAXONOMY) & set(lines)) == 114
+    corpus = sf.tiny_corpus()
+    assert corpus[-3 * len(want):] == [w for w in want for _ in range(3)]   # last, each 3 times like the rest
 
 
 # ===================================================================================================
@@ -1391,12 +1473,12 @@ def test_data_open_image_awkward_kinds_become_rgb_within_max_pixels(tmp_path):
 
 
 def test_data_single_image_clis_give_one_line_and_exit_2(tmp_path, capsys):
-    """skinflow.py --image and diagnose on a corrupt / missing file: one 'error:' line, exit 2, no traceback."""
+    """eval.py generate --image and diagnose on a corrupt / missing file: one 'error:' line, exit 2, no traceback."""
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    for argv in (["--image", str(tmp_path / "bad.jpg"), "--max-new-tokens", "1"],
-                 ["--image", str(tmp_path / "none.jpg")],
+    for argv in (["generate", "--image", str(tmp_path / "bad.jpg"), "--max-new-tokens", "1"],
+                 ["generate", "--image", str(tmp_path / "none.jpg")],
                  ["diagnose", str(tmp_path / "bad.jpg"), "--model", "tiny"]):
-        assert sf.main(argv) == 2, argv
+        assert sf_eval.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and "Traceback" not in err[0], err
 
@@ -2525,7 +2607,7 @@ def test_eval_report_header_names_only_the_data_the_cases_came_from(tmp_path):
 
 
 # ===================================================================================================
-# Run summary (eval.py section 9): paired bootstrap, results table, curves
+# Run summary (eval.py section 6): paired bootstrap, results table, curves
 # ===================================================================================================
 
 def _sum_write_stage(run: Path, stage: str, top1: list[float], truths: list[str]):
@@ -2595,9 +2677,9 @@ def test_sum_run_table_curves_and_ablation(tmp_path):
 
 
 # ===================================================================================================
-# Seeing (eval.py section 8): attention maps, lesion focus, diagnose CLI
+# Seeing (eval.py section 7): attention maps, lesion focus, diagnose CLI
 #
-# Tests of eval.py section 8 ("seeing", issue 8): attention maps, heatmap, lesion focus, diagnose CLI.
+# Tests of eval.py section 7 ("seeing", issue 8): attention maps, heatmap, lesion focus, diagnose CLI.
 #
 # Oracles:
 # * attention maps: transformers' Qwen2.5-VL with the EAGER attention kernel, which materialises every
@@ -2831,7 +2913,7 @@ def test_attn_lesion_focus_summary_and_markdown():
 def _attn_run(argv):
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        rc = sf.main(argv)
+        rc = sf_eval.main(argv)   # `python eval.py diagnose ...` (was skinflow.py diagnose)
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -3334,8 +3416,10 @@ def test_dve_save_load_roundtrip(tmp_path):
     assert {"visual.blocks.3.mlp.down_proj.spectrum", "visual.blocks.0.mlp.up_proj.ksm.band_head.weight",
             "visual.blocks.0.mlp.gate_proj.weight"} <= keys
     assert "visual.blocks.0.mlp.up_proj.weight" not in keys
-    loaded = skinflow.VLM.from_pretrained(tmp_path)
+    loaded = dve.from_pretrained(tmp_path)   # the backbone's loader + dve.rebuild_dve (skinflow knows no DVE)
     assert loaded.cfg.dve == {"blocks": [0, 3], "K": 7, "linears": ["up_proj", "down_proj"]}
+    with pytest.raises(ValueError, match=r"dve\.load"):       # without the hook: one clear line, no KeyError
+        skinflow.VLM.from_pretrained(tmp_path)
     assert len(dve.fdlinears(loaded)) == 4
     with torch.no_grad():
         got = loaded(ids, pixel_values=pix, image_grid_thw=grids)
@@ -4006,10 +4090,10 @@ def test_rl_trainer_smoke_all_stages(tmp_path, monkeypatch):
         for key in ("reward_mean", "kl", "clip_low", "zero_std_groups", "format_failures", "completion_len"):
             assert key in log[-1]
         assert (out / "model.safetensors").exists()
-    # the exported model (DVE recorded in config.json, LoRA merged) loads back
-    model, _ = skinflow.load(str(out))
+    # the exported model (DVE recorded in config.json, LoRA merged) loads back through the one loader
     import dve
 
+    model, _ = dve.load(str(out))
     assert dve.fdlinears(model) and not rl.lora_layers(model)
 
 
@@ -4374,7 +4458,7 @@ def test_rl_chain_dve_gate_heads_load_and_train_in_fp32(tmp_path):
     """A DVE checkpoint loaded in bf16: the KSM gate heads (and the spectrum they gate) stay fp32, bit-exact
     to what was saved, exactly as Stage I builds them; the trainer's optimizer then owns them directly."""
     init, heads = _rl_dve_export(tmp_path)
-    model, _ = skinflow.load(str(init), dtype=torch.bfloat16)
+    model, _ = dve.load(str(init), dtype=torch.bfloat16)
     params = dict(model.named_parameters())
     assert model.dtype == torch.bfloat16
     for n, v in heads.items():
