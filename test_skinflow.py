@@ -4977,3 +4977,97 @@ def test_ddp_fsdp_full_finetune_equals_one_process(ddp_runs):
     state = model.state_dict()
     for name, x in zip(r0["names"], r0["snaps"][-1]):
         assert torch.equal(state[name], x), name
+
+
+# ===================================================================================================
+# Command lines (issue 14): every flag of every entry point has a help text that shows its default
+#
+# A reader meets the project through `--help`. Each entry point builds its parser in a function (the
+# same one its main() parses with), so the parsers are walked here without running anything: every
+# action but -h needs a non-empty help; an option with a value shows its default ("(default: X)" from the
+# formatter, or the default explained in words), a required one says so; positionals and on/off
+# switches need only the text. Then `python X.py [command] --help` must exit 0 for every entry point.
+# ===================================================================================================
+def _cli_builders():
+    import bench
+
+    return {"rl.py": rl.build_parser, "eval.py": sf_eval.build_parser,
+            "eval.py summary": sf_eval.build_summary_parser, "eval.py diagnose": sf_eval.build_diagnose_parser,
+            "eval.py generate": sf_eval.build_generate_parser, "data.py": data.build_parser,
+            "bench.py": bench.build_parser, "dve.py": dve.build_parser}
+
+
+def _cli_actions(parser, name):
+    """(name, parser, action) for every action of `parser` and, recursively, of its subcommands."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}   # the help= of each add_parser
+            for cmd, sub in action.choices.items():
+                assert helps.get(cmd), f"{name} {cmd}: the subcommand has no help"
+                yield from _cli_actions(sub, f"{name} {cmd}")
+            continue
+        yield name, parser, action
+
+
+def test_cli_every_flag_has_help_with_its_default():
+    import argparse
+    import dataclasses
+
+    seen = 0
+    for name, build in _cli_builders().items():
+        for where, parser, action in _cli_actions(build(), name):
+            flag = "/".join(action.option_strings) or action.dest
+            assert action.help and action.help is not argparse.SUPPRESS and action.help.strip(), f"{where} {flag}"
+            text = parser._get_formatter()._expand_help(action)   # what --help prints for it
+            seen += 1
+            if not action.option_strings or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                continue                                        # positional / on-off switch: no value to default
+            if action.required:
+                assert "required" in text, f"{where} {flag}: {text!r}"
+            elif action.default is None or action.default == "":
+                assert "default" in text, f"{where} {flag}: says nothing about its default: {text!r}"
+            else:
+                assert "default" in text and str(action.default) in text, f"{where} {flag}: {text!r}"
+    assert seen > 100                                           # rl.py alone has 45+ flags
+    # rl.py's texts are a table keyed by TrainConfig field: one per field, no stale entries
+    assert set(rl.FLAG_HELP) == {f.name for f in dataclasses.fields(rl.TrainConfig)}
+
+
+def test_cli_mains_parse_with_the_walked_builders(monkeypatch):
+    """The parsers walked above are the ones the entry points use: each main() calls its builder."""
+    import bench
+
+    class Built(Exception):
+        pass
+
+    def boom(*a, **k):
+        raise Built
+
+    cases = [(rl, "build_parser", rl.main, ["stage2"]), (sf_eval, "build_parser", sf_eval.main, ["--out", "x"]),
+             (sf_eval, "build_summary_parser", sf_eval.main, ["summary", "x"]),
+             (sf_eval, "build_diagnose_parser", sf_eval.main, ["diagnose", "x.png"]),
+             (sf_eval, "build_generate_parser", sf_eval.main, ["generate"]),
+             (data, "build_parser", data.main, ["bench"]), (bench, "build_parser", bench.main, []),
+             (dve, "build_parser", dve.main, [])]
+    for mod, builder, main, argv in cases:
+        monkeypatch.setattr(mod, builder, boom)
+        with pytest.raises(Built):
+            main(argv)
+        monkeypatch.undo()
+
+
+def test_cli_help_exits_zero_for_every_entry_point():
+    root = Path(rl.__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    commands = [["rl.py"], ["eval.py"], ["eval.py", "summary"], ["eval.py", "diagnose"], ["eval.py", "generate"],
+                ["data.py"], ["data.py", "fetch"], ["bench.py"], ["dve.py"]]
+    procs = [(c, subprocess.Popen([sys.executable, *c, "--help"], cwd=root, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)) for c in commands]
+    for c, proc in procs:                                       # started together: one torch import's wait
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (c, err[-500:])
+        assert out.startswith("usage:") and ("default" in out or c == ["data.py"]), (c, out[:300])
