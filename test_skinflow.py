@@ -566,7 +566,7 @@ def test_skinflow_missing_local_checkpoint_says_train_it_first(tmp_path, monkeyp
     (tmp_path / "runs").mkdir()
     (tmp_path / "weights.bin").write_text("x")
     for name in ("runs/tiny/stage2/model", "./stage1", "~/no-such-skinflow-run", "runs/x", "a/b/model",
-                 "/no/such/dir", "weights.bin"):
+                 "/no/such/dir", "nowhere/deep/ckpt", "weights.bin"):
         msg = _sf_load_error(name)
         assert "no such checkpoint folder" in msg and "bash train.sh" in msg and "hf download" not in msg, msg
         assert name in msg and ("is a file" in msg) == (name == "weights.bin"), msg
@@ -5058,6 +5058,14 @@ def test_cli_mains_parse_with_the_walked_builders(monkeypatch):
         with pytest.raises(Built):
             main(argv)
         monkeypatch.undo()
+
+
+def test_cli_dve_overhead_table_flags(capsys):
+    """dve.py's new flags pick the rows of its overhead table (no weights: the meta device)."""
+    assert dve.main(["--presets", "3b", "--k", "4,64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(ln.startswith("3b DVE: 12 FDLinear layers") for ln in lines)
+    assert "(K=4," in lines[0] and "(K=64," in lines[1]
 
 
 def test_cli_help_exits_zero_for_every_entry_point():
