@@ -2591,9 +2591,11 @@ def test_eval_report_header_names_only_the_data_the_cases_came_from(tmp_path):
     val = data.SynthDerm(4, seed=2, image_size=64, split="val")
     ids_only = [{"id": s["id"], "prediction": "1. " + s["label"]} for s in map(val.spec, range(4))]
     ids_only[0].update(label="melanoma", fitzpatrick=1)
+    ids_only.append({"id": "no-such-id", "prediction": "1. melanoma"})   # unlabelled and not in the split
     meta = header(["--data", "synthderm", "--split", "val", "--n", "4", "--seed", "2", "--image-size", "64"], ids_only)
-    # 3 of the 4 rows were joined (row 0 carries its own label); the ids were matched in split "val"
-    assert meta["data"] == "synthderm" and meta["split"].startswith("val (seed 2, n 4") and meta["labels"].startswith("3 of 4")
+    # 3 of the 5 rows were joined (row 0 carries its own label, the last matches no id: skipped, not
+    # joined); the ids were matched in split "val"
+    assert meta["data"] == "synthderm" and meta["split"].startswith("val (seed 2, n 4") and meta["labels"].startswith("3 of 5")
     (tmp_path / "f").mkdir()
     csv_path, _, rows = _eval_write_f17k(tmp_path / "f", [("melanoma", 2), ("psoriasis", 5)], with_images=False)
     meta = header(["--data", "fitzpatrick17k", "--csv", str(csv_path)],
