@@ -2007,8 +2007,15 @@ def test_eval_caption_parser_properties(text):
 @settings(max_examples=50, deadline=None)
 @given(st.binary(max_size=100))
 def test_eval_parsers_never_raise_on_bytes(raw):
-    sf_eval.parse_ranked_list_ex(raw)
-    sf_eval.parse_caption_ex(raw)
+    # not only "no exception": bytes are read as their UTF-8 text (bad bytes -> U+FFFD), so the result is
+    # exactly that of the decoded string, with the documented types
+    text = raw.decode("utf-8", "replace")
+    items, ok = sf_eval.parse_ranked_list_ex(raw)
+    assert (items, ok) == sf_eval.parse_ranked_list_ex(text) and isinstance(ok, bool)
+    assert all(isinstance(x, str) for x in items)
+    fields, ok = sf_eval.parse_caption_ex(raw)
+    assert (fields, ok) == sf_eval.parse_caption_ex(text) and set(fields) <= set(sf_eval.CAPTION_FIELDS)
+    assert sf_eval.parse_ranked_list_ex(b"1. melanoma\n2. nevus")[0] == ["melanoma", "nevus"]
 
 
 # ---------------------------------------------------------------------------------------------------
