@@ -1374,17 +1374,28 @@ class Bench:
         return "\n".join(lines)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints every flag's default: "(default: X)" is appended unless the text says it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text or action.required else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; see the module docstring for the usual invocations."""
-    p = argparse.ArgumentParser(description="SkinFlow speed/memory benchmark (issue 7)")
+    p = argparse.ArgumentParser(prog="bench.py", description="SkinFlow speed/memory benchmark (issue 7)",
+                                formatter_class=_DefaultsHelp)
     p.add_argument("--sections", default=",".join(Bench.SECTIONS),
-                   help=f"comma-separated subset of {','.join(Bench.SECTIONS)}")
+                   help=f"comma-separated subset, to time only what you changed (default: all, "
+                        f"{','.join(Bench.SECTIONS)})")
     p.add_argument("--quick", action="store_true", help="fewer repetitions, shorter GRPO rollouts")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (automatic without CUDA)")
-    p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines (no transformers installed, "
+                                                         "or only our own numbers wanted)")
     p.add_argument("--out", default=None, help="output folder (default: $OUT, else ./bench_out)")
     p.add_argument("--budget-s", type=float, default=float("inf"),
-                   help="skip the remaining sections once this many seconds have passed")
+                   help="skip the remaining sections once this many seconds have passed (a time-boxed machine)")
     p.add_argument("--gpu-check", action="store_true",
                    help="issue 15's one-shot GPU check: every section, --quick, a 400 s budget for starting "
                         "sections (fits 8 minutes on one H200), writes OUT/gpu_check.json + gpu_check.md with "

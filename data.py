@@ -2643,45 +2643,67 @@ def bench(image_size: int = 224, n: int = 300, seed: int = 0) -> float:
     return n / (time.process_time() - t0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI (subcommands in the module docstring); returns the process exit status."""
-    p = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("preview", help="write a labelled contact sheet of SynthDerm samples")
-    q.add_argument("--n", type=int, default=16)
-    q.add_argument("--out", default="grid.png")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--image-size", type=int, default=224)
-    q.add_argument("--split", default="train")
-    q = sub.add_parser("headroom", help="majority / colour-histogram / caption-oracle top-1 on SynthDerm test")
-    q.add_argument("--n-train", type=int, default=3000)
-    q.add_argument("--n-test", type=int, default=1000)
-    q.add_argument("--image-size", type=int, default=112)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--cue-amplitude", type=float, default=CUE_AMPLITUDE, help="0 removes the implicit cue")
-    q = sub.add_parser("bench", help="SynthDerm images/second (CPU time of this process)")
-    q.add_argument("--image-size", type=int, default=224)
-    q.add_argument("--n", type=int, default=300)
-    q = sub.add_parser("download-fitzpatrick17k", help="fetch Fitzpatrick17k images from the CSV's url column")
-    q.add_argument("--out", required=True)
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints every flag's default: "(default: X)" is appended unless the text says it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text or action.required else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser, built without running anything (test_skinflow.py walks every flag's help)."""
+    H = _DefaultsHelp
+    p = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0], formatter_class=H)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                           help="preview | headroom | bench | download-fitzpatrick17k | fetch | near-duplicates")
+    q = sub.add_parser("preview", help="write a labelled contact sheet of SynthDerm samples", formatter_class=H)
+    q.add_argument("--n", type=int, default=16, help="number of samples on the sheet")
+    q.add_argument("--out", default="grid.png", help="PNG to write")
+    q.add_argument("--seed", type=int, default=0, help="dataset seed: which images exist (as rl.py --data-seed)")
+    q.add_argument("--image-size", type=int, default=224, help="side of each rendered image in pixels")
+    q.add_argument("--split", default="train", help="SynthDerm split: train | val | test")
+    q = sub.add_parser("headroom", help="majority / colour-histogram / caption-oracle top-1 on SynthDerm test",
+                       formatter_class=H)
+    q.add_argument("--n-train", type=int, default=3000, help="rendered images the pixel baselines train on")
+    q.add_argument("--n-test", type=int, default=1000, help="test images every baseline is scored on")
+    q.add_argument("--image-size", type=int, default=112, help="side of the rendered images (the tiny preset's)")
+    q.add_argument("--seed", type=int, default=0, help="dataset seed (the test split eval.py scores at that seed)")
+    q.add_argument("--cue-amplitude", type=float, default=CUE_AMPLITUDE,
+                   help="strength of the implicit texture cue that only the pixels carry; 0 removes it")
+    q = sub.add_parser("bench", help="SynthDerm images/second (CPU time of this process)", formatter_class=H)
+    q.add_argument("--image-size", type=int, default=224, help="side of the rendered images")
+    q.add_argument("--n", type=int, default=300, help="images to render (more: a steadier rate)")
+    q = sub.add_parser("download-fitzpatrick17k", help="fetch Fitzpatrick17k images from the CSV's url column",
+                       formatter_class=H)
+    q.add_argument("--out", required=True, help="folder for <md5hash>.jpg (required; resumable)")
     q.add_argument("--csv", default=None, help="default: assets/fitzpatrick17k.csv.gz")
-    q.add_argument("--limit", type=int, default=None)
-    q.add_argument("--timeout", type=float, default=20.0)
-    q.add_argument("--retries", type=int, default=3)
-    q = sub.add_parser("fetch", help="backbone + Fitzpatrick17k images + SkinCAP CSV, one command (resumable)")
-    q.add_argument("--out", required=True, help="images go to OUT/images, SkinCAP to OUT/skincap")
+    q.add_argument("--limit", type=int, default=None, help="first N CSV rows only, a quick trial (default: all)")
+    q.add_argument("--timeout", type=float, default=20.0, help="seconds per request before it counts as failed")
+    q.add_argument("--retries", type=int, default=3, help="attempts per image (exponential backoff between)")
+    q = sub.add_parser("fetch", help="backbone + Fitzpatrick17k images + SkinCAP CSV, one command (resumable)",
+                       formatter_class=H)
+    q.add_argument("--out", required=True, help="images go to OUT/images, SkinCAP to OUT/skincap (required)")
     q.add_argument("--csv", default=None, help="default: assets/fitzpatrick17k.csv.gz (all 16,577 rows)")
-    q.add_argument("--backbone", default="3b", help="3b | 7b | a Hub repo id | none")
-    q.add_argument("--no-skincap", action="store_true", help="do not try the gated SkinCAP dataset")
+    q.add_argument("--backbone", default="3b", help="Qwen2.5-VL weights into the HF cache: 3b | 7b | a Hub repo id "
+                                                     "| none (the tiny preset needs none)")
+    q.add_argument("--no-skincap", action="store_true", help="do not try the gated SkinCAP dataset (without its "
+                                                              "captions train.sh skips Stage I)")
     q.add_argument("--no-images", action="store_true", help="skip the Fitzpatrick17k images")
-    q.add_argument("--limit", type=int, default=None, help="first N CSV rows only (a quick trial)")
+    q.add_argument("--limit", type=int, default=None, help="first N CSV rows only, a quick trial (default: all)")
     q.add_argument("--workers", type=int, default=8, help="parallel image downloads")
     q.add_argument("--dry-run", action="store_true", help="check the flags and exit (train.sh DRY_RUN=1)")
-    q.add_argument("--timeout", type=float, default=20.0)
-    q.add_argument("--retries", type=int, default=3)
-    q = sub.add_parser("near-duplicates", help="pHash groups of an image folder (timed, cached)")
-    q.add_argument("image_dir")
-    q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--timeout", type=float, default=20.0, help="seconds per request before it counts as failed")
+    q.add_argument("--retries", type=int, default=3, help="attempts per image (exponential backoff between)")
+    q = sub.add_parser("near-duplicates", help="pHash groups of an image folder (timed, cached)", formatter_class=H)
+    q.add_argument("image_dir", help="folder of images (the hash cache is written into it)")
+    q.add_argument("--limit", type=int, default=None, help="first N files (sorted) only (default: all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI (subcommands in the module docstring); returns the process exit status."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.cmd == "preview":
         print(preview(args.n, args.out, args.seed, args.image_size, args.split))

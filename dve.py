@@ -734,10 +734,25 @@ def benchmark(n_img: int = 8, tokens: int = 1024, d_in: int = 1280, d_out: int =
     return results
 
 
-if __name__ == "__main__":  # python dve.py: the overhead table for the real shapes
-    for name in ("3b", "7b"):
-        for k in (4, 64, 640):
-            print(name, format_overhead(preset_overhead(name, K=k)))
+def build_parser():
+    """`python dve.py [--presets 3b,7b] [--k 4,64,640]`: the DVE overhead table for the real shapes."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="dve.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Extra parameters of the DVE (FDLinear in the vision "
+                                            "tower's MLPs) for the real Qwen2.5-VL shapes; no weights loaded")
+    p.add_argument("--presets", default="3b,7b", help="comma-separated backbone presets to tabulate (3b, 7b)")
+    p.add_argument("--k", default="4,64,640", help="comma-separated K values (frequency bands = gate heads); "
+                                                   "the overhead grows with K")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in args.presets.split(","):
+        for k in args.k.split(","):
+            print(name, format_overhead(preset_overhead(name.strip(), K=int(k))))
+    return 0
 
 
 # ===================================================================================================
@@ -880,3 +895,7 @@ def load_checkpoint(model_arg, ckpt=None, dtype="float32", device="cpu"):
     model, tok = load(model_arg, dtype=dt, device=device)
     cfg = load_with_deltas(model, where)
     return model.eval(), tok, f"base {model_arg} + {cfg.get('stage', '?')} deltas from {where}"
+
+
+if __name__ == "__main__":  # python dve.py: the overhead table for the real shapes
+    raise SystemExit(main())

@@ -1760,13 +1760,21 @@ def draw_curves(run_dir, path, smooth: int = 5):
     return path
 
 
+def build_summary_parser() -> argparse.ArgumentParser:
+    """`python eval.py summary RUN_DIR [--bootstrap N]`, built without running (the --help test walks it)."""
+    p = argparse.ArgumentParser(prog="eval.py summary", description="results table + learning curves of a run",
+                                formatter_class=_DefaultsHelp)
+    p.add_argument("run_dir", help="a train.sh run folder: reads RUN/eval/<stage>/ and RUN/<stage>/log.jsonl, "
+                                   "writes RUN/results.md, results.json, curves.png")
+    p.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap resamples for Δ Top-1 against "
+                                                               "the warm start / base (more: steadier interval ends)")
+    p.add_argument("--dry-run", action="store_true", help="check the flags and exit (train.sh DRY_RUN=1)")
+    return p
+
+
 def summary_main(argv=None) -> int:
     """`python eval.py summary RUN_DIR`: print results.md and write it with results.json and curves.png."""
-    p = argparse.ArgumentParser(prog="eval.py summary", description="results table + learning curves of a run")
-    p.add_argument("run_dir")
-    p.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap resamples for Δ")
-    p.add_argument("--dry-run", action="store_true", help="check the flags and exit (train.sh DRY_RUN=1)")
-    args = p.parse_args(argv)
+    args = build_summary_parser().parse_args(argv)
     if args.dry_run:
         return 0
     try:
@@ -2170,6 +2178,31 @@ def _attn_generate_text(model, tok, batch, max_new_tokens: int) -> str:
     return tok.decode(ids)
 
 
+def build_diagnose_parser() -> argparse.ArgumentParser:
+    """The parser of `python eval.py diagnose`, built without running (the --help test walks it)."""
+    import skinflow
+
+    p = argparse.ArgumentParser(prog="eval.py diagnose", formatter_class=_DefaultsHelp,
+                                description="Caption + ranked differential for one skin photo (SkinFlow Stage I + II)")
+    p.add_argument("image", help="a photo (any format pillow reads)")
+    p.add_argument("--model", default=None, help="base model: preset (tiny|3b|7b), Hub id or local dir (default: "
+                                                 "none; give it and/or --ckpt)")
+    p.add_argument("--ckpt", default=None, help="fine-tuned weights: rl.py run/stage folder or an exported model dir "
+                                                "(default: none, the base model alone)")
+    p.add_argument("--heatmap", default=None, help="save the attention overlay to this PNG: where the model looked "
+                                                   "when it answered the differential (default: none)")
+    p.add_argument("--attn-layers", default="all",
+                   help="decoder layers to average: all | 0,3 | a slice (negative: --attn-layers=-4:)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="length cap of each greedy answer (caption, "
+                                                                   "differential); raise it if a list is cut short")
+    p.add_argument("--max-pixels", type=int, default=skinflow.MAX_PIXELS,
+                   help="pixel budget of the photo before the ViT: more pixels, finer detail, slower")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights dtype; bfloat16 halves the memory of a 3b/7b model on a GPU")
+    return p
+
+
 def diagnose(argv=None) -> int:
     """`python eval.py diagnose IMAGE --model PATH_OR_PRESET [--ckpt RUN_DIR] [--heatmap out.png]`.
 
@@ -2181,19 +2214,7 @@ def diagnose(argv=None) -> int:
     import data
     import skinflow
 
-    p = argparse.ArgumentParser(prog="eval.py diagnose",
-                                description="Caption + ranked differential for one skin photo (SkinFlow Stage I + II)")
-    p.add_argument("image", help="a photo (any format pillow reads)")
-    p.add_argument("--model", default=None, help="base model: preset (tiny|3b|7b), Hub id or local dir")
-    p.add_argument("--ckpt", default=None, help="fine-tuned weights: rl.py run/stage folder or an exported model dir")
-    p.add_argument("--heatmap", default=None, help="save the attention overlay to this PNG")
-    p.add_argument("--attn-layers", default="all",
-                   help="decoder layers to average: all | 0,3 | a slice (negative: --attn-layers=-4:)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-pixels", type=int, default=skinflow.MAX_PIXELS)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    args = p.parse_args(argv)
+    args = build_diagnose_parser().parse_args(argv)
     # Order of work: cheap checks first (arguments, the image file) so a typo costs milliseconds, not the
     # minute a 7B checkpoint takes to load. Both stages decode greedily: the same photo always gives the
     # same printout, which is what a user comparing checkpoints wants.
@@ -2362,6 +2383,33 @@ def _eval_items(args):
         yield rec.id, image, prompt, rec.label, rec.fitzpatrick, getattr(rec, "mask", None)
 
 
+def report_source(args, rows: list[dict], lookup: dict | None) -> dict:
+    """The report header's `source` / `data` / `split`: where the scored cases REALLY came from.
+
+    --model: the images were drawn from --data / --split, so those are named. --predictions: the rows
+    came from someone's file, and --data / --split (with their defaults) only matter for rows that lack a
+    label or skin type and get them joined by id. A header must not name a split the rows never touched:
+      no row joined          -> data "labels of the predictions file", split "not recorded in the file"
+      SynthDerm join          -> the split (+ seed and size) whose ids were matched: ids are per split
+      Fitzpatrick17k join     -> every CSV row (md5 ids are unique), so no split was used
+    The keys stay (plus `labels` when rows were joined), so eval.py summary, which reads meta["data"], and
+    older metrics.json readers keep working.
+    """
+    if args.model:
+        return {"source": args.model, "data": args.data, "split": args.split}
+    joined = 0 if lookup is None else sum((r.get("label") is None or r.get("fitzpatrick") is None)
+                                          and r.get("id") in lookup for r in rows)  # rows the join filled
+    if joined == 0:
+        return {"source": args.predictions, "data": "labels of the predictions file",
+                "split": "not recorded in the predictions file"}
+    if args.data == "synthderm":
+        where = f"{args.split} (seed {args.seed}, n {args.n}, image size {args.image_size})"
+    else:
+        where = "none: ids matched against every CSV row"
+    return {"source": args.predictions, "data": args.data, "split": where,
+            "labels": f"{joined} of {len(rows)} row(s) joined by id from {args.data}, the rest from the file"}
+
+
 def generate_predictions(args) -> list[dict]:
     """Greedy Stage II generation over the evaluation split (tqdm bar); returns prediction rows."""
     import torch
@@ -2435,6 +2483,65 @@ def score_rows(rows: list[dict], judge_fn=None, lookup: dict | None = None, n_bo
     return metrics, skipped
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints every flag's default: "(default: X)" is appended unless the text says it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text or action.required else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `python eval.py --model ... | --predictions ...`, built without running it."""
+    p = argparse.ArgumentParser(prog="eval.py", formatter_class=_DefaultsHelp,
+                                description="SkinFlow clinical evaluation (Top-1/Top-6 with a clinical judge)",
+                                epilog="Other commands: eval.py summary RUN_DIR | eval.py diagnose IMAGE | "
+                                       "eval.py generate (each with --help)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint dir, Hub id or preset (tiny|3b|7b): generate, then score "
+                                     "(no default: give --model or --predictions)")
+    src.add_argument("--predictions", help="JSONL of {id, prediction, label, fitzpatrick} from any system; rows "
+                                           "without label are joined by id from --data (no default)")
+    p.add_argument("--data", choices=("synthderm", "fitzpatrick17k"), default="synthderm",
+                   help="synthderm (generated, no download) | fitzpatrick17k (real photos: --image-dir)")
+    p.add_argument("--split", help="default: 'test' (SynthDerm), 'eval1000/test' (Fitzpatrick17k); see data.iterate")
+    p.add_argument("--n", type=int, help="number of images: SynthDerm size (default 200) / Fitzpatrick17k cap (all)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (SynthDerm): which images exist; keep it to "
+                                                       "compare checkpoints on the same images")
+    p.add_argument("--image-size", type=int, default=224, help="side of the rendered SynthDerm images (use the "
+                                                               "training run's; train.sh's tiny preset: 112)")
+    p.add_argument("--csv", help="Fitzpatrick17k CSV (default: data.py's bundled copy)")
+    p.add_argument("--image-dir", help="Fitzpatrick17k images (<md5hash>.jpg); --model on fitzpatrick17k needs it "
+                                       "(default: none)")
+    p.add_argument("--skincap", help="SkinCAP CSV used in Stage I: its captioned images (and their near-"
+                   "duplicates) are removed from the test split (default: none, nothing removed)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per generate call; lower it when memory "
+                                                             "runs out")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap; a differential cut short "
+                                                                  "loses its last entries")
+    p.add_argument("--max-pixels", type=int, default=224 * 224, help="pixel budget per image before the ViT (use "
+                                                                     "the training run's): more pixels, more tokens")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", help="torch dtype of the weights: float32 | bfloat16 (GPU presets)")
+    p.add_argument("--lesion-focus", action=argparse.BooleanOptionalAction, default=None,
+                   help="final-token attention on the lesion (SynthDerm masks); default: on for --model synthderm")
+    p.add_argument("--attn-layers", default="all",
+                   help="decoder layers for --lesion-focus: all | 0,3 | a slice (negative: --attn-layers=-4:)")
+    p.add_argument("--out", required=True, help="output folder for report.md, metrics.json, PNG, cases.jsonl "
+                                                "(required)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95 %% intervals (more: "
+                                                               "steadier interval ends, slower)")
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint (base URL or .../chat/completions) of an LLM "
+                                       "judge, as the paper's (default: none, the deterministic eval.judge)")
+    p.add_argument("--judge-model", default="gpt-4o-mini", help="model name sent to --judge-url")
+    p.add_argument("--judge-runs", type=int, default=3, help="LLM judge calls per case, majority vote (the paper: "
+                                                             "three runs)")
+    p.add_argument("--judge-temperature", type=float, default=0.7, help="sampling temperature of the LLM judge")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--dry-run", action="store_true", help="check the flags, print them as JSON and exit (train.sh)")
+    return p
+
+
 def main(argv=None) -> int:
     """CLI entry point (examples at the top of section 9); returns the exit status. A first word
     `summary`, `diagnose` or `generate` runs that command with the rest of argv (section 6, section 7, and
@@ -2443,36 +2550,7 @@ def main(argv=None) -> int:
     commands = {"summary": summary_main, "diagnose": diagnose, "generate": generate_main}
     if words and words[0] in commands:
         return commands[words[0]](words[1:])
-    p = argparse.ArgumentParser(description="SkinFlow clinical evaluation (Top-1/Top-6 with a clinical judge)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint dir, Hub id or preset (tiny|3b|7b): generate, then score")
-    src.add_argument("--predictions", help="JSONL of {id, prediction, label, fitzpatrick} from any system")
-    p.add_argument("--data", choices=("synthderm", "fitzpatrick17k"), default="synthderm")
-    p.add_argument("--split", help="default: 'test' (SynthDerm), 'eval1000/test' (Fitzpatrick17k); see data.iterate")
-    p.add_argument("--n", type=int, help="number of images: SynthDerm size (default 200) / Fitzpatrick17k cap (all)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (SynthDerm)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--csv", help="Fitzpatrick17k CSV (default: data.py's bundled copy)")
-    p.add_argument("--image-dir", help="Fitzpatrick17k images (<md5hash>.jpg)")
-    p.add_argument("--skincap", help="SkinCAP CSV used in Stage I: its captioned images (and their near-"
-                   "duplicates) are removed from the test split")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--max-pixels", type=int, default=224 * 224)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--lesion-focus", action=argparse.BooleanOptionalAction, default=None,
-                   help="final-token attention on the lesion (SynthDerm masks); default: on for --model synthderm")
-    p.add_argument("--attn-layers", default="all",
-                   help="decoder layers for --lesion-focus: all | 0,3 | a slice (negative: --attn-layers=-4:)")
-    p.add_argument("--out", required=True, help="output folder for report.md, metrics.json, PNG, cases.jsonl")
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--judge-url", help="OpenAI-compatible endpoint (base URL or .../chat/completions)")
-    p.add_argument("--judge-model", default="gpt-4o-mini")
-    p.add_argument("--judge-runs", type=int, default=3)
-    p.add_argument("--judge-temperature", type=float, default=0.7)
-    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--dry-run", action="store_true", help="check the flags, print them as JSON and exit (train.sh)")
+    p = build_parser()
     args = p.parse_args(argv)
     # defaults per dataset: SynthDerm is generated, so n sets its size; for Fitzpatrick17k the default
     # split is data.eval_sample's fixed 1,000 test images, our stand-in for the paper's unpublished set
@@ -2497,7 +2575,11 @@ def main(argv=None) -> int:
     lookup = None
     args._image_stats = {}                                 # filled by data.iterate: yielded / missing / unreadable
     if args.model:
-        rows = generate_predictions(args)
+        try:
+            rows = generate_predictions(args)
+        except FileNotFoundError as exc:  # no such checkpoint / not in the Hub cache: one line, exit 2
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         with open(out / "predictions.jsonl", "w") as f:     # rescoring later needs no GPU
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -2508,7 +2590,7 @@ def main(argv=None) -> int:
     llm = LLMJudge(args.judge_url, model=args.judge_model, n=args.judge_runs, temperature=args.judge_temperature,
                    api_key=os.environ.get(args.judge_key_env)) if args.judge_url else None
     metrics, skipped = score_rows(rows, judge_fn=llm, lookup=lookup, n_boot=args.bootstrap)
-    metrics["meta"] = {"source": args.model or args.predictions, "data": args.data, "split": args.split,
+    metrics["meta"] = {**report_source(args, rows, lookup),
                        "judge": f"LLM {args.judge_model} @ {args.judge_url}, majority of {args.judge_runs}"
                        if llm else "deterministic (eval.judge)", "skipped": len(skipped) + len(problems),
                        "images_missing": args._image_stats.get("missing", 0),
@@ -2563,19 +2645,21 @@ def build_generate_parser() -> argparse.ArgumentParser:
     import skinflow
     MAX_PIXELS = skinflow.MAX_PIXELS
 
-    p = argparse.ArgumentParser(prog="eval.py generate", description="SkinFlow backbone demo: one image + prompt -> text")
+    p = argparse.ArgumentParser(prog="eval.py generate", description="SkinFlow backbone demo: one image + prompt -> text",
+                                formatter_class=_DefaultsHelp)
     p.add_argument("--preset", default="tiny", help="tiny (random weights) | 3b | 7b")
-    p.add_argument("--model", default=None, help="a Hub repo id or local checkpoint dir (overrides --preset)")
-    p.add_argument("--image", default=None, help="an image file (optional)")
-    p.add_argument("--prompt", default="Describe the skin lesion in this image.")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--device", default=None)
+    p.add_argument("--model", default=None, help="a Hub repo id or local checkpoint dir (overrides --preset; "
+                                                 "default: none)")
+    p.add_argument("--image", default=None, help="an image file (default: none, a text-only prompt)")
+    p.add_argument("--prompt", default="Describe the skin lesion in this image.", help="the user message")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (ignored with --greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding: the same text on every run")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="pixel budget of the image before the ViT")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights dtype (bf16: half the memory)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
     p.set_defaults(func=_cmd_generate)
     return p
 

@@ -840,7 +840,7 @@ class TrainConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     micro_prompts: int = 4        # prompts (x G completions) per forward/backward
-    train: str = "lora,dve"       # trainable sets among lora, dve, llm, vision
+    train: str = "lora"           # trainable sets among lora, dve, llm, vision (dve needs DVE layers: --dve)
     lora_rank: int = 16
     lora_alpha: float = 32.0
     dve: bool = False             # convert the vision tower's MLP linears to FDLinear before training
@@ -1041,6 +1041,11 @@ class Trainer:
 
             dve.apply_dve(self.model, blocks=None, K=cfg.dve_k)
             self.model.to(self.device)
+        if "dve" in sets and not self._has_dve():
+            # Once the default (--train lora,dve) trained no DVE without --dve, silently: LoRA alone. Asking
+            # for DVE training on a model without DVE layers is now an error that names the missing flag.
+            raise ValueError(f"--train {cfg.train!r} asks to train the DVE layers, but {cfg.init!r} has none: "
+                             "add --dve to build them (SkinFlow: --train lora,dve --dve), or drop dve from --train")
         if "lora" in sets:
             apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
             self.model.to(self.device)
@@ -1916,21 +1921,108 @@ def sample_rollouts(model, big: dict, big_embeds, cfg, generator, first_position
 
 
 
-def main(argv=None) -> int:
-    """CLI: every TrainConfig field is a flag (`--prompts 8`, `--dve`, `--no-resume`)."""
-    p = argparse.ArgumentParser(description="SkinFlow staged GRPO (rl.py)")
-    p.add_argument("stage", choices=STAGES)
+# What each TrainConfig field (= CLI flag) does and why one would change it, shown by `rl.py --help`
+# together with its default. Kept here, next to the parser, so TrainConfig stays a compact list of knobs;
+# test_skinflow.py checks that every field has a text and that --help shows every default.
+FLAG_HELP = {
+    "stage": "vision / warmup: the tiny preset's supervised stand-ins for pretraining; stage1 / stage2: the "
+             "paper's GRPO stages (Stage I: structured caption reward, Stage II: ranked differential reward)",
+    "init": "model to start from: a preset tiny|3b|7b, a Hub id, or the previous stage's <out>/<stage>/model",
+    "out": "run folder; this stage writes <out>/<stage>/ (log.jsonl, checkpoint, model/)",
+    "steps": "optimizer steps of this stage (one rollout batch each)",
+    "prompts": "B: prompts (images) per step; each gets --G completions, so B*G rollouts per step",
+    "G": "GRPO group size: completions per prompt; their mean reward is the baseline of the advantage "
+         "(larger: steadier advantages, fewer flat groups, more compute)",
+    "mu": "inner epochs: optimizer steps on the same rollouts; > 1 is where the PPO ratio and its clip act",
+    "lr": "AdamW learning rate (the paper: 1e-6 Stage I, 5e-7 Stage II, full fine-tuning; LoRA wants ~10x, "
+          "the tiny from-scratch model ~1000x)",
+    "lr_schedule": "constant | cosine (linear warm-up, then cosine decay to --min-lr-ratio * lr); cosine suits "
+                   "the tiny warm start, the RL stages keep the paper's constant lr",
+    "lr_warmup": "steps of linear lr warm-up (both schedules; 0 = none)",
+    "min_lr_ratio": "cosine floor as a fraction of --lr",
+    "beta": "KL weight of the GRPO loss (k3 estimate against the reference policy); 0 also skips the "
+            "reference forward pass",
+    "eps_low": "PPO clip below: a negative-advantage token whose ratio fell under 1 - eps_low gets no gradient",
+    "eps_high": "DAPO clip-higher: a positive-advantage token stops at ratio 1 + eps_high; above --eps-low it "
+                "lets unlikely good tokens grow a bit more",
+    "agg": "how token losses are averaged: token-mean (DAPO) | seq-mean (original GRPO, length bias) | "
+           "dr-grpo (Dr.GRPO: constant normaliser)",
+    "scale": "advantage scale: std (GRPO: divide by the group's std) | none (Dr.GRPO: centre only)",
+    "temperature": "sampling temperature of the rollouts (the log-probs use the same); lower explores less",
+    "top_p": "nucleus sampling of the rollouts (1 = off)",
+    "max_new_tokens": "length cap of a completion; an answer cut short is usually malformed (reward 0)",
+    "micro_prompts": "prompts (x G completions) per forward/backward; lower it when memory runs out (the loss "
+                     "is the same: it uses the global token count)",
+    "train": "trainable sets, comma-separated among lora, dve, llm, vision; dve needs DVE layers (--dve, or an "
+             "--init that has them); SkinFlow is --train lora,dve --dve",
+    "lora_rank": "rank r of the LoRA adapters on the LLM's linear layers",
+    "lora_alpha": "LoRA scale alpha: the update is (alpha / r) B A",
+    "dve": "convert the vision tower's MLP linears to FDLinear (the paper's Virtual-Width Dynamic Vision "
+           "Encoder) before training",
+    "dve_k": "K: frequency bands, and gate heads, of each FDLinear; more bands reweight the spectrum more finely",
+    "image_size": "side of the rendered SynthDerm images in pixels",
+    "max_pixels": "pixel budget per image before the ViT (resized to fit, Qwen2.5-VL style); fewer pixels, "
+                  "fewer image tokens, faster steps",
+    "n_data": "SynthDerm items in the training stream (cycled, reshuffled per epoch); --data fitzpatrick17k "
+              "ignores it",
+    "data": "synthderm (generated, no download) | fitzpatrick17k (real photos: needs --image-dir)",
+    "csv": "Fitzpatrick17k CSV; empty = the repo's assets/fitzpatrick17k.csv.gz (all 16,577 rows)",
+    "image_dir": "folder of Fitzpatrick17k photos <md5hash>.jpg (python data.py fetch --out DIR fills DIR/images)",
+    "skincap": "SkinCAP CSV (skincap_v240623.csv): the captions that Stage I needs on --data fitzpatrick17k",
+    "split": "Fitzpatrick17k split to train on, a data.py protocol (train, a12/train, expert/train, ...); the "
+             "end-of-stage check uses its test part",
+    "data_seed": "WHICH SynthDerm images exist (train/val/test); keep it fixed to compare runs",
+    "seed": "init, sampler and the ORDER of the training stream (train.sh's SEED=): another run on the same data",
+    "save_every": "write the resumable checkpoint every N steps (also at the end and on Ctrl-C)",
+    "grad_clip": "global gradient-norm clip before each optimizer step",
+    "weight_decay": "AdamW weight decay",
+    "dtype": "fp32 | bf16 (bf16 weights with fp32 master copies of the trainables: the GPU presets)",
+    "device": "auto (cuda when available, else cpu) | cpu | cuda | cuda:N",
+    "chunk": "completion rows per lm_head + log-softmax chunk: bounds the [rows, vocabulary] logits in memory",
+    "eval_n": "held-out items scored greedily at the end of the stage (0 = skip)",
+    "aux_weight": "warmup only: weight of the max-pooled looks_like probe loss (0 = off)",
+    "sft_order": "warmup only, Stage II target: shuffled | looks | alpha (order of the confusable cluster that "
+                 "opens the differential; shuffled leaves the ranking for Stage II to learn)",
+    "resume": "continue from <out>/<stage>/checkpoint.safetensors when it exists (--no-resume starts afresh)",
+    "prompt_seeds": "seed each prompt's sampling from its global data position, so N ranks reproduce one "
+                    "process token for token (a few smaller generate calls: slower)",
+}
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints every flag's default: "(default: X)" is appended unless the text says it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required:
+            return text
+        return text + " (default: empty)" if action.default == "" else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI of rl.py, built without running it: every TrainConfig field is a flag (`--prompts 8`,
+    `--dve`, `--no-resume`), its help from FLAG_HELP, its default from TrainConfig."""
+    p = argparse.ArgumentParser(prog="rl.py", description="SkinFlow staged GRPO: python rl.py STAGE [--options]",
+                                formatter_class=_DefaultsHelp)
+    p.add_argument("stage", choices=STAGES, help=FLAG_HELP["stage"])
     for f in dataclasses.fields(TrainConfig):
         if f.name == "stage":
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=FLAG_HELP[f.name])
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            p.add_argument(flag, type=typ, default=f.default)
+            p.add_argument(flag, type=typ, default=f.default, help=FLAG_HELP[f.name])
     p.add_argument("--dry-run", action="store_true",
-                   help="check the flags, print the resolved config as JSON and exit (loads nothing)")
+                   help="check the flags, print the resolved config as JSON and exit (loads nothing; train.sh "
+                        "DRY_RUN=1)")
+    return p
+
+
+def main(argv=None) -> int:
+    """CLI: `python rl.py STAGE [--options]` (see build_parser); returns the exit status."""
+    p = build_parser()
     args = p.parse_args(argv)
     dry = args.__dict__.pop("dry_run")
     cfg = TrainConfig(**vars(args))
@@ -1940,6 +2032,9 @@ def main(argv=None) -> int:
         p.error("--data fitzpatrick17k needs --image-dir (python data.py fetch --out DIR puts images in DIR/images)")
     if cfg.data == "fitzpatrick17k" and cfg.stage == "stage1" and not cfg.skincap:
         p.error("stage1 on --data fitzpatrick17k needs --skincap (the SkinCAP CSV; python data.py fetch)")
+    wants_dve = "dve" in {t.strip() for t in cfg.train.split(",")} and cfg.stage not in SUPERVISED
+    if wants_dve and not cfg.dve and cfg.init.lower() in ("tiny", "3b", "7b"):  # presets never have DVE layers
+        p.error(f"--train {cfg.train} on --init {cfg.init} trains no DVE without --dve (it builds the DVE layers)")
     if dry:  # train.sh uses this to check the 3b/7b commands on machines that cannot run them
         lr_at(cfg, 0)  # validates the schedule name
         print(json.dumps(dataclasses.asdict(cfg)))

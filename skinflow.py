@@ -1107,11 +1107,31 @@ def causal_mask(attention_mask: torch.Tensor | None, B: int, T: int, device) -> 
     return m.view(B, 1, T, T)
 
 
+def _looks_like_local_path(name: str) -> bool:
+    """True when `name` can only mean a folder on this machine, never a Hub repo id.
+
+    A Hub id is exactly `owner/name` (one slash, no leading . / ~). So: a leading `.`, `/` or `~`, a
+    backslash, two or more slashes (`runs/tiny/stage2/model`), a trailing `/model` (what rl.py exports),
+    or a first component that is a folder here (`runs/x` next to a `runs/` folder) all say "local path".
+    Why it matters: a missing local checkpoint must not be answered with an `hf download` hint.
+    """
+    s = str(name)
+    if s.startswith((".", "/", "~")) or "\\" in s or s.count("/") >= 2 or s.rstrip("/").endswith("/model"):
+        return True
+    head = Path(s).parts[0] if Path(s).parts else ""
+    return "/" in s and Path(head).is_dir()
+
+
 def _resolve_checkpoint(name_or_path: str) -> Path:
     """A local directory, or a Hub repo id fetched (json + safetensors only) through the HF cache."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
+    if p.exists() or _looks_like_local_path(str(name_or_path)):  # a run folder not trained yet, or a file:
+        # no Hub lookup and no `hf download` hint (it would name a local path)
+        what = "is a file, not a checkpoint folder" if p.exists() else "does not exist"
+        raise FileNotFoundError(f"no such checkpoint folder: {name_or_path} ({what}; train it first: bash train.sh, "
+                                f"or pass a preset tiny|3b|7b or a Hub id owner/name)")
     name = HUB_IDS.get(str(name_or_path).lower(), str(name_or_path))
     try:
         from huggingface_hub import snapshot_download

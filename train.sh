@@ -189,4 +189,8 @@ if [ "$ABLATION" = 1 ]; then
     one_chain "$OUT/ablation/stage1_stage2_dve" 1 "--train lora,dve --dve"    # Stage I -> II with DVE (SkinFlow)
     run $PY eval.py summary "$OUT"
 fi
-echo "[train.sh] done in $(( $(date +%s) - T_START )) s; results in $OUT/results.md"
+if [ "$DRY_RUN" = 1 ]; then   # every flag was checked, nothing was trained or written: no results to point at
+    echo "[train.sh] dry run: nothing was run (every command above was printed and its flags checked)"
+else
+    echo "[train.sh] done in $(( $(date +%s) - T_START )) s; results in $OUT/results.md"
+fi
