@@ -20,7 +20,7 @@ THE COMMANDS (run from the repository root):
 Output: the table on stdout and in OUT/bench.md, every raw number in OUT/bench.json (OUT = --out, else
 $OUT, else ./bench_out). The exit code is 1 when any correctness check failed or a section crashed.
 
-What is measured (the rows of the README's performance table):
+What is measured (the rows of the performance table in docs/performance.md):
   decode    ms per decode step and tokens/s at batch 8 and 64 after a 256-token prompt: our static-cache
             decoder replayed as a CUDA graph, the same decoder eager (to show what the graph buys), and
             transformers' generate (difference of two generate lengths, so the prefill cancels out);
@@ -107,7 +107,7 @@ GIB = float(2 ** 30)   # memory is reported in GiB (2^30 bytes, what torch.cuda 
 # byte at batch B) stays bandwidth-bound up to batch ~250, which is why batch 8 and batch 64 share a
 # floor; a training step on 4096 tokens (~4096 FLOPs per byte) is deeply compute-bound.
 # The targets sit 1.5-2.3x above the floors: a reachable goal for PyTorch plus two small kernels, not a
-# hand-tuned CUDA engine. A measured number far above its target is explained in the README by naming
+# hand-tuned CUDA engine. A measured number far above its target is explained in docs/performance.md by naming
 # the bound that is missed (bandwidth, kernel-launch overhead, or Python) and the next step.
 TARGETS = {
     "decode_b64_ms": 6.0, "decode_b8_ms": 6.0, "logprob_ms": 1.5, "logprob_extra_gib": 1.3,
@@ -1280,7 +1280,7 @@ class Bench:
 
     # ----------------------------------------------------------------------------- the table
     def table(self) -> str:
-        """The results as one Markdown table, in the README's row order.
+        """The results as one Markdown table, in docs/performance.md's row order.
 
         How to read it:
           what          the measured quantity and its shape (tiny shapes in the CPU smoke run);

@@ -1034,7 +1034,7 @@ class SynthDerm:
         its bounding box. Strokes too thin for a pixel grid (hairs, vessels, dots) are drawn by PIL at the
         end. Order matters for truthfulness: the site cues are laid down first (they are skin), lesions
         go on top, the implicit grating modulates lesion + surroundings, and hair covers everything, as a
-        real photo would. Cost: ~4 ms at 224 px on one core (README, "SynthDerm speed").
+        real photo would. Cost: ~4 ms at 224 px on one core (docs/data.md, "SynthDerm: speed").
         """
         S = self.size
         sc = S / 224.0                                           # pixel scale relative to the 224 px design
@@ -1521,7 +1521,7 @@ def headroom(n_train: int = 3000, n_test: int = 1000, image_size: int = 112, see
     out["colour_histogram_top1"] = float((P.argmax(1) == y_test).mean())
     out["colour_histogram_top3"] = float((np.argsort(-P, 1)[:, :3] == y_test[:, None]).any(1).mean())
     # Same model with the radial power spectrum added: the gain over the colour line is the implicit cue
-    # being picked up from pixels (with cue_amplitude=0 the two lines agree; see the README).
+    # being picked up from pixels (with cue_amplitude=0 the two lines agree; see docs/data.md, "SynthDerm: headroom numbers").
     Str = np.stack([_spectrum_features(train[i].image) for i in range(n_train)])
     Ste = np.stack([_spectrum_features(test[i].image) for i in range(n_test)])
     Xtr2, Xte2 = np.hstack([Xtr, Str]), np.hstack([Xte, Ste])
@@ -2059,7 +2059,7 @@ def _hash_files(paths: list, cache_path=None, stats: dict | None = None) -> list
     """pHash of every file (None: flat, missing or unreadable), cached per image in a JSON file.
 
     The cache key is (absolute path, size, mtime in ns): a file replaced by a new download is hashed
-    again. Hashing 16k photos costs minutes once (README, "Near-duplicate groups"); the cache makes
+    again. Hashing 16k photos costs minutes once (docs/real-data.md, "Near-duplicate groups"); the cache makes
     every later split instant.
     """
     import json

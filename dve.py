@@ -43,7 +43,7 @@ together (1-4); the plumbing follows the marker "below: plumbing (not in the pap
      `load_with_deltas`): every entry point that reads a checkpoint (rl.py --init, eval.py --model,
      `eval.py generate|diagnose`, so train.sh's chain) loads through it (bench.py builds shapes, loads none). It lives here because dve.py is the lowest import floor that knows every piece of
      a SkinFlow checkpoint: dve.py imports skinflow.py and no other project module (issue 14).
-Choices where the paper is silent are listed in the README (section DVE) and next to the code.
+Choices where the paper is silent are listed in docs/dve.md and docs/choices.md and next to the code.
 """
 from __future__ import annotations
 
