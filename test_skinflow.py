@@ -4205,6 +4205,34 @@ def test_rl_warmup_target_shuffled_keeps_entries_changes_order():
         rl._warmup_target(ds[0], "stage2", "alphabetical")
 
 
+def test_rl_warmup_target_mixed_is_half_alphabetical_half_shuffled():
+    """sft_order "mixed" (train.sh's tiny warm start): per item, the look's cluster opens the list either in
+    the fixed alphabetical order (probability SFT_MIXED_ALPHA = 0.5) or shuffled, and that choice never
+    changes between epochs. Counted on the two five-member clusters, where a shuffle lands on the sorted
+    order only 1 time in 120, so the alphabetical share must be near 0.5 (binomial sd ~0.035 here)."""
+    from types import SimpleNamespace
+
+    import data
+    import eval as skin_eval
+
+    ds = data.SynthDerm(400, seed=5, split="val")
+    alpha = five = 0
+    for i in range(len(ds)):
+        sp = ds.spec(i)  # attributes only: _warmup_target reads the id and the look, never the pixels
+        it = SimpleNamespace(id=sp["id"], looks_like=sp["looks_like"], fields=sp["fields"])
+        mixed = skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "mixed"))
+        looks = skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "looks"))
+        assert sorted(mixed) == sorted(looks)                             # the same six entries
+        cluster = data.CLUSTERS[data.CLASS_RULES[it.looks_like]["cluster"]]
+        assert set(mixed[:len(cluster)]) == set(cluster)                  # the look's cluster opens the list
+        assert mixed == skin_eval.parse_ranked_list(rl._warmup_target(it, "stage2", "mixed"))  # fixed per item
+        if len(cluster) == 5:
+            five += 1
+            alpha += mixed[:5] == sorted(cluster)
+    assert five > 120, five
+    assert 0.38 < alpha / five < 0.62, (alpha, five)                     # ~half, not all, not none
+
+
 def test_rl_warmup_probe_trains_and_is_not_exported(tmp_path):
     from safetensors import safe_open
 

@@ -4,6 +4,7 @@
 #   bash train.sh                      # picks a preset from the hardware (no CUDA -> tiny, on CPU)
 #   PRESET=3b OUT=runs/my3b bash train.sh
 #   ABLATION=1 bash train.sh           # + the paper's three ablation rows on SynthDerm
+#   ABLATION=1 ROWS=stage2_only bash train.sh   # + only "no Stage I" (Stage I's effect, one Stage II more)
 #   DRY_RUN=1 PRESET=7b bash train.sh  # print every command and check every flag, run nothing
 #   DATA=fitzpatrick17k DATA_DIR=data  # real photos (default for 3b/7b): data.py fetch -> base -> Stage I
 #                                      # (SkinCAP) -> Stage II (Fitzpatrick17k train) -> 1,000 held-out photos
@@ -29,6 +30,9 @@ DRY_RUN=${DRY_RUN:-0}
 # sampled token can flip, so the run diverges from there (docs/tiny-run.md, "Determinism").
 SEED=${SEED:-0}
 ABLATION=${ABLATION:-0}
+# ROWS: which ablation rows ABLATION=1 runs (comma list). ROWS=stage2_only alone is "Stage II with vs
+# without Stage I" for the price of one Stage II: the main run is the "with" side.
+ROWS=${ROWS:-stage2_only,stage1_stage2,stage1_stage2_dve}
 T_START=$(date +%s)
 
 # -----------------------------------------------------------------------------------------------
@@ -76,10 +80,13 @@ tiny)
     # two supervised stand-ins for what tiny lacks: a pretrained ViT (vision: the ViT alone + a probe,
     # 64 images per step) and a pretrained instruct LLM (warmup: SFT of the whole model)
     VISION="--steps 300 --prompts 64 --n-data 2048 --lr 3e-3 --lr-schedule cosine --lr-warmup 20"
-    WARMUP="--steps 800 --prompts 8 --lr 2e-3 --lr-schedule cosine --lr-warmup 20 --aux-weight 1.0 --sft-order shuffled"
-    # Stage I: 24 steps x 4 prompts (was 6 x 8): the same order of rollouts, spread over enough updates
-    # for its field reward to show a curve (six points are not a stage)
-    STAGE1="--steps 24 --prompts 4 --G 8 --lr 1e-3 --max-new-tokens 96 --micro-prompts 4"
+    # --sft-order mixed: the warm start names the right GROUP of diagnoses but ranks it without clinical
+    # sense (half its SFT lists alphabetical, half shuffled), so ranking is what Stage II must teach
+    # (docs/tiny-run.md, "Why the mixed order")
+    WARMUP="--steps 800 --prompts 8 --lr 2e-3 --lr-schedule cosine --lr-warmup 20 --aux-weight 1.0 --sft-order mixed"
+    # Stage I: 40 steps x 4 prompts at lr 2e-3: enough updates for its field reward to climb visibly
+    # (24 steps at 1e-3 stayed flat within noise)
+    STAGE1="--steps 40 --prompts 4 --G 8 --lr 2e-3 --max-new-tokens 96 --micro-prompts 4"
     STAGE2="--steps 80 --prompts 8 --G 8 --lr 6e-4 --beta 0.04 --temperature 0.7 --max-new-tokens 56 --micro-prompts 8"
     MAIN_TRAIN="--train lora"           # the main tiny run: LoRA only (DVE is the ablation's third row)
     EVAL_N=${EVAL_N:-500}
@@ -184,9 +191,10 @@ run $PY eval.py summary "$OUT"
 #    Stage I + II time of the main run, i.e. ~15 minutes more on 2 cores).
 # -----------------------------------------------------------------------------------------------
 if [ "$ABLATION" = 1 ]; then
-    one_chain "$OUT/ablation/stage2_only" 0 "--train lora"                    # no Stage I, no DVE
-    one_chain "$OUT/ablation/stage1_stage2" 1 "--train lora"                  # Stage I -> II, no DVE
-    one_chain "$OUT/ablation/stage1_stage2_dve" 1 "--train lora,dve --dve"    # Stage I -> II with DVE (SkinFlow)
+    row() { case ",$ROWS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }   # is row $1 in ROWS?
+    if row stage2_only; then one_chain "$OUT/ablation/stage2_only" 0 "--train lora"; fi                 # no Stage I, no DVE
+    if row stage1_stage2; then one_chain "$OUT/ablation/stage1_stage2" 1 "--train lora"; fi             # Stage I -> II, no DVE
+    if row stage1_stage2_dve; then one_chain "$OUT/ablation/stage1_stage2_dve" 1 "--train lora,dve --dve"; fi  # + DVE (SkinFlow)
     run $PY eval.py summary "$OUT"
 fi
 if [ "$DRY_RUN" = 1 ]; then   # every flag was checked, nothing was trained or written: no results to point at
