@@ -87,7 +87,10 @@ tiny)
     # Stage I: 40 steps x 4 prompts at lr 2e-3: enough updates for its field reward to climb visibly
     # (24 steps at 1e-3 stayed flat within noise)
     STAGE1="--steps 40 --prompts 4 --G 8 --lr 2e-3 --max-new-tokens 96 --micro-prompts 4"
-    STAGE2="--steps 80 --prompts 8 --G 8 --lr 6e-4 --beta 0.04 --temperature 0.7 --max-new-tokens 56 --micro-prompts 8"
+    # Stage II: 12 prompts per step (was 8): each step's mean reward averages 12 images, not 8, so the
+    # curve's rise is not buried under which images a step drew (measured on seed 2: with 8 prompts the
+    # last-20 mean fell below the first-20 mean while Top-1 rose; lr 1e-3 instead spiked the KL to 0.5)
+    STAGE2="--steps 80 --prompts 12 --G 8 --lr 6e-4 --beta 0.04 --temperature 0.7 --max-new-tokens 56 --micro-prompts 8"
     MAIN_TRAIN="--train lora"           # the main tiny run: LoRA only (DVE is the ablation's third row)
     EVAL_N=${EVAL_N:-500}
     EVAL="--image-size 112 --max-pixels 12544 --max-new-tokens 56 --batch-size 50"
