@@ -68,7 +68,7 @@ echo "[train.sh] preset $PRESET ($WHY); data $DATA; run folder $OUT; SEED=$SEED"
 #    rates; the optimal LoRA lr is ~10x the full fine-tuning one ("LoRA Without Regret", Schulman et al.,
 #    Thinking Machines 2025), and at the paper's rates bf16 activations round much of the update away
 #    (docs/gpu.md: a tiny bf16 model learns 0.34x what fp32 does at 5e-7, 0.90x at 5e-6).
-#    tiny: a 1 M-parameter model trained from scratch on 2 CPU cores (goal < 10 minutes; 11-13 minutes
+#    tiny: a 1 M-parameter model trained from scratch on 2 CPU cores (goal < 10 minutes; 9m45s-10m29s
 #    measured, docs/tiny-run.md). It needs lrs ~1000x larger than the paper's (a random-init model with
 #    minutes of compute, not a converged 3B that must not drift) and shorter stages; every number below
 #    was measured (docs/training.md: learning rates per preset; docs/tiny-run.md: what was tried).
