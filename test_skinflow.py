@@ -4302,6 +4302,31 @@ def test_rl_train_sh_dry_run_parses(tmp_path):
     assert res.stdout.splitlines()[-1].startswith("[train.sh] dry run: nothing was run") and "results in" not in res.stdout
 
 
+def test_rl_train_sh_tiny_rows_pick_ablation_rows(tmp_path):
+    """The tiny preset as measured in docs/tiny-run.md (mixed SFT order, Stage I 40 x 4, Stage II 12 prompts),
+    and ROWS=stage2_only: ABLATION=1 then adds ONLY the "no Stage I" row, which starts from the main run's
+    warm start (the "with vs without Stage I" comparison of issue 16), not the other two rows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(rl.__file__).resolve().parent
+    out = tmp_path / "run"
+    (out / "warmup" / "model").mkdir(parents=True)  # as after a finished main run: the rows share its warm start
+    env = dict(os.environ, DRY_RUN="1", PRESET="tiny", ABLATION="1", ROWS="stage2_only", OUT=str(out),
+               PY=sys.executable)
+    res = subprocess.run(["bash", str(root / "train.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    cmds = [ln for ln in res.stdout.splitlines() if ln.startswith("+ ")]
+    assert any("rl.py warmup" in c and "--sft-order mixed" in c for c in cmds)
+    assert any("rl.py stage1" in c and "--steps 40" in c and "--lr 2e-3" in c for c in cmds)
+    row = [c for c in cmds if "ablation/stage2_only" in c]
+    assert any("rl.py stage2" in c and f"--init {out}/warmup/model" in c and "--prompts 12" in c for c in row), row
+    assert not any("rl.py stage1" in c for c in row)                    # the row has no Stage I
+    assert not any("ablation/stage1_stage2" in c for c in cmds)         # the other rows were not asked for
+
+
 def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path, capsys):
     """Issue 12 end to end on the real-layout fixture (awkward kinds, a truncated file, missing rows, a
     near-duplicate, SkinCAP captions): Stage I -> Stage II -> eval with the tiny model, via the CLI flags."""
