@@ -6,43 +6,47 @@ Oracles are independent of our code: transformers (backbone), HF tokenizers (BPE
 CUDA-only tests skip themselves without a GPU; SKINFLOW_NO_EXT=1 runs everything on the PyTorch paths.
 """
 
+# standard library
+import contextlib
 import copy
-import io
-import json
-import os
-import shutil
-import subprocess
-import sys
-import unicodedata
-from contextlib import redirect_stdout
-from pathlib import Path
-import numpy as np
-import pytest
-import torch
-from PIL import Image
-import skinflow as sf
 import csv
 import functools
 import gzip
 import http.server
+import io
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
-import data
-from hypothesis import given, settings, strategies as st
-import eval as sf_eval
-import json, math
-import eval as sf_eval_sum
-import math
-from contextlib import redirect_stderr, redirect_stdout
-import eval as sf_eval_attn
-import contextlib
-import torch.nn as nn
-import dve
-import rl
-import skinflow
-import socket
+import unicodedata
+from contextlib import redirect_stderr
+from contextlib import redirect_stdout
+from pathlib import Path
+
+# third party (transformers, tokenizers and safetensors are imported inside the tests that use them as oracles)
+import numpy as np
+import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from PIL import Image
+
+# the project (the modules under test); `eval` is also a Python builtin, so eval.py is bound to sf_eval
+import data
+import dve
+import eval as sf_eval
+import rl
+import skinflow
+import skinflow as sf
 
 
 # ===================================================================================================
@@ -2636,17 +2640,17 @@ def _sum_write_stage(run: Path, stage: str, top1: list[float], truths: list[str]
 
 def test_sum_paired_bootstrap_hand_cases():
     # identical scores: the gain is exactly 0 and every resample agrees
-    assert sf_eval_sum.paired_bootstrap_delta([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
+    assert sf_eval.paired_bootstrap_delta([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
     # b beats a on every case by exactly 1: no resample can change that
-    assert sf_eval_sum.paired_bootstrap_delta([0, 0, 0, 0], [1, 1, 1, 1]) == (1.0, 1.0, 1.0)
+    assert sf_eval.paired_bootstrap_delta([0, 0, 0, 0], [1, 1, 1, 1]) == (1.0, 1.0, 1.0)
     # 2 of 4 cases gain 1: delta 0.5; resample means are k/4 for k in 0..4, so the interval lies in [0, 1]
-    d, lo, hi = sf_eval_sum.paired_bootstrap_delta([0, 0, 1, 1], [1, 1, 1, 1], n_boot=4000, seed=1)
+    d, lo, hi = sf_eval.paired_bootstrap_delta([0, 0, 1, 1], [1, 1, 1, 1], n_boot=4000, seed=1)
     assert d == 0.5 and 0.0 <= lo < 0.5 < hi <= 1.0
     # the paired interval matches the textbook normal approximation on a large random sample
     rng = np.random.default_rng(7)
     a = rng.integers(0, 2, 2000)
     b = np.where(rng.random(2000) < 0.2, 1, a)        # b copies a, and flips ~10 % of cases to 1
-    d, lo, hi = sf_eval_sum.paired_bootstrap_delta(a, b, n_boot=3000)
+    d, lo, hi = sf_eval.paired_bootstrap_delta(a, b, n_boot=3000)
     diff = b - a
     half = 1.96 * diff.std(ddof=1) / math.sqrt(diff.size)
     assert abs(d - diff.mean()) < 1e-12
@@ -2667,7 +2671,7 @@ def test_sum_run_table_curves_and_ablation(tmp_path):
         f.write('{"step": 11, "reward_me')          # a torn last line from a killed run is ignored
     row = tmp_path / "ablation" / "stage1_stage2_dve"
     _sum_write_stage(row, "stage2", better, truths)
-    out = sf_eval_sum.summarize_run(tmp_path, n_boot=500)
+    out = sf_eval.summarize_run(tmp_path, n_boot=500)
     rows = {r["stage"]: r for r in out["rows"]}
     assert out["reference"] == "warmup" and rows["warmup"]["delta_top1"] is None
     d, lo, hi = rows["stage2"]["delta_top1"]
@@ -2680,9 +2684,9 @@ def test_sum_run_table_curves_and_ablation(tmp_path):
     assert png.size[0] > 400 and png.size[1] >= 200
     # a stage evaluated on different images gets no paired Δ (it would compare apples with oranges)
     _sum_write_stage(tmp_path, "stage1", warm[:30], truths[:30])
-    rows = {r["stage"]: r for r in sf_eval_sum.summarize_run(tmp_path, n_boot=200)["rows"]}
+    rows = {r["stage"]: r for r in sf_eval.summarize_run(tmp_path, n_boot=200)["rows"]}
     assert rows["stage1"]["delta_top1"] is None
-    assert sf_eval_sum.summary_main([str(tmp_path / "missing")]) == 2
+    assert sf_eval.summary_main([str(tmp_path / "missing")]) == 2
 
 
 # ===================================================================================================
@@ -2757,11 +2761,11 @@ def test_attn_maps_match_transformers_eager_attentions(attn_pair, layers):
     n = len(out.attentions)
     picked = list(range(n)) if layers is None else [i % n for i in layers]
     ref = torch.stack([out.attentions[i][:, :, -1, :] for i in picked]).mean(0).mean(1)   # [B, T]
-    A = sf_eval_attn.final_token_attention(ours, batch, layers)
+    A = sf_eval.final_token_attention(ours, batch, layers)
     assert torch.allclose(A, ref, atol=2e-6), (A - ref).abs().max()
     assert A[batch["attention_mask"] == 0].abs().max() == 0          # pads get nothing
     assert torch.allclose(A.sum(1), torch.ones(2), atol=1e-5)
-    maps = sf_eval_attn.attention_maps(ours, batch, layers)
+    maps = sf_eval.attention_maps(ours, batch, layers)
     assert [tuple(m.shape) for m in maps] == [(3, 5), (4, 4)]
     for b, (t, gh, gw) in enumerate(grids):
         cols = (batch["input_ids"][b] == _ATTN_IMG).nonzero().flatten()
@@ -2775,10 +2779,10 @@ def test_attn_bad_layer_and_hooks_removed(attn_pair):
     _, ours = attn_pair
     batch = _attn_batch([(1, 4, 4)], [(3, 3)], seed=2)
     with pytest.raises(ValueError, match="does not exist"):
-        sf_eval_attn.attention_maps(ours, batch, layers=[3])
-    assert sf_eval_attn.parse_layers("-2:") == slice(-2, None) and sf_eval_attn.parse_layers("all") is None
-    a = sf_eval_attn.final_token_attention(ours, batch, sf_eval_attn.parse_layers("-2:"))
-    b = sf_eval_attn.final_token_attention(ours, batch, [1, 2])
+        sf_eval.attention_maps(ours, batch, layers=[3])
+    assert sf_eval.parse_layers("-2:") == slice(-2, None) and sf_eval.parse_layers("all") is None
+    a = sf_eval.final_token_attention(ours, batch, sf_eval.parse_layers("-2:"))
+    b = sf_eval.final_token_attention(ours, batch, [1, 2])
     assert torch.equal(a, b)
     for layer in ours.model.layers:                      # no hook left behind, also after the early stop
         assert not layer.self_attn._forward_pre_hooks
@@ -2830,7 +2834,7 @@ def test_attn_forced_attention_lands_on_the_right_cell(tmp_path):
     assert grids == [[1, 6, 10], [1, 8, 8]]                                    # merged 3 x 5 and 4 x 4
     targets = [7, 14]                                                          # (1, 2) of 3 x 5; (3, 2) of 4 x 4
     feats = _attn_forced(model, targets, grids)
-    maps = sf_eval_attn.attention_maps(model, batch, layers=[0])
+    maps = sf_eval.attention_maps(model, batch, layers=[0])
     for m, j, (t, gh, gw) in zip(maps, targets, grids):
         r, c = divmod(j, gw // 2)
         assert float(m[r, c]) > 0.99, m
@@ -2846,7 +2850,7 @@ def test_attn_forced_attention_lands_on_the_right_cell(tmp_path):
     v = v.view(2, att.Hk, att.d).repeat_interleave(att.H // att.Hk, dim=1).reshape(2, -1)   # [2, H d] (GQA)
     assert torch.allclose(seen["o"], att.o_proj(v), atol=1e-3)
     # heatmap: only the target cell's rectangle changes colour (NEAREST upsampling, cold cells untouched)
-    out = sf_eval_attn.draw_heatmap(imgs[0], maps[0], tmp_path / "h.png")
+    out = sf_eval.draw_heatmap(imgs[0], maps[0], tmp_path / "h.png")
     got = np.asarray(Image.open(out).convert("RGB")).astype(int)
     orig = np.asarray(imgs[0]).astype(int)
     changed = np.abs(got - orig).sum(-1) > 6                                   # [84, 140]
@@ -2861,15 +2865,15 @@ def test_attn_heatmap_png_has_image_size(tmp_path):
     img = Image.fromarray(rng.integers(0, 256, (97, 151, 3), dtype=np.uint8))  # odd size, not a multiple of 28
     grid = torch.rand(3, 5, generator=torch.Generator().manual_seed(1))
     for smooth in (False, True):
-        p = sf_eval_attn.draw_heatmap(img, grid, tmp_path / f"h{smooth}.png", smooth=smooth)
+        p = sf_eval.draw_heatmap(img, grid, tmp_path / f"h{smooth}.png", smooth=smooth)
         with Image.open(p) as im:
             assert im.format == "PNG" and im.size == (151, 97) and im.mode == "RGB"
     # colour map: ends of the ramp, monotone brightness
-    cm = sf_eval_attn.colormap(np.array([0.0, 0.5, 1.0]))
+    cm = sf_eval.colormap(np.array([0.0, 0.5, 1.0]))
     assert cm[0].tolist() == [0, 0, 4] and cm[2].tolist() == [252, 255, 164]
-    assert np.all(np.diff(sf_eval_attn.colormap(np.linspace(0, 1, 50)).astype(int).sum(-1)) >= 0)
+    assert np.all(np.diff(sf_eval.colormap(np.linspace(0, 1, 50)).astype(int).sum(-1)) >= 0)
     with pytest.raises(ValueError):
-        sf_eval_attn.draw_heatmap(img, -grid, tmp_path / "bad.png")
+        sf_eval.draw_heatmap(img, -grid, tmp_path / "bad.png")
 
 
 def test_attn_lesion_focus_hand_computed():
@@ -2877,20 +2881,20 @@ def test_attn_lesion_focus_hand_computed():
     mask = np.zeros((4, 4), bool)
     mask[:2, :2] = True
     M = np.array([[0.5, 0.25], [0.125, 0.125]])
-    assert sf_eval_attn.lesion_focus(M, mask) == pytest.approx(0.5)
-    assert sf_eval_attn.lesion_focus(M * 0.2, mask) == pytest.approx(0.5)     # only ratios matter
-    assert sf_eval_attn.lesion_focus(np.ones((2, 2)), mask) == pytest.approx(sf_eval_attn.lesion_area(mask)) == 0.25
+    assert sf_eval.lesion_focus(M, mask) == pytest.approx(0.5)
+    assert sf_eval.lesion_focus(M * 0.2, mask) == pytest.approx(0.5)     # only ratios matter
+    assert sf_eval.lesion_focus(np.ones((2, 2)), mask) == pytest.approx(sf_eval.lesion_area(mask)) == 0.25
     # 3 x 3 mask on a 2 x 2 grid: cells are 1.5 px wide. Centre pixel -> 0.25 / 2.25 = 1/9 of every cell
     centre = np.zeros((3, 3), bool)
     centre[1, 1] = True
-    np.testing.assert_allclose(sf_eval_attn.mask_to_grid(centre, (2, 2)), np.full((2, 2), 1 / 9))
+    np.testing.assert_allclose(sf_eval.mask_to_grid(centre, (2, 2)), np.full((2, 2), 1 / 9))
     corner = np.zeros((3, 3), bool)
     corner[0, 0] = True                                                       # 1 px^2 inside cell (0, 0) only
-    np.testing.assert_allclose(sf_eval_attn.mask_to_grid(corner, (2, 2)), [[1 / 2.25, 0], [0, 0]])
-    assert sf_eval_attn.lesion_focus(np.array([[1.0, 0], [0, 3.0]]), corner) == pytest.approx((1 / 2.25) / 4)
-    assert math.isnan(sf_eval_attn.lesion_focus(np.zeros((2, 2)), mask))
+    np.testing.assert_allclose(sf_eval.mask_to_grid(corner, (2, 2)), [[1 / 2.25, 0], [0, 0]])
+    assert sf_eval.lesion_focus(np.array([[1.0, 0], [0, 3.0]]), corner) == pytest.approx((1 / 2.25) / 4)
+    assert math.isnan(sf_eval.lesion_focus(np.zeros((2, 2)), mask))
     with pytest.raises(ValueError):
-        sf_eval_attn.lesion_focus(np.array([[-1.0, 2.0]]), mask)
+        sf_eval.lesion_focus(np.array([[-1.0, 2.0]]), mask)
 
 
 def test_attn_mask_to_grid_equals_supersampled_box_average():
@@ -2901,7 +2905,7 @@ def test_attn_mask_to_grid_equals_supersampled_box_average():
         mask = rng.random((H, W)) < 0.3
         big = np.kron(mask.astype(float), np.ones((lh, lw)))                 # [H lh, W lw]
         ref = big.reshape(lh, H, lw, W).mean(axis=(1, 3))
-        got = sf_eval_attn.mask_to_grid(mask, (lh, lw))
+        got = sf_eval.mask_to_grid(mask, (lh, lw))
         np.testing.assert_allclose(got, ref, atol=1e-12)
         assert got.mean() == pytest.approx(mask.mean())                      # uniform attention = area fraction
 
@@ -2910,13 +2914,13 @@ def test_attn_lesion_focus_summary_and_markdown():
     rows = [{"lesion_focus": 0.5, "lesion_area": 0.2, "image_attention": 0.3},
             {"lesion_focus": 0.3, "lesion_area": 0.1, "image_attention": 0.1},
             {"lesion_focus": None, "lesion_area": None, "image_attention": None}]
-    s = sf_eval_attn.lesion_focus_summary(rows, n_boot=200)
+    s = sf_eval.lesion_focus_summary(rows, n_boot=200)
     assert s["n"] == 2 and s["focus"] == pytest.approx(0.4) and s["chance"] == pytest.approx(0.15)
     assert s["lift"] == pytest.approx(0.25) and s["lift_ci95"] == pytest.approx([0.2, 0.3])
     assert s["image_attention"] == pytest.approx(0.2)
-    text = "\n".join(sf_eval_attn.render_lesion_focus(s))
+    text = "\n".join(sf_eval.render_lesion_focus(s))
     assert "| 40.0 |" in text and "| 15.0 |" in text and "| 25.0 |" in text
-    assert sf_eval_attn.lesion_focus_summary(rows[2:]) is None and sf_eval_attn.render_lesion_focus(None) == []
+    assert sf_eval.lesion_focus_summary(rows[2:]) is None and sf_eval.render_lesion_focus(None) == []
 
 
 def _attn_run(argv):
@@ -2976,7 +2980,7 @@ def test_attn_ckpt_exported_dir_and_rl_deltas(tmp_path):
     export = tmp_path / "run" / "stage1" / "model"
     trained.save_pretrained(export)
     tok.save(export)
-    m, _, what = sf_eval_attn.load_for_diagnose(None, str(tmp_path / "run"))
+    m, _, what = sf_eval.load_for_diagnose(None, str(tmp_path / "run"))
     assert "fine-tuned" in what
     ids = torch.randint(0, 700, (1, 9), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(m(ids), trained(ids))
@@ -2997,19 +3001,19 @@ def test_attn_ckpt_exported_dir_and_rl_deltas(tmp_path):
     (tmp_path / "run2" / "stage1").mkdir(parents=True)
     save_file(params, str(tmp_path / "run2" / "stage1" / "checkpoint.safetensors"),
               metadata={"config": json.dumps(cfg), "step": "5"})
-    m2, _, what2 = sf_eval_attn.load_for_diagnose("tiny", str(tmp_path / "run2"))
+    m2, _, what2 = sf_eval.load_for_diagnose("tiny", str(tmp_path / "run2"))
     assert "deltas" in what2
     assert torch.allclose(m2(ids), base(ids), atol=1e-6)
     assert not torch.allclose(m2(ids), sf.load("tiny")[0](ids), atol=1e-3)  # the deltas did change it
-    with pytest.raises(sf_eval_attn.DiagnoseError, match="base model"):
-        sf_eval_attn.load_for_diagnose(None, str(tmp_path / "run2"))
+    with pytest.raises(sf_eval.DiagnoseError, match="base model"):
+        sf_eval.load_for_diagnose(None, str(tmp_path / "run2"))
 
 
 def test_attn_eval_report_has_lesion_focus(tmp_path):
     """eval.py --model on SynthDerm writes the lesion-focus block into metrics.json and report.md."""
     out = tmp_path / "ev"
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-        rc = sf_eval_attn.main(["--model", "tiny", "--data", "synthderm", "--n", "3", "--batch-size", "2",
+        rc = sf_eval.main(["--model", "tiny", "--data", "synthderm", "--n", "3", "--batch-size", "2",
                                 "--max-new-tokens", "4", "--image-size", "112", "--max-pixels", str(112 * 112),
                                 "--bootstrap", "50", "--attn-layers=-2:", "--out", str(out)])
     assert rc == 0
@@ -4693,7 +4697,7 @@ def test_rl_export_bf16_keeps_adapter_unmerged_and_every_loader_reads_it(tmp_pat
     model, _ = skinflow.load(str(out), dtype=torch.bfloat16)
     layers = rl.lora_layers(model)
     assert layers and all(m.rank == 0 and m.start_A is not None for m in layers)
-    m2, _, what = sf_eval_attn.load_for_diagnose(None, str(out), dtype="bfloat16")
+    m2, _, what = sf_eval.load_for_diagnose(None, str(out), dtype="bfloat16")
     batch = _rl_prompt(seed=6)
     with torch.no_grad():
         logits = model(**batch)
