@@ -1751,10 +1751,21 @@ EVAL_CANONICAL_CASES = [
 
 @pytest.mark.parametrize("text,label", EVAL_CANONICAL_CASES)
 def test_eval_canonical_hand_cases(text, label):
+    """One row of EVAL_CANONICAL_CASES: free text maps to the Fitzpatrick17k label written by hand beside it
+    (or to None). Oracle: the table, written from canonical()'s documented lookup order (exact key, negation
+    guard, phrase containment, fuzzy match). Fails if, e.g., the negation guard is dropped ("not melanoma"
+    would become melanoma), the longer phrase no longer wins ("pustular psoriasis"), or the fuzzy cutoff is
+    loosened so that "lentigo" or "tinea corporis" snaps onto a label.
+    """
     assert sf_eval.canonical(text) == label
 
 
 def test_eval_every_label_and_alias_resolves():
+    """Every one of the 114 labels maps to itself (also shouted and with a trailing full stop), and every alias
+    in ALIASES maps to its label's concept. Oracle: data.TAXONOMY and ALIASES themselves. Catches an alias
+    that was added with a typo, a label that normalisation mangles (an apostrophe, a hyphen, a CSV
+    misspelling), or a non-string input that raises instead of returning None.
+    """
     assert len(data.TAXONOMY) == 114
     for label in data.TAXONOMY:
         assert sf_eval.canonical(label) == label, label
@@ -1768,6 +1779,10 @@ def test_eval_every_label_and_alias_resolves():
 
 
 def test_eval_hierarchy_tables_are_consistent():
+    """SYNONYMS and SUBTYPES agree with the dataset's partitions: synonyms share both the nine-group and the
+    three-group label, a subtype sits in its parent's nine group. Otherwise the judge could call a pair
+    "correct" while the nine-group metric calls the same pair a miss.
+    """
     for group in sf_eval.SYNONYMS:
         assert len({data.TAXONOMY[m] for m in group}) == 1, group       # synonyms share both partitions
     for parent, children in sf_eval.SUBTYPES.items():
@@ -1821,10 +1836,19 @@ EVAL_JUDGE_CASES = [
 
 @pytest.mark.parametrize("pred,truth,verdict", EVAL_JUDGE_CASES)
 def test_eval_judge_hand_cases(pred, truth, verdict):
+    """One row of EVAL_JUDGE_CASES: judge(pred, truth) gives the verdict written by hand from the rules in
+    judge()'s docstring (unknown > correct > subtype > near_miss > safety_critical > wrong, first match
+    wins). Catches a change of precedence (e.g. near_miss tested before subtype), comparing labels instead
+    of concepts (synonyms would stop inheriting subtypes), or a one-directional subtype check.
+    """
     assert sf_eval.judge(pred, truth) == verdict
 
 
 def test_eval_judge_bad_truth_is_a_clear_error():
+    """A truth outside the vocabulary is a caller error (ValueError naming "truth label"), not a verdict; a
+    truth written as an alias is accepted. A judge that returned "unknown" for a bad truth would silently
+    score a mislabelled data set as model failures.
+    """
     with pytest.raises(ValueError, match="truth label"):
         sf_eval.judge("psoriasis", "tinea corporis")
     assert sf_eval.judge("psoriasis", "Psoriasis.") == "correct"     # a truth given as an alias is accepted
@@ -1854,6 +1878,11 @@ def eval_cases():
 
 
 def test_eval_metrics_hand_computed(eval_cases):
+    """clinical_metrics on six hand-scored cases (see the eval_cases fixture): every rate, the rank-1 verdict
+    counts, the per-skin-type and per-three-group breakdowns, and the bootstrap intervals. Oracle: the per-
+    case verdicts written in the fixture's comments. Catches counting duplicates as ranks, a wrong MRR
+    denominator, crediting "subtype" in the strict columns, or dropping the unknown skin type.
+    """
     m = sf_eval.clinical_metrics(eval_cases, n_boot=200)
     assert m["n"] == 6
     # hits at ranks: 2, 1, -, -, 1, 3  (case 6: "tinea" twice counts once, so psoriasis is 3rd)
@@ -1880,6 +1909,7 @@ def test_eval_metrics_hand_computed(eval_cases):
     assert m["by_three"]["benign"]["top1"] == 1.0
     assert m["by_three"]["non-neoplastic"]["n"] == 3
     assert m["by_three"]["non-neoplastic"]["mrr"] == pytest.approx((1 + 0 + 1 / 3) / 3)
+    # every interval must contain its point estimate and stay inside [0, 1] (n_boot=200 is enough for that)
     for key in sf_eval.METRICS:
         lo, hi = m["ci95"][key]
         assert 0.0 <= lo <= m[key] <= hi <= 1.0, key
@@ -1887,6 +1917,11 @@ def test_eval_metrics_hand_computed(eval_cases):
 
 def test_eval_metrics_ties_duplicates_and_cutoff():
     # tie: two credited entries (synonyms) -> the first one sets the rank
+    """Three ranking edge cases, each on a one-case set so the expected metric is obvious: two credited entries
+    (the first sets the rank), repeated names (a repeat uses no slot), and more than six distinct entries
+    (the seventh is never scored). Catches a "best rank" instead of "first rank" rule, dedupe after
+    truncation instead of before, and a cutoff of 7.
+    """
     m = sf_eval.clinical_metrics([(["malignant melanoma", "melanoma"], "melanoma", 1)], n_boot=10)
     assert m["mrr"] == 1.0 and m["top1"] == 1.0 and m["strict_top1"] == 0.0 and m["strict_top6"] == 1.0
     # duplicates ("mole" == "nevus") use no slot: melanoma is the 2nd distinct entry
@@ -1902,6 +1937,11 @@ def test_eval_metrics_ties_duplicates_and_cutoff():
 
 def test_eval_metrics_format_flag_and_raw_text():
     # a raw comma list is parsed but is a format failure; an explicit flag overrides for non-empty lists
+    """The format-failure column: raw text is parsed, a comma list counts as a format failure (not the
+    requested ranked list) but can still score a hit, an explicit format flag overrides, and an empty case
+    set is a ValueError. Catches a metric that scores only well-formatted answers, or one that ignores the
+    caller's flag.
+    """
     m = sf_eval.clinical_metrics([("psoriasis, eczema", "psoriasis", 2), ("1. psoriasis", "psoriasis", 2),
                             (["psoriasis"], "psoriasis", 2, False), ([], "psoriasis", 2, True)], n_boot=10)
     assert m["top1"] == pytest.approx(3 / 4)
@@ -1915,6 +1955,12 @@ def test_eval_bootstrap_matches_binomial_normal_approximation():
     # The tolerance must tell a 95 % interval (z = 1.960, half-width 0.0424) from a 90 % one (z = 1.645,
     # 0.0356; 0.0068 narrower per side). With 20,000 resamples the quantile's Monte-Carlo sd is ~0.0004 and
     # the grid of possible means is 1/400 = 0.0025, so 0.003 passes the 95 % interval and fails the 90 % one.
+    """bootstrap_ci against two independent oracles: the normal approximation for a proportion (sd =
+    sqrt(p(1-p)/n)), with a tolerance tight enough to tell a 95 % from a 90 % interval, and a numpy
+    recomputation of the same percentile bootstrap with the same seeded indices. Catches the wrong
+    percentiles (alpha instead of alpha/2), resampling without replacement, or a seed that is ignored.
+    """
+    # 100 hits out of 400: p = 0.25 exactly, so the normal-approximation oracle above applies
     values = [1.0] * 100 + [0.0] * 300
     lo, hi = sf_eval.bootstrap_ci(values, n_boot=20000, seed=1)
     assert lo == pytest.approx(0.25 - 1.96 * 0.02165, abs=0.003)
@@ -1931,11 +1977,15 @@ def test_eval_bootstrap_matches_binomial_normal_approximation():
         want = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
         got = sf_eval.bootstrap_ci(x, n_boot=3000, seed=5, alpha=alpha)
         assert got == pytest.approx(tuple(want), abs=1e-12), alpha
+    # reproducibility and the degenerate case: constant data give a zero-width interval
     assert sf_eval.bootstrap_ci(values, seed=3) == sf_eval.bootstrap_ci(values, seed=3)        # fixed seed, same CI
     assert sf_eval.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
 
 
 def test_eval_fitzpatrick_buckets():
+    """Skin types in any spelling (1, "4", "VI") land in their Roman bucket and everything else (-1, None, 7,
+    "x") in "unknown" rather than raising or being dropped, so n never changes silently.
+    """
     assert [sf_eval._fitz_bucket(x) for x in (1, "4", "VI", -1, None, 7, "x")] == \
         ["I", "IV", "VI", "unknown", "unknown", "unknown", "unknown"]
 
@@ -1960,11 +2010,19 @@ EVAL_PARSE_CASES = [
 
 @pytest.mark.parametrize("text,items,ok", EVAL_PARSE_CASES)
 def test_eval_parse_ranked_list_hand_cases(text, items, ok):
+    """One row of EVAL_PARSE_CASES: the ranked-list parser returns the hand-written entries and format flag
+    (numbered, bullets, inline numbers, think/answer tags, a truncated entry, prose). Catches a parser that
+    reads the <think> block, keeps duplicates, keeps a 7th entry or calls a comma list well formatted.
+    """
     assert sf_eval.parse_ranked_list_ex(text) == (items, ok)
     assert sf_eval.parse_ranked_list(text) == items
 
 
 def test_eval_parsers_read_data_formats():
+    """The parsers read back exactly what data.py writes as training targets (format_differential,
+    format_caption). If the two modules drift apart, a model trained on perfect targets would score format
+    failures, and the Stage I / Stage II rewards would be computed on misread text.
+    """
     labels = ["melanoma", "nevocytic nevus", "seborrheic keratosis", "basal cell carcinoma", "lentigo maligna",
               "dermatofibroma"]
     assert sf_eval.parse_ranked_list_ex(data.format_differential(labels)) == (labels, True)
@@ -1974,11 +2032,17 @@ def test_eval_parsers_read_data_formats():
 
 
 def test_eval_parse_caption_hand_cases():
+    """Caption parser on hand cases: markdown bold keys, field synonyms ("Site" -> location, "Color" ->
+    colour), several values joined, an empty value becoming "none", fields on one line, JSON with list
+    values and unknown keys, and text with no caption. Catches a key synonym table that lost an entry or a
+    JSON branch that keeps keys outside CAPTION_FIELDS.
+    """
     assert sf_eval.parse_caption_ex("**Color**: Red ; pink.\nSite: arm\nsurface:") == \
         ({"colour": "red, pink", "location": "arm", "surface": "none"}, False)
     assert sf_eval.parse_caption("colour: red shape: round") == {"colour": "red", "shape": "round"}
     assert sf_eval.parse_caption('{"colour": ["red", "pink"], "lesion_type": "plaque", "x": 1}') == \
         {"colour": "red, pink", "lesion type": "plaque"}
+    # no field at all, and a non-string: an empty dict and a False flag, never an exception
     assert sf_eval.parse_caption_ex("no caption at all") == ({}, False)
     assert sf_eval.parse_caption_ex(None) == ({}, False)
 
@@ -1993,6 +2057,10 @@ _eval_text = st.one_of(st.lists(st.sampled_from(_EVAL_PIECES), max_size=60).map(
 @settings(max_examples=150, deadline=None)
 @given(_eval_text)
 def test_eval_ranked_parser_properties(text):
+    """Hypothesis property on random list-like text: the core parser never raises, returns at most six non-
+    empty strings, and format_ranked_list's rendering of its output parses back to the same entries (a fixed
+    point). Catches an entry cleaner that can return "" or a formatter the parser cannot read.
+    """
     items, ok = sf_eval._parse_ranked_core(text)                 # the core itself must not raise
     assert len(items) <= 6 and all(isinstance(x, str) and x for x in items)
     again, ok2 = sf_eval._parse_ranked_core(sf_eval.format_ranked_list(items))
@@ -2003,6 +2071,10 @@ def test_eval_ranked_parser_properties(text):
 @settings(max_examples=150, deadline=None)
 @given(_eval_text)
 def test_eval_caption_parser_properties(text):
+    """Hypothesis property: the caption parser only returns known field names and its output survives a
+    format_caption_fields -> parse round trip unchanged. Catches a formatter that writes a value the parser
+    reads differently (e.g. a value containing a field-like "shape:" fragment).
+    """
     fields, ok = sf_eval._parse_caption_core(text)
     assert set(fields) <= set(sf_eval.CAPTION_FIELDS)
     assert sf_eval._parse_caption_core(sf_eval.format_caption_fields(fields))[0] == fields
@@ -2013,6 +2085,10 @@ def test_eval_caption_parser_properties(text):
 def test_eval_parsers_never_raise_on_bytes(raw):
     # not only "no exception": bytes are read as their UTF-8 text (bad bytes -> U+FFFD), so the result is
     # exactly that of the decoded string, with the documented types
+    """Model output can arrive as bytes: both parsers read bytes as their UTF-8 decoding (bad bytes become
+    U+FFFD) and return exactly what the decoded string gives, with the documented types. Catches a bytes
+    branch that raises, returns bytes entries, or decodes with another codec.
+    """
     text = raw.decode("utf-8", "replace")
     items, ok = sf_eval.parse_ranked_list_ex(raw)
     assert (items, ok) == sf_eval.parse_ranked_list_ex(text) and isinstance(ok, bool)
@@ -2026,12 +2102,18 @@ def test_eval_parsers_never_raise_on_bytes(raw):
 # CLI round trip and the LLM judge against a stub server
 # ---------------------------------------------------------------------------------------------------
 def test_eval_predictions_round_trip(tmp_path):
+    """`eval.py --predictions` end to end: a JSONL file with text and list predictions, a bad label and a non-
+    JSON line. Checks the skip count, the hand-computed rates, the report text (it states the bootstrap
+    size), the per-case file and the chart. Catches a CLI that crashes on one bad row instead of skipping
+    and counting it, or a report that claims another resample count.
+    """
     rows = [
         {"id": "a", "prediction": "1. melanoma\n2. nevus", "label": "melanoma", "fitzpatrick": 2},
         {"id": "b", "prediction": ["nevus", "melanoma"], "label": "malignant melanoma", "fitzpatrick": 5},
         {"id": "c", "prediction": "1. lichen planus", "label": "psoriasis", "fitzpatrick": 6},   # near miss
         {"id": "d", "prediction": "1. psoriasis", "label": "not a label", "fitzpatrick": 3},
     ]
+    # a trailing non-JSON line: the loader must skip and count it, not abort the whole evaluation
     path = tmp_path / "preds.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     assert sf_eval.main(["--predictions", str(path), "--out", str(tmp_path / "out"), "--bootstrap", "50"]) == 0
@@ -2042,6 +2124,7 @@ def test_eval_predictions_round_trip(tmp_path):
     assert m["safety_critical_rate"] == pytest.approx(1 / 3) and m["near_miss_rate"] == pytest.approx(1 / 3)
     report = (out / "report.md").read_text()
     assert "Top-1 (clinical)" in report and "50 resamples" in report     # the report states --bootstrap
+    # cases.jsonl keeps the scored rows in file order; case b's list puts melanoma second
     cases = [json.loads(x) for x in (out / "cases.jsonl").read_text().splitlines()]
     assert [c["id"] for c in cases] == ["a", "b", "c"] and cases[1]["first_hit"] == 2
     with Image.open(out / "top_k_by_skin_type.png") as img:
@@ -2050,10 +2133,15 @@ def test_eval_predictions_round_trip(tmp_path):
 
 
 def test_eval_predictions_join_labels_from_synthderm(tmp_path):
+    """Rows with only "id" and "prediction" get their labels joined from the SynthDerm split named on the
+    command line; predicting each true label gives Top-1 = strict Top-1 = 1. Catches a join that regenerates
+    the data with another seed or split (ids would match other labels).
+    """
     ds = data.SynthDerm(4, seed=2, image_size=64, split="test")
     specs = [ds.spec(i) for i in range(4)]
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(json.dumps({"id": s["id"], "prediction": f"1. {s['label']}"}) for s in specs))
+    # the CLI must regenerate the same four SynthDerm items (seed 2, test split, 64 px) to join by id
     sf_eval.main(["--predictions", str(path), "--data", "synthderm", "--n", "4", "--seed", "2", "--image-size", "64",
             "--out", str(tmp_path / "o"), "--bootstrap", "20"])
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
@@ -2095,12 +2183,19 @@ def eval_stub_server():
 
 
 def test_eval_llm_judge_against_stub(eval_stub_server):
+    """LLMJudge against a local OpenAI-compatible stub server (no network): the request format (path, model,
+    bearer key, rubric + case), majority vote over three runs, the per-pair cache, the tie rule (the verdict
+    with less credit wins), the fallback to the deterministic judge when every run fails, and use inside
+    clinical_metrics. Catches a tie broken towards more credit (inflated Top-k) or a cache miss that re-asks
+    (and pays for) the same pair.
+    """
     url, handler = eval_stub_server
     j = sf_eval.LLMJudge(url, model="stub-model", n=3, api_key="k")
     # majority of three: 2 x correct (JSON and prose), 1 x wrong -> correct, even though the
     # deterministic judge would say "unknown" for this out-of-vocabulary name
     handler.replies = ['{"verdict": "correct"}', "wrong", "The verdict is: correct."]
     assert j("lobular capillary haemangioma variant", "pyogenic granuloma") == "correct"
+    # the first request as the server saw it: endpoint path, model name, API key, and both messages
     path, headers, body = handler.requests[0]
     assert path == "/v1/chat/completions" and body["model"] == "stub-model"
     assert headers["Authorization"] == "Bearer k"
@@ -2120,6 +2215,10 @@ def test_eval_llm_judge_against_stub(eval_stub_server):
 
 
 def test_eval_parse_verdict():
+    """Verdict parsing from judge replies: JSON first, then the first verdict word, with "near miss" normalised
+    to near_miss. The "incorrect" case catches a regex without word boundaries, which would read "incorrect"
+    as "correct" and credit a wrong answer.
+    """
     assert sf_eval.parse_verdict('{"verdict": "near_miss"}') == "near_miss"
     assert sf_eval.parse_verdict("Near miss, same group") == "near_miss"
     assert sf_eval.parse_verdict("incorrect") is None            # "incorrect" is not "correct"
@@ -2235,10 +2334,20 @@ EVAL_FAMILY_JUDGE_CASES = [
 
 @pytest.mark.parametrize("pred,truth,verdict", EVAL_FAMILY_JUDGE_CASES)
 def test_eval_family_judge_cases(pred, truth, verdict):
+    """One row of EVAL_FAMILY_JUDGE_CASES: near_miss now means the same differential family (data.FAMILY), not
+    the same nine-group. Oracle: the hand-written table. Catches a return to the older, broader nine-group
+    rule (psoriasis vs vitiligo would become a near miss).
+    """
     assert sf_eval.judge(pred, truth) == verdict
 
 
 def test_eval_families_cover_taxonomy_and_respect_the_hierarchy():
+    """The near-miss families partition the 114 labels (each label in exactly one family), each family has an
+    ICD anchor and a written reason, no family crosses the malignant line, and synonyms and subtypes never
+    fall in different families. The last check counts psoriasis's near misses to prove the nine-group rule
+    is gone. Catches a label added to the taxonomy without a family, or a family that mixes a cancer with
+    its benign mimic (which would make a missed cancer a "near miss").
+    """
     members = [l for _, _, labels in data.FAMILIES.values() for l in labels]
     assert sorted(members) == sorted(data.TAXONOMY)                  # every label exactly once
     assert all(data.FAMILY[l] == f for f, (_, _, ls) in data.FAMILIES.items() for l in ls)
@@ -2257,6 +2366,10 @@ def test_eval_families_cover_taxonomy_and_respect_the_hierarchy():
 def test_eval_family_judge_exhaustive():
     # all 114 x 114 label pairs: near_miss <=> same family and not the same concept / a subtype pair;
     # and safety_critical exactly where the malignant flag differs (the rule the families must not touch)
+    """All 114 x 114 (prediction, truth) label pairs: near_miss exactly when same family and not credited,
+    safety_critical exactly when the malignant flags differ. An exhaustive oracle from the two rules, so any
+    table edit that breaks them fails here, not in a paper-sized evaluation.
+    """
     for t in data.TAXONOMY:
         for p in data.TAXONOMY:
             v = sf_eval.judge(p, t)
@@ -2268,6 +2381,9 @@ def test_eval_family_judge_exhaustive():
 
 def test_eval_family_docs_match_table():
     # docs/near-miss-families.md is for readers; it must list the same labels per family as the code
+    """docs/near-miss-families.md lists, per family, exactly the labels of data.FAMILIES. Catches the
+    documentation drifting from the code after a family is edited.
+    """
     doc = (Path(__file__).resolve().parent / "docs" / "near-miss-families.md").read_text()
     rows = {}
     for line in doc.splitlines():
@@ -2439,6 +2555,9 @@ EVAL_ANSWER_STYLES = {"numbered", "one-line", "bullets", "sub-bullets", "header"
 
 
 def test_eval_answer_corpus_covers_every_style():
+    """The answer corpus itself is sound: at least 60 answers, every declared style present, no answer pasted
+    twice. Guards the data the next tests rely on.
+    """
     assert len(EVAL_ANSWER_CORPUS) >= 60
     assert {style for style, _, _ in EVAL_ANSWER_CORPUS} == EVAL_ANSWER_STYLES
     assert len({text for _, text, _ in EVAL_ANSWER_CORPUS}) == len(EVAL_ANSWER_CORPUS)    # no copy-paste
@@ -2447,6 +2566,11 @@ def test_eval_answer_corpus_covers_every_style():
 @pytest.mark.parametrize("style,text,labels", EVAL_ANSWER_CORPUS, ids=[f"{s}-{i}" for i, (s, _, _) in
                                                                     enumerate(EVAL_ANSWER_CORPUS)])
 def test_eval_answer_corpus(style, text, labels):
+    """One answer of the corpus: parsing then canonicalising gives the hand-written ranked labels; list styles
+    set the format flag and prose never does; the parser's own rendering reads back unchanged. Catches a
+    header line or an explanation sub-bullet counted as a diagnosis, or a negated name kept.
+    """
+    # None in `labels` marks an entry that is kept but names no label (e.g. a name outside the vocabulary)
     items, listed = sf_eval.parse_ranked_list_ex(text)
     assert [sf_eval.canonical(x) for x in items] == labels
     # the format flag: a list (numbered, bullets, table, JSON) is the requested format, prose never is
@@ -2460,6 +2584,10 @@ def test_eval_answer_corpus(style, text, labels):
 
 def test_eval_header_words_never_name_a_diagnosis():
     # a header phrase is dropped, so no label or alias may look like one (else a real answer would vanish)
+    """Header phrases are dropped by the parser, so no label or alias may look like a header, and common
+    headers ("Differential diagnosis", "Top 3", "**DDx**") must be recognised. Catches a header word list
+    that grows to include a diagnosis word, which would silently delete real answers.
+    """
     for label in data.TAXONOMY:
         assert not sf_eval._is_header(label), label
     for aliases in sf_eval.ALIASES.values():
@@ -2480,6 +2608,10 @@ _EVAL_LABELS = sorted({sf_eval._CONCEPT[l] for l in data.TAXONOMY})          # o
 def test_eval_clean_numbered_list_round_trips(labels, style):
     # a clean list of distinct labels, written in any list style, parses back to exactly those labels in
     # order; and format_ranked_list's output is a fixed point of the parser
+    """Hypothesis property: distinct labels written in any list style (1. / 1) / (1) / **1.** / bullets) parse
+    back to exactly those labels in order, with the format flag set. Catches a numbering style the parser
+    reads as part of the name ("1.psoriasis") or reorders.
+    """
     text = "\n".join(style.format(i=i, x=x) for i, x in enumerate(labels, 1))
     items, listed = sf_eval.parse_ranked_list_ex(text)
     assert [sf_eval.canonical(x) for x in items] == labels and listed
@@ -2495,6 +2627,10 @@ _EVAL_CORPUS_LINES = [ln for _, text, _ in EVAL_ANSWER_CORPUS for ln in text.spl
 def test_eval_parser_never_raises_on_shuffled_answers(lines, sep):
     # shuffled pieces of real-style answers (broken tables, half a JSON object, stray fences): the core
     # parser itself must not raise, must return <= 6 non-empty entries, and must be idempotent
+    """Hypothesis property on shuffled lines of real-style answers (broken tables, half JSON objects, stray
+    fences and tags): the core parser never raises, returns at most six non-empty entries and is idempotent.
+    This is the input a half-trained model really produces mid-RL.
+    """
     items, ok = sf_eval._parse_ranked_core(sep.join(lines))
     assert len(items) <= 6 and all(isinstance(x, str) and x for x in items)
     assert sf_eval._parse_ranked_core(sf_eval.format_ranked_list(items)) == (items, bool(items))
@@ -2502,6 +2638,10 @@ def test_eval_parser_never_raises_on_shuffled_answers(lines, sep):
 
 def test_eval_predictions_cli_on_answer_styles(tmp_path):
     # eval.py --predictions on answers in eight styles; every verdict below written by hand:
+    """`eval.py --predictions` on eight answers in eight styles, each verdict written by hand in the comments:
+    checks the rates and each case's first hit. Catches a style that the CLI path parses differently from
+    parse_ranked_list (e.g. a table not sorted by its rank column).
+    """
     rows = [
         # a header line + list; rank 1 psoriasis = truth -> Top-1 and Top-6
         ("psoriasis", "Most likely diagnosis: Psoriasis.\nOther possibilities: seborrheic dermatitis, tinea capitis."),
@@ -2537,6 +2677,10 @@ def test_eval_reward_reads_answers_like_the_metric():
     # the Stage II reward and the metric must never disagree on what an answer says: on every corpus
     # answer, reward_differential's per-rank verdicts are the judge's verdicts on parse_ranked_list's
     # entries, and its accepted rank is score_case's first hit (truth: the corpus answer's first label)
+    """Oracle: eval.py itself. On every corpus answer, the Stage II reward (rl.reward_differential) sees the
+    same entries, the same per-rank verdicts and the same first hit as the metric. If the reward read an
+    answer differently, RL would optimise something the evaluation does not measure.
+    """
     for _, text, labels in EVAL_ANSWER_CORPUS:
         truth = next((l for l in labels if l is not None), "psoriasis")
         r, info = rl.reward_differential(text, truth)
@@ -2546,6 +2690,12 @@ def test_eval_reward_reads_answers_like_the_metric():
 
 
 def test_eval_caption_parser_answer_styles():
+    """Caption parser on the layouts chat models use: bold keys, upper case, values on the next line, markdown
+    headings, bullets, fenced JSON, tables, dash separators, think blocks, a field synonym; all eight fields
+    present sets the format flag. Catches a layout that loses a field (the Stage I reward would then punish
+    a correct caption).
+    """
+    # short alias: every line below is one layout, with the dict a reader would write down
     P = sf_eval.parse_caption
     assert P("**Colour:** Red, pink\n**LOCATION:** trunk") == {"colour": "red, pink", "location": "trunk"}
     assert P("COLOUR: Red\nLESION TYPE: plaque") == {"colour": "red", "lesion type": "plaque"}
