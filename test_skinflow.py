@@ -2790,6 +2790,12 @@ def _sum_write_stage(run: Path, stage: str, top1: list[float], truths: list[str]
 
 def test_sum_paired_bootstrap_hand_cases():
     # identical scores: the gain is exactly 0 and every resample agrees
+    """paired_bootstrap_delta (the Δ Top-1 column of results.md) on cases whose answer is known without any
+    computation (identical scores, a gain on every case, a 2-of-4 gain) and against the textbook normal
+    interval of the per-case differences on 2,000 random cases. Catches an unpaired bootstrap (resampling a
+    and b independently makes the interval far wider than the paired half-width) or the sign of the gain
+    flipped (b - a vs a - b).
+    """
     assert sf_eval.paired_bootstrap_delta([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
     # b beats a on every case by exactly 1: no resample can change that
     assert sf_eval.paired_bootstrap_delta([0, 0, 0, 0], [1, 1, 1, 1]) == (1.0, 1.0, 1.0)
@@ -2797,6 +2803,7 @@ def test_sum_paired_bootstrap_hand_cases():
     d, lo, hi = sf_eval.paired_bootstrap_delta([0, 0, 1, 1], [1, 1, 1, 1], n_boot=4000, seed=1)
     assert d == 0.5 and 0.0 <= lo < 0.5 < hi <= 1.0
     # the paired interval matches the textbook normal approximation on a large random sample
+    # 2,000 cases make the normal approximation good to well under 25 % of the half-width
     rng = np.random.default_rng(7)
     a = rng.integers(0, 2, 2000)
     b = np.where(rng.random(2000) < 0.2, 1, a)        # b copies a, and flips ~10 % of cases to 1
@@ -2808,7 +2815,14 @@ def test_sum_paired_bootstrap_hand_cases():
 
 
 def test_sum_run_table_curves_and_ablation(tmp_path):
+    """summarize_run on a fake train.sh run folder: the warm start is the reference, Stage II's paired gain
+    equals the hand count over 60 cases and its interval excludes 0 (no case got worse), the ablation row
+    shares that gain because it was scored on the same images, results.md quotes the paper's number (29.19)
+    and curves.png is drawn despite a torn last log line. A stage scored on other images gets no paired Δ,
+    and a missing run folder exits 2. Catches pairing cases that do not belong together.
+    """
     rng = np.random.default_rng(0)
+    # 60 cases: the warm start hits ~20 %; `better` keeps every warm-start hit and adds every third case
     truths = [f"label{i % 5}" for i in range(60)]
     warm = (rng.random(60) < 0.2).astype(float).tolist()
     better = [1.0 if (w or i % 3 == 0) else 0.0 for i, w in enumerate(warm)]   # never worse, often better
@@ -2905,7 +2919,10 @@ def test_attn_maps_match_transformers_eager_attentions(attn_pair, layers):
     """Final-token attention (head mean, layer mean) equals transformers' eager softmax rows, per image cell."""
     hf, ours = attn_pair
     grids = [(1, 6, 10), (1, 8, 8)]                       # merged 3 x 5 (non-square) and 4 x 4
+    # two rows of different lengths, so the batch is left-padded and the pad columns must get no attention
     batch = _attn_batch(grids, [(5, 4), (2, 9)], seed=11)
+    # the eager kernel returns every softmax row: attentions[l] is (B, H, T, T); mm_token_type_ids selects
+    # 3-D rope
     with torch.no_grad():
         out = hf(**batch, mm_token_type_ids=(batch["input_ids"] == _ATTN_IMG).int(), output_attentions=True)
     n = len(out.attentions)
@@ -2915,6 +2932,7 @@ def test_attn_maps_match_transformers_eager_attentions(attn_pair, layers):
     assert torch.allclose(A, ref, atol=2e-6), (A - ref).abs().max()
     assert A[batch["attention_mask"] == 0].abs().max() == 0          # pads get nothing
     assert torch.allclose(A.sum(1), torch.ones(2), atol=1e-5)
+    # per image: the image-token columns of the final-token row, laid out on the merged (gh/2, gw/2) grid
     maps = sf_eval.attention_maps(ours, batch, layers)
     assert [tuple(m.shape) for m in maps] == [(3, 5), (4, 4)]
     for b, (t, gh, gw) in enumerate(grids):
@@ -2926,6 +2944,11 @@ def test_attn_maps_match_transformers_eager_attentions(attn_pair, layers):
 
 
 def test_attn_bad_layer_and_hooks_removed(attn_pair):
+    """Layer selection and hook hygiene: a layer index past the end is a clear ValueError, parse_layers
+    understands "-2:" and "all", a slice picks the same layers as the explicit list, and no pre-forward hook
+    stays on any attention module afterwards (also after the early stop that ends the forward once the last
+    wanted layer is seen). A leaked hook would slow down, or corrupt, every later forward of the model.
+    """
     _, ours = attn_pair
     batch = _attn_batch([(1, 4, 4)], [(3, 3)], seed=2)
     with pytest.raises(ValueError, match="does not exist"):
@@ -2984,6 +3007,7 @@ def test_attn_forced_attention_lands_on_the_right_cell(tmp_path):
     assert grids == [[1, 6, 10], [1, 8, 8]]                                    # merged 3 x 5 and 4 x 4
     targets = [7, 14]                                                          # (1, 2) of 3 x 5; (3, 2) of 4 x 4
     feats = _attn_forced(model, targets, grids)
+    # layer 0 only: that is the layer _attn_forced rigged; later layers see mixed states
     maps = sf_eval.attention_maps(model, batch, layers=[0])
     for m, j, (t, gh, gw) in zip(maps, targets, grids):
         r, c = divmod(j, gw // 2)
@@ -3011,6 +3035,11 @@ def test_attn_forced_attention_lands_on_the_right_cell(tmp_path):
 
 
 def test_attn_heatmap_png_has_image_size(tmp_path):
+    """draw_heatmap writes an RGB PNG of the photo's own size, with and without smoothing, for an odd size that
+    is no multiple of 28 (so the grid does not tile the image evenly); the colour map has the documented end
+    colours and never gets darker as the value grows; negative attention is refused. Catches an overlay
+    drawn at the resized-for-the-model size instead of the photo's size.
+    """
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (97, 151, 3), dtype=np.uint8))  # odd size, not a multiple of 28
     grid = torch.rand(3, 5, generator=torch.Generator().manual_seed(1))
@@ -3019,6 +3048,7 @@ def test_attn_heatmap_png_has_image_size(tmp_path):
         with Image.open(p) as im:
             assert im.format == "PNG" and im.size == (151, 97) and im.mode == "RGB"
     # colour map: ends of the ramp, monotone brightness
+    # 0 maps to near-black and 1 to pale yellow (the ramp's end stops); brightness (R+G+B) is monotone
     cm = sf_eval.colormap(np.array([0.0, 0.5, 1.0]))
     assert cm[0].tolist() == [0, 0, 4] and cm[2].tolist() == [252, 255, 164]
     assert np.all(np.diff(sf_eval.colormap(np.linspace(0, 1, 50)).astype(int).sum(-1)) >= 0)
@@ -3028,6 +3058,12 @@ def test_attn_heatmap_png_has_image_size(tmp_path):
 
 def test_attn_lesion_focus_hand_computed():
     # 4 x 4 mask, lesion = the top-left 2 x 2 block -> exactly cell (0, 0) of a 2 x 2 grid
+    """lesion_focus and mask_to_grid on masks small enough to compute by hand: a lesion that fills exactly one
+    cell, scale invariance (only ratios of attention matter), uniform attention equals the lesion's area
+    (the chance level), and a 3 x 3 mask on a 2 x 2 grid where cell edges cut pixels in half (1.5 px cells).
+    Catches nearest-pixel instead of area-weighted cells, a focus that is not normalised by the total
+    attention, or a zero map that divides by zero instead of giving NaN.
+    """
     mask = np.zeros((4, 4), bool)
     mask[:2, :2] = True
     M = np.array([[0.5, 0.25], [0.125, 0.125]])
@@ -3042,6 +3078,7 @@ def test_attn_lesion_focus_hand_computed():
     corner[0, 0] = True                                                       # 1 px^2 inside cell (0, 0) only
     np.testing.assert_allclose(sf_eval.mask_to_grid(corner, (2, 2)), [[1 / 2.25, 0], [0, 0]])
     assert sf_eval.lesion_focus(np.array([[1.0, 0], [0, 3.0]]), corner) == pytest.approx((1 / 2.25) / 4)
+    # an all-zero map has no attention to share out: NaN, not 0 and not a ZeroDivisionError
     assert math.isnan(sf_eval.lesion_focus(np.zeros((2, 2)), mask))
     with pytest.raises(ValueError):
         sf_eval.lesion_focus(np.array([[-1.0, 2.0]]), mask)
@@ -3061,6 +3098,11 @@ def test_attn_mask_to_grid_equals_supersampled_box_average():
 
 
 def test_attn_lesion_focus_summary_and_markdown():
+    """lesion_focus_summary on three hand rows, one without a mask: the row without a mask is skipped, focus =
+    mean 0.4, chance = mean area 0.15, lift = focus - chance = 0.25 with the per-row lifts 0.2 and 0.3 as
+    the interval's ends; the markdown shows the same numbers in percent. Nothing to summarise gives None and
+    no markdown. Catches counting the unmasked row as zero focus.
+    """
     rows = [{"lesion_focus": 0.5, "lesion_area": 0.2, "image_attention": 0.3},
             {"lesion_focus": 0.3, "lesion_area": 0.1, "image_attention": 0.1},
             {"lesion_focus": None, "lesion_area": None, "image_attention": None}]
@@ -3081,8 +3123,10 @@ def _attn_run(argv):
 
 
 def test_attn_diagnose_cli_tiny_end_to_end(tmp_path):
-    """skinflow.py diagnose on the tiny preset: caption with the 8 fields, a differential block, heatmap PNG
-    of the photo's size, and the base-model warning."""
+    """`eval.py diagnose` (formerly skinflow.py diagnose) on the tiny preset: the caption with its 8 fields,
+    a differential block, a heatmap PNG of the photo's size, and the warning that this is the untrained
+    base model. Catches a CLI that drops a caption field or draws the heatmap at the model's input size.
+    """
     import data
 
     rng = np.random.default_rng(1)
@@ -3101,8 +3145,14 @@ def test_attn_diagnose_cli_tiny_end_to_end(tmp_path):
 
 
 def test_attn_diagnose_bad_files_one_line_exit_2(tmp_path):
+    """`eval.py diagnose` on a missing file, a folder, garbage bytes and a truncated PNG: each gives exactly
+    one stderr line starting with "error:" and naming the path, nothing on stdout, exit status 2; neither
+    --model nor --ckpt given is the same kind of error. Catches a PIL traceback leaking to the user, or a
+    half-written answer on stdout before the failure.
+    """
     good = tmp_path / "ok.png"
     Image.new("RGB", (64, 64), (120, 80, 60)).save(good)
+    # the truncated PNG is the first half of a valid one: the header parses, the pixel data does not
     raw = good.read_bytes()
     cases = {"missing": tmp_path / "nope.jpg", "dir": tmp_path}
     (tmp_path / "garbage.png").write_bytes(b"this is not an image at all" * 10)
@@ -3139,6 +3189,7 @@ def test_attn_ckpt_exported_dir_and_rl_deltas(tmp_path):
     rc, out, err = _attn_run(["diagnose", str(img), "--ckpt", str(tmp_path / "run"), "--max-new-tokens", "3"])
     assert rc == 0 and "base model" not in err and "fine-tuned" in out
     # (b) deltas only
+    # random non-zero LoRA weights (B=0 at init would make the deltas a no-op and the test vacuous)
     rl.apply_lora(base, rank=4, alpha=8.0)
     g = torch.Generator().manual_seed(3)
     params = {}
@@ -3147,6 +3198,7 @@ def test_attn_ckpt_exported_dir_and_rl_deltas(tmp_path):
             if "lora_" in n:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
                 params["param/" + n] = p.detach().clone()
+    # the metadata rl.py writes next to the tensors: it tells the loader which adapters to rebuild
     cfg = {"stage": "stage1", "train": "lora", "lora_rank": 4, "lora_alpha": 8.0, "dve": False}
     (tmp_path / "run2" / "stage1").mkdir(parents=True)
     save_file(params, str(tmp_path / "run2" / "stage1" / "checkpoint.safetensors"),
