@@ -1879,8 +1879,8 @@ def eval_cases():
 
 def test_eval_metrics_hand_computed(eval_cases):
     """clinical_metrics on six hand-scored cases (see the eval_cases fixture): every rate, the rank-1 verdict
-    counts, the per-skin-type and per-three-group breakdowns, and the bootstrap intervals. Oracle: the per-
-    case verdicts written in the fixture's comments. Catches counting duplicates as ranks, a wrong MRR
+    counts, the per-skin-type and per-three-group breakdowns, and the bootstrap intervals. Oracle: the
+    per-case verdicts written in the fixture's comments. Catches counting duplicates as ranks, a wrong MRR
     denominator, crediting "subtype" in the strict columns, or dropping the unknown skin type.
     """
     m = sf_eval.clinical_metrics(eval_cases, n_boot=200)
@@ -2057,9 +2057,9 @@ _eval_text = st.one_of(st.lists(st.sampled_from(_EVAL_PIECES), max_size=60).map(
 @settings(max_examples=150, deadline=None)
 @given(_eval_text)
 def test_eval_ranked_parser_properties(text):
-    """Hypothesis property on random list-like text: the core parser never raises, returns at most six non-
-    empty strings, and format_ranked_list's rendering of its output parses back to the same entries (a fixed
-    point). Catches an entry cleaner that can return "" or a formatter the parser cannot read.
+    """Hypothesis property on random list-like text: the core parser never raises, returns at most six
+    non-empty strings, and format_ranked_list's rendering of its output parses back to the same entries (a
+    fixed point). Catches an entry cleaner that can return "" or a formatter the parser cannot read.
     """
     items, ok = sf_eval._parse_ranked_core(text)                 # the core itself must not raise
     assert len(items) <= 6 and all(isinstance(x, str) and x for x in items)
@@ -2102,8 +2102,8 @@ def test_eval_parsers_never_raise_on_bytes(raw):
 # CLI round trip and the LLM judge against a stub server
 # ---------------------------------------------------------------------------------------------------
 def test_eval_predictions_round_trip(tmp_path):
-    """`eval.py --predictions` end to end: a JSONL file with text and list predictions, a bad label and a non-
-    JSON line. Checks the skip count, the hand-computed rates, the report text (it states the bootstrap
+    """`eval.py --predictions` end to end: a JSONL file with text and list predictions, a bad label and a
+    non-JSON line. Checks the skip count, the hand-computed rates, the report text (it states the bootstrap
     size), the per-case file and the chart. Catches a CLI that crashes on one bad row instead of skipping
     and counting it, or a report that claims another resample count.
     """
@@ -3302,13 +3302,22 @@ def _dve_env(**values):
 # ----- the band split --------------------------------------------------------------------------------
 @pytest.mark.parametrize("d_out,d_in", [(DVE_I, DVE_D), (DVE_D, DVE_I)])
 def test_dve_band_ids_real_shapes_any_K(d_out, d_in):
-    """K in {1, 4, 7, 64, d/2} on the real shapes: a partition into non-empty, radially ordered,
-    near-equal bands, with Hermitian partners together (even where K does not divide the count)."""
+    """band_ids on the real gate/up (1280 -> 3420) and down (3420 -> 1280) shapes for K = 1, 4, 7, 64 and d/2:
+    every band non-empty, band sizes within one of each other, bands ordered by radial frequency (band k's
+    largest radius <= band k+1's smallest), and each Hermitian pair (a coordinate and its complex conjugate)
+    in one band. Oracle: radii from torch.fft.fftfreq / rfftfreq, computed independently of dve's integer
+    keys. Catches a split that needs K to divide the coefficient count (it would fail for K = 64 on the up
+    projection), ties broken so that conjugates land in different bands (a band would then not be the
+    spectrum of a real matrix), or sorting by |u| + |v| instead of radius.
+    """
     cols = d_in // 2 + 1
     fr = torch.fft.fftfreq(d_out, dtype=torch.float64)[:, None]              # independent radius oracle
     fc = torch.fft.rfftfreq(d_in, dtype=torch.float64)[None, :]
     r2 = (fr ** 2 + fc ** 2).reshape(-1)
+    # row -u mod d_out is the conjugate of row u; in an rfft2 only columns 0 and (even d_in) d_in/2 hold
+    # conjugate pairs
     partner = (-torch.arange(d_out)) % d_out
+    # canonical coordinates: one representative per conjugate pair; the band sizes are counted on these
     canon = torch.ones(d_out, cols, dtype=torch.bool)
     canon[d_out // 2 + 1:, 0] = False
     if d_in % 2 == 0:
@@ -3319,6 +3328,7 @@ def test_dve_band_ids_real_shapes_any_K(d_out, d_in):
         counts = torch.bincount(ids[canon], minlength=K)                    # canonical coordinates per band
         assert counts.min() > 0 and counts.max() - counts.min() <= 1, (K, counts.min(), counts.max())
         flat = ids.reshape(-1)
+        # per band: the largest and the smallest squared radius it holds
         hi = torch.full((K,), -1.0, dtype=torch.float64).scatter_reduce(0, flat, r2, "amax")
         lo = torch.full((K,), 9.0, dtype=torch.float64).scatter_reduce(0, flat, r2, "amin")
         assert torch.all(hi[:-1] <= lo[1:] + 1e-15), K                     # band k lies inside band k+1
@@ -3333,6 +3343,14 @@ def test_dve_band_ids_real_shapes_any_K(d_out, d_in):
 
 @pytest.mark.parametrize("d_out,d_in,K", [(24, 40, 1), (25, 39, 3), (31, 32, 7), (40, 26, 20), (16, 17, 137)])
 def test_dve_bands_sum_to_W_and_are_orthogonal(d_out, d_in, K):
+    """The Fourier Disjoint Weight identity on odd, even and prime shapes: the K band weights sum back to W and
+    are mutually orthogonal in the Frobenius inner product (disjoint spectra, by Parseval), to float64
+    rounding; no band is empty, and for small K each band carries a fair share of a white-noise W's energy.
+    K = 137 on 16 x 17 is the largest legal K (one canonical coordinate per band). Catches a band mask that
+    misses the self-conjugate column of an even d_in (the sum would no longer be W) or that double-counts a
+    Hermitian pair (bands would overlap).
+    """
+    # float64 and zero heads: only the FFT band split is under test here, to 1e-12
     lin, layer = _dve_layer(d_in, d_out, K, random_heads=False)
     Wk = layer.band_weights()                                              # [K, d_out, d_in]
     W = lin.weight.detach()
@@ -3350,10 +3368,17 @@ def test_dve_bands_sum_to_W_and_are_orthogonal(d_out, d_in, K):
 # ----- the layer ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["reference", "kernel", "bases", "spectral"])
 def test_dve_identity_at_init(impl):
+    """A freshly converted FDLinear equals the Linear it replaced, on every implementation (float32, 1e-5): the
+    KSM heads start at zero, so all gates are 2 sigmoid(0) = 1 and W_b = sum_k W_k = W. The same holds with
+    dynamic=False (the reference-policy mode), and the layer asks the vision tower for cu_seqlens. Catches a
+    gate of sigmoid(0) = 0.5 (forgetting the factor 2) or heads initialised randomly, either of which would
+    damage the pretrained model at step 0 of RL.
+    """
     if impl == "kernel" and dve._extension() is None:
         pytest.skip("fdlinear extension unavailable")
     lin, layer = _dve_layer(48, 36, 4, dtype=torch.float32, random_heads=False)
     layer.impl = impl
+    # three images of 5, 9 and 3 tokens packed into one (17, 48) tensor
     x, cu = _dve_tokens([5, 9, 3], 48, dtype=torch.float32)
     want = lin(x)
     assert (layer(x, cu) - want).abs().max() <= 1e-5
@@ -3364,7 +3389,12 @@ def test_dve_identity_at_init(impl):
 
 @pytest.mark.parametrize("K", [1, 4, 7, 64, DVE_D // 2])
 def test_dve_real_shape_1280x3420(K):
-    """Real gate/up shape: identity at init, then random gates vs the float64 per-image reference."""
+    """The real gate/up shape (1280 -> 3420) for K = 1, 4, 7, 64, d/2: identity at init, then, with small
+    random gates, the fast path against the float64 per-image reference fdlinear_reference. The tolerance is
+    relative to the output's size because float32 sums over 1280 inputs. Catches a fast path that is correct
+    only on toy shapes (e.g. in the switch between the cached-band path for K <= 8 and
+    the per-image inverse-FFT path for larger K).
+    """
     g = torch.Generator().manual_seed(K)
     lin = nn.Linear(DVE_D, DVE_I)
     with torch.no_grad():
@@ -3373,9 +3403,12 @@ def test_dve_real_shape_1280x3420(K):
     x, cu = _dve_tokens([3, 2], DVE_D, seed=K, dtype=torch.float32)
     with torch.no_grad():
         assert (layer(x, cu) - lin(x)).abs().max() <= 1e-5 * lin(x).abs().max()
+        # small random heads: gates near 1 but different per image; std=0.05 keeps the output's scale
+        # realistic
         _dve_randomize_heads(layer, seed=K, std=0.05)
         seg = dve._Segments(cu, x.shape[0], x.device)
         a, c, f = layer.gates(x, seg)
+        # without this the comparison below could pass on the identity case alone
         assert (a - 1).abs().max() > 1e-3                                  # the gates really moved
         ref = dve.fdlinear_reference(x.double(), cu, layer._complex_spectrum().to(torch.complex128),
                                      layer.band_id, a.double(), c.double(), f.double(), layer.bias.double())
@@ -3383,12 +3416,17 @@ def test_dve_real_shape_1280x3420(K):
 
 
 def test_dve_fast_paths_match_reference_fwd_bwd():
-    """All implementations agree with the spectral per-image reference, output and gradients (float64)."""
+    """Every FDLinear implementation (reference, bases, spectral, and the csrc kernel when built) gives the
+    same output AND the same gradients w.r.t. the input and every KSM parameter, in float64 to 1e-10, with
+    random gates (not the identity, where gate errors would cancel). Catches a fast path whose forward is
+    right but whose backward misses a term, e.g. the gradient through the descriptor (the mean of x).
+    """
     lin, layer = _dve_layer(40, 57, 5)
     x, cu = _dve_tokens([10, 4, 16], 40)
     x.requires_grad_(True)
     params = [layer.ksm.squeeze.weight, layer.ksm.norm_weight, layer.ksm.band_head.weight,
               layer.ksm.in_head.weight, layer.ksm.out_head.weight]
+    # a random output cotangent (30 tokens, d_out 57): sum(y * g) weights every output element differently
     g = torch.randn(30, 57, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     results = {}
     for impl in _dve_impls():
@@ -3401,13 +3439,19 @@ def test_dve_fast_paths_match_reference_fwd_bwd():
 
 
 def test_dve_kernel_matches_float64_reference():
-    """The csrc op (CPU twin) vs a float64 loop: forward, dx, da, dbases; float32 and float64; gradcheck."""
+    """The csrc mix_apply op (CPU twin of the CUDA kernel) against a float64 loop over images written in this
+    file: forward, dx, da and dbases, in float64 (1e-12) and float32 (1e-5), plus torch's gradcheck (finite
+    differences) on a small case. d_out = 130 spans several 64-row tiles and the image lengths 7, 1, 12
+    include a one-token image. Catches an off-by-one at a tile or an image boundary, or da summed over the
+    wrong tokens.
+    """
     if dve._extension() is None:
         pytest.skip("fdlinear extension did not build: " + str(__import__("skinflow").EXTENSION_ERRORS.get("fdlinear")))
     g = torch.Generator().manual_seed(0)
     K, d_in, d_out = 3, 70, 130                                            # d_out > 64: several row tiles
     cu = torch.tensor([0, 7, 8, 20], dtype=torch.int64)
     x = torch.randn(20, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    # gains in [0, 2): the range 2 sigmoid(.) can produce
     a = (torch.rand(3, K, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
     bases = torch.randn(K, d_out, d_in, generator=g, dtype=torch.float64, requires_grad=True)
     dy = torch.randn(20, d_out, generator=g, dtype=torch.float64)
@@ -3419,6 +3463,7 @@ def test_dve_kernel_matches_float64_reference():
         grads = torch.autograd.grad((y * dy.to(dtype)).sum(), [xx, aa, bb])
         for got, ref in zip([y] + list(grads), [want] + list(want_grads)):
             assert (got.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
+    # gradcheck is O(#inputs) forwards, so it runs on a tiny case: 6 tokens, 2 images, K=3
     small = (torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True),
              torch.rand(2, 3, generator=g, dtype=torch.float64, requires_grad=True),
              torch.randn(3, 9, 5, generator=g, dtype=torch.float64, requires_grad=True))
@@ -3427,7 +3472,10 @@ def test_dve_kernel_matches_float64_reference():
 
 
 def test_dve_no_extension_switch():
-    """SKINFLOW_NO_EXT=1 forces the PyTorch path; impl='kernel' then fails with a clear message."""
+    """SKINFLOW_NO_EXT=1 disables the compiled extension: the layer silently uses the PyTorch path with the
+    same result (1e-12), but asking explicitly for impl="kernel" is a clear RuntimeError rather than a
+    silent fallback. Catches an environment switch that is read once at import and then ignored.
+    """
     lin, layer = _dve_layer(20, 30, 3)
     x, cu = _dve_tokens([4, 6], 20)
     want = layer(x, cu)
@@ -3440,7 +3488,12 @@ def test_dve_no_extension_switch():
 
 
 def test_dve_images_are_independent():
-    """Permuting the images permutes the outputs; adding an image does not change the others."""
+    """DVE gates are per image, so images in one packed batch must not influence each other: permuting the
+    images permutes the outputs, appending an image leaves the others untouched, and each image run alone
+    (cu_seqlens=None) gives its slice of the packed output; meanwhile the gates do move the output away from
+    the static layer. Catches a descriptor averaged over the whole batch instead of per image, or an
+    off-by-one in the cu_seqlens segment ids.
+    """
     lin, layer = _dve_layer(24, 18, 4)
     lengths = [5, 8, 3, 6]
     x, cu = _dve_tokens(lengths, 24)
@@ -3452,6 +3505,7 @@ def test_dve_images_are_independent():
     cup = torch.tensor([0] + list(torch.tensor([lengths[i] for i in perm]).cumsum(0)))
     yp = layer(xp, cup)
     assert (yp - torch.cat([parts_y[i] for i in perm])).abs().max() <= 1e-12
+    # append a 7-token fifth image: the first four outputs must stay bit-for-bit comparable (1e-12)
     extra, _ = _dve_tokens([7], 24, seed=9)
     y2 = layer(torch.cat([x, extra]), torch.cat([cu, cu[-1:] + 7]))
     assert (y2[: x.shape[0]] - y).abs().max() <= 1e-12
@@ -3462,12 +3516,18 @@ def test_dve_images_are_independent():
 
 
 def test_dve_gradients_reach_every_head_and_memory_is_bounded():
-    """At init (zero heads) every head gets a gradient; after a step the squeeze and norm do too; the frozen
-    spectrum and bias get none; no per-image weight is kept for backward (checked on the saved tensors)."""
+    """Gradients and memory on the fast paths. At init (zero heads) every head still gets a gradient (its input h_b is non-zero even
+    though its weights are zero); the squeeze and norm weights get one only after a
+    step, once the heads are non-zero. The frozen spectrum and bias get none. A saved-tensor hook proves no
+    per-image weight (n_img x d_out x d_in) is kept for backward: the largest saved tensor is the K band
+    cache. Catches a path that materialises W_b per image (memory grows with the batch) or un-freezes the
+    weight.
+    """
     lin, layer = _dve_layer(32, 48, 4, dtype=torch.float32, random_heads=False)
     x, cu = _dve_tokens([6, 9, 5], 32, dtype=torch.float32)
     target = torch.randn(20, 48, generator=torch.Generator().manual_seed(5))
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    # step 0 checks the zero-head case; the SGD step then makes the heads non-zero for step 1
     for step in range(2):
         for impl in [i for i in _dve_impls() if i != "reference"]:
             with _dve_env(SKINFLOW_NO_EXT="1" if impl == "bases" else os.environ.get("SKINFLOW_NO_EXT", "0")):
@@ -3488,8 +3548,11 @@ def test_dve_gradients_reach_every_head_and_memory_is_bounded():
 
 
 def test_dve_trainable_spectrum_gradient():
-    """train_spectrum=True: the spectrum's gradient through the band-mixing path (the csrc op's dW_k when it
-    built) and through the spectral path (autograd of irfft2) agree."""
+    """With train_spectrum=True the spectrum's gradient must agree between the band-mixing path (which
+    differentiates through the cached band weights, or the csrc op's dW_k) and the spectral path (autograd
+    through irfft2). Two routes to the same derivative; catches a band cache that is detached from the
+    spectrum (no gradient at all) or a wrong dbases from the compiled op.
+    """
     lin = nn.Linear(20, 26, dtype=torch.float64)
     layer = dve.FDLinear(lin, 3, train_spectrum=True)
     _dve_randomize_heads(layer)
@@ -3516,6 +3579,7 @@ def test_dve_toy_task_dynamic_beats_best_static():
     y = (1 + 0.8 * s)[:, None, None] * (x @ W0.T)                          # [n_img, N, d_out]
     x, y = x.reshape(-1, d_in), y.reshape(-1, d_out)
     cu = torch.arange(n_img + 1) * N
+    # the best static map: float64 least squares over weight and bias together (the oracle to beat)
     X1 = torch.cat([x, torch.ones(len(x), 1)], 1).double()
     best = torch.linalg.lstsq(X1, y.double()).solution
     static_loss = (X1 @ best - y.double()).pow(2).mean().item()
@@ -3523,6 +3587,7 @@ def test_dve_toy_task_dynamic_beats_best_static():
     with torch.no_grad():
         lin.weight.copy_(W0)
         lin.bias.zero_()
+    # start the DVE layer at W0: all it can learn is a per-image gain from the descriptor
     layer = dve.FDLinear(lin, 4)
     opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=3e-2)
     for _ in range(150):
@@ -3535,6 +3600,10 @@ def test_dve_toy_task_dynamic_beats_best_static():
 
 
 def test_dve_bad_input_errors():
+    """Clear errors instead of wrong numbers: cu_seqlens that do not end at the token count, an empty image,
+    batched (3-D) instead of packed tokens, K = 0 or K above the number of canonical coordinates, and a
+    layer that is not an nn.Linear.
+    """
     lin, layer = _dve_layer(10, 12, 2)
     x, cu = _dve_tokens([3, 4], 10)
     with pytest.raises(ValueError, match="cu_seqlens"):
@@ -3571,6 +3640,13 @@ def _dve_ksm_formula(d_in, d_out, K):
 
 
 def test_dve_tiny_model_identity_static_switch_and_grads():
+    """apply_dve on the tiny preset: it records the DVE settings in the config (blocks=None picks the
+    full-attention blocks), reports the hand-counted number of added parameters, and leaves the logits
+    unchanged at init. With random gates the logits move, but inside dve_static they equal the pretrained
+    model again and the switch is restored on exit, which is what lets one set of weights serve as GRPO's
+    reference policy. The LM loss reaches every head of every DVE layer. Catches a dve_static that forgets
+    to restore dynamic=True, or a conversion applied twice.
+    """
     import skinflow
 
     cfg = skinflow.Config.preset("tiny")
@@ -3587,6 +3663,7 @@ def test_dve_tiny_model_identity_static_switch_and_grads():
     with torch.no_grad():
         got = model(ids, pixel_values=pix, image_grid_thw=grids)
     assert (got - want).abs().max() <= 1e-5
+    # random heads (std 0.5): gates far from 1 so the dynamic and static paths clearly differ
     for _, layer in dve.fdlinears(model):
         _dve_randomize_heads(layer, std=0.5)
     with torch.no_grad():
@@ -3597,6 +3674,7 @@ def test_dve_tiny_model_identity_static_switch_and_grads():
     assert (static - want).abs().max() <= 1e-5                            # reference policy = pretrained
     assert all(m.dynamic for _, m in dve.fdlinears(model))                # switch restored
     # gradients from the LM loss reach every head of every DVE layer
+    # train only the DVE parameters, as Stage II does with --train dve
     for p in model.parameters():
         p.requires_grad_(False)
     for p in dve.dve_parameters(model):
@@ -3614,11 +3692,18 @@ def test_dve_tiny_model_identity_static_switch_and_grads():
 
 
 def test_dve_save_load_roundtrip(tmp_path):
+    """save_pretrained / dve.from_pretrained with DVE on blocks 0 and 3, K = 7, two of three linears: the file
+    stores the spectrum and KSM weights (not the original weight), the loader rebuilds the same layers from
+    the config and reproduces the logits (1e-6); the backbone's own loader refuses the file with one line
+    that points at dve.load. Catches a loader that rebuilds with the default K or blocks instead of the
+    saved ones.
+    """
     import skinflow
     from safetensors import safe_open
 
     cfg = skinflow.Config.preset("tiny")
     model = skinflow.VLM(cfg, seed=4).eval()
+    # non-default blocks, K and linears, so a loader that falls back to the defaults fails
     dve.apply_dve(model, blocks=[0, 3], K=7, linears=("up_proj", "down_proj"))
     for _, layer in dve.fdlinears(model):
         _dve_randomize_heads(layer, std=0.5)
@@ -3642,8 +3727,11 @@ def test_dve_save_load_roundtrip(tmp_path):
 
 
 def test_dve_transformers_checkpoint_identity(tmp_path):
-    """A tiny transformers Qwen2.5-VL checkpoint: ours with DVE applied still matches transformers' logits,
-    and equals our unconverted model (fp32, <= 1e-5)."""
+    """A tiny transformers Qwen2.5-VL checkpoint: our model with DVE applied still matches transformers' logits
+    (1e-4) and equals our unconverted model (fp32, <= 1e-5). Catches a conversion that perturbs the weight
+    (e.g. the wrong layer converted, or its bias dropped) on a real checkpoint
+    layout rather than on our own preset.
+    """
     import skinflow
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -3677,7 +3765,11 @@ def test_dve_transformers_checkpoint_identity(tmp_path):
 
 
 def test_dve_overhead_real_shapes_on_meta():
-    """The 3B/7B vision towers (meta device, no memory): 12 FDLinear layers, overhead < 5 % (the paper's claim)."""
+    """The 3B and 7B vision towers built on the meta device (no memory): 4 blocks x 3 linears = 12 FDLinear
+    layers, the added parameter count equals the hand formula (KSM MLP and heads per layer, plus the
+    spectrum's extra real numbers), and the overhead stays below 5 % of the vision tower. Catches a KSM
+    width or head size that drifted from the documented design.
+    """
     per_block = (2 * _dve_ksm_formula(DVE_D, DVE_I, 4) + _dve_ksm_formula(DVE_I, DVE_D, 4)
                  + 2 * 2 * DVE_I + 2 * DVE_D)
     for preset in ("3b", "7b"):
@@ -3687,11 +3779,14 @@ def test_dve_overhead_real_shapes_on_meta():
 
 
 def test_dve_low_precision_model():
-    """A bf16 copy (what from_pretrained(dtype=bfloat16) gives) runs and stays close to the fp32 layer:
-    the FFT is lifted to fp32, the gates are computed from an fp32 descriptor."""
+    """A bf16 copy of the layer runs and stays within 5 % of the fp32 layer's largest output: the FFT is lifted
+    to fp32  and the gates come from an fp32 descriptor.
+    Catches a bf16 FFT or gates computed in bf16, which would raise or drift badly.
+    """
     lin, layer = _dve_layer(32, 40, 4, dtype=torch.float32)
     x, cu = _dve_tokens([6, 10], 32, dtype=torch.float32)
     want = layer(x, cu)
+    # the same layer cast in place to bf16, as from_pretrained(dtype=bfloat16) would leave it
     half = layer.to(torch.bfloat16)
     got = half(x.to(torch.bfloat16), cu)
     assert got.dtype == torch.bfloat16
@@ -3699,7 +3794,9 @@ def test_dve_low_precision_model():
 
 
 def test_dve_benchmark_smoke():
-    """bench.py's entry point runs on CPU at a toy size and reports every path (no timing assertion)."""
+    """bench.py's entry point runs on CPU at a toy size and reports every path, the kernel row exactly when the
+    extension built. No timing assertion: CI machines are too noisy for one.
+    """
     res = dve.benchmark(n_img=2, tokens=8, d_in=24, d_out=40, K=4, device="cpu", dtype=torch.float32, reps=1)
     assert {"static", "fdlinear_torch"} <= set(res) and all(v["ms"] is None or v["ms"] > 0 for v in res.values())
     assert ("fdlinear_kernel" in res) == (dve._extension() is not None)
@@ -3729,6 +3826,7 @@ def test_dve_kernel_self_check_falls_back_on_a_wrong_backward(monkeypatch):
     if ext is None:
         pytest.skip(f"fdlinear extension not built: {skinflow.EXTENSION_ERRORS.get('fdlinear')}")
     monkeypatch.setattr(dve, "_EXT", _DveWrongExt(ext))
+    # forget earlier self-check results so this test's first call runs the check again
     monkeypatch.setattr(skinflow, "EXT_CHECKS", {})
     monkeypatch.delenv("SKINFLOW_EXT_CHECK", raising=False)
     g = torch.Generator().manual_seed(5)
