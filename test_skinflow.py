@@ -3516,8 +3516,8 @@ def test_dve_images_are_independent():
 
 
 def test_dve_gradients_reach_every_head_and_memory_is_bounded():
-    """Gradients and memory on the fast paths. At init (zero heads) every head still gets a gradient (its input h_b is non-zero even
-    though its weights are zero); the squeeze and norm weights get one only after a
+    """Gradients and memory on the fast paths. At init (zero heads) every head still gets a gradient (its input
+    h_b is non-zero even though its weights are zero); the squeeze and norm weights get one only after a
     step, once the heads are non-zero. The frozen spectrum and bias get none. A saved-tensor hook proves no
     per-image weight (n_img x d_out x d_in) is kept for backward: the largest saved tensor is the K band
     cache. Catches a path that materialises W_b per image (memory grows with the batch) or un-freezes the
@@ -3878,6 +3878,13 @@ def _rl_logprob_reference(logits, index):
 @pytest.mark.parametrize("impl", ["ext", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rl_selective_log_softmax_matches_float64(impl, dtype):
+    """selective_log_softmax (log pi(y) for one chosen token per row, without materialising the full
+    log-softmax) against a float64 oracle: logp = log_softmax(x)[y] and dlogp/dx = onehot(y) - softmax(x).
+    Both the compiled extension and the PyTorch twin, in fp32 and bf16. The inputs are chosen to break naive
+    implementations: odd sizes (no lucky alignment), -inf entries (masked vocabulary must add exactly 0), a
+    dominant logit of 60 (exercises the running-max rescaling of the online softmax). Catches a backward
+    that forgets the -softmax term, or an output in the logits' dtype instead of fp32.
+    """
     if impl == "ext":
         _rl_ext_or_skip()
     gen = torch.Generator().manual_seed(11)
@@ -3886,6 +3893,7 @@ def test_rl_selective_log_softmax_matches_float64(impl, dtype):
     logits[0, :7] = float("-inf")  # masked vocabulary entries must add exactly 0
     logits[1, 5] = 60.0  # one dominant logit: tests the online max rescaling
     index = torch.randint(7, V, (N,), generator=gen)
+    # a random cotangent per row, so the backward test weights each row's gradient differently
     g = torch.randn(N, generator=gen)
     x = logits.clone().requires_grad_(True)
     logp = rl.selective_log_softmax(x, index, impl=impl)
@@ -3900,6 +3908,9 @@ def test_rl_selective_log_softmax_matches_float64(impl, dtype):
 
 
 def test_rl_selective_log_softmax_ext_equals_torch_and_naive():
+    """The three implementations (compiled extension, chunked PyTorch twin, naive full log_softmax) agree on
+    plain random logits in fp32. A quick cross-check that does not depend on the float64 oracle.
+    """
     _rl_ext_or_skip()
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(16, 777, generator=gen) * 3
@@ -3914,6 +3925,10 @@ def test_rl_selective_log_softmax_ext_equals_torch_and_naive():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernel: needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rl_selective_log_softmax_cuda_kernel(dtype):
+    """The CUDA kernel against the float64 oracle, forward and backward, on Qwen's real vocabulary size 151,936
+    (a multiple of the vector width: the vectorised load path) and on 1,001 (ragged: the scalar tail path).
+    GPU only. Catches a tail loop that skips the last few vocabulary entries.
+    """
     _rl_ext_or_skip()
     gen = torch.Generator().manual_seed(5)
     for V in (151936, 1001):  # aligned (vectorised) and ragged (scalar) paths
@@ -3954,6 +3969,11 @@ def test_rl_selective_log_softmax_saves_no_fp32_copy(impl):
 
 
 def test_rl_selective_log_softmax_errors(monkeypatch):
+    """Bad inputs fail loudly: a token id out of range (IndexError), one index per row missing, an unknown impl
+    name. With SKINFLOW_NO_EXT=1 (and the extension cache cleared) "auto" silently takes the PyTorch path
+    with the naive result, while an explicit impl="ext" raises and names the switch. Catches an out-of-range
+    id that gathers garbage memory instead of raising.
+    """
     x = torch.randn(4, 10)
     with pytest.raises(IndexError):
         rl.selective_log_softmax(x, torch.tensor([0, 1, 2, 10]))
@@ -4020,10 +4040,17 @@ def _rl_random_batch(seed, N=6, T=7):
 
 @pytest.mark.parametrize("scale", ["std", "none"])
 def test_rl_group_advantages_matches_reference(scale):
+    """GRPO's group-normalised advantages against a plain-Python float64 reference: A = (r - mean) / (std +
+    1e-4) with Bessel's ddof = 1 (scale="std"), or r - mean (Dr.GRPO, scale="none"). One group has four
+    equal rewards: its advantages must be exactly 0 and it is counted in zero_std_groups. Advantages sum to
+    0 per group; G must divide the batch. Catches ddof = 0 (every advantage off by sqrt(4/3)), a dropped
+    epsilon, or a flat group divided by ~0 (huge advantages from rounding noise).
+    """
     gen = torch.Generator().manual_seed(1)
     G = 4
     rewards = torch.rand(5 * G, generator=gen)
     rewards[8:12] = 0.37  # one flat group
+    # 5 groups of G = 4 completions, prompt-major: group b is rewards[4b : 4b + 4]
     adv, st = rl.group_advantages(rewards, G, scale=scale, return_stats=True)
     torch.testing.assert_close(adv.double(), torch.tensor(_rl_adv_reference(rewards, G, scale), dtype=torch.float64),
                                rtol=1e-5, atol=1e-6)
@@ -4036,6 +4063,13 @@ def test_rl_group_advantages_matches_reference(scale):
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "dr-grpo"])
 def test_rl_grpo_loss_matches_float64_reference(agg):
+    """The clipped GRPO loss against an element-by-element float64 reference written from the equations (ratio
+    rho = exp(logp - old), asymmetric clip [1 - 0.2, 1 + 0.28], k3 KL to the reference with beta), under all
+    three aggregations: token-mean, seq-mean and Dr.GRPO's constant normaliser. The random batch puts ratios
+    on both sides of the clip. Then gradient accumulation: two micro-batches normalised by the global token
+    count sum to the full-batch loss. Catches a symmetric clip, min/max swapped for negative advantages, or
+    a per-micro-batch normaliser (which re-weights long completions).
+    """
     for seed in range(3):
         logp, old, ref, adv, mask = _rl_random_batch(seed)
         loss, st = rl.grpo_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.04, agg=agg)
@@ -4044,6 +4078,7 @@ def test_rl_grpo_loss_matches_float64_reference(agg):
         assert abs(float(loss) - want) < 1e-10
         assert st["clip_low"] + st["clip_high"] > 0  # the random ratios do reach the clip
     # token-mean with a global normaliser (gradient accumulation): halves -> same total as one batch
+    # 8 sequences split 3 + 5: unequal halves, so a per-half normaliser would give a different total
     logp, old, ref, adv, mask = _rl_random_batch(7, N=8)
     full, _ = rl.grpo_loss(logp, old, ref, adv, mask, beta=0.04)
     n = mask.sum()
@@ -4056,6 +4091,11 @@ def test_rl_grpo_loss_matches_float64_reference(agg):
 
 
 def test_rl_kl_zero_at_reference_and_nonnegative():
+    """The KL statistics of grpo_loss: exactly 0 when the policy is the reference, positive otherwise, and
+    equal to a plain-Python k3 estimate exp(r - l) - (r - l) - 1 averaged over the masked tokens (and beta
+    times that as kl_loss). Catches the k1 estimate (l - r, which can be negative), padding tokens counted
+    in the mean, or beta applied twice.
+    """
     logp, old, ref, adv, mask = _rl_random_batch(3)
     _, st = rl.grpo_loss(logp, old, logp.clone(), adv, mask, beta=0.1)
     assert st["kl"] == 0.0 and st["kl_loss"] == 0.0
@@ -4081,8 +4121,10 @@ def test_rl_on_policy_gradient_identity():
     adv = torch.randn(N, generator=gen, dtype=torch.float64)
     mask = (torch.rand(N, T, generator=gen) > 0.2).double()
     logp = torch.log_softmax(h @ W.T, -1).gather(-1, tokens[..., None]).squeeze(-1)  # [N, T]
+    # old = logp.detach(): the first inner step, where rho = 1 and no clip is active
     loss, st = rl.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
     (g_loss,) = torch.autograd.grad(loss, W, retain_graph=True)
+    # the REINFORCE form of the same gradient: -(1/n) sum m A grad log pi
     (g_pg,) = torch.autograd.grad(-(adv[:, None] * logp * mask).sum() / mask.sum(), W)
     torch.testing.assert_close(g_loss, g_pg, rtol=1e-12, atol=1e-14)
     assert g_loss.abs().max() > 1e-3  # a real gradient ...
@@ -4090,6 +4132,12 @@ def test_rl_on_policy_gradient_identity():
 
 
 def test_rl_one_step_raises_positive_advantage_logprob():
+    """One SGD step on the GRPO loss moves a toy policy the right way: completions with positive advantage
+    become more likely, those with negative advantage less likely. The policy is a linear map from a one-hot
+    position code, so the completions can be sampled and re-scored exactly. Catches a sign error anywhere
+    between rewards and parameter update (the most expensive bug in RL: training runs, the loss moves, and
+    the model learns the opposite).
+    """
     gen = torch.Generator().manual_seed(9)
     G, T, V = 8, 6, 13
     policy = torch.nn.Linear(T, V)  # logits for position t from a one-hot position code
@@ -4104,6 +4152,7 @@ def test_rl_one_step_raises_positive_advantage_logprob():
         probs = torch.softmax(policy(pos), -1)  # [T, V]
         tokens = torch.stack([torch.multinomial(probs, 1, generator=gen).squeeze(-1) for _ in range(G)])
         old = logprobs(tokens)
+    # +0.1 * index breaks ties, so no group is flat and every completion gets a non-zero advantage
     rewards = (tokens == 3).float().sum(1) + 0.1 * torch.arange(G).float()  # arbitrary but spread out
     adv = rl.group_advantages(rewards, G)
     mask = torch.ones(G, T)
@@ -4138,6 +4187,10 @@ def _rl_caption(fields):
 
 
 def test_rl_caption_field_score_cases():
+    """caption_field_score on hand cases: order-free set match, a synonym (red = erythematous), "none" against
+    a finding scores 0 either way, and token F1 for partial credit, computed by hand in the comment. Catches
+    F1 replaced by precision alone (which would reward a one-word caption).
+    """
     s = rl.caption_field_score
     assert s("salmon, erythematous", "erythematous, salmon") == 1.0  # order-free set match
     assert s("red", "erythematous") == 1.0  # synonym
@@ -4150,6 +4203,11 @@ def test_rl_caption_field_score_cases():
 
 
 def test_rl_reward_caption_cases():
+    """The Stage I reward r = 0.9 * mean field score + 0.1 * format on hand-built captions: perfect (1.0), two
+    fields partly wrong (value worked out in the comment), two fields missing, every field wrong (format
+    credit only), and unparseable text (0, flagged malformed). The final chain orders them. Catches a reward
+    that averages over the fields present instead of all eight (missing fields would then cost nothing).
+    """
     _rl_need_eval()
     perfect, info = rl.reward_caption(_rl_caption(_rl_fields), _rl_fields)
     assert abs(perfect - 1.0) < 1e-9 and not info["malformed"] and info["format"] == 1.0
@@ -4163,6 +4221,7 @@ def test_rl_reward_caption_cases():
     wrong_fields = {k: "none" if v != "none" else "x" for k, v in _rl_fields.items()}
     wrong, _ = rl.reward_caption(_rl_caption(wrong_fields), _rl_fields)
     assert abs(wrong - 0.1) < 1e-9  # format only
+    # empty, prose, punctuation and a non-string: nothing parses, so no format credit either
     for bad in ("", "the lesion looks red and angry", "!!!!!!!!", None):
         r, info = rl.reward_caption(bad, _rl_fields)
         assert r == 0.0 and info["malformed"]
@@ -4170,11 +4229,18 @@ def test_rl_reward_caption_cases():
 
 
 def test_rl_reward_differential_cases():
+    """The Stage II reward on hand cases for truth psoriasis: hit at rank 1, 3 and 6 (position credit
+    0.7^(k-1)), a near miss only (0.25 weight), a malignant top-1 (safety penalty 0.3), malformed text (0)
+    and a bare name in prose (found, but no format credit). Oracle: the formula in rl.reward_differential's
+    docstring, evaluated by hand. Catches a decay indexed from rank 0 or a safety penalty applied to any
+    rank instead of rank 1.
+    """
     _rl_need_eval()
     truth = "psoriasis"
     perfect, info = rl.reward_differential("1. psoriasis\n2. eczema\n3. lichen planus", truth)
     assert abs(perfect - 1.0) < 1e-9 and info["rank"] == 1 and info["format"] == 1.0
     # ranks above the hit hold only "wrong" labels (other groups), so no near-miss term enters
+    # a hit at rank 3: 0.9 * 0.7^2 + 0.1 (full format credit for a clean numbered list)
     third, info = rl.reward_differential("1. milia\n2. nevocytic nevus\n3. psoriasis\n4. eczema", truth)
     assert info["rank"] == 3 and abs(third - (0.9 * 0.7 ** 2 + 0.1)) < 1e-9
     sixth, info = rl.reward_differential("1. milia\n2. nevocytic nevus\n3. seborrheic keratosis\n"
@@ -4190,6 +4256,7 @@ def test_rl_reward_differential_cases():
         assert info["malformed"] and r == 0.0
     bare, info = rl.reward_differential("it looks like psoriasis to me", truth)  # found, but not a list
     assert info["rank"] == 1 and info["format"] == 0.0 and abs(bare - 0.9) < 1e-9
+    # a hit at rank 3 beats a lone near miss at rank 1; a hit at rank 6 no longer does (0.251 < 0.325)
     assert perfect > third > near > sixth > danger
 
 
@@ -4210,6 +4277,7 @@ def test_rl_reward_differential_monotone_hand_table():
         ("1. milia\n2. lichen planus\n3. psoriasis", "psoriasis", "wrong", 0.75 * 0.49 + 0.25 * 0.7, False),  # k' = 2: 0.5425
         ("1. melanoma\n2. lichen planus", "psoriasis", "safety_critical", 0.25 * 0.7, True),
     ]
+    # r = 0.9 hit + 0.1 format - 0.3 safety; every list here is cleanly numbered, so format = 1
     for text, truth, v1, hit, safety in rows:
         r, info = rl.reward_differential(text, truth)
         if v1 is not None:
@@ -4228,6 +4296,7 @@ def test_rl_reward_differential_never_falls_when_the_truth_is_added(truth, label
     """(a) A list without an accepted answer: inserting the truth at any rank (truncating to 6 lines) or
     appending it never lowers the reward (hypothesis over random lists of real labels)."""
     _rl_need_eval()
+    # keep only entries the judge does NOT credit, so `before` is a genuine miss
     lacking = [x for x in labels if sf_eval.judge(x, truth) not in ("correct", "subtype")]
     if not lacking:
         return
@@ -4247,6 +4316,7 @@ def test_rl_reward_differential_earlier_hit_strictly_better(truth, labels, k):
     """(b) A hit at rank k strictly beats the same list with the hit moved to rank k + 1 (the item at
     k + 1 moving up to k), whatever the other items are (near misses, safety-critical, wrong)."""
     _rl_need_eval()
+    # uncredited entries only: the truth is then the single hit in both lists
     others = [x for x in labels if sf_eval.judge(x, truth) not in ("correct", "subtype")]
     if len(others) < k:
         return
@@ -4275,11 +4345,19 @@ def _rl_prompt(seed=0, B=3, T=9):
 
 
 def test_rl_lora_identity_disable_and_merge():
+    """LoRA on the tiny model: 7 linears per decoder layer get adapters (none in the vision tower); only LoRA
+    parameters are trainable; with B = 0 the model equals the pretrained one. With random B the output
+    moves, adapters_disabled gives back the pretrained output (this is how the reference policy is computed
+    without a second copy) and re-enables them after the block; merge_lora folds the adapters into the
+    weights, leaving Hub-layout keys and the same output. Catches an adapter that is not restored after the
+    with-block, or a merge that forgets the alpha / rank scaling.
+    """
     torch.manual_seed(0)
     model = _rl_tiny()
     batch = _rl_prompt()
     with torch.no_grad():
         base = model(**batch)
+    # q, k, v, o, gate, up, down: 7 adapted linears per decoder layer
     rep = rl.apply_lora(model, rank=4, alpha=8.0)
     assert rep["layers"] == 7 * len(model.model.layers)
     assert not any(isinstance(m, rl.LoRALinear) for m in model.visual.modules())  # LLM only
@@ -4289,6 +4367,7 @@ def test_rl_lora_identity_disable_and_merge():
            {n for n, _ in model.named_parameters() if "lora_" in n}
     with torch.no_grad():
         torch.testing.assert_close(model(**batch), base)  # B = 0: starts at the pretrained model
+        # non-zero B makes the adapters act; std 0.05 moves the logits by more than 1e-3
         for m in rl.lora_layers(model):
             m.lora_B.normal_(0, 0.05)
         adapted = model(**batch)
@@ -4304,12 +4383,14 @@ def test_rl_lora_identity_disable_and_merge():
 
 def test_rl_master_weights_keep_tiny_updates():
     """lr * grad far below bf16's resolution: a bf16 weight never moves, the fp32 master does."""
+    # around 0.02 the bf16 spacing is 2^-13 ~ 1.2e-4, far above one step of lr * grad = 1e-6
     w0 = torch.full((64,), 0.02) + torch.rand(64) * 1e-3
     plain = torch.nn.Parameter(w0.bfloat16())
     mixed = torch.nn.Parameter(w0.bfloat16())
     mw = rl.MasterWeights([mixed])
     opt_plain = torch.optim.SGD([plain], lr=1e-6)
     opt_mixed = torch.optim.SGD(mw.params, lr=1e-6)
+    # float64 running sum of the 300 updates: 300e-6 = 3e-4 is above the bf16 spacing, so it shows
     ref = w0.bfloat16().double()  # the master starts from the bf16 weight it shadows
     for _ in range(300):
         for p in (plain, mixed):
@@ -4327,6 +4408,13 @@ def test_rl_master_weights_keep_tiny_updates():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rl_completion_logprobs_match_sampler_and_naive(temperature):
+    """completion_logprobs (chunked, used to re-score completions for the loss) equals the log-probs the
+    sampler recorded while generating, at temperature 1.0 and 0.7, with one completion masked short; and its
+    parameter gradients equal those of the plain full-logits computation. LoRA B is random so the adapters
+    contribute. Catches an off-by-one between the logits at position t and the token at t + 1, a temperature
+    applied in one place but not the other (the importance ratio would then not be 1 at the first inner
+    step), or chunk boundaries that drop a token.
+    """
     torch.manual_seed(1)
     model = _rl_tiny(seed=1)
     rl.apply_lora(model, rank=4, alpha=8.0)
@@ -4341,11 +4429,14 @@ def test_rl_completion_logprobs_match_sampler_and_naive(temperature):
     logp = rl.completion_logprobs(model, batch, gen.tokens, mask, chunk=4, temperature=temperature)
     torch.testing.assert_close(logp, gen.logprobs * mask, rtol=1e-4, atol=1e-4)  # = what the sampler saw
     # gradients equal the plain (full-logits) computation
+    # the naive oracle: one forward over prompt + completion, logits at positions T0-1 .. end-1 predict the
+    # completion
     full = torch.cat([batch["input_ids"], gen.tokens], 1)
     attn = torch.cat([batch["attention_mask"], (mask > 0).long()], 1)
     T0 = batch["input_ids"].shape[1]
     logits = model(full, attn)[:, T0 - 1:-1].float() / temperature  # [B, L, V]
     naive = torch.log_softmax(logits, -1).gather(-1, gen.tokens[..., None]).squeeze(-1) * mask
+    # random per-token weights: sum(logp * w) exercises every token's gradient, not just their sum
     w = torch.randn(mask.shape)
     params = [p for p in model.parameters() if p.requires_grad]
     g1 = torch.autograd.grad((logp * w).sum(), params)
@@ -4356,6 +4447,10 @@ def test_rl_completion_logprobs_match_sampler_and_naive(temperature):
 
 
 def test_rl_completion_logprobs_never_keep_full_logits():
+    """Memory property: no tensor whose last dimension is the vocabulary size is saved for backward, i.e. only
+    chunks of the logits ever exist and the selective log-softmax keeps just what it needs. On the real
+    151,936-token vocabulary a full (B, L, V) fp32 copy is what runs RL out of GPU memory.
+    """
     model = _rl_tiny(seed=2)
     rl.apply_lora(model, rank=2, alpha=4.0)
     rl.set_trainable(model)
@@ -4364,6 +4459,7 @@ def test_rl_completion_logprobs_never_keep_full_logits():
     mask = torch.ones(3, 12)
     V = model.cfg.vocab_size
     shapes = []
+    # record the shape of every tensor autograd saves during the forward
     with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
         rl.completion_logprobs(model, batch, comp, mask, chunk=8)
     assert shapes and not [s for s in shapes if len(s) >= 2 and s[-1] == V], shapes
@@ -4393,6 +4489,11 @@ def _rl_log(path):
 
 
 def test_rl_trainer_smoke_all_stages(tmp_path, monkeypatch):
+    """The whole chain at toy size: a warm-up (SFT) run exports a model with its tokenizer; Stage I and Stage
+    II with DVE + LoRA start from it, log the documented columns every step and export a model that dve.load
+    reads back with DVE layers and merged LoRA. A smoke test: it proves the stages connect, not that they
+    learn.
+    """
     rl.Trainer(_rl_cfg(tmp_path, "warmup", steps=2)).run()
     warm = tmp_path / "run" / "warmup" / "model"
     assert (warm / "model.safetensors").exists() and (warm / "tokenizer.json").exists()
@@ -4412,7 +4513,13 @@ def test_rl_trainer_smoke_all_stages(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("stage", ["vision", "warmup", "stage2"])
 def test_rl_resume_continues_identically(tmp_path, monkeypatch, stage):
+    """Interrupting after step 2 and resuming gives the same log as one uninterrupted 4-step run, for the
+    vision, warm-up and Stage II stages, every logged number equal (timings excepted). Requires the
+    checkpoint to hold the trainable weights, the optimizer state, the step, the data position and the RNG
+    states. Catches a resume that re-seeds the sampler or replays the first prompts again.
+    """
     monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
+    # RL stages: two inner steps per batch (mu=2) and a KL term, so the old/ref log-probs matter on resume
     kw = dict(mu=2, beta=0.05) if stage not in rl.SUPERVISED else {}
     rl.Trainer(_rl_cfg(tmp_path / "a", stage, steps=4, **kw)).run()
     rl.Trainer(_rl_cfg(tmp_path / "b", stage, steps=2, **kw)).run()  # "interrupted" after step 2 ...
@@ -4426,6 +4533,12 @@ def test_rl_resume_continues_identically(tmp_path, monkeypatch, stage):
 
 
 def test_rl_ctrl_c_writes_resumable_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C handling. A KeyboardInterrupt inside step 3 exits with status 130 and leaves a checkpoint at step
+    2 (two steps of 2 prompts each: data position 4), even though save_every=100 would never have saved. A
+    first Ctrl-C caught by the signal handler (the _stop_requested flag) lets the running step finish, then
+    checkpoints: the next Trainer resumes at step 3. Catches losing a long run's progress to an interrupt,
+    or a half-finished step saved as if it were complete.
+    """
     monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
     tr = rl.Trainer(_rl_cfg(tmp_path, "stage2", steps=5, save_every=100))
     real = tr._rl_step
@@ -4458,8 +4571,13 @@ def test_rl_ctrl_c_writes_resumable_checkpoint(tmp_path, monkeypatch):
 
 
 def test_rl_nonfinite_loss_skips_step(tmp_path, monkeypatch):
+    """A NaN loss (grpo_loss patched to multiply by NaN) is skipped: the step is logged with skipped=1 and no
+    parameter changes. Catches an optimizer step on a NaN gradient, which would poison every weight for the
+    rest of the run.
+    """
     monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
     tr = rl.Trainer(_rl_cfg(tmp_path, "stage2", steps=1))
+    # snapshot of the fp32 master weights: after a skipped step they must be unchanged
     before = [p.detach().clone() for p in tr.master.params]
     real_loss = rl.grpo_loss
     monkeypatch.setattr(rl, "grpo_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), real_loss(*a, **k)[1]))
