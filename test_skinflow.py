@@ -4591,7 +4591,12 @@ def test_rl_nonfinite_loss_skips_step(tmp_path, monkeypatch):
 # 6. The tiny warm start's knobs and train.sh
 # ---------------------------------------------------------------------------------------------------
 def test_rl_lr_schedule_hand_values():
-    """lr_at against values worked out by hand (W = 2 warm-up steps, S = 10 steps, floor 0.1)."""
+    """lr_at against values worked out by hand (W = 2 warm-up steps, S = 10 steps, floor 0.1): linear warm-up
+    from lr/W, cosine decay to min_lr_ratio * lr, the constant schedule, and an unknown schedule name
+    refused. lr_at is a pure function of the step, which is what makes a resumed run follow the same
+    schedule. Catches a warm-up that starts at 0 (a wasted first step) or a cosine that never reaches its
+    floor.
+    """
     cfg = rl.TrainConfig(steps=10, lr=2.0, lr_warmup=2, lr_schedule="cosine", min_lr_ratio=0.1)
     # warm-up: 2 * 1/2, 2 * 2/2; then 2 * (0.1 + 0.9 * 0.5 * (1 + cos(pi * (s - 2) / 8)))
     assert rl.lr_at(cfg, 0) == pytest.approx(1.0) and rl.lr_at(cfg, 1) == pytest.approx(2.0)
@@ -4605,9 +4610,17 @@ def test_rl_lr_schedule_hand_values():
 
 
 def test_rl_warmup_target_shuffled_keeps_entries_changes_order():
+    """The warm-up (SFT) targets for the Stage II task on 60 SynthDerm items. "looks" starts with what the
+    lesion looks like; "shuffled" keeps the same six entries and still opens with the look's confusable
+    cluster, but in an order fixed per item and different across items; "alpha" puts the cluster in textbook
+    (alphabetical) order. The Stage I target is the caption; an unknown order name is refused. Why it
+    matters: the shuffled order leaves the ranking inside the cluster for Stage II to learn. Catches a
+    shuffle that is re-drawn every epoch (the SFT target would be noise) or that never moves anything.
+    """
     import data
     import eval as skin_eval
 
+    # 60 items: enough for the shuffle to move the first entry many times (the count below)
     ds = data.SynthDerm(60, seed=3, image_size=56, split="val")
     moved = 0
     for it in ds:
@@ -4637,6 +4650,8 @@ def test_rl_warmup_target_mixed_is_half_alphabetical_half_shuffled():
     import data
     import eval as skin_eval
 
+    # 400 items give > 120 with a five-member cluster; 0.38..0.62 is about 3.5 binomial sd either side of
+    # 0.5
     ds = data.SynthDerm(400, seed=5, split="val")
     alpha = five = 0
     for i in range(len(ds)):
@@ -4656,6 +4671,11 @@ def test_rl_warmup_target_mixed_is_half_alphabetical_half_shuffled():
 
 
 def test_rl_warmup_probe_trains_and_is_not_exported(tmp_path):
+    """The warm-up's auxiliary probe (a linear head on pooled hidden states, aux_weight=1) is trained and
+    checkpointed like any parameter, its loss is logged, but the exported model has no aux_head key: the
+    export keeps the plain Hub layout that transformers and every loader expect. Catches a probe that leaks
+    into model.safetensors (strict loaders would then refuse the file).
+    """
     from safetensors import safe_open
 
     tr = rl.Trainer(_rl_cfg(tmp_path, "warmup", steps=2, aux_weight=1.0))
@@ -4665,6 +4685,7 @@ def test_rl_warmup_probe_trains_and_is_not_exported(tmp_path):
     log = _rl_log(tmp_path / "run" / "warmup" / "log.jsonl")
     assert all(r["aux_loss"] > 0 for r in log)
     assert not torch.equal(before, tr.master.params[tr.names.index("aux_head.weight")])
+    # read the exported file's keys without loading it into a model
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert not [k for k in f.keys() if "aux_head" in k]  # the exported VLM has the plain Hub layout
 
@@ -4682,6 +4703,7 @@ def test_rl_vision_stage_trains_only_the_vit_and_learns(tmp_path):
     for _ in range(2):  # first call renders, second is served from the cache
         cached, cgrid = tr._pixels(3)
         assert torch.equal(cached, fresh) and tuple(cgrid) == tuple(grid)
+    # snapshot of every non-vision weight: the vision stage must leave them bit-for-bit unchanged
     llm_before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if not n.startswith("visual.")}
     out = tr.run()
     log = _rl_log(tmp_path / "run" / "vision" / "log.jsonl")
@@ -4695,6 +4717,10 @@ def test_rl_vision_stage_trains_only_the_vit_and_learns(tmp_path):
 
 
 def test_rl_cli_dry_run(capsys):
+    """`rl.py stage2 ... --dry-run` parses the flags and prints the resulting TrainConfig as JSON on its last
+    line, without building a model; an unknown flag exits through argparse. Catches a flag that is parsed
+    but never copied into the config.
+    """
     import json
 
     assert rl.main(["stage2", "--lr", "5e-7", "--dtype", "bf16", "--train", "lora,dve", "--dve", "--dry-run"]) == 0
@@ -4715,6 +4741,7 @@ def test_rl_train_sh_dry_run_parses(tmp_path):
     env = dict(os.environ, DRY_RUN="1", PRESET="7b", OUT=str(tmp_path / "run"), PY=sys.executable)
     res = subprocess.run(["bash", str(root / "train.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
+    # train.sh echoes each command it would run prefixed with '+ ' (bash xtrace style)
     cmds = [ln for ln in res.stdout.splitlines() if ln.startswith("+ ")]
     assert any("rl.py stage1" in c and "--lr 1e-5" in c for c in cmds)  # LoRA: 10x the paper's full-FT rates
     assert any("rl.py stage2" in c and "--lr 5e-6" in c for c in cmds)
@@ -4743,6 +4770,7 @@ def test_rl_train_sh_tiny_rows_pick_ablation_rows(tmp_path):
     cmds = [ln for ln in res.stdout.splitlines() if ln.startswith("+ ")]
     assert any("rl.py warmup" in c and "--sft-order mixed" in c for c in cmds)
     assert any("rl.py stage1" in c and "--steps 40" in c and "--lr 2e-3" in c for c in cmds)
+    # the commands of the one ablation row that was asked for
     row = [c for c in cmds if "ablation/stage2_only" in c]
     assert any("rl.py stage2" in c and f"--init {out}/warmup/model" in c and "--prompts 12" in c for c in row), row
     assert not any("rl.py stage1" in c for c in row)                    # the row has no Stage I
@@ -4752,6 +4780,7 @@ def test_rl_train_sh_tiny_rows_pick_ablation_rows(tmp_path):
 def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path, capsys):
     """Issue 12 end to end on the real-layout fixture (awkward kinds, a truncated file, missing rows, a
     near-duplicate, SkinCAP captions): Stage I -> Stage II -> eval with the tiny model, via the CLI flags."""
+    # the issue-12 fixture: a Fitzpatrick17k-layout CSV, photos of awkward kinds, a SkinCAP CSV
     fx = _real_fixture(tmp_path)
     run = tmp_path / "run"
     common = ["--out", str(run), "--image-size", "112", "--max-pixels", "12544", "--G", "2", "--micro-prompts", "3",
@@ -4811,6 +4840,7 @@ def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path
     m = json.loads((ev / "metrics.json").read_text())
     assert m["n"] == len(ids)
     # results.md: the loud notice first, the paper's Fitzpatrick17k numbers beside ours, per skin type
+    # simulate train.sh having skipped Stage I: the notice must open results.md
     (run / "NOTICE.md").write_text("Stage I was SKIPPED: no SkinCAP CSV.\n")
     text = sf_eval.summarize_run(run, n_boot=20)["markdown"]
     assert text.splitlines()[2].startswith("> **NOTICE** Stage I was SKIPPED")
@@ -4832,6 +4862,7 @@ def test_rl_train_sh_dry_run_real_data_chain(tmp_path):
     s2 = next(c for c in cmds if "rl.py stage2" in c)
     assert "--data fitzpatrick17k --image-dir /d/images --split train --skincap /d/skincap/skincap_v240623.csv" in s1
     assert "--data fitzpatrick17k --image-dir /d/images --split train" in s2 and "--skincap" not in s2
+    # one eval.py run per checkpoint (base, Stage I, Stage II), all on the same eval1000 test split
     evals = [c for c in cmds if c.split()[1] == "eval.py" and "summary" not in c]
     assert [c.split("--out ")[1].split()[0].rsplit("/", 1)[1] for c in evals] == ["base", "stage1", "stage2"]
     assert all("--split eval1000/test --n 1000 --skincap /d/skincap/skincap_v240623.csv" in c for c in evals)
@@ -4863,6 +4894,7 @@ def test_rl_train_sh_skips_stage1_loudly_without_skincap(tmp_path):
     assert "--init Qwen/Qwen2.5-VL-3B-Instruct" in s2                 # Stage II starts from the base model
     assert "!! NOTICE: Stage I was SKIPPED" in res.stdout
     assert "Stage I was SKIPPED" in (tmp_path / "run" / "NOTICE.md").read_text()
+    # second run: an (empty) SkinCAP CSV now exists, so Stage I runs and no notice is left behind
     (tmp_path / "d" / "skincap").mkdir(parents=True)
     (tmp_path / "d" / "skincap" / "skincap_v240623.csv").write_text("ori_file_path,caption_zh_polish_en\n")
     (tmp_path / "calls").unlink()
@@ -4910,6 +4942,7 @@ def test_rl_chain_reference_is_the_stage_start_policy(tmp_path, monkeypatch):
         with rl.reference_policy(tr.model, tr.ref_dve):  # the stage's starting policy: gates exactly as loaded
             torch.testing.assert_close(tr.model.encode_images(batch["pixel_values"], batch["image_grid_thw"]), on,
                                        rtol=0, atol=0)
+    # one real step: its log row holds the KL measured before the optimizer changed anything
     tr.run()
     log = _rl_log(tmp_path / "run" / "stage2" / "log.jsonl")
     assert log[0]["completion_len"] > 0 and abs(log[0]["kl"]) < 1e-7, log[0]["kl"]
@@ -4924,6 +4957,7 @@ def test_rl_chain_bf16_temperature_divides_in_fp32(tmp_path):
         model.model.embed_tokens.weight.mul_(8)
     batch = _rl_prompt(seed=4)
     T = 0.7
+    # 3 fixed completions of 7 tokens; chunk=5 below forces a chunk boundary inside them
     comp = torch.randint(10, 300, (3, 7), generator=torch.Generator().manual_seed(5))
     mask = torch.ones(3, 7)
     with torch.no_grad():
@@ -4934,6 +4968,7 @@ def test_rl_chain_bf16_temperature_divides_in_fp32(tmp_path):
         logits = model(full, attn)[:, T0 - 1:-1]  # [B, L, V] bf16, the same ops as the training pass
         assert float(logits.float().abs().max()) > 2
         ref = torch.log_softmax(logits.double() / T, -1).gather(-1, comp[..., None]).squeeze(-1)  # float64 oracle
+    # 2e-5 is far below the 2^-8 ~ 4e-3 relative error of a bf16 division on logits of a few units
     err = float((logp.double() - ref).abs().max())
     assert err < 2e-5, err
 
@@ -4948,6 +4983,7 @@ def test_rl_chain_dve_gate_heads_load_and_train_in_fp32(tmp_path):
     for n, v in heads.items():
         assert params[n].dtype == torch.float32 and torch.equal(params[n].detach(), v), n
     assert all(m.spectrum.dtype == torch.float32 for _, m in dve.fdlinears(model))
+    # train only the DVE in bf16: the optimizer must hold the fp32 gate heads themselves, not copies
     tr = rl.Trainer(_rl_cfg(tmp_path, "stage2", init=str(init), dve=True, train="dve", dtype="bf16", steps=1))
     gate_names = [n for n in tr.names if ".ksm." in n]
     assert gate_names
@@ -5001,6 +5037,7 @@ def test_rl_lora_scaling_matches_hand_arithmetic():
     lin.set_start_adapter(A0, B0)
     start = x.double() @ A0.double().T @ B0.double().T
     torch.testing.assert_close(lin(x).double() - y0, expect + start, rtol=1e-5, atol=1e-4)
+    # the reference policy: the trainable adapter off, the loaded start adapter still on
     lin.enabled = False
     torch.testing.assert_close(lin(x).double() - y0, start, rtol=1e-5, atol=1e-4)
 
@@ -5020,6 +5057,7 @@ def test_rl_lora_bf16_add_rounds_once():
         out = lin(torch.ones(1, 1, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and out.item() == 1.0 + 2.0 ** -7
     # and the adapter stays fp32 when the model is cast (a bf16 adapter could not hold 2^-8 + 2^-20)
+    # casting the whole layer, as model.to(bfloat16) does, must leave the adapter in fp32
     lin.to(torch.bfloat16)
     with torch.no_grad():
         out = lin(torch.ones(1, 1, dtype=torch.bfloat16))
@@ -5093,6 +5131,7 @@ def test_rl_bf16_preset_lr_learns_like_fp32_before_and_after_export(tmp_path):
     assert 0.5 < gain16 / gain32 < 2.0, (gain16, gain32)
     assert exported == gain16  # the export changes nothing: same base bf16 weights, same fp32 adapter
     assert (tmp_path / "m" / skinflow.LORA_FILE).exists()
+    # the counter-example: at the paper's lr most bf16 updates round away
     low32, _ = _rl_fit(torch.float32, lr / 10)
     low16, _ = _rl_fit(torch.bfloat16, lr / 10)
     assert low16 / low32 < 0.5, (low16, low32)
@@ -5120,6 +5159,7 @@ def test_rl_export_bf16_keeps_adapter_unmerged_and_every_loader_reads_it(tmp_pat
     with torch.no_grad():
         logits = model(**batch)
         torch.testing.assert_close(m2(**batch), logits, rtol=0, atol=0)
+        # the backbone's own loader re-attaches the adapter too; without the file the output differs
         plain = skinflow.VLM.from_pretrained(out, dtype=torch.bfloat16)
         (out / skinflow.LORA_FILE).rename(out / "away")
         bare = skinflow.VLM.from_pretrained(out, dtype=torch.bfloat16)
@@ -5143,6 +5183,7 @@ def test_rl_export_bf16_keeps_adapter_unmerged_and_every_loader_reads_it(tmp_pat
     first = _rl_log(tmp_path / "next" / "run" / "stage2" / "log.jsonl")[0]
     assert first["completion_len"] > 0 and abs(first["kl"]) < 1e-7, first["kl"]
     # an fp32 run merges as before: no adapter file, plain layers after loading
+    # contrast: an fp32 run merges, so its export is a plain Hub checkpoint
     out32 = rl.Trainer(_rl_cfg(tmp_path / "f", "stage2", steps=1, train="lora")).run()
     assert not (out32 / skinflow.LORA_FILE).exists()
     assert not rl.lora_layers(skinflow.load(str(out32))[0])
@@ -5175,6 +5216,7 @@ def test_rl_kernel_self_check_warns_once_and_falls_back(monkeypatch, where):
     monkeypatch.setattr(skinflow, "EXT_CHECKS", {})
     monkeypatch.delenv("SKINFLOW_EXT_CHECK", raising=False)
     g = torch.Generator().manual_seed(8)
+    # 6 rows over a 50-token vocabulary: small, but the perturbation (0.01 or 1 %) is far above fp32 noise
     logits = (3 * torch.randn(6, 50, generator=g)).requires_grad_(True)
     index = torch.randint(0, 50, (6,), generator=g)
     w = torch.randn(6, generator=g)
@@ -5190,6 +5232,7 @@ def test_rl_kernel_self_check_warns_once_and_falls_back(monkeypatch, where):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once: a second call is silent
         rl.selective_log_softmax(logits, index)
+    # with the check switched off the (wrong) op is trusted: the forward perturbation shows through
     monkeypatch.setenv("SKINFLOW_EXT_CHECK", "0")
     trusted = rl.selective_log_softmax(logits, index)
     if where == "forward":
@@ -5230,6 +5273,7 @@ def test_rl_seed_reaches_every_stage_and_changes_only_the_order(tmp_path):
     rl_cmds = [ln for ln in res.stdout.splitlines() if ln.startswith("+ ") and " rl.py " in ln]
     assert [c.split()[3] for c in rl_cmds] == ["vision", "warmup", "stage1", "stage2"]
     assert all("--seed 3" in c for c in rl_cmds) and "SEED=3" in res.stdout
+    # data_seed fixes WHICH items exist; seed only permutes the order they are drawn in
     cfg = lambda seed: rl.TrainConfig(seed=seed, data_seed=5)  # noqa: E731
     assert rl.order_seed(cfg(0)) == 5  # seed 0: the data seed's own order, as before SEED existed
     orders = {seed: rl._data_indices(0, 32, 64, rl.order_seed(cfg(seed))) for seed in (0, 1, 2)}
@@ -5270,6 +5314,7 @@ def test_rl_train_dve_without_dve_layers_is_an_error_not_lora_alone(tmp_path, ca
     assert ei.value.code == 2 and "--dve" in capsys.readouterr().err
     assert rl.main(["stage2", "--train", "lora,dve", "--dve", "--dry-run"]) == 0
     assert rl.main(["warmup", "--train", "lora,dve", "--dry-run"]) == 0      # warmup trains llm+vision anyway
+    # the Trainer's own check, for an --init without DVE layers (a path the flag check cannot see)
     for train in ("lora,dve", "dve"):
         with pytest.raises(ValueError, match="add --dve"):
             rl.Trainer(_rl_cfg(tmp_path / train, "stage2", train=train))
