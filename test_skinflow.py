@@ -10,6 +10,7 @@ CUDA-only tests skip themselves without a GPU; SKINFLOW_NO_EXT=1 runs everything
 import contextlib
 import copy
 import csv
+import doctest
 import functools
 import gzip
 import http.server
@@ -17,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -5440,6 +5442,10 @@ def ddp_runs(tmp_path_factory):
 
 
 def test_ddp_ranks_stay_in_sync(ddp_runs):
+    """After every optimizer step the two ranks hold bit-identical trainable tensors (torch.equal, no
+    tolerance): gradients were all-reduced before the step and both ranks applied the same update. Catches a
+    missing all-reduce, which would let the replicas drift apart silently.
+    """
     r0, r1 = (r["equal"] for r in ddp_runs["ranks"])
     assert len(r0["snaps"]) == _DDP_STEPS + 1 and r0["names"] == r1["names"]
     for s, (a, b) in enumerate(zip(r0["snaps"], r1["snaps"])):
@@ -5448,6 +5454,13 @@ def test_ddp_ranks_stay_in_sync(ddp_runs):
 
 
 def test_ddp_two_ranks_equal_one_process(ddp_runs):
+    """The distributed oracle: 2 ranks x 2 prompts equal 1 process x 4 prompts after every step, within
+    _DDP_ATOL (only the order of summation differs), and rank 0 logs the same global numbers at the same
+    data positions. The update is asserted to be > 100x the tolerance so the comparison cannot pass on
+    unmoved weights. Catches a local token count as the token-mean normaliser or averaged instead of summed
+    gradients (the local normaliser alone misses by ~1.4e-4 after one step, far above
+    1e-5), and per-rank statistics logged as global.
+    """
     r0, one = ddp_runs["ranks"][0]["equal"], ddp_runs["single"]
     assert r0["names"] == one["names"]
     moved = 0.0
@@ -5458,6 +5471,7 @@ def test_ddp_two_ranks_equal_one_process(ddp_runs):
         moved = max(moved, max(float((x - x0).abs().max()) for x, x0 in zip(a, r0["snaps"][0])))
     assert moved > 100 * _DDP_ATOL  # the steps really move the weights: the comparison is not vacuous
     # the global numbers rank 0 logs are the single process's numbers
+    # 4 prompts per step in total: data positions 4, 8, 12 in both runs
     la, lb = r0["log"], one["log"]
     assert [r["position"] for r in la] == [r["position"] for r in lb] == [4, 8, 12]
     for ra, rb in zip(la, lb):
@@ -5469,10 +5483,16 @@ def test_ddp_two_ranks_equal_one_process(ddp_runs):
                 assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
             else:
                 assert ra[k] == rb[k], k
+    # the comparison is not vacuous: the loss moves and some groups carry a learning signal
     assert len({r["loss"] for r in la}) > 1 and any(r["zero_std_groups"] < r["groups"] for r in la)
 
 
 def test_ddp_logs_and_checkpoints_written_once(ddp_runs):
+    """Only rank 0 writes: one log line per step, whose group count includes both ranks' groups, and the
+    checkpoint holds every rank's sampler RNG state (a resume must restore each rank's own stream). Catches
+    two ranks appending to the same log, or a checkpoint that restores rank 0's sampler on every rank (both
+    ranks would then sample identical completions).
+    """
     r0, r1 = (r["equal"] for r in ddp_runs["ranks"])
     assert len(r0["log"]) == _DDP_STEPS  # one line per step (rank 1 never appends)
     assert r0["log"][-1]["groups"] == 2 * _DDP_WORLD  # the groups of BOTH ranks are counted
@@ -5481,6 +5501,9 @@ def test_ddp_logs_and_checkpoints_written_once(ddp_runs):
 
 
 def test_ddp_resume_continues_identically(ddp_runs):
+    """On every rank, a 2-rank run stopped after 2 steps and resumed logs exactly what an uninterrupted 2-rank
+    run logs (timings excepted). Catches a resume that restores only rank 0's state.
+    """
     for r in ddp_runs["ranks"]:
         a = [{k: v for k, v in x.items() if k not in ("step_s", "rollout_s", "ext_check")} for x in r["straight"]]
         b = [{k: v for k, v in x.items() if k not in ("step_s", "rollout_s", "ext_check")} for x in r["resumed"]]
@@ -5491,6 +5514,7 @@ def test_ddp_fsdp_full_finetune_equals_one_process(ddp_runs):
     """--train llm on 2 ranks: FSDP2 shards the decoder layers; same numbers as one unsharded process."""
     r0, r1 = (r["fsdp"] for r in ddp_runs["ranks"])
     one = ddp_runs["single_fsdp"]
+    # the 2-rank run really sharded (FSDP2) and the oracle really did not
     assert r0["fsdp"] and not one["fsdp"] and r0["names"] == one["names"]
     assert any(".layers." in n for n in r0["names"]) and any("embed_tokens" in n for n in r0["names"])
     for s, (a, b, c) in enumerate(zip(r0["snaps"], r1["snaps"], one["snaps"])):
@@ -5515,9 +5539,7 @@ def test_ddp_fsdp_full_finetune_equals_one_process(ddp_runs):
 # The README is the entry point of a teaching repo and docs/ holds the long notes, one page per topic.
 # These tests keep that promise mechanical: a page nobody links is a page nobody reads, a dead link is
 # the first thing a student clicks, and a lesson whose printed output drifted from the code teaches
-# something false. They read only files of this repository (never ../shared, never the network).
-import doctest
-import re
+# something false. They read only files of this repository (nothing outside it, never the network).
 
 _REPO = Path(__file__).resolve().parent
 _README_MAX_LINES = 400  # issue 14: the README is a one-page map, not the manual
@@ -5547,11 +5569,17 @@ def _doc_files() -> list[Path]:
 
 
 def test_docs_readme_is_a_map_that_links_every_docs_page():
+    """The README stays a short map: at most 400 lines, at least ten docs pages exist and every one is linked
+    from the README, the fixed sections are present, and the reading table names the paper's parts in
+    reading order (backbone first, clinical metric last). Catches a new docs page nobody can find, or a
+    README that grows back into the manual.
+    """
     readme = (_REPO / "README.md").read_text(encoding="utf-8")
     n_lines = len(readme.splitlines())
     assert 0 < n_lines <= _README_MAX_LINES, f"README.md has {n_lines} lines (limit {_README_MAX_LINES}): move notes to docs/"
     pages = sorted(p.name for p in (_REPO / "docs").glob("*.md"))
     assert len(pages) >= 10, pages  # the long notes live there; an emptied docs/ must not pass
+    # docs pages the README links to (anchors stripped)
     linked = {Path(t.split("#")[0]).name for t in _md_links(readme) if t.split("#")[0].startswith("docs/")}
     unlinked = [p for p in pages if p not in linked]
     assert not unlinked, f"docs pages not linked from README.md: {unlinked}"
@@ -5599,6 +5627,7 @@ def test_docs_every_relative_link_resolves():
         for target in _md_links(text):
             if re.match(r"^[a-z]+:", target):  # https:, mailto: ... (no network in tests)
                 continue
+            # a bare '#anchor' points into the same page
             path, _, anchor = target.partition("#")
             dest = (f.parent / path).resolve() if path else f
             if not dest.exists():
@@ -5625,6 +5654,11 @@ _SECTION_NUMBER = re.compile("|".join([r"\bSection\s+\d", r"(?i:\bsec\.\s*\d)", 
 
 
 def test_docs_no_paper_section_number_is_quoted():
+    """No file of the project (docs, modules, train.sh) quotes a paper section number: the full text was not
+    available, so parts of the paper are named by their titles. The pattern is itself tested on strings
+    assembled at run time (so this file never matches it), both what it must catch and the project's own
+    "section 6" numbering it must leave alone.
+    """
     files = _doc_files() + sorted(_REPO.glob("*.py")) + [_REPO / "train.sh"]
     hits = []
     for f in files:
@@ -5648,6 +5682,7 @@ def test_docs_lessons_run_as_doctests():
     text = path.read_text(encoding="utf-8")
     for lesson in ("## Lesson 1", "## Lesson 2", "## Lesson 3"):
         assert lesson in text, f"docs/lessons.md lost '{lesson}'"
+    # ELLIPSIS lets a lesson elide long outputs with '...'; NORMALIZE_WHITESPACE ignores line wrapping
     result = doctest.testfile(str(path), module_relative=False, globs={},
                               optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} lesson snippets failed (output above)"
@@ -5689,6 +5724,11 @@ def _cli_actions(parser, name):
 
 
 def test_cli_every_flag_has_help_with_its_default():
+    """Walks every parser (and subcommand) of every entry point without running anything: each action has a
+    non-empty help, and each option that takes a value shows its default (or says it is required, or
+    explains a None default in words). rl.py's help table has exactly one text per TrainConfig field.
+    Catches a new flag added without help, or a default changed in code but not in the printed text.
+    """
     import argparse
     import dataclasses
 
@@ -5697,6 +5737,7 @@ def test_cli_every_flag_has_help_with_its_default():
         for where, parser, action in _cli_actions(build(), name):
             flag = "/".join(action.option_strings) or action.dest
             assert action.help and action.help is not argparse.SUPPRESS and action.help.strip(), f"{where} {flag}"
+            # the help text with %(default)s expanded, as --help prints it
             text = parser._get_formatter()._expand_help(action)   # what --help prints for it
             seen += 1
             if not action.option_strings or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
@@ -5728,6 +5769,7 @@ def test_cli_mains_parse_with_the_walked_builders(monkeypatch):
              (sf_eval, "build_generate_parser", sf_eval.main, ["generate"]),
              (data, "build_parser", data.main, ["bench"]), (bench, "build_parser", bench.main, []),
              (dve, "build_parser", dve.main, [])]
+    # replace the builder by one that raises: if main() still runs, it parses with another parser
     for mod, builder, main, argv in cases:
         monkeypatch.setattr(mod, builder, boom)
         with pytest.raises(Built):
@@ -5744,6 +5786,10 @@ def test_cli_dve_overhead_table_flags(capsys):
 
 
 def test_cli_help_exits_zero_for_every_entry_point():
+    """`python X.py [command] --help` exits 0 and prints a usage with defaults, for all nine entry points, in
+    real subprocesses (so an import-time error of a module shows up here). The processes are started
+    together so the suite waits for one torch import, not nine.
+    """
     root = Path(rl.__file__).resolve().parent
     env = dict(os.environ, OMP_NUM_THREADS="1")
     commands = [["rl.py"], ["eval.py"], ["eval.py", "summary"], ["eval.py", "diagnose"], ["eval.py", "generate"],
