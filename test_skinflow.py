@@ -993,7 +993,12 @@ def _data_png_bytes(seed: int, size: int = 24) -> bytes:
 
 # --------------------------------------------------------------------------------- Fitzpatrick17k CSV
 def test_data_real_csv_rows_labels_and_tree_match_row_by_row():
-    """Oracle: the CSV re-read with the csv module; TAXONOMY and the loader must agree on every row."""
+    """The shipped Fitzpatrick17k CSV (16,577 rows, 114 labels): data.TAXONOMY agrees with the nine- and
+    three-partition columns of every row, and the loader returns every row in file order with the same id,
+    labels and skin type (and no image path when no image folder is given). Oracle: the CSV re-read with the
+    csv module only. Catches a hand-edited TAXONOMY entry that contradicts the dataset, or a loader that
+    drops or reorders rows.
+    """
     rows = _data_csv_rows()
     assert len(rows) == 16577
     assert len({r["label"] for r in rows}) == 114 == len(data.TAXONOMY)
@@ -1008,11 +1013,15 @@ def test_data_real_csv_rows_labels_and_tree_match_row_by_row():
 
 
 def test_data_missing_column_and_unknown_label_give_clear_errors(tmp_path):
-    """Bad input fails early with one message naming the missing column / every unknown label."""
+    """Bad input fails early with one message naming the missing column, or naming EVERY unknown label (not
+    just the first, so a user fixes the file in one go); allow_unknown=True loads such rows anyway. Catches
+    a KeyError deep inside training instead of a clear error at load time.
+    """
     rows = [dict(r) for r in _data_csv_rows()[:5]]
     cols = [c for c in data.F17K_COLUMNS if c != "qc"]
     with pytest.raises(ValueError, match="qc"):
         data.load_fitzpatrick17k(_data_write_csv(tmp_path / "a.csv", rows, cols))
+    # two bad labels in five rows: the error must name both
     rows[1]["label"], rows[3]["label"] = "made-up disease", "another one"
     path = _data_write_csv(tmp_path / "b.csv", rows)
     with pytest.raises(ValueError, match="made-up disease") as err:
@@ -1023,13 +1032,18 @@ def test_data_missing_column_and_unknown_label_give_clear_errors(tmp_path):
 
 
 def test_data_random_split_is_deterministic_stratified_and_a_partition():
-    """Same seed -> same split; every label is split exactly round(0.2 n); train+test = all, disjoint."""
+    """The random 80/20 split: the same seed gives the same split, train and test are disjoint and together
+    cover all rows, every label is split exactly round(0.2 n) into test (stratified), and another seed gives
+    another test set. Catches an unseeded shuffle (results not reproducible), or a split that is not
+    stratified (rare labels could vanish from test).
+    """
     recs = list(_data_records())
     train, test = data.split_random(recs)
     train2, test2 = data.split_random(recs)
     assert [r.id for r in test] == [r.id for r in test2] and [r.id for r in train] == [r.id for r in train2]
     ids_tr, ids_te = {r.id for r in train}, {r.id for r in test}
     assert not ids_tr & ids_te and len(ids_tr | ids_te) == len(recs)
+    # per label: [train count, test count]
     per_label: dict[str, list[int]] = {}
     for r in recs:
         per_label.setdefault(r.label, [0, 0])[r.id in ids_te] += 1
@@ -1040,7 +1054,11 @@ def test_data_random_split_is_deterministic_stratified_and_a_partition():
 
 
 def test_data_skin_type_holdouts_contain_only_the_stated_types():
-    """Groh's a12/a34/a56: the train side holds only its two types, the test side only the other four."""
+    """The skin-type hold-out protocols (train on two Fitzpatrick types, test on the other four): train holds
+    only its two types, test only the other four, and both sides see the same labels; a12's train side has
+    the CSV's 7,755 images of types I-II. Catches swapped train/test sides or an off-by-one in the type
+    ranges.
+    """
     recs = list(_data_records())
     for proto, types in (("a12", {1, 2}), ("a34", {3, 4}), ("a56", {5, 6})):
         train = data.fitzpatrick17k_split(recs, proto, "train")
@@ -1053,7 +1071,11 @@ def test_data_skin_type_holdouts_contain_only_the_stated_types():
 
 
 def test_data_expert_set_and_eval_sample():
-    """348 '1 Diagnostic' images; the 1,000-image sample is fixed and never leaves the random test part."""
+    """The expert protocol's test set is the 348 images marked '1 Diagnostic' by the dataset's quality check;
+    the 1,000-image evaluation sample is fixed (same ids as eval_sample) and lies inside the random test
+    part, so it never overlaps training data. Catches an evaluation sample drawn from all rows (which would
+    include training images and inflate scores).
+    """
     recs = list(_data_records())
     expert = data.fitzpatrick17k_split(recs, "expert", "test")
     assert len(expert) == 348 and all(r.qc == "1 Diagnostic" for r in expert)
@@ -1067,7 +1089,11 @@ def test_data_expert_set_and_eval_sample():
 
 
 def test_data_image_resolution_and_counted_skipping(tmp_path, capsys):
-    """A temp dir with .jpg/.png/.jpeg, a non-image and a truncated PNG: found, skipped, counted, summarised."""
+    """Image lookup in a temporary folder with .jpg, .png and .jpeg files, a non-image and a truncated PNG: the
+    loader finds the three good files whatever their extension, reports found/missing counts, and iterate()
+    yields only decodable images while counting what it skipped and why. Catches a training loop that
+    crashes on the first broken file of a 16k-image download, or one that skips silently.
+    """
     rows = [dict(r) for r in _data_csv_rows()[:8]]
     csv_path = _data_write_csv(tmp_path / "f.csv", rows)
     img_dir = tmp_path / "images"
@@ -1076,6 +1102,7 @@ def test_data_image_resolution_and_counted_skipping(tmp_path, capsys):
     for i, ext in good.items():
         Image.fromarray(np.full((20, 30, 3), 40 * i + 20, np.uint8)).save(img_dir / f"{rows[i]['md5hash']}{ext}")
     (img_dir / f"{rows[3]['md5hash']}.jpg").write_bytes(b"not an image at all")          # unreadable
+    # the first half of a valid PNG: the header is fine, the pixel data is cut
     full = _data_png_bytes(3, 64)
     (img_dir / f"{rows[4]['md5hash']}.png").write_bytes(full[: len(full) // 2])          # truncated
     recs = data.load_fitzpatrick17k(csv_path, img_dir)
@@ -1136,13 +1163,19 @@ def data_http_server():
 
 
 def test_data_downloader_against_local_server(tmp_path, data_http_server):
-    """A local HTTP server serves a good file, a 404, a stall past the timeout and a truncated body."""
+    """download_images against a local HTTP server (no network): a good file, a 404, a response that stalls
+    past the timeout, a truncated body and a row without URL. Exactly the good file is saved (it replaces a
+    stale partial file of the same name), failures are listed with their reasons in download_failures.csv,
+    no partial file is left behind, and a second run skips what is already valid. Catches writing straight
+    to the final file name (a killed download would look complete next time).
+    """
     base = data_http_server
     items = [("aaa", f"{base}/good.png"), ("bbb", f"{base}/missing.png"), ("ccc", f"{base}/slow.png"),
              ("ddd", f"{base}/trunc.png"), ("eee", "")]
     out = tmp_path / "dl"
     out.mkdir()
     (out / "aaa.png").write_bytes(_DataHandler.payload[:40])   # a stale partial file under the final name
+    # timeout 1 s < the server's 2.5 s stall; retries=2 and no backoff keep the test fast
     s = data.download_images(items, out, timeout=1.0, retries=2, backoff=0.0, progress=False)
     assert (s["ok"], s["skipped"], s["failed"], s["no_url"]) == (1, 0, 3, 1)
     assert (out / "aaa.png").read_bytes() == _DataHandler.payload          # replaced by the full file
@@ -1160,7 +1193,12 @@ def test_data_downloader_against_local_server(tmp_path, data_http_server):
 
 # ---------------------------------------------------------------------------------------------- SkinCAP
 def test_data_skincap_mapping_join_and_test_guard(tmp_path):
-    """Hand-written captions with hand-derived expected fields; captioned images never reach a test split."""
+    """SkinCAP captions: hand-written caption sentences map to the eight caption fields as derived by hand
+    (colour, site, lesion type, border, surface, distribution...), captions join to their Fitzpatrick17k
+    records by file name, and a captioned image never reaches a test split (Stage I trains on it). Catches a
+    test set that contains images the model was taught to describe, i.e. train/test leakage.
+    """
+    # private copies: load_skincap attaches captions to the records, the cached ones must stay clean
     recs = [data.Record(**{**r.__dict__}) for r in _data_records()]            # private copies
     _, test = data.split_random(recs)
     chosen = test[:3]
@@ -1173,6 +1211,7 @@ def test_data_skincap_mapping_join_and_test_guard(tmp_path):
         w.writerow([2, f"{chosen[1].id}.jpg", "A solitary dark brown nodule with irregular borders on the "
                     "back, ulcerated.", chosen[1].label])
         w.writerow([3, f"{chosen[2].id}.png", "Small white papules clustered on the cheek.", chosen[2].label])
+        # a caption of an image outside Fitzpatrick17k: parsed, but joined to no record
         w.writerow([4, "ddi_000123.png", "A pink macule on the palm.", "x"])
     caps = data.load_skincap(cap_csv, recs)
     assert [c.record is not None for c in caps] == [True, True, True, False]
@@ -1197,7 +1236,11 @@ def test_data_skincap_mapping_join_and_test_guard(tmp_path):
 
 # --------------------------------------------------------------------------------------------- SynthDerm
 def test_data_synthderm_is_deterministic_per_seed_and_index():
-    """sample = f(seed, split, index): equal pixels for equal keys, in any access order; splits disjoint."""
+    """A SynthDerm sample is a pure function of (seed, split, index): equal pixels, mask and labels for equal
+    keys in any access order, different pixels for another seed, disjoint ids across splits, IndexError past
+    the end and an unknown split refused. Catches a renderer that draws from a shared global RNG (results
+    would depend on the order items are read, e.g. by a shuffled DataLoader).
+    """
     a, b = data.SynthDerm(6, seed=3, image_size=64), data.SynthDerm(6, seed=3, image_size=64)
     x5 = b[5]                                                   # access order must not matter
     for i in range(6):
@@ -1216,11 +1259,17 @@ def test_data_synthderm_is_deterministic_per_seed_and_index():
 
 
 def test_data_synthderm_class_table_covers_hierarchy_and_mimicry_rate():
-    """20 real labels over all 9/3 groups; mimicry at the configured rate and only inside a cluster."""
+    """The 20 SynthDerm classes are real Fitzpatrick17k labels covering all nine groups and all three
+    partitions; on 2,000 samples the mimicry rate (an image that LOOKS like a sibling class) is near the
+    configured 0.25 and only happens inside a confusable cluster; every caption value is in the closed
+    vocabulary; the class frequencies are skewed (psoriasis the most common class). Catches mimicry
+    across clusters (a mimic would then be unlearnable even in principle).
+    """
     labels = data.SYNTH_LABELS
     assert len(labels) == 20 and all(l in data.TAXONOMY for l in labels)
     assert {data.TAXONOMY[l][1] for l in labels} == {"non-neoplastic", "benign", "malignant"}
     assert len({data.TAXONOMY[l][0] for l in labels}) == 9
+    # spec() gives labels and fields without rendering pixels, so 2,000 items are cheap
     ds = data.SynthDerm(2000, seed=1)
     specs = [ds.spec(i) for i in range(2000)]
     mimic = np.mean([s["looks_like"] != s["label"] for s in specs])
@@ -1238,7 +1287,12 @@ def test_data_synthderm_class_table_covers_hierarchy_and_mimicry_rate():
 
 
 def test_data_synthderm_caption_matches_rendered_pixels():
-    """The caption is checked against the pixels it claims to describe (colour, site, layout)."""
+    """The caption is checked against the pixels it claims to describe: white lesions are brighter than the
+    skin, dark ones darker, a limb has dark cloth at both sides, a generalized lesion covers most of the
+    image and a solitary one sits near the centre. Oracle: simple pixel statistics, independent of the
+    renderer's code. Catches a caption field rendered with the wrong value (Stage I would then reward
+    describing what is not there).
+    """
     ds = data.SynthDerm(120, seed=2, image_size=96)
     checked = {"white": 0, "dark": 0, "limb": 0, "generalized": 0, "solitary": 0}
     for i in range(120):
@@ -1269,7 +1323,11 @@ def test_data_synthderm_caption_matches_rendered_pixels():
 
 
 def test_data_implicit_cue_is_a_grating_with_the_class_period():
-    """Rendering with and without the cue isolates it; an FFT must find the recorded period."""
+    """The implicit cue (a texture never named in the caption, that tells a mimic from its look-alike) is a
+    grating with the class's recorded period. Rendering the same item with and without the cue isolates it;
+    the FFT of the ratio peaks at radius S / period. Catches a cue with the wrong period or one too fine to
+    survive the tiny preset's resolution.
+    """
     # Same seed with and without the cue: the pixel ratio inside the cue zone is 1 + amp * sin(k . x),
     # so its 2-D spectrum peaks at radius S / period (an FFT oracle, independent of the renderer).
     S = 112
@@ -1279,8 +1337,10 @@ def test_data_implicit_cue_is_a_grating_with_the_class_period():
         without = data.SynthDerm(12, seed=9, image_size=S, cue_amplitude=0.0)[i]
         a, b = (np.asarray(x.image, np.float64).mean(2) for x in (with_cue, without))
         assert np.array_equal(with_cue.mask, without.mask)
+        # the cue multiplies the pixels: a / b - 1 is the grating itself, where the skin is not too dark
         diff = np.where(b > 20, a / np.maximum(b, 1) - 1, 0)
         diff -= diff.mean()
+        # items where the cue barely shows (ratio under 2 %) are skipped; at least 8 of 12 must show it
         if np.abs(diff).max() < 0.02:
             continue
         spec = np.abs(np.fft.fftshift(np.fft.fft2(diff)))
@@ -1295,7 +1355,11 @@ def test_data_implicit_cue_is_a_grating_with_the_class_period():
 
 # -------------------------------------------------------------------------------- prompts and formats
 def test_data_target_formats_hand_examples():
-    """The canonical target formats, against hand-written expected strings."""
+    """The canonical target formats against hand-written strings: the caption lists all eight fields in fixed
+    order, lower-cased, with "none" for empty fields; the differential is numbered, lower-cased,
+    deduplicated and cut at six. The prompts mention every field and ask for six diagnoses, most likely
+    first. Catches a format change that eval.py's parsers (and the rewards) would no longer read.
+    """
     fields = {"colour": "Erythematous, salmon", "location": "trunk", "shape": "round", "lesion type": "plaque",
               "size": "large", "border": "well-demarcated, regular", "surface": "", "distribution": "scattered"}
     assert data.format_caption(fields) == (
@@ -1310,7 +1374,11 @@ def test_data_target_formats_hand_examples():
 
 
 def test_data_reference_differential_and_tokenizer_corpus():
-    """Reference lists start with the truth, hold 6 distinct real labels; the corpus covers the vocabulary."""
+    """Reference differentials start with the truth (then the look-alike for a mimic) and hold six distinct
+    real labels; unknown labels are refused. The tokenizer training corpus contains both prompts, every
+    label and every caption value, so the trained BPE has tokens for all of them. Catches a corpus that
+    misses a label (the tiny model would spell it in many small pieces).
+    """
     ref = data.reference_differential("eczema")
     assert ref[0] == "eczema" and len(ref) == len(set(ref)) == 6 and "psoriasis" in ref
     assert all(r in data.TAXONOMY for r in ref)
