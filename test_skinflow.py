@@ -1395,7 +1395,11 @@ def test_data_reference_differential_and_tokenizer_corpus():
 
 
 def test_data_iterate_synthderm_and_reference_answers():
-    """iterate yields (image, prompt, record) whose reference answers are the canonical formats."""
+    """iterate yields (image, prompt, record) triples whose reference answers are the canonical formats: the
+    Stage I answer is the formatted caption, the Stage II answer a numbered list opening with the true
+    label. An unknown stage is refused, and Stage I on Fitzpatrick17k without a SkinCAP CSV is refused
+    (there is no caption to learn from). Catches a reference answer that the rewards could not score 1.
+    """
     out = list(data.iterate("stage1", "val", n=3, image_size=64))
     assert len(out) == 3
     for image, prompt, rec in out:
@@ -1409,7 +1413,13 @@ def test_data_iterate_synthderm_and_reference_answers():
 
 
 def test_data_headroom_small_and_preview_cli(tmp_path):
-    """Headroom ordering on a small run (majority << caption oracle < 1) and the preview CLI end to end."""
+    """The headroom study on a small run: the majority-class baseline is far below a "caption oracle" (naive
+    Bayes on the true caption fields), which is itself below 1 because mimics look like another class and
+    only the uncaptioned texture tells them apart; that gap is what a model can only get from the pixels
+    themselves. Then the preview CLI writes its image grid. Catches a data set that a caption alone solves
+    (the vision stages would have nothing left to learn).
+    """
+    # small sizes keep this a few seconds; the orderings below hold already at this scale
     h = data.headroom(n_train=80, n_test=60, image_size=48, n_caption_train=3000, verbose=False)
     assert h["majority"] < 0.25 and h["caption_oracle_top1"] > h["majority"] + 0.25
     assert h["caption_oracle_top1"] < 0.95                        # mimicry keeps the caption from solving it
@@ -1507,7 +1517,13 @@ def _real_fixture(tmp_path: Path, url_base: str = "") -> dict:
 
 
 def test_data_open_image_awkward_kinds_become_rgb_within_max_pixels(tmp_path):
-    """Every awkward kind -> upright 8-bit RGB with the expected size and pixels; broken ones -> ImageError."""
+    """data.open_image on the awkward files real atlases serve: greyscale, RGBA, CMYK, 16-bit PNG,
+    EXIF-rotated, a PNG named .jpg, a tiny and a very wide image, a palette image with transparency. Each
+    becomes upright 8-bit RGB of the expected size whose pixels match the source (transparency on white,
+    16-bit scaled rather than clipped), and preprocessing keeps it within max_pixels. Broken files (cut,
+    HTML error page, missing, a folder) raise ImageError with a one-line reason. Catches an ignored EXIF
+    turn, a CMYK image read as inverted colours, or PIL's clipping of 16-bit images to white.
+    """
     src = data.SynthDerm(1, seed=5, image_size=96, split="test")[0].image.resize((120, 90))
     ref = np.asarray(src, np.float64)
     for kind in ("rgb", "gray", "rgba", "cmyk", "16bit", "exif", "png_as_jpg", "tiny60", "wide", "palette"):
@@ -1530,8 +1546,10 @@ def test_data_open_image_awkward_kinds_become_rgb_within_max_pixels(tmp_path):
             assert (a[:, :60] == 255).all() if kind == "rgba" else (a == 255).all(-1).any(), kind
             if kind == "rgba":
                 assert np.abs(a[:, 60:] - ref[:, 60:]).mean() < 1
+        # whatever the file was, the model's preprocessing must accept it within the pixel budget
         pv, (t, gh, gw) = sf.preprocess_image(im, max_pixels=112 * 112)
         assert gh * gw * 14 * 14 <= 112 * 112 and gh % 2 == 0 and gw % 2 == 0 and pv.shape[0] == gh * gw
+    # broken inputs: the first 300 bytes of a JPEG, an HTML error page, a missing path, a folder
     (tmp_path / "trunc.jpg").write_bytes((tmp_path / "rgb.jpg").read_bytes()[:300])
     (tmp_path / "text.jpg").write_bytes(b"<html>404</html>")
     for name, reason, words in (("trunc.jpg", "unreadable", "corrupt or truncated"),
@@ -1547,7 +1565,9 @@ def test_data_open_image_awkward_kinds_become_rgb_within_max_pixels(tmp_path):
 
 
 def test_data_single_image_clis_give_one_line_and_exit_2(tmp_path, capsys):
-    """eval.py generate --image and diagnose on a corrupt / missing file: one 'error:' line, exit 2, no traceback."""
+    """`eval.py generate --image` and `eval.py diagnose` on a corrupt or missing file: exactly one 'error:'
+    line on stderr, exit status 2, no traceback. Catches a PIL exception escaping to the user.
+    """
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     for argv in (["generate", "--image", str(tmp_path / "bad.jpg"), "--max-new-tokens", "1"],
                  ["generate", "--image", str(tmp_path / "none.jpg")],
@@ -1558,7 +1578,13 @@ def test_data_single_image_clis_give_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_data_near_duplicate_groups_edits_merge_distinct_photos_do_not(tmp_path):
-    """Resized, re-compressed, cropped, brightened and exact copies share a group; 40 distinct photos do not."""
+    """near_duplicate_groups (perceptual hash grouping, used to keep copies of one photo on one side of a
+    split): a resized + hard re-compressed, a slightly cropped, a brightened and an exact copy each join
+    their original's group; 40 distinct renders stay apart; an unreadable file and two blank placeholders
+    stay singletons. Also: the group statistics, the CLI summary line, a per-image cache that avoids
+    re-hashing, and phash itself against a textbook DCT double sum. Catches a threshold loose enough to
+    merge distinct photos (the split would lose data) or tight enough to miss edits (test leakage).
+    """
     from PIL import ImageEnhance
 
     ds = data.SynthDerm(42, seed=21, image_size=160, split="train")
@@ -1577,6 +1603,7 @@ def test_data_near_duplicate_groups_edits_merge_distinct_photos_do_not(tmp_path)
         exact = tmp_path / f"b{b}_exact.jpg"
         shutil.copy(tmp_path / f"b{b}_orig.jpg", exact)
         files.append(exact)
+    # 40 distinct photos: 780 pairs that must not merge
     for i in range(2, 42):                                     # distinct photos
         p = tmp_path / f"d{i}.png"
         ds[i].image.save(p)
@@ -1605,6 +1632,8 @@ def test_data_near_duplicate_groups_edits_merge_distinct_photos_do_not(tmp_path)
     with um.patch.object(data, "phash", side_effect=AssertionError("hashed again")):
         assert data.near_duplicate_groups(files, cache_path=cache) == g
     # the hash itself against an independent DCT (scipy-free: the textbook double sum) on one image
+    # the pHash recipe: 32 x 32 box-downsampled grey, 2-D DCT-II, top-left 8 x 8, bit = above the median (DC
+    # excluded)
     gray = np.asarray(base[0].convert("L").resize((32, 32), Image.BOX), np.float64)
     n = np.arange(32)
     C = np.array([[np.sum(gray * np.outer(np.cos(np.pi * (2 * n + 1) * u / 64), np.cos(np.pi * (2 * n + 1) * v / 64)))
@@ -1618,7 +1647,10 @@ def test_data_near_duplicate_groups_edits_merge_distinct_photos_do_not(tmp_path)
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, 11), min_size=30, max_size=80), st.integers(0, 2 ** 16))
 def test_data_group_aware_split_never_separates_a_group(group_of, seed):
-    """Random records and random groups: every group lands on ONE side; fractions stay near 20 %."""
+    """Hypothesis property over random records and random groups: the group-aware split keeps every group on
+    one side and still partitions the records; with singleton groups it reproduces the plain split exactly.
+    Catches a split that assigns records one by one and so can put two copies of one photo on both sides.
+    """
     labels = ("psoriasis", "melanoma", "acne")
     rng = np.random.default_rng(seed)
     recs = [data.Record(id=f"r{i}", label=labels[int(rng.integers(3))], nine="", three="", fitzpatrick=1)
@@ -1626,6 +1658,7 @@ def test_data_group_aware_split_never_separates_a_group(group_of, seed):
     groups = {r.id: g for r, g in zip(recs, group_of)}
     train, test = data.split_random(recs, groups=groups, seed=seed)
     assert sorted(r.id for r in train + test) == sorted(r.id for r in recs)
+    # each group's side is set by its first record; every later record must agree
     side = {}
     for part, rs in (("train", train), ("test", test)):
         for r in rs:
@@ -1674,6 +1707,7 @@ def test_data_fetch_against_local_server_resume_and_offline_hub(tmp_path):
     try:
         fx = _real_fixture(src, url_base=f"http://127.0.0.1:{server.server_address[1]}")
         out = tmp_path / "data"
+        # first fetch: everything the server has is downloaded; missing and truncated files fail
         s = data.fetch(out, csv_path=fx["csv"], backbone=None, skincap=False, timeout=5, retries=1, progress=False)
         kinds = fx["kinds"]
         bad = {m for m, k in kinds.items() if k in ("missing", "truncated")}
@@ -1690,6 +1724,7 @@ def test_data_fetch_against_local_server_resume_and_offline_hub(tmp_path):
         server.shutdown()
         server.server_close()
     # HF_HUB_OFFLINE=1: a local cache in the Hub layout (refs/main -> snapshots/<rev>/) holds the backbone
+    # a fake Hugging Face cache: refs/main names a snapshot folder that holds the backbone's files
     hub = tmp_path / "hub"
     snap = hub / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "snapshots" / ("a" * 40)
     snap.mkdir(parents=True)
@@ -1739,6 +1774,7 @@ def test_data_synthderm_splits_render_different_images_and_labels():
     n, S = 24, 48
     splits = {name: data.SynthDerm(n, seed=3, image_size=S, split=name) for name in ("train", "val", "test")}
     pix = {name: np.stack([np.asarray(ds[i].image, np.float32) for i in range(n)]) for name, ds in splits.items()}
+    # every cross-split pair of images, so a split that only shifts the index is caught too
     for a, b in (("train", "test"), ("train", "val"), ("val", "test")):
         dist = np.abs(pix[a][:, None] - pix[b][None]).mean((2, 3, 4))  # [n, n] mean |diff| of every pair
         assert dist.min() > 2.0, (a, b, float(dist.min()))
@@ -1765,6 +1801,7 @@ def test_data_synthderm_size_word_agrees_with_the_lesion_mask():
         if sp["fields"]["distribution"] != "solitary":
             continue
         m = ds[i].mask
+        # equivalent diameter of the rendered mask, as a fraction of the image, undone for the zoom
         by_word[sp["fields"]["size"]].append(2 * np.sqrt(m.sum() / np.pi) / S / data.ZOOM)
     assert all(len(v) >= 8 for v in by_word.values()), {k: len(v) for k, v in by_word.items()}
     assert max(by_word["small"]) < 0.06 * 1.3 and min(by_word["large"]) > 0.16 * 0.45
