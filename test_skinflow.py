@@ -172,7 +172,12 @@ def _sf_hf_logits(hf, ids, mask, pixels, grids):
 # config + preprocessing
 # ---------------------------------------------------------------------------------------------------
 def test_skinflow_config_nested_flat_and_presets(skinflow_ckpts):
-    """Both config shapes parse to the same fields; presets have the published 3B/7B shapes (3B count from meta init)."""
+    """Both config.json shapes (transformers' nested text_config/vision_config and the Hub's flat file) parse
+    to the same fields; our writer round-trips; the 3B/7B presets have the published shapes and the 3B
+    parameter count (3,754,622,976, counted on the meta device, so no memory is used). Catches a field read
+    from the wrong level of the nested file (e.g. rope_theta or the mrope sections silently defaulting), or
+    tie_word_embeddings ignored (the 3B ties, the 7B does not).
+    """
     nested = sf.Config.from_file(skinflow_ckpts["untied"] / "config.json")   # transformers 5.x nested file
     flat = sf.Config.from_file(skinflow_ckpts["flat"] / "config.json")      # Hub-style flat file
     for c in (nested, flat):
@@ -204,9 +209,15 @@ def _sf_photo(h, w, seed):
                                        ((224, 224), sf.MAX_PIXELS), ((30, 50), sf.MAX_PIXELS),
                                        ((517, 389), 256 * 28 * 28)])
 def test_skinflow_preprocess_bit_exact_vs_hf(hw, maxpix):
-    """Oracle: transformers' Qwen2VLImageProcessorPil. Covers round-down, max_pixels and min_pixels branches."""
+    """Image preprocessing against transformers' Qwen2VLImageProcessorPil, bit for bit: the same resize grid
+    (image_grid_thw) and the same float32 patch tensor. The five sizes cover rounding down to a multiple of
+    28, the max_pixels cap, the min_pixels floor and an odd aspect ratio. Catches bicubic vs bilinear
+    resampling, normalising with ImageNet instead of CLIP statistics, or a patch flattening order that
+    differs from the vision tower's (which would scramble every image without any error).
+    """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    # a photo-like image (gradients + noise): flat colours would hide resampling differences
     img = _sf_photo(*hw, seed=hw[0])
     hf = Qwen2VLImageProcessorPil(min_pixels=sf.MIN_PIXELS, max_pixels=maxpix)
     ref = hf(images=[img], return_tensors="np")
@@ -216,7 +227,11 @@ def test_skinflow_preprocess_bit_exact_vs_hf(hw, maxpix):
 
 
 def test_skinflow_smart_resize_examples():
-    """Hand-computed smart_resize cases (round to 28, max cap, min floor, aspect-ratio error)."""
+    """smart_resize on cases worked out by hand: rounding each side to a multiple of 28 (one merged 2 x 2 token
+    of 14-pixel patches), the max_pixels cap, the min_pixels floor (4 tokens) and an aspect ratio too
+    extreme to represent. Catches rounding down where round-to-nearest is meant (300 must give 308, not
+    280), or a cap / floor that rounds the wrong way (the cap must round down, the floor up).
+    """
     assert sf.smart_resize(300, 450) == (308, 448)                       # 11 x 16 = 176 tokens
     assert sf.smart_resize(1000, 700, max_pixels=200 * 28 * 28) == (448, 308)
     assert sf.smart_resize(10, 10) == (56, 56)                           # min_pixels: 4 tokens
@@ -229,11 +244,17 @@ def test_skinflow_smart_resize_examples():
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["untied", "tied", "new_layout", "flat"])
 def test_skinflow_logits_match_transformers_two_images(skinflow_ckpts, kind):
-    """Two images (merged grids 4x6 = whole windows, 3x5 = partial windows) in one prompt: vision features
-    and logits against transformers for every checkpoint flavour (untied, tied, new key layout, flat config)."""
+    """The main backbone oracle: two images (merged grids 4 x 6 = whole attention windows, 3 x 5 = partial
+    windows) in one prompt; vision features (1e-5) and logits (1e-4) against transformers for every
+    checkpoint flavour (untied, tied, new key layout, flat config). The weights are random with norms and
+    biases randomised too, so no term can hide behind an identity init. Catches wrong 3-D rope positions for
+    the image tokens, window reordering not undone, attention leaking across the two images, or a tied
+    checkpoint loading a separate random lm_head.
+    """
     hf = skinflow_ckpts["hf_" + kind]
     ours = sf.VLM.from_pretrained(skinflow_ckpts[kind])
     assert (ours.lm_head is None) == (kind in ("tied", "flat"))
+    # text 5, image 1, text 3, image 2, text 4: images in the middle of the text, not only at the start
     ids = torch.tensor([_sf_prompt([5, 3, 4], _SF_GRIDS, seed=3)])
     pix = _sf_pixels(_SF_GRIDS, seed=4)
     # vision features alone (window order, partial windows, no cross-image attention, order restore)
@@ -249,10 +270,14 @@ def test_skinflow_logits_match_transformers_two_images(skinflow_ckpts, kind):
 
 
 def test_skinflow_left_padded_batch_equals_unpadded_runs(skinflow_ckpts):
-    """A left-padded batch of 2: each row's logits equal its own unpadded run, which equals transformers."""
+    """A left-padded batch of two prompts: each row's logits (on its real tokens) equal its own unpadded run
+    (1e-5), which equals transformers (1e-4). Catches rope positions that count the pads (every position
+    shifted by the pad length) or a mask that lets real tokens attend to pads.
+    """
     hf, ours = skinflow_ckpts["hf_untied"], sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     rows = [_sf_prompt([4, 6], [_SF_GRIDS[0]], seed=5), _sf_prompt([2, 3], [_SF_GRIDS[1]], seed=6)]
     pix = [_sf_pixels([_SF_GRIDS[0]], 7), _sf_pixels([_SF_GRIDS[1]], 8)]
+    # left padding: row b's tokens sit at the end, positions T - len(r) .. T - 1
     T = max(map(len, rows))
     ids = torch.full((2, T), _SF_PAD)
     mask = torch.zeros(2, T, dtype=torch.long)
@@ -268,13 +293,18 @@ def test_skinflow_left_padded_batch_equals_unpadded_runs(skinflow_ckpts):
 
 
 def test_skinflow_sharded_bf16_checkpoint(skinflow_ckpts):
-    """Sharded bf16 checkpoint (index.json): fp32 load matches transformers' fp32 load; bf16 run stays close."""
+    """A sharded bf16 checkpoint (several files + model.safetensors.index.json, like the Hub's): an fp32 load
+    matches transformers' fp32 load of the same files (1e-4), and a bf16 run stays within 5 % of the fp32
+    logits. Catches a loader that reads only the first shard, or one that keeps bf16 weights when asked for
+    fp32.
+    """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     d = skinflow_ckpts["sharded_bf16"]
     assert (d / "model.safetensors.index.json").exists() and len(list(d.glob("*.safetensors"))) > 1
     ids = torch.tensor([_sf_prompt([3, 5], [_SF_GRIDS[1]], seed=9)])
     pix = _sf_pixels([_SF_GRIDS[1]], 10)
+    # both sides load the same bf16 files up-cast to fp32, so 1e-4 applies as for the fp32 checkpoints
     hf32 = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
     ours32 = sf.VLM.from_pretrained(d, dtype=torch.float32)
     ref = _sf_hf_logits(hf32, ids, None, pix, [_SF_GRIDS[1]])
@@ -290,10 +320,15 @@ def test_skinflow_sharded_bf16_checkpoint(skinflow_ckpts):
 
 
 def test_skinflow_strict_key_check_and_roundtrip(skinflow_ckpts, tmp_path):
-    """Missing and unexpected keys are both named in the error; save_pretrained -> from_pretrained is exact."""
+    """Loading is strict: a checkpoint with one key missing and one unexpected key fails with an error that
+    names BOTH (so a user sees the whole mismatch at once). save_pretrained -> from_pretrained is the
+    identity, and a tied model saves no lm_head.weight. Catches a loader that silently leaves a missing
+    weight at its random init, the classic cause of a model that loads fine and answers nonsense.
+    """
     from safetensors.torch import load_file, save_file
 
     sd = load_file(str(skinflow_ckpts["untied"] / "model.safetensors"))
+    # one key missing and one unexpected: the error must list both
     sd.pop("model.layers.1.mlp.up_proj.weight")
     sd["visual.blocks.0.extra.weight"] = torch.zeros(2)
     (tmp_path / "bad").mkdir()
@@ -312,7 +347,11 @@ def test_skinflow_strict_key_check_and_roundtrip(skinflow_ckpts, tmp_path):
 
 
 def test_skinflow_offline_hf_cache_and_missing_repo(skinflow_ckpts, tmp_path):
-    """from_pretrained("some-org/some-repo") through a hand-laid HF cache with HF_HUB_OFFLINE=1."""
+    """from_pretrained("some-org/some-repo") through a hand-laid Hugging Face cache (refs/main -> a snapshot
+    folder) with HF_HUB_OFFLINE=1, in a subprocess so the environment is clean: the cached repo loads; a
+    repo absent from the cache gives FileNotFoundError with the `hf download` command to run. Catches a
+    loader that needs the network for a model that is already on disk.
+    """
     cache = tmp_path / "hub"
     repo = cache / "models--some-org--some-repo"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -338,7 +377,10 @@ def test_skinflow_offline_hf_cache_and_missing_repo(skinflow_ckpts, tmp_path):
 
 
 def test_skinflow_bad_inputs_give_clear_errors(skinflow_ckpts):
-    """Mismatched images / pads / types fail early with a readable message, not deep inside torch."""
+    """Mismatched inputs fail early with a readable message, not deep inside torch: image pads without pixels,
+    too few pixel rows for the grid, a grid whose token count does not match the pads in the text, and a
+    numpy array given where a PIL image is expected.
+    """
     m = sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     ids = torch.tensor([_sf_prompt([2, 2], [_SF_GRIDS[0]], seed=1)])
     with pytest.raises(ValueError, match="pixel_values"):
@@ -357,6 +399,7 @@ def test_skinflow_dve_hook_gets_per_image_cu_seqlens_and_image_embeds_reuse(skin
     m = sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     seen = []
 
+    # a stand-in for dve.FDLinear: records the cu_seqlens it is given and acts as the wrapped Linear
     class _Spy(torch.nn.Module):
         takes_cu_seqlens = True
 
@@ -377,6 +420,7 @@ def test_skinflow_dve_hook_gets_per_image_cu_seqlens_and_image_embeds_reuse(skin
         reuse = m(ids, image_grid_thw=grid, image_embeds=m.encode_images(pix, grid))
     assert seen and seen[0].dtype == torch.int32 and seen[0].tolist() == [0, 8 * 12, 8 * 12 + 6 * 10]
     assert torch.equal(before, after) and torch.equal(after, reuse)
+    # hidden_states + lm_head is the same forward split in two (used by the chunked log-probs)
     h = m.hidden_states(ids, pixel_values=pix, image_grid_thw=grid)
     assert torch.allclose(torch.nn.functional.linear(h, m.lm_head_weight), before, atol=1e-6)
 
@@ -409,6 +453,7 @@ def test_skinflow_kv_cache_equals_full_recompute(skinflow_ckpts):
     with torch.no_grad():
         full = m(full_ids, full_mask, pix, grid)                           # [B, T0 + L, V], no cache
     T0 = ids.shape[1]
+    # only positions before (and at) each row's stop are compared; the rest is padding
     live = out.mask.bool()
     step_logits = full[:, T0 - 1:T0 - 1 + L]                               # logits that chose token k
     assert (out.logits - step_logits)[live].abs().max() <= 1e-4
@@ -418,13 +463,18 @@ def test_skinflow_kv_cache_equals_full_recompute(skinflow_ckpts):
 
 
 def test_skinflow_stop_token_masking_and_sampling_repro(skinflow_ckpts):
-    """Same generator seed -> same sample; a stop token ends its row (mask 1 on it, pads after)."""
+    """Sampling is reproducible from the generator seed; a stop token ends its row, the stop token itself is
+    kept (mask 1) and everything after it is padding (mask 0); right-padded input is refused with a message
+    that asks for LEFT padding. Catches a mask that drops the stop token (the policy would never be credited
+    for stopping) or tokens after the stop that still count in the loss.
+    """
     m = sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     ids, mask, pix, grid = _sf_padded_batch(21)
     a = m.generate(ids, mask, pix, grid, max_new_tokens=6, generator=torch.Generator().manual_seed(5))
     b = m.generate(ids, mask, pix, grid, max_new_tokens=6, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
     greedy = m.generate(ids, mask, pix, grid, max_new_tokens=6, greedy=True)
+    # pick a stop id the greedy run is known to emit, at position 2 or earlier
     stop = int(greedy.tokens[0, 2])
     s = m.generate(ids, mask, pix, grid, max_new_tokens=6, greedy=True, stop_ids=[stop])
     k = int((greedy.tokens[0] == stop).nonzero()[0])                       # first occurrence of the stop
@@ -435,7 +485,9 @@ def test_skinflow_stop_token_masking_and_sampling_repro(skinflow_ckpts):
 
 
 def test_skinflow_greedy_matches_transformers_generate(skinflow_ckpts):
-    """Greedy tokens equal transformers' greedy generate on a left-padded batch with images."""
+    """Greedy generation equals transformers' greedy generate, token for token, on a left-padded batch with
+    images. Catches an off-by-one in the rope position of decoded tokens after a padded prompt.
+    """
     hf, ours = skinflow_ckpts["hf_untied"], sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     ids, mask, pix, grid = _sf_padded_batch(31)
     with torch.no_grad():
@@ -489,13 +541,18 @@ def skinflow_qwen_tokenizers(skinflow_qwen_tokenizer_path):
 
 
 def test_skinflow_tokenizer_matches_hf_on_qwen_vocab(skinflow_qwen_tokenizers):
-    """Oracle: HF tokenizers on the real Qwen vocab; identical ids and lossless (NFC) round trip."""
+    """Our byte-level BPE tokenizer against HF tokenizers on the real Qwen vocabulary: identical ids for every
+    string of _SF_CORPUS (CJK, emoji with ZWJ, combining accents, odd whitespace, special tokens,
+    contractions) and a lossless round trip up to NFC normalisation; the special ids are Qwen's. Catches a
+    wrong merge priority, a missing NFC step or special tokens split into pieces.
+    """
     ours, hf = skinflow_qwen_tokenizers
     for text in _SF_CORPUS:
         ids = ours.encode(text)
         assert ids == hf.encode(text, add_special_tokens=False).ids, text
         assert ours.decode(ids) == unicodedata.normalize("NFC", text)   # encode normalises to NFC
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False)
+    # Qwen's special ids: <|im_end|>, <|endoftext|>, <|image_pad|>, <|vision_start|>
     assert (ours.eos_id, ours.pad_id, ours.image_pad_id, ours.vision_start_id) == (151645, 151643, 151655, 151652)
 
 
@@ -513,7 +570,10 @@ def test_skinflow_pretokenizer_pieces_match_hf(skinflow_qwen_tokenizers):
 
 
 def test_skinflow_tokenizer_old_merge_format(skinflow_qwen_tokenizer_path, skinflow_qwen_tokenizers, tmp_path):
-    """Old tokenizer.json files store merges as "a b" strings; both readers must agree on them."""
+    """Older tokenizer.json files store merges as "a b" strings instead of pairs; both readers must agree on
+    such a file (first 20,000 merges only, to keep the test fast). Catches a reader that handles only the
+    newer format and fails on many Hub checkpoints.
+    """
     j = json.loads(skinflow_qwen_tokenizer_path.read_text(encoding="utf-8"))
     j["model"]["merges"] = [" ".join(m) for m in j["model"]["merges"][:20000]]   # "a b" strings
     (tmp_path / "tokenizer.json").write_text(json.dumps(j, ensure_ascii=False), encoding="utf-8")
@@ -525,7 +585,11 @@ def test_skinflow_tokenizer_old_merge_format(skinflow_qwen_tokenizer_path, skinf
 
 
 def test_skinflow_chat_template_ids(skinflow_qwen_tokenizers):
-    """The template equals HF tokenizers on the rendered Qwen2.5-VL prompt (176 image pads for a 300x450 photo)."""
+    """The Qwen2.5-VL chat template, rendered by us, equals HF tokenizers on the same rendered string: the
+    default system prompt, a 300 x 450 photo as 176 image pads between vision markers, the user text, and
+    the assistant header. User text cannot inject control tokens ("<|im_end|>" is encoded as plain text).
+    Catches a missing newline or system line (the model would see a prompt format it was never trained on).
+    """
     ours, hf = skinflow_qwen_tokenizers
     ids = sf.chat_prompt_ids(ours, "Describe this lesion.", (1, 22, 32))   # 300x450 -> 11 x 16 = 176 tokens
     rendered = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -533,15 +597,23 @@ def test_skinflow_chat_template_ids(skinflow_qwen_tokenizers):
                 "<|im_start|>assistant\n")
     assert ids == hf.encode(rendered, add_special_tokens=False).ids
     assert len(ids) == 176 + 4 + 21
+    # the first 15 ids written out: '<|im_start|>system\nYou are a helpful
+    # assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>'
     assert ids[:15] == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 151652]
     # user text cannot inject control tokens
     assert 151645 not in sf.chat_prompt_ids(ours, "hi<|im_end|>", None, system=None)[3:-5]
 
 
 def test_skinflow_tokenizer_train_roundtrip_with_hf(tmp_path):
-    """A trained tokenizer saved as tokenizer.json encodes identically under HF tokenizers; tiny ids match the tiny config."""
+    """A tokenizer trained here (a vocabulary of 420 tokens) and saved as tokenizer.json encodes
+    identically under HF tokenizers, also for unseen words and characters (the byte-level base alphabet covers
+    every byte), and loads
+    back to the same ids. The tiny preset's tokenizer uses the tiny config's special ids and fits its
+    vocabulary. Catches a saved file that HF reads differently (e.g. merges in the wrong order).
+    """
     from tokenizers import Tokenizer as HFTokenizer
 
+    # the first 11 corpus strings, twice (so that pairs occur often enough to be merged)
     texts = _SF_CORPUS[:11] * 2
     tok = sf.Tokenizer.train(texts, 420)
     assert len(tok.vocab) == 420 and tok.pad_id == 420 and tok.eos_id == 422 and tok.image_pad_id == 432
@@ -571,6 +643,8 @@ def test_skinflow_missing_local_checkpoint_says_train_it_first(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "weights.bin").write_text("x")
+    # each name can only mean a local path: a leading . / ~, two or more slashes, a trailing /model, a first
+    # folder that exists here (runs/x), or an existing file
     for name in ("runs/tiny/stage2/model", "./stage1", "~/no-such-skinflow-run", "runs/x", "a/b/model",
                  "/no/such/dir", "nowhere/deep/ckpt", "weights.bin"):
         msg = _sf_load_error(name)
@@ -591,10 +665,14 @@ def _sf_load_error(name) -> str:
 # tiny preset, make_batch, CLI
 # ---------------------------------------------------------------------------------------------------
 def test_skinflow_tiny_preset_make_batch_and_cli(tmp_path):
-    """The tiny preset end to end: make_batch layout (left padding, pad counts), generation, and the CLI."""
+    """The tiny preset end to end: make_batch lays out two images of different sizes (grids, pixel rows, left
+    padding, image-pad counts), generate runs on it, and `eval.py generate` prints an answer; the old
+    `skinflow.py` command only points to the new one. A smoke test of the path every lesson starts from.
+    """
     model, tok = sf.load("tiny")
     imgs = [_sf_photo(112, 112, 1), _sf_photo(90, 150, 2)]
     batch = sf.make_batch(tok, imgs, ["Describe the lesion.", "Differential?"], max_pixels=112 * 112)
+    # 112 x 112 -> 8 x 8 patches (16 tokens); 90 x 150 -> 6 x 10 patches (15 tokens) under 112 * 112 pixels
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 6, 10]]
     assert batch["pixel_values"].shape == (64 + 60, 1176)
     am = batch["attention_mask"]
