@@ -828,13 +828,18 @@ def _perf_greedy_oracle(model, ids, mask, n, stops):
 # CPU: the graph-free static decoder
 # ---------------------------------------------------------------------------------------------------
 def test_perf_static_decoder_equals_cache_free_greedy():
-    """Greedy tokens, mask and log-probs of the static decoder equal a cache-free full-recompute loop,
-    including a row that stops early (stop token kept with mask 1, pads after) and early exit of the loop."""
+    """The static-cache decoder (the fast path behind VLM.generate) against a cache-free oracle that re-runs
+    the full causal forward over prompt + tokens so far at every step: identical greedy tokens and mask,
+    log-probs within 1e-5, on a left-padded batch where row 1 stops early (stop token kept with mask 1, pads
+    after) and the loop exits before max_new_tokens. Catches a KV cache written at the wrong slot for padded
+    rows, or a cache position that drifts once a row has stopped.
+    """
     model = _perf_tiny(seed=4)
     ids, mask = _perf_batch(model.cfg, seed=1)
     free = model.generate(ids, mask, max_new_tokens=9, greedy=True)
     stop = int(free.tokens[1, 2])                                            # row 1 stops at step <= 2
     stops = [model.cfg.eos_token_id, stop]
+    # the oracle stops on the same ids (eos + the chosen one)
     want = _perf_greedy_oracle(model, ids, mask, 9, stops)
     got = model.generate(ids, mask, max_new_tokens=9, greedy=True, stop_ids=[stop])
     assert got.mask[1].sum() <= 3 and got.mask[1, int(got.mask[1].sum()) - 1] == 1
@@ -843,13 +848,17 @@ def test_perf_static_decoder_equals_cache_free_greedy():
 
 
 def test_perf_sync_every_does_not_change_results():
-    """Checking "all stopped?" only every k steps (fewer host syncs) runs extra pad-only steps; the
-    returned Generation must be identical to checking every step, sampled and greedy, with early stops."""
+    """Checking "have all rows stopped?" only every k steps (fewer GPU->host syncs) runs some extra pad-only
+    steps; the returned Generation must be identical to checking every step, for k = 1, 5, 64, in greedy and
+    sampled mode, with early stops. Catches the extra steps leaking into the output (tokens after a stop, or
+    a longer tensor) or consuming random numbers that change later samples.
+    """
     model = _perf_tiny(seed=5)
     ids, mask = _perf_batch(model.cfg, seed=2)
     probe = model.generate(ids, mask, max_new_tokens=12, greedy=True)
     stops = sorted({int(probe.tokens[b, 1]) for b in range(ids.shape[0])})  # every row stops by step 1
     for kw in (dict(greedy=True), dict(temperature=0.8, top_p=0.9)):
+        # k = 1 checks every step (the reference), 5 some, 64 never before max_new_tokens
         outs = [model.generate(ids, mask, max_new_tokens=12, stop_ids=stops, sync_every=k,
                                generator=torch.Generator().manual_seed(3), **kw) for k in (1, 5, 64)]
         for o in outs[1:]:
@@ -861,17 +870,24 @@ def test_perf_sync_every_does_not_change_results():
 
 @pytest.mark.parametrize("top_p", [1.0, 0.7])
 def test_perf_gpu_sampling_rule_equals_multinomial(top_p):
-    """VLM._choose draws with the exponential race (no host sync); with the same generator state it must
-    pick exactly what torch.multinomial picks (over the top-p-truncated, sorted distribution)."""
+    """VLM._choose samples with the exponential race (argmax of p / E with E ~ Exp(1): no host sync, no
+    cumulative sum on the host) and must pick exactly the token torch.multinomial picks from the same
+    generator state, over the full distribution and over the top-p-truncated sorted one; the reported
+    log-prob is that of the chosen token at the given temperature. Catches a top-p cut that keeps one token
+    too many or too few, or the temperature applied after the softmax.
+    """
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 300, generator=g) * 2.5
     for seed in range(4):
         tok, lp = sf.VLM._choose(logits, 0.9, top_p, False, torch.Generator().manual_seed(seed))
+        # the oracle replays the same seed through torch.multinomial
         ref_gen = torch.Generator().manual_seed(seed)
         logp = torch.log_softmax(logits / 0.9, -1)
         p = logp.exp()
         if top_p < 1.0:
             sp, si = p.sort(-1, descending=True)
+            # top-p: keep a token while the mass BEFORE it is below top_p (so the token crossing top_p is
+            # kept)
             sp = sp * ((sp.cumsum(-1) - sp) < top_p)
             ref = si.gather(1, torch.multinomial(sp, 1, generator=ref_gen))[:, 0]
         else:
@@ -881,6 +897,10 @@ def test_perf_gpu_sampling_rule_equals_multinomial(top_p):
 
 
 def test_perf_generate_argument_errors():
+    """generate's argument checks: cuda_graph=True without CUDA, top_p outside (0, 1], and an attention mask
+    whose shape does not match the ids each fail with a ValueError naming the problem, instead of a shape
+    error deep inside the decoder.
+    """
     model = _perf_tiny()
     ids, mask = _perf_batch(model.cfg, seed=3)
     with pytest.raises(ValueError, match="CUDA"):
@@ -892,8 +912,10 @@ def test_perf_generate_argument_errors():
 
 
 def test_perf_bench_cpu_smoke(tmp_path, monkeypatch):
-    """`python bench.py --cpu-smoke` runs every section at tiny shapes, all its correctness checks pass,
-    and it writes the JSON and the table (this keeps the GPU benchmark from rotting on CPU-only CI)."""
+    """`python bench.py --cpu-smoke` runs every benchmark section at tiny shapes with the extensions disabled,
+    all its built-in correctness checks pass, and it writes bench.json and the markdown table. This keeps
+    the GPU benchmark from rotting on CPU-only CI; no timing is asserted beyond "it ran".
+    """
     import bench
 
     monkeypatch.setenv("SKINFLOW_NO_EXT", "1")   # no compile inside this test; the kernels have their own tests
@@ -921,6 +943,7 @@ def test_perf_gpu_check_cpu_smoke_writes_json_and_verdicts(tmp_path, monkeypatch
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(res["sections"]) == set(bench.Bench.SECTIONS) and not res["errors"]
     assert res["sections"]["grpo"]["dve_params"] > 0 and res["sections"]["grpo"]["step_ms"] > 0
+    # the verdict rows by name: correctness verdicts must be met, speed verdicts stay undecided (None)
     verdicts = {r["what"]: r for r in res["gpu_check"]}
     assert verdicts["correctness checks passed"]["met"] is True
     assert verdicts["sections without error"]["met"] is True
@@ -943,8 +966,11 @@ _perf_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @_perf_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_perf_cuda_logprob_kernel_vs_float64(dtype):
-    """csrc/logprob_cuda.cu forward and backward vs float64 at Qwen's vocabulary (and a ragged one), with
-    a masked (-inf) entry and a dominant logit; output buffers are checked for NaN (unwritten memory)."""
+    """csrc/logprob_cuda.cu, forward and backward, against float64 at Qwen's vocabulary size (151,936) and a
+    ragged one (1,001), with masked (-inf) entries and a dominant logit; every output must be finite (an
+    unwritten output buffer shows up as NaN). GPU only; a missing build fails instead of skipping, because
+    on a CUDA machine the kernel is expected to build.
+    """
     import rl
 
     if rl._logprob_ext() is None:
@@ -972,8 +998,11 @@ def test_perf_cuda_logprob_kernel_vs_float64(dtype):
 @_perf_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_perf_cuda_fdlinear_op_vs_float64(dtype):
-    """csrc/fdlinear_cuda.cu (mix on load) forward, dx, da, dbases vs a float64 per-image loop, at the
-    real d_in 1280 / d_out 3420 with ragged images (one of a single token) and K = 4."""
+    """csrc/fdlinear_cuda.cu (the band weights mixed per image while loading) against a float64 per-image loop
+    at the real 1280 -> 3420 shape with K = 4 and ragged images (70, 1 and 133 tokens): output, dx, da and
+    dbases in fp32 and bf16, by relative error. GPU only. Catches a tile or image boundary bug that the
+    small CPU shapes cannot reach.
+    """
     import dve
 
     ext = dve._extension()
@@ -988,6 +1017,7 @@ def test_perf_cuda_fdlinear_op_vs_float64(dtype):
     bases = torch.randn(K, d_out, d_in, generator=g, device="cuda", dtype=torch.float64) * 0.03
     dy = torch.randn(204, d_out, generator=g, device="cuda", dtype=torch.float64)
     leaves = [t.clone().requires_grad_(True) for t in (x, a, bases)]
+    # the oracle builds every image's full weight W_b = sum_k a_bk W_k, which the kernel never does
     W = torch.einsum("nk,koi->noi", leaves[1], leaves[2])                      # [n, d_out, d_in]
     want = torch.cat([leaves[0][s:s + n] @ W[b].T for b, (s, n) in enumerate(zip([0, 70, 71], lengths))])
     want_grads = torch.autograd.grad((want * dy).sum(), leaves)
@@ -1008,6 +1038,7 @@ def test_perf_cuda_graph_decode_equals_eager():
     log-probs that match a cache-free forward."""
     model = _perf_tiny(seed=6).cuda()
     ids, mask = _perf_batch(model.cfg, seed=8)
+    # greedy first: graph replay vs eager must agree token for token
     ids, mask = ids.cuda(), mask.cuda()
     a = model.generate(ids, mask, max_new_tokens=20, greedy=True, cuda_graph=True)
     b = model.generate(ids, mask, max_new_tokens=20, greedy=True, cuda_graph=False)
