@@ -359,6 +359,7 @@ def test_skinflow_offline_hf_cache_and_missing_repo(skinflow_ckpts, tmp_path):
     repo absent from the cache gives FileNotFoundError with the `hf download` command to run. Catches a
     loader that needs the network for a model that is already on disk.
     """
+    # the Hub cache layout: models--<org>--<name>/snapshots/<commit>/ with refs/main holding the commit
     cache = tmp_path / "hub"
     repo = cache / "models--some-org--some-repo"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -368,6 +369,7 @@ def test_skinflow_offline_hf_cache_and_missing_repo(skinflow_ckpts, tmp_path):
         shutil.copy(skinflow_ckpts["tied"] / f, snap / f)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+    # run in a child process: HF_HUB_OFFLINE and the cache path are read when huggingface_hub is imported
     code = ("import skinflow as sf\n"
             "m = sf.VLM.from_pretrained('some-org/some-repo')\n"
             "print('params', sum(p.numel() for p in m.parameters()))\n"
@@ -465,6 +467,7 @@ def test_skinflow_kv_cache_equals_full_recompute(skinflow_ckpts):
     T0 = ids.shape[1]
     # only positions before (and at) each row's stop are compared; the rest is padding
     live = out.mask.bool()
+    # position T0 - 1 + k of the full pass is what chose completion token k
     step_logits = full[:, T0 - 1:T0 - 1 + L]                               # logits that chose token k
     assert (out.logits - step_logits)[live].abs().max() <= 1e-4
     ref_lp = torch.log_softmax(step_logits / 0.7, -1).gather(2, out.tokens[..., None])[..., 0]
@@ -1362,6 +1365,7 @@ def test_data_skincap_mapping_join_and_test_guard(tmp_path):
     assert (f2["colour"], f2["size"], f2["distribution"], f2["location"]) == ("white", "small", "clustered", "face")
     assert caps[3].fields["location"] == "palm or sole"
     assert chosen[0].fields == f0 and chosen[0].caption.startswith("Multiple")    # attached to the record
+    # the test-split guard, two ways: through the split function and through skincap_guard
     guarded = data.fitzpatrick17k_split(recs, "random", "test", exclude_from_test=[c.id for c in caps])
     assert len(guarded) == len(test) - 3 and not {c.id for c in caps} & {r.id for r in guarded}
     kept, removed = data.skincap_guard(test, caps)
@@ -1440,6 +1444,7 @@ def test_data_synthderm_caption_matches_rendered_pixels():
         assert s.image.size == (96, 96) and s.mask.shape == (96, 96) and s.mask.dtype == bool and s.mask.any()
         assert (s.nine, s.three) == data.TAXONOMY[s.label]
         assert len(s.caption.split("\n")) == 8
+        # mean luminance inside and outside the lesion mask
         inside, outside = lum[s.mask].mean(), lum[~s.mask].mean() if (~s.mask).any() else None
         if s.fields["colour"] == "white":                      # depigmented: brighter than the skin
             assert inside > outside + 10
@@ -1457,6 +1462,7 @@ def test_data_synthderm_caption_matches_rendered_pixels():
             ys, xs = np.nonzero(s.mask)
             assert abs(ys.mean() - 48) < 30 and abs(xs.mean() - 48) < 30
             checked["solitary"] += 1
+    # each pixel check fired at least once in 120 items, so none of them is vacuous
     assert all(v > 0 for v in checked.values()), checked
 
 
@@ -1754,6 +1760,7 @@ def test_data_near_duplicate_groups_edits_merge_distinct_photos_do_not(tmp_path)
     files += [flat, flat2]
     st: dict = {}
     cache = tmp_path / "cache.json"
+    # expected: 5 files (orig + 4 edits) per base photo in groups 0 and 1, every other file alone
     g = data.near_duplicate_groups(files, cache_path=cache, stats=st)
     assert len(g) == len(files) and g[:5] == [0] * 5 and g[5:10] == [1] * 5
     assert len(set(g[10:])) == len(files) - 10 and not set(g[10:]) & {0, 1}
@@ -1959,6 +1966,9 @@ def test_data_synthderm_size_word_agrees_with_the_lesion_mask():
 #
 # Every expected value below is written from the rules in eval.py's docstrings and comments, by hand,
 # not copied from the code's output. Property tests (hypothesis) check the parsers on random text.
+# The verdict vocabulary used throughout: correct / subtype (both credited as a hit), near_miss (same
+# differential family), safety_critical (crosses the malignant line), wrong, unknown (outside the 114
+# Fitzpatrick17k labels). Top-k counts a hit at rank <= k; "strict" columns accept only the exact label.
 # ===================================================================================================
 
 # ---------------------------------------------------------------------------------------------------
@@ -2465,6 +2475,7 @@ def test_eval_llm_judge_against_stub(eval_stub_server):
     handler.replies = [None, "I have no idea", None]
     assert j("nevus", "melanoma") == "safety_critical" and j.fallbacks == 1
     # used inside the metrics
+    # the judge inside clinical_metrics: a benign mole called for a melanoma
     handler.replies = ["safety-critical"] * 3
     m = sf_eval.clinical_metrics([(["benign mole"], "melanoma", 2)], judge_fn=j, n_boot=10)
     assert m["safety_critical_rate"] == 1.0
@@ -2992,6 +3003,8 @@ def test_eval_report_header_names_only_the_data_the_cases_came_from(tmp_path):
     ds = data.SynthDerm(4, seed=2, image_size=64, split="test")
     specs = [ds.spec(i) for i in range(4)]
 
+    # runs --predictions on `rows` into a fresh folder and returns the metrics' meta, checking the report
+    # shows it too
     def header(args, rows):
         path = tmp_path / "p.jsonl"
         path.write_text("\n".join(json.dumps(r) for r in rows))
@@ -3003,11 +3016,13 @@ def test_eval_report_header_names_only_the_data_the_cases_came_from(tmp_path):
             assert f"- {k}: {meta[k]}" in report
         return meta
 
+    # case 1: every row carries its own label and skin type, so no data split was consulted
     own = [{"id": s["id"], "prediction": "1. " + s["label"], "label": s["label"], "fitzpatrick": s["fitzpatrick"]}
            for s in specs]
     meta = header([], own)
     assert meta["split"] == "not recorded in the predictions file" and meta["data"] == "labels of the predictions file"
     assert "labels" not in meta
+    # case 2: ids only (but row 0), joined in the SynthDerm val split; one id matches nothing
     val = data.SynthDerm(4, seed=2, image_size=64, split="val")
     ids_only = [{"id": s["id"], "prediction": "1. " + s["label"]} for s in map(val.spec, range(4))]
     ids_only[0].update(label="melanoma", fitzpatrick=1)
@@ -3021,6 +3036,7 @@ def test_eval_report_header_names_only_the_data_the_cases_came_from(tmp_path):
     meta = header(["--data", "fitzpatrick17k", "--csv", str(csv_path)],
                   [{"id": r["md5hash"], "prediction": "1. " + r["label"]} for r in rows])
     assert meta["data"] == "fitzpatrick17k" and "eval1000" not in meta["split"] and meta["labels"].startswith("2 of 2")
+    # case 4: --model draws its own images, from the test split by default
     out = tmp_path / "model"
     assert sf_eval.main(["--model", "tiny", "--n", "2", "--image-size", "56", "--max-pixels", str(56 * 56),
                          "--max-new-tokens", "2", "--bootstrap", "20", "--no-lesion-focus", "--out", str(out)]) == 0
@@ -3030,6 +3046,10 @@ def test_eval_report_header_names_only_the_data_the_cases_came_from(tmp_path):
 
 # ===================================================================================================
 # Run summary (eval.py section 6): paired bootstrap, results table, curves
+#
+# summarize_run reads a train.sh run folder (eval/<stage>/cases.jsonl + metrics.json, <stage>/log.jsonl)
+# and writes results.md and curves.png. _sum_write_stage fakes the eval folders with chosen per-case
+# scores, so the paired gains are known in advance and no model is run.
 # ===================================================================================================
 
 def _sum_write_stage(run: Path, stage: str, top1: list[float], truths: list[str]):
@@ -3106,6 +3126,7 @@ def test_sum_run_table_curves_and_ablation(tmp_path):
     png = Image.open(tmp_path / "curves.png")
     assert png.size[0] > 400 and png.size[1] >= 200
     # a stage evaluated on different images gets no paired Δ (it would compare apples with oranges)
+    # a stage scored on only 30 of the 60 cases: different images, so no paired comparison
     _sum_write_stage(tmp_path, "stage1", warm[:30], truths[:30])
     rows = {r["stage"]: r for r in sf_eval.summarize_run(tmp_path, n_boot=200)["rows"]}
     assert rows["stage1"]["delta_top1"] is None
@@ -3278,11 +3299,13 @@ def test_attn_forced_attention_lands_on_the_right_cell(tmp_path):
         assert float(m[r, c]) > 0.99, m
         assert float(m.sum() - m[r, c]) < 0.01
     # the real layer (sdpa) does what the map says: its output at the last position is o_proj(v(target))
+    # cross-check with the real forward: a hook grabs layer 0's attention output at the last position
     att = model.model.layers[0].self_attn
     seen = {}
     h = att.register_forward_hook(lambda mod, a, out: seen.update(o=out[:, -1]))   # returns None: output kept
     model.hidden_states(**batch)
     h.remove()
+    # the oracle: with all mass on the target, attention output = o_proj(v(target)), heads repeated for GQA
     tgt = torch.stack([feats[targets[0]], feats[15 + targets[1]]])             # row 1's image starts at 15
     v = att.v_proj(model.model.layers[0].input_layernorm(tgt))                  # [2, Hk d]
     v = v.view(2, att.Hk, att.d).repeat_interleave(att.H // att.Hk, dim=1).reshape(2, -1)   # [2, H d] (GQA)
@@ -3440,6 +3463,7 @@ def test_attn_ckpt_exported_dir_and_rl_deltas(tmp_path):
     from safetensors.torch import save_file
 
     # (a) run folder layout <run>/stage1/model
+    # two tiny models with different seeds stand in for 'base' and 'fine-tuned'
     base, tok = sf.load("tiny", seed=0)
     trained, _ = sf.load("tiny", seed=7)                                       # "fine-tuned" = other weights
     export = tmp_path / "run" / "stage1" / "model"
@@ -3502,6 +3526,11 @@ def test_attn_eval_report_has_lesion_focus(tmp_path):
 # Oracles: float64 per-image spectral reference (`dve.fdlinear_reference`), float64 einsum loops written
 # here, torch.fft.fftfreq radii (independent of dve's integer keys), finite differences (gradcheck),
 # least squares for the best static layer, and the unconverted model for logit parity.
+#
+# Most layer tests run in float64 with random KSM heads (_dve_randomize_heads): at init every gate is 1 and
+# FDLinear IS the static Linear, so a test on fresh heads would pass for almost any gate bug. Image lengths
+# are uneven (e.g. 5, 9, 3 tokens) and each image gets its own mean (_dve_tokens), so per-image
+# descriptors differ and a batch-wide descriptor would be caught.
 # ===================================================================================================
 
 # The real Qwen2.5-VL vision-MLP shapes: gate/up 1280 -> 3420, down 3420 -> 1280.
@@ -3931,6 +3960,8 @@ def test_dve_tiny_model_identity_static_switch_and_grads():
         want = model(ids, pixel_values=pix, image_grid_thw=grids)
     report = dve.apply_dve(model, blocks=None, K=4)                      # None: the full-attention blocks (1, 3)
     assert cfg.dve == {"blocks": [1, 3], "K": 4, "linears": ["gate_proj", "up_proj", "down_proj"]}
+    # added parameters by hand per converted block: KSMs of gate/up (d -> i) and down (i -> d), plus
+    # spectrum extras
     d, i = cfg.vision.hidden_size, cfg.vision.intermediate_size
     per_block = 2 * _dve_ksm_formula(d, i, 4) + _dve_ksm_formula(i, d, 4) + 2 * 2 * i + 2 * d  # + spectrum extras
     assert report["layers"] == 6 and report["params_added"] == 2 * per_block
@@ -3958,6 +3989,7 @@ def test_dve_tiny_model_identity_static_switch_and_grads():
     for name, layer in dve.fdlinears(model):
         for head in (layer.ksm.band_head, layer.ksm.in_head, layer.ksm.out_head):
             assert head.weight.grad is not None and head.weight.grad.abs().max() > 0, name
+    # misuse: converting twice, blocks the tower does not have, a linear name DVE does not handle
     with pytest.raises(ValueError, match="already an FDLinear"):
         dve.apply_dve(model, blocks=[1])
     with pytest.raises(ValueError, match="blocks must be"):
@@ -4032,6 +4064,7 @@ def test_dve_transformers_checkpoint_identity(tmp_path):
     with torch.no_grad():
         plain = ours(ids, pixel_values=pix, image_grid_thw=grids)
         ref = hf(input_ids=ids, pixel_values=pix, image_grid_thw=grids, mm_token_type_ids=(ids == 595).int()).logits
+    # convert both vision blocks; at init the gates are 1, so nothing may change
     dve.apply_dve(ours, blocks=[0, 1], K=4)
     with torch.no_grad():
         got = ours(ids, pixel_values=pix, image_grid_thw=grids)
@@ -4129,6 +4162,13 @@ def test_dve_kernel_self_check_falls_back_on_a_wrong_backward(monkeypatch):
 # rewards, LoRA, trainer plumbing. Oracles: float64 references written here, hand-computed cases.
 #
 # Naming: every helper / fixture starts with `_rl_` / `rl_`.
+#
+# What the helpers build: _rl_logprob_reference (float64 log-softmax and its gradient), _rl_adv_reference and
+# _rl_loss_reference (the GRPO equations in plain Python floats, no tensor ops, so they cannot share a
+# broadcasting bug with rl.py), _rl_random_batch (a masked float64 batch whose ratios reach both clip
+# bounds), and _rl_cfg / _rl_fake_reward for trainer runs of a few seconds. The fake reward (share of
+# vowels) is deterministic and varies between the tiny model's random completions, so groups are rarely
+# flat and the GRPO machinery really runs.
 # ===================================================================================================
 
 def _rl_ext_or_skip():
@@ -4667,6 +4707,7 @@ def test_rl_lora_identity_disable_and_merge():
         with rl.adapters_disabled(model):
             torch.testing.assert_close(model(**batch), base)  # pi_ref without a second copy
         torch.testing.assert_close(model(**batch), adapted)  # adapters back on after the block
+        # fold B A (times alpha / rank) into each weight and drop the adapter modules
         rl.merge_lora(model)
         assert not rl.lora_layers(model)
         assert not any("lora_" in k for k in model.state_dict())  # Hub-layout keys again
@@ -4823,6 +4864,7 @@ def test_rl_resume_continues_identically(tmp_path, monkeypatch, stage):
     rl.Trainer(_rl_cfg(tmp_path / "a", stage, steps=4, **kw)).run()
     rl.Trainer(_rl_cfg(tmp_path / "b", stage, steps=2, **kw)).run()  # "interrupted" after step 2 ...
     rl.Trainer(_rl_cfg(tmp_path / "b", stage, steps=4, **kw)).run()  # ... and resumed
+    # compare every logged number except wall-clock timings and the once-per-Trainer kernel check
     a = _rl_log(tmp_path / "a" / "run" / stage / "log.jsonl")
     b = _rl_log(tmp_path / "b" / "run" / stage / "log.jsonl")
     drop = ("step_s", "rollout_s", "ext_check")  # ext_check: the kernels' first-use check, once per Trainer
@@ -4832,7 +4874,7 @@ def test_rl_resume_continues_identically(tmp_path, monkeypatch, stage):
 
 
 def test_rl_ctrl_c_writes_resumable_checkpoint(tmp_path, monkeypatch):
-    """Ctrl-C handling. A KeyboardInterrupt inside step 3 exits with status 130 and leaves a checkpoint at step
+    """Ctrl-C handling. A KeyboardInterrupt as step 3 begins exits with status 130 and leaves a checkpoint at step
     2 (two steps of 2 prompts each: data position 4), even though save_every=100 would never have saved. A
     first Ctrl-C caught by the signal handler (the _stop_requested flag) lets the running step finish, then
     checkpoints: the next Trainer resumes at step 3. Catches losing a long run's progress to an interrupt,
@@ -4843,6 +4885,7 @@ def test_rl_ctrl_c_writes_resumable_checkpoint(tmp_path, monkeypatch):
     real = tr._rl_step
     calls = []
 
+    # a KeyboardInterrupt as step 3 begins (after steps 1 and 2 have finished)
     def interrupted():
         calls.append(1)
         if len(calls) == 3:
@@ -4853,6 +4896,7 @@ def test_rl_ctrl_c_writes_resumable_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         tr.run()
     assert exc.value.code == 130
+    # a new Trainer on the same folder resumes from the emergency checkpoint
     again = rl.Trainer(_rl_cfg(tmp_path, "stage2", steps=5, save_every=100))
     assert again.step == 2 and again.position == 4
     # a first Ctrl-C (the SIGINT handler's flag) lets the running step finish, then checkpoints
@@ -5470,6 +5514,7 @@ def test_rl_export_bf16_keeps_adapter_unmerged_and_every_loader_reads_it(tmp_pat
         assert not torch.equal(bare(**batch), logits)  # the adapter file is what carries the training
         torch.testing.assert_close(plain(**batch), logits, rtol=0, atol=0)
     # the next stage: apply_lora adds a trainable adapter on top; "adapters off" keeps the start adapter
+    # the next stage: a fresh trainable rank-4 adapter on top of the loaded (rank 0, start-only) ones
     rep = rl.apply_lora(model, 4, 8.0)
     assert rep["layers"] == len(layers) and all(m.rank == 4 for m in layers)
     with torch.no_grad():
@@ -5741,6 +5786,7 @@ def ddp_runs(tmp_path_factory):
     # rounding (amplified by Adam) is not what this comparison is about
     torch.set_num_threads(1)
     try:
+        # the oracle: one process, the same 4 prompts per step the two ranks share
         single = _ddp_train(_ddp_cfg(out / "single", prompts=2 * _DDP_WORLD))
         single_fsdp = _ddp_train(_ddp_cfg(out / "single_fsdp", **{**_DDP_FSDP, "prompts": 2 * _DDP_WORLD}))
     finally:
