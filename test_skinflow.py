@@ -195,6 +195,7 @@ def test_skinflow_config_nested_flat_and_presets(skinflow_ckpts):
     assert not nested.tie_word_embeddings and flat.tie_word_embeddings
     # our flat writer round-trips
     assert sf.Config.from_dict(nested.to_dict()) == nested
+    # the published Qwen2.5-VL-3B and -7B shapes, written by hand
     c3, c7 = sf.Config.preset("3b"), sf.Config.preset("7b")
     assert (c3.hidden_size, c3.num_hidden_layers, c3.tie_word_embeddings, c3.vision.out_hidden_size) == (2048, 36, True, 2048)
     assert (c7.hidden_size, c7.vocab_size, c7.tie_word_embeddings, c7.vision.out_hidden_size) == (3584, 152064, False, 3584)
@@ -514,6 +515,9 @@ def test_skinflow_greedy_matches_transformers_generate(skinflow_ckpts):
 # ---------------------------------------------------------------------------------------------------
 # tokenizer
 # ---------------------------------------------------------------------------------------------------
+# Strings chosen to hit every branch of the Qwen2 pre-tokenizer regex and of byte-level BPE: mixed scripts,
+# emoji sequences joined by ZWJ, combining accents (NFC), numbers (split into single digits), runs of
+# whitespace and newlines, special tokens inside text, and contractions in every case.
 _SF_CORPUS = [
     "Erythematous, well-demarcated plaques with coarse silvery scale on the extensor surfaces.",
     "A 45-year-old woman (Fitzpatrick IV) has had a 6 mm pigmented lesion since 2019; it's grown.",
@@ -800,6 +804,10 @@ def test_skinflow_tiny_corpus_labels_copy_equals_data_taxonomy():
 # Oracles: a cache-free greedy loop over the full forward (no KV cache at all), torch.multinomial for the
 # sampling rule, float64 references for the kernels. No timing assertions.
 # Naming: helpers start with `_perf_`.
+#
+# The prompts here are text only (_perf_batch): decoding speed-ups live in the language model, and plain
+# token ids keep the oracle loop cheap. Rows are left-padded by different amounts (0, 3, 0, 6) because the
+# cache slot of a token depends on its row's padding, the most likely place for a fast decoder to go wrong.
 # ===================================================================================================
 
 def _perf_tiny(seed=0):
@@ -944,6 +952,7 @@ def test_perf_bench_cpu_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(sf, "_EXTENSIONS", {})
     monkeypatch.setattr(sf, "EXTENSION_ERRORS", {})
     assert bench.main(["--cpu-smoke", "--out", str(tmp_path)]) == 0
+    # every section ran, none errored, and every built-in correctness check passed
     res = json.loads((tmp_path / "bench.json").read_text())
     assert set(res["sections"]) == set(bench.Bench.SECTIONS) and not res["errors"]
     assert res["checks"] and all(c["ok"] for c in res["checks"])
@@ -969,6 +978,7 @@ def test_perf_gpu_check_cpu_smoke_writes_json_and_verdicts(tmp_path, monkeypatch
     assert verdicts["sections without error"]["met"] is True
     assert verdicts["kernels passed their first-use check"]["met"] is True
     assert all(r["met"] is None for r in res["gpu_check"] if r["target"] not in ("all",))  # toy shapes: no speed verdict
+    # a kernel that built must be within its tolerance of the float64 reference
     kern = res["sections"]["kernels"]
     for name in ("logprob", "fdlinear"):
         assert not kern[name]["built"] or kern[name]["max_err"] <= kern[name]["tol"]
@@ -1088,6 +1098,10 @@ def test_perf_cuda_graph_decode_equals_eager():
 #
 # Oracles are independent of data.py: the CSV is re-read with the csv module, the splits are checked
 # against their definitions, the implicit texture is found with an FFT, and hand-written expected values.
+#
+# Nothing here touches the network or the full image download: the real CSV ships gzipped in assets/
+# (read once and cached by _data_csv_rows / _data_records), images are small PNGs or SynthDerm renders
+# written to tmp_path, and servers are local (http.server on 127.0.0.1, a free port per test).
 # ===================================================================================================
 
 _DATA_CSV_GZ = Path(__file__).resolve().parent / "assets" / "fitzpatrick17k.csv.gz"
@@ -1668,6 +1682,7 @@ def test_data_open_image_awkward_kinds_become_rgb_within_max_pixels(tmp_path):
     HTML error page, missing, a folder) raise ImageError with a one-line reason. Catches an ignored EXIF
     turn, a CMYK image read as inverted colours, or PIL's clipping of 16-bit images to white.
     """
+    # one 120 x 90 render, saved in every awkward kind; `ref` is what each must read back as
     src = data.SynthDerm(1, seed=5, image_size=96, split="test")[0].image.resize((120, 90))
     ref = np.asarray(src, np.float64)
     for kind in ("rgb", "gray", "rgba", "cmyk", "16bit", "exif", "png_as_jpg", "tiny60", "wide", "palette"):
@@ -1712,6 +1727,7 @@ def test_data_single_image_clis_give_one_line_and_exit_2(tmp_path, capsys):
     """`eval.py generate --image` and `eval.py diagnose` on a corrupt or missing file: exactly one 'error:'
     line on stderr, exit status 2, no traceback. Catches a PIL exception escaping to the user.
     """
+    # a JPEG start-of-image marker and then garbage: it looks like a JPEG to a sniffer, fails to decode
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     for argv in (["generate", "--image", str(tmp_path / "bad.jpg"), "--max-new-tokens", "1"],
                  ["generate", "--image", str(tmp_path / "none.jpg")],
@@ -1867,6 +1883,7 @@ def test_data_fetch_against_local_server_resume_and_offline_hub(tmp_path):
         for m in set(kinds) - bad:                          # byte-exact copies of what the server holds
             got = data.find_image(out / "images", m)
             assert got and Path(got).read_bytes() == (fx["images"] / f"{m}.jpg").read_bytes()
+        # second fetch, same folder: every valid file is kept, nothing is downloaded again
         s2 = data.fetch(out, csv_path=fx["csv"], backbone=None, skincap=False, timeout=5, retries=1, progress=False)
         assert (s2["images"]["ok"], s2["images"]["skipped"]) == (0, len(kinds) - len(bad))   # resume
     finally:
@@ -1883,6 +1900,8 @@ def test_data_fetch_against_local_server_resume_and_offline_hub(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub), HF_HOME=str(tmp_path / "hfhome"))
     env.pop("HF_TOKEN", None)
     root = Path(data.__file__).resolve().parent
+    # a child process: the offline switch and the cache path must be in the environment before
+    # huggingface_hub loads
     res = subprocess.run([sys.executable, str(root / "data.py"), "fetch", "--out", str(out), "--csv", str(fx["csv"]),
                           "--backbone", "3b"], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -1898,6 +1917,7 @@ def test_data_fetch_against_local_server_resume_and_offline_hub(tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "Qwen/Qwen2.5-VL-7B-Instruct: not on disk and HF_HUB_OFFLINE=1" in res.stderr
     # the gated-dataset and no-token messages say exactly what to do (exception classes matched by name)
+    # stand-ins for huggingface_hub's exception classes: _hub_problem matches them by class name
     gated = type("GatedRepoError", (Exception,), {})("403")
     assert "accept the dataset's terms" in data._hub_problem(gated, data.SKINCAP_REPO, "dataset")
     no_token = type("LocalTokenNotFoundError", (Exception,), {})("no token")
@@ -2201,6 +2221,7 @@ def test_eval_metrics_format_flag_and_raw_text():
     set is a ValueError. Catches a metric that scores only well-formatted answers, or one that ignores the
     caller's flag.
     """
+    # cases are (prediction, truth, skin type[, format flag]); a string prediction is parsed first
     m = sf_eval.clinical_metrics([("psoriasis, eczema", "psoriasis", 2), ("1. psoriasis", "psoriasis", 2),
                             (["psoriasis"], "psoriasis", 2, False), ([], "psoriasis", 2, True)], n_boot=10)
     assert m["top1"] == pytest.approx(3 / 4)
@@ -2252,6 +2273,11 @@ def test_eval_fitzpatrick_buckets():
 # ---------------------------------------------------------------------------------------------------
 # Parsers
 # ---------------------------------------------------------------------------------------------------
+# (model output, expected entries, format flag). The flag is True for a list (numbered or bulleted here;
+# tables and JSON in the answer corpus below) and False for prose: the Stage II prompt asks for a list, so
+# a comma-separated sentence is parsed for scoring but counts as a format failure. Entries come back
+# cleaned (markdown, percentages and explanations stripped), lower-cased, deduplicated, at most six;
+# canonicalisation to labels happens later, in the judge.
 EVAL_PARSE_CASES = [
     ("1. psoriasis\n2. eczema", ["psoriasis", "eczema"], True),
     ("Most likely:\n1. **Psoriasis** (70%)\n2) Eczema - itchy\n3. psoriasis", ["psoriasis", "eczema"], True),
@@ -2536,6 +2562,7 @@ def test_eval_fitzpatrick17k_model_and_predictions(tmp_path):
     Three rows per label, so the stratified random split sends round(3 * 0.2) = 1 row per label to the
     test part, and the default split (eval1000/test: up to 1,000 of those) holds exactly 3 images.
     """
+    # nine rows, three per label, at skin types II, V and VI
     table = [("melanoma", 2), ("psoriasis", 5), ("nevocytic nevus", 6)] * 3
     csv_path, img_dir, rows = _eval_write_f17k(tmp_path, table)
     by_id = {r["md5hash"]: r for r in rows}
@@ -2655,6 +2682,7 @@ def test_eval_family_docs_match_table():
     documentation drifting from the code after a family is edited.
     """
     doc = (Path(__file__).resolve().parent / "docs" / "near-miss-families.md").read_text()
+    # family name -> its labels, from the page's table rows (| family | ... | labels separated by ; | ... |)
     rows = {}
     for line in doc.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -2935,6 +2963,7 @@ def test_eval_predictions_cli_on_answer_styles(tmp_path):
     path.write_text("\n".join(json.dumps({"id": str(i), "prediction": p, "label": t, "fitzpatrick": 3})
                                for i, (t, p) in enumerate(rows)))
     assert sf_eval.main(["--predictions", str(path), "--out", str(tmp_path / "o"), "--bootstrap", "20"]) == 0
+    # hits: rows 1, 5, 8 at rank 1; rows 2, 3, 4, 6 at rank 2; row 7 none. Rank-1 near misses: rows 2 and 4
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["n"] == 8 and m["meta"]["skipped"] == 0
     assert m["top1"] == pytest.approx(3 / 8) and m["top6"] == pytest.approx(7 / 8)
@@ -3112,6 +3141,7 @@ def test_sum_run_table_curves_and_ablation(tmp_path):
         for s in range(1, 11):
             f.write(json.dumps({"step": s, "reward_mean": 0.1 * s + rng.random() * 0.05, "kl": 0.01 * s}) + "\n")
         f.write('{"step": 11, "reward_me')          # a torn last line from a killed run is ignored
+    # an ablation row scored on the same 60 cases as the main run
     row = tmp_path / "ablation" / "stage1_stage2_dve"
     _sum_write_stage(row, "stage2", better, truths)
     out = sf_eval.summarize_run(tmp_path, n_boot=500)
@@ -3146,6 +3176,10 @@ def test_sum_run_table_curves_and_ablation(tmp_path):
 #   token's value vector);
 # * lesion focus: hand-computed masks/grids and a supersampled box average;
 # * the CLI: the tiny preset end to end, and broken files that must give one line + exit status 2.
+#
+# The attn_pair fixture saves one random transformers model (eager attention, larger q/k weights so the
+# softmax rows are peaked rather than uniform) and loads the same weights into skinflow.VLM; it is module
+# scoped because both tests that use it only read it.
 # ===================================================================================================
 
 _ATTN_IMG, _ATTN_VS, _ATTN_VE, _ATTN_EOS, _ATTN_PAD = 995, 992, 993, 991, 990
@@ -4017,6 +4051,7 @@ def test_dve_save_load_roundtrip(tmp_path):
     ids, pix, grids = _dve_vlm_inputs(cfg, [(1, 6, 8), (1, 8, 8)], seed=2)
     with torch.no_grad():
         want = model(ids, pixel_values=pix, image_grid_thw=grids)
+    # the file stores the frozen spectrum and the KSM weights in place of each converted linear's weight
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
@@ -4143,6 +4178,7 @@ def test_dve_kernel_self_check_falls_back_on_a_wrong_backward(monkeypatch):
     # first use inside no_grad (a rollout's vision pass): the check still differentiates, and still catches dx
     with pytest.warns(RuntimeWarning, match=r"csrc/fdlinear on cpu disagrees.*dx"), torch.no_grad():
         dve.mix_apply(x, cu, a, bases)
+    # after the failed check, impl='auto' must take the PyTorch path
     y = dve.mix_apply(x, cu, a, bases)
     y_ref = dve.mix_apply(x, cu, a, bases, impl="torch")
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)  # the PyTorch path, bit for bit
@@ -4615,6 +4651,9 @@ def test_rl_reward_differential_monotone_hand_table():
     assert rl.reward_differential(head + "\n6. " + scc, scc)[0] > rl.reward_differential(head, scc)[0] > old_rank6
 
 
+# Hypothesis inputs for the two reward properties: differentials of 1..6 distinct real labels (any of the
+# 114, so near misses, safety-critical and wrong entries all occur), truths drawn from SynthDerm's 20
+# classes (the labels Stage II is trained on).
 _rl_diff_labels = st.lists(st.sampled_from(sorted(data.TAXONOMY)), min_size=1, max_size=6, unique=True)
 
 
@@ -5039,6 +5078,7 @@ def test_rl_vision_stage_trains_only_the_vit_and_learns(tmp_path):
     import skinflow
     from safetensors import safe_open
 
+    # 8 items seen 12 times each (12 steps x 8 prompts / 8 items): enough for the probe loss to fall
     tr = rl.Trainer(_rl_cfg(tmp_path, "vision", steps=12, prompts=8, n_data=8, lr=3e-3))
     assert tr.names and all(n.startswith(("visual.", "aux_head.")) for n in tr.names)
     # the cache keeps one frame of T and expands it back: equal to preprocessing the item again
@@ -5051,6 +5091,7 @@ def test_rl_vision_stage_trains_only_the_vit_and_learns(tmp_path):
     out = tr.run()
     log = _rl_log(tmp_path / "run" / "vision" / "log.jsonl")
     assert log[-1]["loss"] < log[0]["loss"] and all(0 <= r["acc"] <= 1 for r in log)  # 8 items, 12 epochs
+    # the exported model: its LLM weights must be the ones before training
     model, _ = skinflow.load(str(out))
     for n, p in model.named_parameters():
         if n in llm_before:
@@ -5163,6 +5204,7 @@ def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path
         rl.main(["stage1", "--init", "tiny", "--steps", "1"] + common)
     assert ei.value.code == 2 and "--skincap" in capsys.readouterr().err
     # Stage II on the train part, with a held-out check on the test part of the same protocol
+    # Stage II on the train part of the random split, with a held-out check on 4 test images
     assert rl.main(["stage2", "--init", str(run / "stage1" / "model"), "--steps", "2", "--prompts", "3",
                     "--eval-n", "4", "--split", "train"] + common) == 0
     train = data.fitzpatrick17k_records("stage2", "train", fx["csv"], fx["images"], verbose=False)
@@ -5178,6 +5220,7 @@ def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path
     ids = [json.loads(x)["id"] for x in (ev / "predictions.jsonl").read_text().splitlines()]
     train_ids = {r.id for r in train}
     assert ids and not set(ids) & set(fx["captioned"]) and not set(ids) & train_ids
+    # the near-duplicate pair (row 0 and its re-upload) must end up on one side of the split
     a, b = fx["dup"]
     g = data.near_duplicate_groups([fx["images"] / f"{a}.jpg", fx["images"] / f"{b}.jpg"])
     assert g == [0, 0]                                          # the pair IS one group ...
@@ -5276,6 +5319,7 @@ def test_rl_chain_reference_is_the_stage_start_policy(tmp_path, monkeypatch):
     """Stage II from a Stage I export with trained DVE gates: before any update the policy IS the reference,
     so the first step's KL (computed before the optimizer moves anything) must be 0, not KL(gates, gates=1)."""
     monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
+    # a 'finished Stage I' with trained DVE gates (random heads, std 0.3, so gates far from 1)
     init, _ = _rl_dve_export(tmp_path)
     tr = rl.Trainer(_rl_cfg(tmp_path, "stage2", init=str(init), dve=True, train="lora,dve", beta=0.04, steps=1,
                             max_new_tokens=12))
@@ -5377,6 +5421,7 @@ def test_rl_lora_scaling_matches_hand_arithmetic():
     torch.testing.assert_close(lin(x).double() - y0, expect, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(lin.merged_weight().double() - base.weight.double(), (6.0 / 4) * B @ A,
                                rtol=1e-5, atol=1e-5)
+    # the exported pair carries the scale: B_exp A_exp = (alpha / r) B A, so a loader needs no alpha
     A_exp, B_exp = lin.export_adapter()
     torch.testing.assert_close(B_exp.double() @ A_exp.double(), (6.0 / 4) * B @ A, rtol=1e-6, atol=1e-6)
     # a start adapter (as loaded from an export): B0 A0 with no scaling, kept on in the reference policy
@@ -6058,6 +6103,8 @@ def test_docs_lessons_run_as_doctests():
 # action but -h needs a non-empty help; an option with a value shows its default ("(default: X)" from the
 # formatter, or the default explained in words), a required one says so; positionals and on/off
 # switches need only the text. Then `python X.py [command] --help` must exit 0 for every entry point.
+# Why a test and not a review: a flag added in a hurry is the one without help, and a default changed in
+# code silently disagrees with a default written in words. One walk over all parsers catches both.
 # ===================================================================================================
 def _cli_builders():
     """Every entry point's parser builder, by the command a user types."""
