@@ -618,19 +618,19 @@ def test_skinflow_chat_template_ids(skinflow_qwen_tokenizers):
                 "<|im_start|>assistant\n")
     assert ids == hf.encode(rendered, add_special_tokens=False).ids
     assert len(ids) == 176 + 4 + 21
-    # the first 15 ids written out: '<|im_start|>system\nYou are a helpful
-    # assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>'
+    # the first 15 ids, one per piece: <|im_start|> system \n You are a helpful assistant . <|im_end|> \n
+    # <|im_start|> user \n <|vision_start|>
     assert ids[:15] == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 151652]
     # user text cannot inject control tokens
     assert 151645 not in sf.chat_prompt_ids(ours, "hi<|im_end|>", None, system=None)[3:-5]
 
 
 def test_skinflow_tokenizer_train_roundtrip_with_hf(tmp_path):
-    """A tokenizer trained here (a vocabulary of 420 tokens) and saved as tokenizer.json encodes
-    identically under HF tokenizers, also for unseen words and characters (the byte-level base alphabet covers
-    every byte), and loads
-    back to the same ids. The tiny preset's tokenizer uses the tiny config's special ids and fits its
-    vocabulary. Catches a saved file that HF reads differently (e.g. merges in the wrong order).
+    """A tokenizer trained here (a vocabulary of 420 tokens) and saved as tokenizer.json encodes identically
+    under HF tokenizers, also for unseen words and characters (the byte-level base alphabet covers every
+    byte), and loads back to the same ids. The tiny preset's tokenizer uses the tiny config's special ids
+    and fits its vocabulary. Catches a saved file that HF reads differently (e.g. merges in the wrong
+    order).
     """
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -811,7 +811,7 @@ def test_skinflow_tiny_corpus_labels_copy_equals_data_taxonomy():
 # ===================================================================================================
 
 def _perf_tiny(seed=0):
-    """The tiny preset with seeded random weights, in eval mode (no dropout anywhere, but explicit)."""
+    """The tiny preset with seeded random weights, in eval mode."""
     return sf.VLM(sf.Config.preset("tiny"), seed=seed).eval()
 
 
@@ -1418,8 +1418,8 @@ def test_data_synthderm_class_table_covers_hierarchy_and_mimicry_rate():
     """The 20 SynthDerm classes are real Fitzpatrick17k labels covering all nine groups and all three
     partitions; on 2,000 samples the mimicry rate (an image that LOOKS like a sibling class) is near the
     configured 0.25 and only happens inside a confusable cluster; every caption value is in the closed
-    vocabulary; the class frequencies are skewed (psoriasis the most common class). Catches mimicry
-    across clusters (a mimic would then be unlearnable even in principle).
+    vocabulary; the class frequencies are skewed (psoriasis the most common class). Catches mimicry across
+    clusters (a mimic would then be unlearnable even in principle).
     """
     labels = data.SYNTH_LABELS
     assert len(labels) == 20 and all(l in data.TAXONOMY for l in labels)
@@ -3445,9 +3445,9 @@ def _attn_run(argv):
 
 
 def test_attn_diagnose_cli_tiny_end_to_end(tmp_path):
-    """`eval.py diagnose` (formerly skinflow.py diagnose) on the tiny preset: the caption with its 8 fields,
-    a differential block, a heatmap PNG of the photo's size, and the warning that this is the untrained
-    base model. Catches a CLI that drops a caption field or draws the heatmap at the model's input size.
+    """`eval.py diagnose` (formerly skinflow.py diagnose) on the tiny preset: the caption with its 8 fields, a
+    differential block, a heatmap PNG of the photo's size, and the warning that this is the untrained base
+    model. Catches a CLI that drops a caption field or draws the heatmap at the model's input size.
     """
     import data
 
@@ -3730,8 +3730,8 @@ def test_dve_real_shape_1280x3420(K):
     """The real gate/up shape (1280 -> 3420) for K = 1, 4, 7, 64, d/2: identity at init, then, with small
     random gates, the fast path against the float64 per-image reference fdlinear_reference. The tolerance is
     relative to the output's size because float32 sums over 1280 inputs. Catches a fast path that is correct
-    only on toy shapes (e.g. in the switch between the cached-band path for K <= 8 and
-    the per-image inverse-FFT path for larger K).
+    only on toy shapes (e.g. in the switch between the cached-band path for K <= 8 and the per-image
+    inverse-FFT path for larger K).
     """
     g = torch.Generator().manual_seed(K)
     lin = nn.Linear(DVE_D, DVE_I)
@@ -4071,8 +4071,8 @@ def test_dve_save_load_roundtrip(tmp_path):
 def test_dve_transformers_checkpoint_identity(tmp_path):
     """A tiny transformers Qwen2.5-VL checkpoint: our model with DVE applied still matches transformers' logits
     (1e-4) and equals our unconverted model (fp32, <= 1e-5). Catches a conversion that perturbs the weight
-    (e.g. the wrong layer converted, or its bias dropped) on a real checkpoint
-    layout rather than on our own preset.
+    (e.g. the wrong layer converted, or its bias dropped) on a real checkpoint layout rather than on our own
+    preset.
     """
     import skinflow
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -4123,8 +4123,8 @@ def test_dve_overhead_real_shapes_on_meta():
 
 def test_dve_low_precision_model():
     """A bf16 copy of the layer runs and stays within 5 % of the fp32 layer's largest output: the FFT is lifted
-    to fp32  and the gates come from an fp32 descriptor.
-    Catches a bf16 FFT or gates computed in bf16, which would raise or drift badly.
+    to fp32 and the gates come from an fp32 descriptor. Catches a bf16 FFT or gates computed in bf16, which
+    would raise or drift badly.
     """
     lin, layer = _dve_layer(32, 40, 4, dtype=torch.float32)
     x, cu = _dve_tokens([6, 10], 32, dtype=torch.float32)
@@ -4913,11 +4913,11 @@ def test_rl_resume_continues_identically(tmp_path, monkeypatch, stage):
 
 
 def test_rl_ctrl_c_writes_resumable_checkpoint(tmp_path, monkeypatch):
-    """Ctrl-C handling. A KeyboardInterrupt as step 3 begins exits with status 130 and leaves a checkpoint at step
-    2 (two steps of 2 prompts each: data position 4), even though save_every=100 would never have saved. A
-    first Ctrl-C caught by the signal handler (the _stop_requested flag) lets the running step finish, then
-    checkpoints: the next Trainer resumes at step 3. Catches losing a long run's progress to an interrupt,
-    or a half-finished step saved as if it were complete.
+    """Ctrl-C handling. A KeyboardInterrupt as step 3 begins exits with status 130 and leaves a checkpoint at
+    step 2 (two steps of 2 prompts each: data position 4), even though save_every=100 would never have
+    saved. A first Ctrl-C caught by the signal handler (the _stop_requested flag) lets the running step
+    finish, then checkpoints: the next Trainer resumes at step 3. Catches losing a long run's progress to an
+    interrupt, or a half-finished step saved as if it were complete.
     """
     monkeypatch.setattr(rl, "_stage_reward", _rl_fake_reward)
     tr = rl.Trainer(_rl_cfg(tmp_path, "stage2", steps=5, save_every=100))
@@ -5858,8 +5858,8 @@ def test_ddp_two_ranks_equal_one_process(ddp_runs):
     _DDP_ATOL (only the order of summation differs), and rank 0 logs the same global numbers at the same
     data positions. The update is asserted to be > 100x the tolerance so the comparison cannot pass on
     unmoved weights. Catches a local token count as the token-mean normaliser or averaged instead of summed
-    gradients (the local normaliser alone misses by ~1.4e-4 after one step, far above
-    1e-5), and per-rank statistics logged as global.
+    gradients (the local normaliser alone misses by ~1.4e-4 after one step, far above 1e-5), and per-rank
+    statistics logged as global.
     """
     r0, one = ddp_runs["ranks"][0]["equal"], ddp_runs["single"]
     assert r0["names"] == one["names"]
