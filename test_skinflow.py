@@ -405,7 +405,11 @@ def test_skinflow_bad_inputs_give_clear_errors(skinflow_ckpts):
 
 def test_skinflow_dve_hook_gets_per_image_cu_seqlens_and_image_embeds_reuse(skinflow_ckpts):
     """The vision MLP must call `layer(x, cu_seqlens)` for linears that declare takes_cu_seqlens, with
-    per-IMAGE cumulative patch counts (the contract dve.FDLinear relies on); image_embeds must be reusable."""
+    per-IMAGE cumulative patch counts (the contract dve.FDLinear relies on); image_embeds must be reusable.
+    The window attention works on windows, not images, so the wrong boundaries are easy to pass by mistake:
+    a spy layer records what it receives (0, 96, 156 for 8 x 12 and 6 x 10 patches). Also, precomputed
+    image_embeds and hidden_states + lm_head give the same logits as a plain forward.
+    """
     m = sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     seen = []
 
@@ -454,7 +458,11 @@ def _sf_padded_batch(seed):
 
 def test_skinflow_kv_cache_equals_full_recompute(skinflow_ckpts):
     """Oracle: one cache-free causal forward over prompt + completion. Every step's logits and the reported
-    log-probs (temperature 0.7, top-p 0.9, left-padded batch) must match it."""
+    log-probs (temperature 0.7, top-p 0.9, left-padded batch) must match it. The reported log-prob is the
+    one GRPO uses as log pi_old, so it must be log_softmax(logits / T) of the full distribution, zero on
+    padding. Catches a stale or misplaced KV-cache entry (the logits drift from the second step on), or
+    log-probs taken after the top-p cut (they would no longer be those of the sampling policy).
+    """
     m = sf.VLM.from_pretrained(skinflow_ckpts["untied"])
     ids, mask, pix, grid = _sf_padded_batch(11)
     g = torch.Generator().manual_seed(0)
@@ -3907,7 +3915,10 @@ def test_dve_trainable_spectrum_gradient():
 def test_dve_toy_task_dynamic_beats_best_static():
     """Tokens of an image of type s in {-1, +1} are noise around s * mu; the target is (1 + 0.8 s) * (W0 x).
     Only a per-image gain solves it. A few Adam steps on the KSM heads beat the best static linear map
-    (least squares over all weights and biases, float64) by a wide margin."""
+    (least squares over all weights and biases, float64) by a wide margin. This is the DVE's claim in
+    miniature: an image-conditioned weight can fit what no single weight can. Catches gates that do not
+    depend on the image (the loss would stall at the static optimum).
+    """
     g = torch.Generator().manual_seed(0)
     d_in, d_out, n_img, N = 16, 12, 16, 12
     W0 = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
@@ -5341,7 +5352,11 @@ def test_rl_chain_reference_is_the_stage_start_policy(tmp_path, monkeypatch):
 
 def test_rl_chain_bf16_temperature_divides_in_fp32(tmp_path):
     """bf16 model, T = 0.7: the training log-probs must equal log_softmax(float(logits) / T) of the SAME bf16
-    logits (what the sampler computes), not a bf16 division (2^-8 relative error on every logit)."""
+    logits (what the sampler computes), not a bf16 division (2^-8 relative error on every logit). The
+    embeddings are scaled up so the logits are a few units large, as in a trained model; with the tiny
+    init's ~0.1 logits the rounding would be too small to see. Catches a policy ratio that is not 1 at the
+    first inner step only because train and sampler round differently.
+    """
     torch.manual_seed(4)
     model = _rl_tiny(seed=4).to(torch.bfloat16)
     with torch.no_grad():  # logits of a few units, as in a trained model (the tiny init gives ~0.1)
@@ -5385,7 +5400,10 @@ def test_rl_chain_dve_gate_heads_load_and_train_in_fp32(tmp_path):
 
 def test_rl_chain_truncated_ignores_a_stop_in_the_last_slot():
     """truncated = the completion hit the length cap WITHOUT stopping; a stop token (eos, or a sampled vision
-    special, which cut_at_vision_tokens treats as a stop) in the last slot is a finished answer."""
+    special, which cut_at_vision_tokens treats as a stop) in the last slot is a finished answer. Five
+    hand-made rows, one per case. Catches a rule that calls every full-length row truncated: the logged
+    "truncated" share would then count complete answers whose stop landed in the last slot.
+    """
     cfg = skinflow.Config.preset("tiny")
     eos, pad, img = cfg.eos_token_id, cfg.pad_token_id, cfg.image_token_id
     tokens = torch.tensor([[5, 6, 7, eos],     # stop in the last slot: NOT truncated
@@ -6200,9 +6218,9 @@ def test_cli_dve_overhead_table_flags(capsys):
 
 
 def test_cli_help_exits_zero_for_every_entry_point():
-    """`python X.py [command] --help` exits 0 and prints a usage with defaults, for all nine entry points, in
-    real subprocesses (so an import-time error of a module shows up here). The processes are started
-    together so the suite waits for one torch import, not nine.
+    """`python X.py [command] --help` exits 0 and prints a usage (with defaults, except data.py's top-level
+    command list), for all nine entry points, in real subprocesses (so an import-time error of a module
+    shows up here). The processes are started together so the suite waits for one torch import, not nine.
     """
     root = Path(rl.__file__).resolve().parent
     env = dict(os.environ, OMP_NUM_THREADS="1")
