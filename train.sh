@@ -68,8 +68,8 @@ echo "[train.sh] preset $PRESET ($WHY); data $DATA; run folder $OUT; SEED=$SEED"
 #    rates; the optimal LoRA lr is ~10x the full fine-tuning one ("LoRA Without Regret", Schulman et al.,
 #    Thinking Machines 2025), and at the paper's rates bf16 activations round much of the update away
 #    (docs/gpu.md: a tiny bf16 model learns 0.34x what fp32 does at 5e-7, 0.90x at 5e-6).
-#    tiny: a 1 M-parameter model trained from scratch on 2 CPU cores (goal < 10 minutes; 9m45s-10m29s
-#    measured, docs/tiny-run.md). It needs lrs ~1000x larger than the paper's (a random-init model with
+#    tiny: a 1 M-parameter model trained from scratch on 2 CPU cores (goal < 10 minutes; the wall times
+#    measured on two machines are in docs/tiny-run.md). It needs lrs ~1000x larger than the paper's (a random-init model with
 #    minutes of compute, not a converged 3B that must not drift) and shorter stages; every number below
 #    was measured (docs/training.md: learning rates per preset; docs/tiny-run.md: what was tried).
 # -----------------------------------------------------------------------------------------------
@@ -84,9 +84,10 @@ tiny)
     # sense (half its SFT lists alphabetical, half shuffled), so ranking is what Stage II must teach
     # (docs/tiny-run.md, "Why the mixed order")
     WARMUP="--steps 800 --prompts 8 --lr 2e-3 --lr-schedule cosine --lr-warmup 20 --aux-weight 1.0 --sft-order mixed"
-    # Stage I: 40 steps x 4 prompts at lr 2e-3: enough updates for its field reward to climb visibly
-    # (24 steps at 1e-3 stayed flat within noise)
-    STAGE1="--steps 40 --prompts 4 --G 8 --lr 2e-3 --max-new-tokens 96 --micro-prompts 4"
+    # Stage I: 60 steps x 8 prompts at lr 1e-3: each step's reward averages 8 images, not 4, and the
+    # smaller lr lets 60 steps climb steadily (measured from the same three warm starts: first 10 -> last 10
+    # steps +0.05 / +0.08 / +0.10; 40 x 4 at 2e-3 rose +0.07 / +0.03 / +0.00; docs/tiny-run.md)
+    STAGE1="--steps 60 --prompts 8 --G 8 --lr 1e-3 --max-new-tokens 96 --micro-prompts 8"
     # Stage II: 12 prompts per step (was 8): each step's mean reward averages 12 images, not 8, so the
     # curve's rise is not buried under which images a step drew (measured on seed 2: with 8 prompts the
     # last-20 mean fell below the first-20 mean while Top-1 rose; lr 1e-3 instead spiked the KL to 0.5)
