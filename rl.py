@@ -891,9 +891,10 @@ def _stage_reward(stage: str, text: str, item) -> tuple[float, dict]:
 
 
 SFT_MIXED_ALPHA = 0.5  # sft_order "mixed": share of items whose cluster is listed alphabetically
+SFT_ORDERS = ("mixed", "shuffled", "looks", "alpha")  # the --sft-order values (checked by main before loading)
 
 
-def _warmup_target(item, task: str, order: str = "shuffled") -> str:
+def _warmup_target(item, task: str, order: str = "mixed") -> str:
     """SFT target of the tiny warm start: the caption, or a differential built from what the lesion LOOKS like.
 
     Stage II target, order="looks": data.reference_differential(looks_like) = [looks_like, its cluster
@@ -925,8 +926,8 @@ def _warmup_target(item, task: str, order: str = "shuffled") -> str:
     if task == "stage1":
         return data.format_caption(item.fields)
     ranked = data.reference_differential(item.looks_like)
-    if order not in ("shuffled", "looks", "alpha", "mixed"):
-        raise ValueError(f"sft_order must be 'shuffled', 'looks', 'alpha' or 'mixed', got {order!r}")
+    if order not in SFT_ORDERS:
+        raise ValueError(f"sft_order must be one of {', '.join(SFT_ORDERS)}, got {order!r}")
     if order != "looks" and item.looks_like in data.CLASS_RULES:
         cluster = data.CLUSTERS[data.CLASS_RULES[item.looks_like]["cluster"]]
         head = [d for d in ranked if d in cluster]  # the cluster members, which open the reference list
@@ -2041,6 +2042,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dry = args.__dict__.pop("dry_run")
     cfg = TrainConfig(**vars(args))
+    if cfg.sft_order not in SFT_ORDERS:  # else a typo would surface only at the first warm-up step
+        p.error(f"--sft-order must be one of {', '.join(SFT_ORDERS)}, got {cfg.sft_order!r}")
     if cfg.data not in ("synthderm", "fitzpatrick17k"):
         p.error(f"--data must be synthderm or fitzpatrick17k, got {cfg.data!r}")
     if cfg.data == "fitzpatrick17k" and not cfg.image_dir:

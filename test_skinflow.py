@@ -5178,6 +5178,36 @@ def test_rl_train_sh_tiny_rows_pick_ablation_rows(tmp_path):
     assert not any("ablation/stage1_stage2" in c for c in cmds)         # the other rows were not asked for
 
 
+def test_rl_misspelt_sft_order_and_ablation_row_fail_before_any_work(tmp_path, capsys):
+    """Two options that used to fail late or not at all now fail at once with a one-line error:
+    `rl.py warmup --sft-order alphabetical` (a typo of "alpha") is refused by the CLI before a model is
+    loaded (before, it passed --dry-run and raised a traceback at the first warm-up step), and
+    `ROWS=stage2only` in train.sh exits 2 naming the valid rows (before, ABLATION=1 silently ran no row).
+    Catches: the CLI check removed, or train.sh's row filter accepting any name."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # the CLI: argparse's p.error exits with status 2 and names the valid orders
+    with pytest.raises(SystemExit) as exc:
+        rl.main(["warmup", "--sft-order", "alphabetical", "--dry-run"])
+    assert exc.value.code == 2
+    assert "mixed" in capsys.readouterr().err
+    # every valid order passes the same check (the dry run prints the config and returns 0)
+    for order in rl.SFT_ORDERS:
+        assert rl.main(["warmup", "--sft-order", order, "--dry-run"]) == 0
+    capsys.readouterr()
+
+    # train.sh: a misspelt row stops the script before any command is printed or run
+    root = Path(rl.__file__).resolve().parent
+    env = dict(os.environ, DRY_RUN="1", PRESET="tiny", ABLATION="1", ROWS="stage2only", OUT=str(tmp_path / "run"),
+               PY=sys.executable)
+    res = subprocess.run(["bash", str(root / "train.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "unknown ablation row in ROWS: stage2only" in res.stderr
+    assert not any(ln.startswith("+ ") for ln in res.stdout.splitlines())
+
+
 def test_rl_real_photos_stage1_stage2_eval_through_the_documented_flags(tmp_path, capsys):
     """Issue 12 end to end on the real-layout fixture (awkward kinds, a truncated file, missing rows, a
     near-duplicate, SkinCAP captions): Stage I -> Stage II -> eval with the tiny model, via the CLI flags."""

@@ -33,6 +33,11 @@ ABLATION=${ABLATION:-0}
 # ROWS: which ablation rows ABLATION=1 runs (comma list). ROWS=stage2_only alone is "Stage II with vs
 # without Stage I" for the price of one Stage II: the main run is the "with" side.
 ROWS=${ROWS:-stage2_only,stage1_stage2,stage1_stage2_dve}
+for r in ${ROWS//,/ }; do   # a misspelt row would otherwise run nothing, silently
+    case "$r" in stage2_only | stage1_stage2 | stage1_stage2_dve) ;;
+    *) echo "[train.sh] unknown ablation row in ROWS: $r (use stage2_only, stage1_stage2, stage1_stage2_dve)" >&2; exit 2 ;;
+    esac
+done
 T_START=$(date +%s)
 
 # -----------------------------------------------------------------------------------------------
@@ -69,9 +74,10 @@ echo "[train.sh] preset $PRESET ($WHY); data $DATA; run folder $OUT; SEED=$SEED"
 #    Thinking Machines 2025), and at the paper's rates bf16 activations round much of the update away
 #    (docs/gpu.md: a tiny bf16 model learns 0.34x what fp32 does at 5e-7, 0.90x at 5e-6).
 #    tiny: a 1 M-parameter model trained from scratch on 2 CPU cores (goal < 10 minutes; the wall times
-#    measured on two machines are in docs/tiny-run.md). It needs lrs ~1000x larger than the paper's (a random-init model with
-#    minutes of compute, not a converged 3B that must not drift) and shorter stages; every number below
-#    was measured (docs/training.md: learning rates per preset; docs/tiny-run.md: what was tried).
+#    measured on two machines are in docs/tiny-run.md). It needs lrs ~1000x larger than the paper's (a
+#    random-init model with minutes of compute, not a converged 3B that must not drift) and shorter
+#    stages; every number below was measured (docs/training.md: learning rates per preset;
+#    docs/tiny-run.md: what was tried).
 # -----------------------------------------------------------------------------------------------
 case "$PRESET" in
 tiny)
@@ -191,8 +197,9 @@ one_chain "$OUT" 1 "$MAIN_TRAIN"
 run $PY eval.py summary "$OUT"
 
 # -----------------------------------------------------------------------------------------------
-# 7. ABLATION=1: the paper's three rows on SynthDerm, each under $OUT/ablation/<row>/ (tiny: ~3x the
-#    Stage I + II time of the main run, i.e. ~15 minutes more on 2 cores).
+# 7. ABLATION=1: the paper's three rows on SynthDerm, each under $OUT/ablation/<row>/ (tiny, measured on
+#    the 2-core machine of docs/tiny-run.md: the stage2_only row takes ~2.4 min; the rows with Stage I add
+#    its ~1.7 min each, so all three add ~11 min: an estimate, the DVE row was not timed).
 # -----------------------------------------------------------------------------------------------
 if [ "$ABLATION" = 1 ]; then
     row() { case ",$ROWS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }   # is row $1 in ROWS?
